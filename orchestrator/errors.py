@@ -10,7 +10,7 @@
     │   └── StoreUnavailableError  the database cannot be reached (retryable)
     ├── BrokerUnavailableError     the broker cannot be reached (retryable)
     └── RunFailure                 a run failed terminally; never retried by the transport
-        ├── BindingError           an agent/problem/runner reference cannot be resolved or is not allowed
+        ├── BindingError           a reference cannot be resolved or is not allowed
         └── RunTimeoutError        the run exceeded ``execution.timeout_s``
 
 Retryable infrastructure errors (``StoreUnavailableError``, ``BrokerUnavailableError``) are
