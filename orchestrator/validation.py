@@ -1,0 +1,371 @@
+"""Every check a study must pass, reported at once with field paths and fixes.
+
+Three layers, in the order a study meets them:
+
+1. the schema (pydantic) -> :func:`schema_problems`, which turns pydantic's errors into
+   studyq problems;
+2. cross references, the upstream's ``validate_study`` (duplicates, hypothesis and plan
+   references, the ``max_runs`` check) plus studyq's static constraint checks ->
+   :func:`reference_problems`;
+3. runnability, the upstream's dry-run checks (a problem to run, an admissible condition,
+   at least one run) -> :func:`runnable_problems`, used by ``validate``, ``run`` and
+   ``submit`` but not by planning, because the upstream plans such studies fine.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import pydantic
+
+from orchestrator.errors import Problem
+
+if TYPE_CHECKING:
+    from orchestrator.designs import Condition
+    from orchestrator.study import Factor, Study
+
+__all__ = [
+    "apply_legacy_outcome_roles",
+    "field_path",
+    "reference_problems",
+    "runnable_problems",
+    "schema_problems",
+]
+
+AGENT_FACTORS = ("agent_id", "agent", "agent_spec")
+PROBLEM_FACTORS = ("problem_id", "problem")
+
+
+def field_path(loc: Sequence[int | str]) -> str:
+    """``('factors', 0, 'levels', 1)`` -> ``factors[0].levels[1]``."""
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out
+
+
+_TYPE_WORDS = {
+    "model_type": "a mapping",
+    "model_attributes_type": "a mapping",
+    "dict_type": "a mapping",
+    "list_type": "a list",
+    "string_type": "text",
+    "int_type": "an integer",
+    "int_parsing": "an integer",
+    "int_from_float": "a whole number",
+    "float_type": "a number",
+    "float_parsing": "a number",
+    "bool_type": "true or false",
+    "bool_parsing": "true or false",
+}
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list"
+    if value is None:
+        return "null"
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def schema_problems(error: pydantic.ValidationError) -> list[Problem]:
+    """One :class:`Problem` per pydantic error, worded for a person editing YAML."""
+    problems: list[Problem] = []
+    for item in error.errors(include_url=False):
+        loc = item["loc"]
+        # Tagged unions and Annotated validators add non-field segments; drop function names.
+        path = field_path([part for part in loc if not (isinstance(part, str) and "[" in part)])
+        kind = item["type"]
+        ctx = item.get("ctx") or {}
+        if kind == "studyq":
+            problems.append(Problem(path, str(item["msg"]), str(ctx.get("fix", ""))))
+        elif kind == "missing":
+            name = str(loc[-1]) if loc else "field"
+            problems.append(Problem(path, "is required but missing.", f"add `{name}:`."))
+        elif kind == "extra_forbidden":
+            problems.append(
+                Problem(path, "is not a known key here.", "remove it or fix its spelling.")
+            )
+        elif kind in _TYPE_WORDS and path.endswith("]") and ".levels[" in path:
+            problems.append(
+                Problem(
+                    path,
+                    f"a level must be a mapping, not {_describe(item.get('input'))}.",
+                    "write each level as `{name: ..., value: ...}`.",
+                )
+            )
+        elif kind in _TYPE_WORDS:
+            want = _TYPE_WORDS[kind]
+            problems.append(
+                Problem(
+                    path,
+                    f"must be {want}, not {_describe(item.get('input'))}.",
+                    f"write {want} here.",
+                )
+            )
+        else:
+            message = str(item["msg"]).removeprefix("Value error, ")
+            if not message.endswith("."):
+                message += "."
+            problems.append(Problem(path, message, ""))
+    return problems
+
+
+def apply_legacy_outcome_roles(payload: dict[str, Any]) -> list[Problem]:
+    """Fold ``primary_outcomes``/``secondary_outcomes`` into ``outcomes[].primary`` in place.
+
+    The upstream still reads these legacy keys; it refuses unknown names, overlaps and
+    contradictions with roles the outcomes declare themselves.
+    """
+    if "primary_outcomes" not in payload and "secondary_outcomes" not in payload:
+        return []
+    raw_outcomes = payload.get("outcomes") or []
+    if not isinstance(raw_outcomes, list):
+        return []
+    primary = payload.get("primary_outcomes") or []
+    secondary = payload.get("secondary_outcomes") or []
+    if not isinstance(primary, list) or not isinstance(secondary, list):
+        return [Problem("primary_outcomes", "must be a list of outcome names.", "write a list.")]
+    names = {str(o.get("name")) for o in raw_outcomes if isinstance(o, Mapping)}
+    primary_names = {str(name) for name in primary}
+    secondary_names = {str(name) for name in secondary}
+    unknown = (primary_names | secondary_names) - names
+    if unknown:
+        return [
+            Problem(
+                "primary_outcomes" if unknown & primary_names else "secondary_outcomes",
+                f"Legacy outcome roles reference unknown outcomes: {', '.join(sorted(unknown))}.",
+                "name outcomes declared under `outcomes:`.",
+            )
+        ]
+    overlap = primary_names & secondary_names
+    if overlap:
+        return [
+            Problem(
+                "secondary_outcomes",
+                f"Outcomes cannot be both primary and secondary: {', '.join(sorted(overlap))}.",
+                "list each outcome in one of the two.",
+            )
+        ]
+    declared = any(isinstance(o, Mapping) and "primary" in o for o in raw_outcomes)
+    if declared:
+        declared_primary = {
+            str(o.get("name")) for o in raw_outcomes if isinstance(o, Mapping) and o.get("primary")
+        }
+        if "primary_outcomes" in payload and declared_primary != primary_names:
+            return [
+                Problem(
+                    "primary_outcomes",
+                    "OutcomeSpec.primary conflicts with legacy Study.primary_outcomes metadata.",
+                    "drop `primary_outcomes` and keep `primary:` on the outcomes.",
+                )
+            ]
+        if "secondary_outcomes" in payload and (names - declared_primary) != secondary_names:
+            return [
+                Problem(
+                    "secondary_outcomes",
+                    "OutcomeSpec.primary conflicts with legacy Study.secondary_outcomes metadata.",
+                    "drop `secondary_outcomes` and keep `primary:` on the outcomes.",
+                )
+            ]
+        return []
+    if primary_names:
+        payload["outcomes"] = [
+            {**o, "primary": str(o.get("name")) in primary_names} if isinstance(o, Mapping) else o
+            for o in raw_outcomes
+        ]
+    return []
+
+
+def _legacy_link_problems(payload: Mapping[str, Any], study: Study) -> list[Problem]:
+    plans = {
+        plan.analysis_plan_id: set(map(str, plan.hypothesis_ids)) for plan in study.analysis_plans
+    }
+    problems = []
+    for index, raw in enumerate(payload.get("hypotheses") or []):
+        if not isinstance(raw, Mapping):
+            continue
+        linked = raw.get("linked_analysis_plan_id")
+        if linked in (None, ""):
+            continue
+        hypothesis_id = str(raw.get("hypothesis_id", ""))
+        members = plans.get(str(linked))
+        if members is None or hypothesis_id not in members:
+            problems.append(
+                Problem(
+                    f"hypotheses[{index}].linked_analysis_plan_id",
+                    f"Hypothesis '{hypothesis_id}' conflicts with analysis plan '{linked}'. "
+                    "AnalysisPlan.hypothesis_ids is authoritative.",
+                    f"add '{hypothesis_id}' to that plan's hypothesis_ids, or drop the link.",
+                )
+            )
+    return problems
+
+
+def _duplicates(label: str, field: str, names: Sequence[Any]) -> list[Problem]:
+    seen: set[Any] = set()
+    problems = []
+    for index, name in enumerate(names):
+        if name in seen:
+            problems.append(
+                Problem(
+                    f"{field}[{index}]",
+                    f"Duplicate {label} name detected: '{name}'.",
+                    f"give each {label} a unique name.",
+                )
+            )
+        seen.add(name)
+    return problems
+
+
+def _binding_factor(study: Study, names: Sequence[str]) -> Factor | None:
+    for factor in study.factors:
+        if factor.name in names:
+            return factor
+    return None
+
+
+def _binding_count(values: Sequence[Any], factor: Factor | None) -> int:
+    if values:
+        return len(values)
+    if factor is not None:
+        return max(1, len(factor.levels))
+    return 1
+
+
+def reference_problems(study: Study, payload: Mapping[str, Any]) -> list[Problem]:
+    """The upstream's ``validate_study`` checks plus studyq's static constraint checks."""
+    factor_names = [factor.name for factor in study.factors]
+    outcome_names = [outcome.name for outcome in study.outcomes]
+    hypothesis_ids = [hypothesis.hypothesis_id for hypothesis in study.hypotheses]
+    problems = _legacy_link_problems(payload, study)
+    problems += _duplicates("factor", "factors", factor_names)
+    problems += _duplicates("block", "blocks", [block.name for block in study.blocks])
+    problems += _duplicates("outcome", "outcomes", outcome_names)
+    problems += _duplicates(
+        "analysis plan", "analysis_plans", [plan.analysis_plan_id for plan in study.analysis_plans]
+    )
+    problems += _duplicates("hypothesis", "hypotheses", hypothesis_ids)
+
+    factor_set, outcome_set, hypothesis_set = (
+        set(factor_names),
+        set(outcome_names),
+        set(hypothesis_ids),
+    )
+    for h_index, hypothesis in enumerate(study.hypotheses):
+        for v_index, variable in enumerate(hypothesis.independent_vars):
+            if variable not in factor_set:
+                problems.append(
+                    Problem(
+                        f"hypotheses[{h_index}].independent_vars[{v_index}]",
+                        f"Hypothesis '{hypothesis.hypothesis_id}' references unknown "
+                        f"independent variable '{variable}'.",
+                        f"name a factor ({', '.join(factor_names) or 'none declared'}).",
+                    )
+                )
+        for v_index, variable in enumerate(hypothesis.dependent_vars):
+            if variable not in outcome_set:
+                problems.append(
+                    Problem(
+                        f"hypotheses[{h_index}].dependent_vars[{v_index}]",
+                        f"Hypothesis '{hypothesis.hypothesis_id}' references unknown "
+                        f"dependent variable '{variable}'.",
+                        f"name an outcome ({', '.join(outcome_names) or 'none declared'}).",
+                    )
+                )
+    for p_index, plan in enumerate(study.analysis_plans):
+        for index, hypothesis_id in enumerate(plan.hypothesis_ids):
+            if hypothesis_id not in hypothesis_set:
+                problems.append(
+                    Problem(
+                        f"analysis_plans[{p_index}].hypothesis_ids[{index}]",
+                        f"Analysis plan '{plan.analysis_plan_id}' references unknown hypothesis "
+                        f"'{hypothesis_id}'.",
+                        f"name a declared hypothesis ({', '.join(hypothesis_ids) or 'none'}).",
+                    )
+                )
+        for index, outcome in enumerate(plan.outcomes):
+            if outcome not in outcome_set:
+                problems.append(
+                    Problem(
+                        f"analysis_plans[{p_index}].outcomes[{index}]",
+                        f"Analysis plan '{plan.analysis_plan_id}' references unknown outcome "
+                        f"'{outcome}'.",
+                        f"name a declared outcome ({', '.join(outcome_names) or 'none'}).",
+                    )
+                )
+    budget = study.run_budget
+    if budget.max_runs is not None:
+        requested = (
+            _binding_count(study.problem_ids, _binding_factor(study, PROBLEM_FACTORS))
+            * _binding_count(study.agent_specs, _binding_factor(study, AGENT_FACTORS))
+            * budget.replicates
+        )
+        if requested > budget.max_runs:
+            problems.append(
+                Problem(
+                    "run_budget.max_runs",
+                    "Run budget max_runs is below the configured problem/agent/replicate plan "
+                    f"({requested} runs for one condition, max_runs {budget.max_runs}).",
+                    f"raise run_budget.max_runs to at least {requested}, or plan fewer "
+                    "problems, agents or replicates.",
+                )
+            )
+    for index, constraint in enumerate(study.constraints):
+        if constraint.expression is not None:
+            from orchestrator.constraints import check_expression
+
+            reason = check_expression(constraint.expression)
+            if reason is not None:
+                problems.append(Problem(f"constraints[{index}].expression", reason, ""))
+    return problems
+
+
+def runnable_problems(
+    study: Study, conditions: Sequence[Condition], planned_runs: int
+) -> list[Problem]:
+    """The upstream's dry-run checks: something to run, and at least one run to run it."""
+    problems = []
+    has_problem = bool(study.problem_ids) or any(
+        factor.name in PROBLEM_FACTORS for factor in study.factors
+    )
+    if not study.standalone and not has_problem:
+        problems.append(
+            Problem(
+                "problem_ids",
+                "Study execution requires problem IDs, a problem factor, or condition_runner.",
+                "add `problem_ids: [...]`, a factor named `problem_id`, or `bindings.runner`.",
+            )
+        )
+    if not any(condition.admissible for condition in conditions):
+        problems.append(
+            Problem(
+                "constraints",
+                "No admissible conditions are available to execute "
+                f"(all {len(conditions)} conditions fail an error-severity constraint).",
+                "relax the constraints or set `severity: warning`.",
+            )
+        )
+    elif planned_runs < 1:
+        problems.append(
+            Problem("run_budget", "No run specifications were generated.", "check the budget.")
+        )
+    return problems
+
+
+def flatten(problems: Iterable[Problem]) -> list[Problem]:
+    """Drop exact repeats (pydantic can report one cause twice through nested validators)."""
+    seen: set[Problem] = set()
+    out = []
+    for problem in problems:
+        if problem not in seen:
+            seen.add(problem)
+            out.append(problem)
+    return out
