@@ -20,6 +20,7 @@ from array import array
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from orchestrator.canonical import canonical_json
@@ -29,6 +30,8 @@ from orchestrator.study import Study
 from orchestrator.validation import AGENT_FACTORS, PROBLEM_FACTORS
 
 __all__ = [
+    "PreparedStudy",
+    "prepare",
     "DISPATCH_ORDERS",
     "PlanCell",
     "PlanSummary",
@@ -267,3 +270,44 @@ def summarize(study: Study, conditions: Sequence[Condition]) -> PlanSummary:
                     summary.by_agent["" if agent is None else str(agent)] += count
                     summary.by_problem["" if problem is None else str(problem)] += count
     return summary
+
+
+@dataclass(slots=True)
+class PreparedStudy:
+    """A study that passed every check, with its conditions and run counts."""
+
+    study: Study
+    conditions: list[Condition]
+    summary: PlanSummary
+    source: str | None = None
+
+    def run_specs(self, *, order: str = "plan") -> Iterator[RunSpec]:
+        return iter_run_specs(self.study, self.conditions, order=order)
+
+
+def prepare(
+    study: Study | str | Path, *, runnable: bool = True, max_bytes: int | None = None
+) -> PreparedStudy:
+    """Load (if given a path), build the design and count the plan, checking everything.
+
+    ``runnable`` adds the upstream's dry-run checks (a problem to run, an admissible
+    condition, at least one run); planning alone does not need them.
+    """
+    from orchestrator.errors import StudyValidationError
+    from orchestrator.study import load_study
+    from orchestrator.validation import runnable_problems
+
+    source = None
+    if not isinstance(study, Study):
+        source = str(study)
+        study = load_study(study, max_bytes=max_bytes)
+    try:
+        conditions = build_conditions(study)
+    except StudyValidationError as exc:
+        raise StudyValidationError(exc.problems, source) from None
+    summary = summarize(study, conditions)
+    if runnable:
+        problems = runnable_problems(study, conditions, summary.planned)
+        if problems:
+            raise StudyValidationError(problems, source)
+    return PreparedStudy(study, conditions, summary, source)

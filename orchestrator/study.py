@@ -574,8 +574,13 @@ def parse_study(payload: dict[str, Any], source: str | None = None) -> Study:
     return study
 
 
-def load_study(path: str | Path) -> Study:
-    """Read, parse and cross-check a study file (YAML via ``safe_load``, or JSON)."""
+def load_study(path: str | Path, *, max_bytes: int | None = None) -> Study:
+    """Read, parse and cross-check a study file (YAML via ``safe_load``, or JSON).
+
+    ``max_bytes`` defaults to ``STUDYQ_MAX_STUDY_BYTES`` (10 MiB).
+    """
+    from orchestrator.settings import load_settings
     from orchestrator.studyfile import read_study_mapping
 
-    return parse_study(read_study_mapping(path), source=str(path))
+    limit = max_bytes if max_bytes is not None else load_settings().max_study_bytes
+    return parse_study(read_study_mapping(path, max_bytes=limit), source=str(path))

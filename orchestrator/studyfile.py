@@ -10,7 +10,6 @@ but hashing walks every expanded node).
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -25,18 +24,13 @@ MAX_EXPANDED_NODES = 1_000_000
 _FILE = "(file)"
 
 
-def _max_bytes() -> int:
-    raw = os.environ.get("STUDYQ_MAX_STUDY_BYTES")
-    if raw and raw.strip().isdigit():
-        return int(raw)
-    return DEFAULT_MAX_STUDY_BYTES
-
-
 def _fail(source: str, message: str, fix: str = "") -> StudyValidationError:
     return StudyValidationError([Problem(_FILE, message, fix)], source=source)
 
 
-def read_study_mapping(path: str | Path) -> dict[str, Any]:
+def read_study_mapping(
+    path: str | Path, *, max_bytes: int = DEFAULT_MAX_STUDY_BYTES
+) -> dict[str, Any]:
     """Return the top-level mapping of a study file, or raise one clear problem."""
     resolved = Path(path)
     source = str(path)
@@ -55,7 +49,7 @@ def read_study_mapping(path: str | Path) -> dict[str, Any]:
         raise _fail(source, f"cannot read the file ({exc.strerror}).") from None
     if resolved.is_dir():
         raise _fail(source, "is a directory, not a study file.", "name the study file itself.")
-    limit = _max_bytes()
+    limit = max_bytes
     if size > limit:
         raise _fail(
             source,

@@ -1,0 +1,207 @@
+"""``studyq validate``, ``studyq plan`` and ``studyq schema``: look at a study before running it."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+from collections.abc import Iterable
+from typing import IO, Any
+
+from orchestrator.canonical import to_jsonable
+from orchestrator.cli import EXIT_OK, add_command
+from orchestrator.plan import DISPATCH_ORDERS, PreparedStudy, prepare
+from orchestrator.runspec import RunSpec
+from orchestrator.study import Study
+
+__all__ = ["register"]
+
+
+def register(subparsers: Any) -> None:
+    parser = add_command(
+        subparsers,
+        "validate",
+        help="Check a study file and report every problem at once (exit 2 on any).",
+        example="studyq validate study.yaml",
+        handler=_validate,
+    )
+    parser.add_argument("study", help="study file (.yaml, .yml or .json)")
+
+    parser = add_command(
+        subparsers,
+        "plan",
+        help="Show the runs a study plans: ids, seeds and assignments, or a summary table.",
+        example="studyq plan study.yaml --format jsonl --limit 5",
+        handler=_plan,
+    )
+    parser.add_argument("study", help="study file (.yaml, .yml or .json)")
+    parser.add_argument(
+        "--format",
+        choices=("table", "jsonl", "csv"),
+        default="table",
+        help="table: human summary (default); jsonl / csv: one record per run",
+    )
+    parser.add_argument(
+        "--limit", type=_positive_int, default=None, help="show at most N runs (or conditions)"
+    )
+    parser.add_argument(
+        "--order",
+        choices=DISPATCH_ORDERS,
+        default=None,
+        help="run order: plan (design order, the default) or balanced (replicate by "
+        "replicate, shuffled inside each); defaults to the study's execution.order",
+    )
+
+    add_command(
+        subparsers,
+        "schema",
+        help="Print the JSON Schema of study files, for editor completion.",
+        example="studyq schema > study.schema.json",
+        handler=_schema,
+    )
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected 1 or more, got {value}")
+    return value
+
+
+def _validate(args: argparse.Namespace) -> int:
+    prepared = prepare(args.study)
+    study, summary = prepared.study, prepared.summary
+    print(f"{args.study}: valid")
+    print(f"  study      {study.study_id} - {study.title}")
+    print(
+        f"  design     {study.design_spec.kind.value}: {summary.conditions} conditions, "
+        f"{summary.admissible} admissible"
+    )
+    print(f"  runs       {summary.planned:,}{_cut_note(prepared)}")
+    return EXIT_OK
+
+
+def _cut_note(prepared: PreparedStudy) -> str:
+    summary = prepared.summary
+    if not summary.cut:
+        return ""
+    return (
+        f" (run_budget.max_runs {prepared.study.run_budget.max_runs} cut "
+        f"{summary.cut:,} of {summary.total_before_cut:,})"
+    )
+
+
+def _plan(args: argparse.Namespace) -> int:
+    prepared = prepare(args.study, runnable=False)
+    order = args.order or prepared.study.execution.order
+    out = sys.stdout
+    if args.format == "table":
+        _print_table(prepared, out, limit=args.limit or 20)
+        return EXIT_OK
+    specs = _take(prepared.run_specs(order=order), args.limit)
+    if args.format == "jsonl":
+        _write_jsonl(specs, out)
+    else:
+        _write_csv(prepared.study, specs, out)
+    return EXIT_OK
+
+
+def _take(specs: Iterable[RunSpec], limit: int | None) -> Iterable[RunSpec]:
+    for count, spec in enumerate(specs):
+        if limit is not None and count >= limit:
+            return
+        yield spec
+
+
+def _write_jsonl(specs: Iterable[RunSpec], out: IO[str]) -> None:
+    buffer: list[str] = []
+    for spec in specs:
+        record = {
+            "index": spec.index,
+            "run_id": spec.run_id,
+            "condition_id": spec.condition_id,
+            "replicate": spec.replicate,
+            "seed": spec.seed,
+            "agent_id": to_jsonable(spec.agent_id),
+            "problem_id": to_jsonable(spec.problem_id),
+            "factor_assignments": to_jsonable(spec.factor_assignments),
+            "block_assignments": to_jsonable(spec.block_assignments),
+        }
+        buffer.append(json.dumps(record, ensure_ascii=False))
+        if len(buffer) >= 4096:
+            out.write("\n".join(buffer) + "\n")
+            buffer.clear()
+    if buffer:
+        out.write("\n".join(buffer) + "\n")
+
+
+def _write_csv(study: Study, specs: Iterable[RunSpec], out: IO[str]) -> None:
+    factor_names = [factor.name for factor in study.factors]
+    block_names = [block.name for block in study.blocks]
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(
+        ["index", "run_id", "condition_id", "replicate", "seed", "agent_id", "problem_id"]
+        + factor_names
+        + [f"block_{name}" for name in block_names]
+    )
+    for spec in specs:
+        writer.writerow(
+            [
+                spec.index,
+                spec.run_id,
+                spec.condition_id,
+                spec.replicate,
+                spec.seed,
+                "" if spec.agent_id is None else spec.agent_id,
+                "" if spec.problem_id is None else spec.problem_id,
+            ]
+            + [spec.factor_assignments.get(name, "") for name in factor_names]
+            + [spec.block_assignments.get(name, "") for name in block_names]
+        )
+
+
+def _print_table(prepared: PreparedStudy, out: IO[str], *, limit: int) -> None:
+    study, summary = prepared.study, prepared.summary
+    write = out.write
+    write(f"study    {study.study_id} - {study.title}\n")
+    write(
+        f"design   {study.design_spec.kind.value}: {summary.conditions} conditions, "
+        f"{summary.admissible} admissible, {summary.replicates} replicate(s) each\n"
+    )
+    write(f"runs     {summary.planned:,}\n")
+    if study.run_budget.max_runs is None:
+        write("max_runs not set\n")
+    elif summary.cut:
+        write(
+            f"max_runs {study.run_budget.max_runs:,}: cut {summary.cut:,} of "
+            f"{summary.total_before_cut:,} runs; the first {summary.planned:,} in plan order "
+            "(condition, replicate, agent, problem) are kept, so later conditions and "
+            "replicates are dropped entirely\n"
+        )
+    else:
+        write(f"max_runs {study.run_budget.max_runs:,}: nothing cut\n")
+    for title, counts in (("agent", summary.by_agent), ("problem", summary.by_problem)):
+        write(f"\nruns per {title}\n")
+        for name, count in counts.most_common():
+            write(f"  {name or '(none: condition runner)':<40} {count:>10,}\n")
+    write("\nruns per condition\n")
+    for shown, (condition_id, count) in enumerate(summary.by_condition.items()):
+        if shown >= limit:
+            write(f"  ... {len(summary.by_condition) - limit:,} more (use --limit)\n")
+            break
+        label = summary.labels.get(condition_id, "")
+        write(f"  {condition_id}  {count:>8,}  {label}\n")
+    write(f"\ntotal    {summary.planned:,} runs\n")
+
+
+def _schema(args: argparse.Namespace) -> int:
+    schema = Study.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "studyq / design-research-experiments study file"
+    json.dump(schema, sys.stdout, indent=2)
+    sys.stdout.write("\n")
+    return EXIT_OK
