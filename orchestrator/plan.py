@@ -30,13 +30,13 @@ from orchestrator.study import Study
 from orchestrator.validation import AGENT_FACTORS, PROBLEM_FACTORS
 
 __all__ = [
-    "PreparedStudy",
-    "prepare",
     "DISPATCH_ORDERS",
     "PlanCell",
     "PlanSummary",
+    "PreparedStudy",
     "iter_run_specs",
     "plan_cells",
+    "prepare",
     "summarize",
 ]
 
@@ -69,15 +69,22 @@ class PlanCell:
         return len(self.agents) * len(self.problems)
 
 
-def plan_cells(study: Study, conditions: Sequence[Condition]) -> list[PlanCell]:
-    """The admissible conditions with the agents and problems each fans out to."""
+def plan_cells(
+    study: Study, conditions: Sequence[Condition], *, standalone: bool | None = None
+) -> list[PlanCell]:
+    """The admissible conditions with the agents and problems each fans out to.
+
+    ``standalone`` (default: the study names a ``bindings.runner``) plans one run per
+    condition and replicate with no agent or problem, as the upstream's condition-runner mode.
+    """
+    standalone = study.standalone if standalone is None else standalone
     cells = []
     offset = 0
     replicates = study.run_budget.replicates
     for condition in conditions:
         if not condition.admissible:
             continue
-        if study.standalone:
+        if standalone:
             agents: tuple[Any, ...] = (None,)
             problems: tuple[Any, ...] = (None,)
         else:
@@ -152,7 +159,11 @@ def _limit(study: Study, cells: Sequence[PlanCell]) -> int:
 
 
 def iter_run_specs(
-    study: Study, conditions: Sequence[Condition] | None = None, *, order: str = "plan"
+    study: Study,
+    conditions: Sequence[Condition] | None = None,
+    *,
+    order: str = "plan",
+    standalone: bool | None = None,
 ) -> Iterator[RunSpec]:
     """Yield the study's run specs, in plan order or in a dispatch order.
 
@@ -160,7 +171,7 @@ def iter_run_specs(
     """
     if conditions is None:
         conditions = build_conditions(study)
-    cells = plan_cells(study, conditions)
+    cells = plan_cells(study, conditions, standalone=standalone)
     limit = _limit(study, cells)
     if order == "plan":
         yield from _plan_order(study, cells, limit)
@@ -242,9 +253,11 @@ class PlanSummary:
         return self.total_before_cut - self.planned
 
 
-def summarize(study: Study, conditions: Sequence[Condition]) -> PlanSummary:
+def summarize(
+    study: Study, conditions: Sequence[Condition], *, standalone: bool | None = None
+) -> PlanSummary:
     """Count runs per condition, agent and problem, honouring ``max_runs``, in O(cells)."""
-    cells = plan_cells(study, conditions)
+    cells = plan_cells(study, conditions, standalone=standalone)
     replicates = study.run_budget.replicates
     limit = _limit(study, cells)
     summary = PlanSummary(
@@ -280,13 +293,27 @@ class PreparedStudy:
     conditions: list[Condition]
     summary: PlanSummary
     source: str | None = None
+    standalone: bool = False
 
     def run_specs(self, *, order: str = "plan") -> Iterator[RunSpec]:
-        return iter_run_specs(self.study, self.conditions, order=order)
+        return iter_run_specs(self.study, self.conditions, order=order, standalone=self.standalone)
+
+    def plan_fingerprint(self) -> str:
+        """Hash of what the plan is built from beyond the definition: the conditions (a
+        custom matrix file or a callable constraint can change them), run count and mode."""
+        payload = [[c.condition_id, c.admissible] for c in self.conditions] + [
+            self.summary.planned,
+            self.standalone,
+        ]
+        return hashlib.sha256(canonical_json(payload).encode("utf-8")).hexdigest()
 
 
 def prepare(
-    study: Study | str | Path, *, runnable: bool = True, max_bytes: int | None = None
+    study: Study | str | Path,
+    *,
+    runnable: bool = True,
+    max_bytes: int | None = None,
+    standalone: bool | None = None,
 ) -> PreparedStudy:
     """Load (if given a path), build the design and count the plan, checking everything.
 
@@ -305,9 +332,10 @@ def prepare(
         conditions = build_conditions(study)
     except StudyValidationError as exc:
         raise StudyValidationError(exc.problems, source) from None
-    summary = summarize(study, conditions)
+    standalone = study.standalone if standalone is None else standalone
+    summary = summarize(study, conditions, standalone=standalone)
     if runnable:
-        problems = runnable_problems(study, conditions, summary.planned)
+        problems = runnable_problems(study, conditions, summary.planned, standalone=standalone)
         if problems:
             raise StudyValidationError(problems, source)
-    return PreparedStudy(study, conditions, summary, source)
+    return PreparedStudy(study, conditions, summary, source, standalone)

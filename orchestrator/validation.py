@@ -329,14 +329,14 @@ def reference_problems(study: Study, payload: Mapping[str, Any]) -> list[Problem
 
 
 def runnable_problems(
-    study: Study, conditions: Sequence[Condition], planned_runs: int
+    study: Study, conditions: Sequence[Condition], planned_runs: int, *, standalone: bool = False
 ) -> list[Problem]:
     """The upstream's dry-run checks: something to run, and at least one run to run it."""
     problems = []
     has_problem = bool(study.problem_ids) or any(
         factor.name in PROBLEM_FACTORS for factor in study.factors
     )
-    if not study.standalone and not has_problem:
+    if not (standalone or study.standalone) and not has_problem:
         problems.append(
             Problem(
                 "problem_ids",

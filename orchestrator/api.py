@@ -1,0 +1,82 @@
+"""studyq's Python API, mirroring the ancestor's so its users can switch by changing an import.
+
+``run_study`` / ``resume_study`` take a :class:`~orchestrator.study.Study` or a path and
+return a :class:`~orchestrator.embedded.StudyRun`: counts, and ``results()`` streaming the
+runs from the store. The CLI is a thin shell over these functions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from orchestrator.embedded import StudyRun, run_embedded
+from orchestrator.export import ExportReport, export_artifacts
+from orchestrator.settings import load_settings
+from orchestrator.store import ResultStore
+from orchestrator.study import Study
+
+__all__ = ["export_study", "resume_study", "run_study"]
+
+
+def run_study(
+    study: Study | str | Path,
+    *,
+    jobs: int | None = None,
+    parallelism: int | None = None,
+    threads: bool = False,
+    db: str | None = None,
+    resume: bool = True,
+    dry_run: bool = False,
+    show_progress: bool | None = None,
+    limit: int | None = None,
+    order: str | None = None,
+    fail_fast: bool | None = None,
+    timeout_s: float | None = None,
+    export: bool = True,
+    output_dir: str | Path | None = None,
+    agent_bindings: Mapping[str, Any] | None = None,
+    problem_registry: Mapping[str, Any] | None = None,
+    condition_runner: Callable[..., Any] | None = None,
+) -> StudyRun:
+    """Run every run of ``study`` without a recorded success on this machine, then export.
+
+    ``parallelism`` is the ancestor's name for ``jobs``. ``agent_bindings``,
+    ``problem_registry`` and ``condition_runner`` are in-process objects, as the ancestor
+    accepts; with process workers they must be importable module-level objects (picklable),
+    or pass ``threads=True`` / ``jobs=1``. ``resume=False`` refuses a study that already has
+    results instead of silently re-running them.
+    """
+    return run_embedded(
+        study,
+        jobs=jobs or parallelism,
+        pool="thread" if threads else "process",
+        db=db,
+        resume=resume,
+        dry_run=dry_run,
+        show_progress=show_progress,
+        limit=limit,
+        order=order,
+        fail_fast=fail_fast,
+        timeout_s=timeout_s,
+        export=export,
+        out_dir=output_dir,
+        agent_bindings=agent_bindings,
+        problem_registry=problem_registry,
+        condition_runner=condition_runner,
+    )
+
+
+def resume_study(study: Study | str | Path, **options: Any) -> StudyRun:
+    """Continue a study: only runs without a recorded success are executed."""
+    options["resume"] = True
+    return run_study(study, **options)
+
+
+def export_study(
+    study_id: str, *, db: str | None = None, output_dir: str | Path | None = None
+) -> ExportReport:
+    """Write the canonical artifacts of a stored study (bounded memory; partial if running)."""
+    with ResultStore.open(db or load_settings().database_url) as store:
+        return export_artifacts(store, study_id, output_dir)

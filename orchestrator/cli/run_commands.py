@@ -1,0 +1,175 @@
+"""``studyq run``, ``studyq export`` and ``studyq db upgrade``: run a study and get its artifacts."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from orchestrator.cli import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, add_command
+from orchestrator.plan import DISPATCH_ORDERS
+from orchestrator.settings import load_settings
+
+__all__ = ["register"]
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected 1 or more, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected more than 0, got {value}")
+    return value
+
+
+def register(subparsers: Any) -> None:
+    parser = add_command(
+        subparsers,
+        "run",
+        help="Run every run of a study that has no recorded success, then export its "
+        "artifacts. Embedded (this machine, SQLite) unless --broker names a Celery broker.",
+        example="studyq run examples/quickstart/study.yaml --jobs 4",
+        handler=_run,
+    )
+    parser.add_argument("study", help="study file (.yaml, .yml or .json)")
+    parser.add_argument(
+        "--jobs",
+        type=_positive_int,
+        default=None,
+        help="runs at a time (default: run_budget.parallelism if the study sets it, else "
+        "the CPU count); 1 runs in this process",
+    )
+    parser.add_argument(
+        "--threads",
+        action="store_true",
+        help="run jobs in threads instead of processes (for I/O-bound agents such as API "
+        "calls; agents must then use the seed/rng they are handed to stay deterministic)",
+    )
+    parser.add_argument(
+        "--db",
+        default=None,
+        help="result store URL (default: $STUDYQ_DATABASE_URL, else sqlite:///studyq.db)",
+    )
+    parser.add_argument("--limit", type=_positive_int, default=None, help="run at most N runs")
+    parser.add_argument("--order", choices=DISPATCH_ORDERS, default=None, help="dispatch order")
+    parser.add_argument(
+        "--timeout", type=_positive_float, default=None, help="per-run time limit in seconds"
+    )
+    parser.add_argument(
+        "--fail-fast", action="store_true", default=None, help="stop after the first failure"
+    )
+    parser.add_argument("--out", default=None, help="artifact folder (default: output_dir)")
+    parser.add_argument(
+        "--no-export", dest="export", action="store_false", help="skip the artifact export"
+    )
+    progress = parser.add_mutually_exclusive_group()
+    progress.add_argument(
+        "--progress", dest="progress", action="store_true", default=None, help="force progress"
+    )
+    progress.add_argument(
+        "--no-progress", dest="progress", action="store_false", help="never show progress"
+    )
+
+    parser = add_command(
+        subparsers,
+        "export",
+        help="Write a study's canonical artifacts (design-research-experiments 0.4.0 layout) "
+        "from the store; works while the sweep is still running.",
+        example="studyq export quickstart-demo --out artifacts/quickstart",
+        handler=_export,
+    )
+    parser.add_argument("study_id", help="the study's study_id")
+    parser.add_argument("--db", default=None, help="result store URL")
+    parser.add_argument("--out", default=None, help="folder (default: the study's output_dir)")
+
+    parser = add_command(
+        subparsers,
+        "db",
+        help="Manage the result store's schema.",
+        example="studyq db upgrade --db postgresql://studyq@db/studyq",
+        handler=_db,
+    )
+    parser.add_argument("action", choices=("upgrade", "current"), help="upgrade to head, or show")
+    parser.add_argument("--db", default=None, help="result store URL")
+
+
+def _run(args: argparse.Namespace) -> int:
+    from orchestrator.embedded import run_embedded
+
+    outcome = run_embedded(
+        args.study,
+        jobs=args.jobs,
+        pool="thread" if args.threads else "process",
+        db=args.db,
+        show_progress=args.progress,
+        limit=args.limit,
+        order=args.order,
+        fail_fast=args.fail_fast,
+        timeout_s=args.timeout,
+        export=args.export,
+        out_dir=args.out,
+    )
+    counts = outcome.counts
+    print(
+        f"{outcome.study_id}: executed {outcome.executed} runs now "
+        f"({outcome.succeeded} succeeded, {outcome.failed} failed); "
+        f"{outcome.skipped_done} were already done. Store: "
+        f"{counts.get('success', 0)} success, {counts.get('failed', 0)} failed, "
+        f"{counts.get('planned', 0) + counts.get('queued', 0)} not run, of {outcome.planned}."
+    )
+    if outcome.export is not None:
+        partial = " (partial)" if outcome.export.partial else ""
+        print(f"artifacts{partial}: {outcome.export.out_dir}")
+    if outcome.interrupted:
+        print("interrupted: run the same command again to resume.", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    if counts.get("failed", 0):
+        print(
+            "some runs failed: `studyq status` shows why; `studyq run` again re-runs them.",
+            file=sys.stderr,
+        )
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+def _export(args: argparse.Namespace) -> int:
+    from orchestrator.export import export_artifacts
+    from orchestrator.store import ResultStore
+
+    settings = load_settings()
+    with ResultStore.open(args.db or settings.database_url) as store:
+        report = export_artifacts(store, args.study_id, args.out)
+    state = (
+        f"partial: {report.runs} of {report.runs_planned} runs finished"
+        if report.partial
+        else f"{report.runs} runs"
+    )
+    print(f"{args.study_id}: wrote {report.out_dir} ({state}, {report.evaluations} evaluations, "
+          f"{report.events} events)")
+    return EXIT_OK
+
+
+def _db(args: argparse.Namespace) -> int:
+    from orchestrator.store import current_revision, head_revision, mask_url, upgrade
+
+    url = args.db or load_settings().database_url
+    if args.action == "upgrade":
+        before = current_revision(url)
+        upgrade(url)
+        print(f"{mask_url(url)}: schema {before or 'empty'} -> {head_revision()}")
+        return EXIT_OK
+    current = current_revision(url)
+    state = "current" if current == head_revision() else f"behind (head is {head_revision()})"
+    print(f"{mask_url(url)}: schema {current or 'empty'} ({state})")
+    return EXIT_OK if current == head_revision() else EXIT_USAGE

@@ -1,0 +1,285 @@
+"""The embedded sweep: plan, register, execute on this machine, record, export.
+
+The coordinator claims runs in batches (one transaction per batch), hands the claimed specs
+to the :class:`~orchestrator.executors.embedded.EmbeddedExecutor`, and records results in
+batches through the same fenced ``finish`` transition the distributed workers use. The store
+is the source of truth: a run is done when its success is recorded, so Ctrl-C (which releases
+unfinished claims without charging an attempt) or SIGKILL (whose claims a later start
+recognises as orphaned) never loses a recorded result, and the same command resumes.
+"""
+
+from __future__ import annotations
+
+import getpass
+import os
+import socket
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+from orchestrator.errors import StudyError
+from orchestrator.executors.embedded import EmbeddedExecutor, PoolKind, ResolverSpec
+from orchestrator.export import ExportReport, export_artifacts
+from orchestrator.plan import PreparedStudy, prepare
+from orchestrator.progress import Progress
+from orchestrator.results import RunResult, RunStatus
+from orchestrator.runspec import RunSpec
+from orchestrator.settings import Settings, load_settings
+from orchestrator.store import ResultStore
+from orchestrator.store.records import Claim, RegisterReport
+from orchestrator.study import Study
+
+__all__ = ["StudyRun", "register", "run_embedded"]
+
+_CLAIM_BATCH = 256
+_FLUSH_EVERY = 256
+_FLUSH_SECONDS = 0.25
+_EMBEDDED_LEASE_S = 24 * 3600.0  # the coordinator owns its runs; orphans are found by PID
+
+
+@dataclass(slots=True)
+class StudyRun:
+    """What one ``run_study`` call did, and where its results are."""
+
+    study_id: str
+    database_url: str
+    planned: int
+    executed: int = 0
+    succeeded: int = 0
+    failed: int = 0
+    skipped_done: int = 0
+    interrupted: bool = False
+    stopped_by_fail_fast: bool = False
+    counts: dict[str, int] = field(default_factory=dict)
+    export: ExportReport | None = None
+
+    @property
+    def complete(self) -> bool:
+        """Every planned run has a recorded success."""
+        return self.counts.get(RunStatus.SUCCESS.value, 0) == self.planned
+
+    def results(self) -> Iterator[Any]:
+        """The study's runs with their results, streamed from the store in plan order."""
+        store = ResultStore.open(self.database_url)
+        try:
+            yield from store.iter_runs(self.study_id)
+        finally:
+            store.close()
+
+
+def _submitted_by() -> str:
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = "unknown"
+    return f"{user}@{socket.gethostname()}"
+
+
+def register(
+    store: ResultStore, prepared: PreparedStudy, *, references: Iterable[str] = ()
+) -> RegisterReport:
+    """Register the study, its conditions and every run spec (idempotent; refuses changes)."""
+    study = prepared.study
+    conditions = (
+        {
+            "condition_id": condition.condition_id,
+            "admissible": condition.admissible,
+            "constraint_messages": condition.constraint_messages,
+            "factor_assignments": condition.factor_assignments,
+            "block_assignments": condition.block_assignments,
+            "metadata": condition.metadata,
+        }
+        for condition in prepared.conditions
+    )
+    return store.register_study(
+        study_id=study.study_id,
+        definition=study.to_upstream_dict(),
+        definition_hash=study.definition_hash(),
+        plan_fingerprint=prepared.plan_fingerprint(),
+        conditions=conditions,
+        run_specs=prepared.run_specs(),
+        submitted_by=_submitted_by(),
+        max_attempts=study.execution.max_attempts,
+        references=sorted(set(references) | study.bindings.references()),
+    )
+
+
+def run_embedded(
+    study: Study | str | Path,
+    *,
+    jobs: int | None = None,
+    pool: PoolKind = "process",
+    db: str | None = None,
+    resume: bool = True,
+    dry_run: bool = False,
+    show_progress: bool | None = None,
+    limit: int | None = None,
+    order: str | None = None,
+    fail_fast: bool | None = None,
+    timeout_s: float | None = None,
+    export: bool = True,
+    out_dir: str | Path | None = None,
+    agent_bindings: Mapping[str, Any] | None = None,
+    problem_registry: Mapping[str, Any] | None = None,
+    condition_runner: Callable[..., Any] | None = None,
+    settings: Settings | None = None,
+) -> StudyRun:
+    """Run every run of ``study`` that has no recorded success, on this machine."""
+    settings = settings or load_settings()
+    prepared = prepare(
+        study,
+        max_bytes=settings.max_study_bytes,
+        standalone=True if condition_runner is not None else None,
+    )
+    study = prepared.study
+    url = db or settings.database_url
+    outcome = StudyRun(study.study_id, url, prepared.summary.planned)
+    if dry_run:
+        return outcome
+    jobs = jobs or _default_jobs(study)
+    execution = study.execution
+    timeout_s = timeout_s if timeout_s is not None else execution.timeout_s
+    stop_on_failure = study.run_budget.fail_fast if fail_fast is None else fail_fast
+    resolver_spec = ResolverSpec(
+        bindings=study.bindings,
+        allowed_imports=tuple(settings.allowed_imports),
+        agents=dict(agent_bindings or {}),
+        problems=dict(problem_registry or {}),
+        runner=condition_runner,
+    )
+    store = ResultStore.open(url)
+    try:
+        register(store, prepared)
+        counts = store.count_by_status(study.study_id)
+        if not resume and counts.get(RunStatus.SUCCESS.value, 0):
+            raise StudyError(
+                f"study '{study.study_id}' already has {counts[RunStatus.SUCCESS.value]} "
+                f"successful runs in {store.url}. Fix: resume (the default) to run only what "
+                "is missing, or use another database / study_id to start over."
+            )
+        store.recover_orphans(study.study_id, is_dead=_is_dead_embedded_owner)
+        store.requeue_for_resubmit(
+            study.study_id, statuses=[RunStatus.FAILED.value, RunStatus.CANCELLED.value]
+        )
+        pending = _pending_indices(store, study.study_id)
+        outcome.skipped_done = prepared.summary.planned - len(pending)
+        specs: Iterator[RunSpec] = (
+            spec
+            for spec in prepared.run_specs(order=order or execution.order)
+            if spec.index in pending
+        )
+        if limit is not None:
+            specs = islice(specs, limit)
+        total = min(len(pending), limit) if limit is not None else len(pending)
+        with (
+            EmbeddedExecutor(resolver_spec, jobs=jobs, pool=pool, timeout_s=timeout_s) as executor,
+            Progress(total, desc=study.study_id, show=show_progress) as progress,
+        ):
+            _drive(store, executor, specs, outcome, progress, stop_on_failure)
+        outcome.counts = store.count_by_status(study.study_id)
+        if export and not outcome.interrupted:
+            outcome.export = export_artifacts(store, study.study_id, out_dir)
+    finally:
+        store.close()
+    return outcome
+
+
+def _default_jobs(study: Study) -> int:
+    if "parallelism" in study.run_budget.model_fields_set:
+        return study.run_budget.parallelism
+    return os.cpu_count() or 1
+
+
+def _is_dead_embedded_owner(owner: str) -> bool:
+    """An embedded owner on this host whose process is gone (SIGKILL, crash, reboot)."""
+    parts = owner.split(":")
+    if len(parts) != 3 or parts[0] != "embedded" or parts[1] != socket.gethostname():
+        return False
+    try:
+        pid = int(parts[2])
+    except ValueError:
+        return False
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+def _pending_indices(store: ResultStore, study_id: str) -> set[int]:
+    statuses = [RunStatus.PLANNED.value, RunStatus.QUEUED.value]
+    return {run.index for run in store.iter_runs(study_id, statuses=statuses)}
+
+
+def _drive(
+    store: ResultStore,
+    executor: EmbeddedExecutor,
+    specs: Iterator[RunSpec],
+    outcome: StudyRun,
+    progress: Progress,
+    stop_on_failure: bool,
+) -> None:
+    claims: dict[int, Claim] = {}
+
+    def claimed() -> Iterator[RunSpec]:
+        while batch := list(islice(specs, _CLAIM_BATCH)):
+            won = store.claim_runs(
+                outcome.study_id,
+                [spec.index for spec in batch],
+                worker=executor.worker,
+                lease_s=_EMBEDDED_LEASE_S,
+                allow_planned=True,
+            )
+            for claim in won:
+                claims[claim.index] = claim
+            for spec in batch:
+                if spec.index in claims:
+                    yield spec
+
+    done: list[tuple[Claim, RunResult]] = []
+    last_flush = time.monotonic()
+
+    def flush() -> None:
+        nonlocal last_flush
+        if done:
+            store.finish_runs_batch(done)
+            for claim, _ in done:
+                claims.pop(claim.index, None)
+            done.clear()
+        last_flush = time.monotonic()
+
+    try:
+        for chunk, results in executor.execute(claimed()):
+            ok = failed = 0
+            for spec, result in zip(chunk, results, strict=True):
+                done.append((claims[spec.index], result))
+                if result.status == RunStatus.SUCCESS:
+                    ok += 1
+                else:
+                    failed += 1
+            outcome.executed += len(results)
+            outcome.succeeded += ok
+            outcome.failed += failed
+            progress.update(ok, failed)
+            if failed and stop_on_failure and not outcome.stopped_by_fail_fast:
+                outcome.stopped_by_fail_fast = True
+                progress.write("fail_fast: a run failed; finishing runs in flight, then stopping.")
+                executor.stop()
+            if len(done) >= _FLUSH_EVERY or time.monotonic() - last_flush >= _FLUSH_SECONDS:
+                flush()
+    except KeyboardInterrupt:
+        outcome.interrupted = True
+        executor.stop()
+        progress.write("interrupted: recording finished runs; unfinished ones are released.")
+    finally:
+        flush()
+        for claim in list(claims.values()):
+            store.release_run(claim)
+        claims.clear()

@@ -1,0 +1,1 @@
+"""Executors: the only part that differs between embedded and distributed runs."""

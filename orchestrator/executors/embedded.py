@@ -1,0 +1,264 @@
+"""The embedded executor: runs on this machine, in-process, in processes or in threads.
+
+The coordinator hands it batches of run specs and gets results back in completion order;
+the executor never touches the store. ``jobs=1`` executes in the calling process (no pickling,
+no IPC: the cheapest path, and the ancestor's default); ``pool="process"`` uses a process pool
+whose workers build the study's resolver once and execute chunks of runs; ``pool="thread"``
+uses threads, for I/O-bound agents (API calls) whose cost is waiting.
+
+Time limits: in-process and process-pool runs get a SIGALRM timer that raises
+:class:`RunTimeoutError` inside the agent (Python code is interrupted between bytecodes).
+Threads cannot be interrupted; there a run over its limit is recorded as a timeout when it
+returns. Global RNG isolation holds per process, so with threads only agents that use the
+``seed``/``rng`` they are handed are deterministic (docs/determinism.md).
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import socket
+import threading
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from concurrent.futures import (
+    FIRST_COMPLETED,
+    Executor,
+    Future,
+    ProcessPoolExecutor,
+    ThreadPoolExecutor,
+    wait,
+)
+from dataclasses import dataclass, field
+from types import FrameType
+from typing import Any, Literal
+
+from orchestrator.errors import RunTimeoutError, StudyError
+from orchestrator.extensions import Bindings
+from orchestrator.results import RunResult
+from orchestrator.runspec import RunSpec
+
+__all__ = ["EmbeddedExecutor", "PoolKind", "ResolverSpec", "worker_name"]
+
+PoolKind = Literal["process", "thread"]
+
+
+def worker_name() -> str:
+    """``embedded:<host>:<pid>``: lets a restarted coordinator recognise its dead ancestors."""
+    return f"embedded:{socket.gethostname()}:{os.getpid()}"
+
+
+@dataclass(slots=True)
+class ResolverSpec:
+    """Everything a process needs to build the study's resolver; picklable by design."""
+
+    bindings: Bindings
+    allowed_imports: tuple[str, ...] = ()
+    agents: Mapping[str, Any] = field(default_factory=dict)
+    problems: Mapping[str, Any] = field(default_factory=dict)
+    runner: Callable[..., Any] | None = None
+
+    def build(self) -> Any:
+        from workers.bindings import Resolver
+
+        return Resolver(
+            self.bindings,
+            agents=self.agents,
+            problems=self.problems,
+            runner=self.runner,
+            allowed_imports=self.allowed_imports,
+        )
+
+
+class _Alarm:
+    """A per-run SIGALRM timer; only usable in a process's main thread."""
+
+    def __init__(self) -> None:
+        self.armed = False
+
+    def _fire(self, signum: int, frame: FrameType | None) -> None:
+        if self.armed:
+            self.armed = False
+            raise RunTimeoutError("run exceeded execution.timeout_s")
+
+    def run(self, timeout_s: float | None, call: Callable[[], RunResult]) -> RunResult:
+        usable = (
+            timeout_s is not None
+            and hasattr(signal, "setitimer")
+            and threading.current_thread() is threading.main_thread()
+        )
+        if not usable:
+            return call()
+        previous = signal.signal(signal.SIGALRM, self._fire)
+        self.armed = True
+        signal.setitimer(signal.ITIMER_REAL, float(timeout_s))  # type: ignore[arg-type]
+        try:
+            return call()
+        finally:
+            self.armed = False
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, previous)
+
+
+# --- process-pool side -----------------------------------------------------------------
+
+_process_state: dict[str, Any] = {}
+
+
+def _init_process(resolver_spec: ResolverSpec, timeout_s: float | None) -> None:
+    # Ctrl-C goes to the coordinator, which stops cleanly; children must not die mid-run.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _process_state["resolver"] = resolver_spec.build()
+    _process_state["timeout_s"] = timeout_s
+    _process_state["alarm"] = _Alarm()
+    _process_state["worker"] = f"embedded:{socket.gethostname()}:{os.getpid()}"
+
+
+def _run_chunk(messages: list[dict[str, Any]]) -> list[RunResult]:
+    from workers.execution import execute_run
+
+    resolver = _process_state["resolver"]
+    timeout_s = _process_state["timeout_s"]
+    alarm: _Alarm = _process_state["alarm"]
+    worker = _process_state["worker"]
+    results = []
+    for message in messages:
+        spec = RunSpec.from_message(message)
+        results.append(
+            alarm.run(
+                timeout_s,
+                lambda spec=spec: execute_run(spec, resolver, timeout_s=timeout_s, worker=worker),
+            )
+        )
+    return results
+
+
+# --- coordinator side ------------------------------------------------------------------
+
+
+class EmbeddedExecutor:
+    """Executes batches of specs on this machine and yields results as they complete.
+
+    Use as a context manager; :meth:`execute` yields lists of results (one list per finished
+    chunk) and stops submitting as soon as :meth:`stop` is called.
+    """
+
+    def __init__(
+        self,
+        resolver_spec: ResolverSpec,
+        *,
+        jobs: int,
+        pool: PoolKind = "process",
+        timeout_s: float | None = None,
+        chunk_size: int | None = None,
+    ) -> None:
+        if jobs < 1:
+            raise StudyError(f"--jobs must be 1 or more, got {jobs}.")
+        self.jobs = jobs
+        self.pool: PoolKind | Literal["inline"] = "inline" if jobs == 1 else pool
+        self.timeout_s = timeout_s
+        self.chunk_size = chunk_size or (8 if self.pool == "process" else 1)
+        self._resolver_spec = resolver_spec
+        self._executor: Executor | None = None
+        self._resolver: Any = None
+        self._alarm = _Alarm()
+        self._stopped = threading.Event()
+        self.worker = worker_name()
+
+    def __enter__(self) -> EmbeddedExecutor:
+        if self.pool == "process":
+            _check_picklable(self._resolver_spec)
+            context = multiprocessing.get_context("forkserver")
+            context.set_forkserver_preload(["workers.execution", "numpy"])
+            self._executor = ProcessPoolExecutor(
+                max_workers=self.jobs,
+                mp_context=context,
+                initializer=_init_process,
+                initargs=(self._resolver_spec, self.timeout_s),
+            )
+        else:
+            self._resolver = self._resolver_spec.build()
+            if self.pool == "thread":
+                self._executor = ThreadPoolExecutor(
+                    max_workers=self.jobs, thread_name_prefix="studyq-run"
+                )
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+        if self._executor is not None:
+            self._executor.shutdown(wait=True, cancel_futures=True)
+            self._executor = None
+
+    def stop(self) -> None:
+        """Submit nothing more; runs already executing finish and are still yielded."""
+        self._stopped.set()
+
+    def execute(self, specs: Iterable[RunSpec]) -> Iterator[tuple[list[RunSpec], list[RunResult]]]:
+        """Execute ``specs``; yield ``(chunk, results)`` pairs in completion order.
+
+        Results line up with their specs (run ids can repeat inside a study, so a result
+        alone does not say which run it belongs to).
+        """
+        if self.pool == "inline":
+            yield from self._inline(specs)
+            return
+        assert self._executor is not None
+        iterator = iter(specs)
+        in_flight: dict[Future[list[RunResult]], list[RunSpec]] = {}
+        limit = self.jobs * 2
+        exhausted = False
+        while True:
+            while not exhausted and not self._stopped.is_set() and len(in_flight) < limit:
+                chunk = [spec for _, spec in zip(range(self.chunk_size), iterator, strict=False)]
+                if not chunk:
+                    exhausted = True
+                    break
+                in_flight[self._submit(chunk)] = chunk
+            if not in_flight:
+                return
+            done, _ = wait(in_flight, return_when=FIRST_COMPLETED)
+            for future in done:
+                yield in_flight.pop(future), future.result()
+
+    def _submit(self, chunk: list[RunSpec]) -> Future[list[RunResult]]:
+        assert self._executor is not None
+        if self.pool == "process":
+            return self._executor.submit(_run_chunk, [spec.to_message() for spec in chunk])
+        return self._executor.submit(self._run_threaded, chunk)
+
+    def _run_threaded(self, chunk: list[RunSpec]) -> list[RunResult]:
+        from workers.execution import execute_run
+
+        return [
+            execute_run(spec, self._resolver, timeout_s=self.timeout_s, worker=self.worker)
+            for spec in chunk
+        ]
+
+    def _inline(self, specs: Iterable[RunSpec]) -> Iterator[tuple[list[RunSpec], list[RunResult]]]:
+        from workers.execution import execute_run
+
+        resolver, timeout_s, worker = self._resolver, self.timeout_s, self.worker
+        for spec in specs:
+            if self._stopped.is_set():
+                return
+            result = self._alarm.run(
+                timeout_s,
+                lambda spec=spec: execute_run(  # type: ignore[misc]
+                    spec, resolver, timeout_s=timeout_s, worker=worker
+                ),
+            )
+            yield [spec], [result]
+
+
+def _check_picklable(resolver_spec: ResolverSpec) -> None:
+    import pickle
+
+    try:
+        pickle.dumps(resolver_spec)
+    except Exception as exc:
+        raise StudyError(
+            "in-process agents, problems or runners cannot be sent to worker processes "
+            f"({type(exc).__name__}: {exc}). Fix: define them at module level, or run with "
+            "jobs=1 or pool='thread'."
+        ) from None

@@ -1,0 +1,376 @@
+"""Canonical artifacts from the store: the files design-research-experiments 0.4.0 writes.
+
+study.yaml, manifest.json, conditions.csv, runs.csv, events.csv, evaluations.csv,
+hypotheses.json and analysis_plan.json (UPSTREAM.md section 7), with the upstream's formats:
+JSON with ``indent=2, sort_keys=True``, CSV through ``csv.DictWriter`` (excel dialect,
+required columns first, then any other keys in first-seen order).
+
+Rows are streamed from the database in plan order, never held all at once: a column union
+that depends on every row (events, evaluations) is computed in a first pass over the
+``extra`` column only. Only terminal runs are rows of runs.csv; a sweep still in progress
+exports what has finished and says so in manifest.json (``partial``, ``runs_planned``,
+``runs_pending``).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import platform
+import socket
+import subprocess
+import sys
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from orchestrator.canonical import canonical_json
+from orchestrator.errors import StoreError, StudyqError
+from orchestrator.results import RunStatus
+
+__all__ = [
+    "CONDITION_COLUMNS",
+    "EVALUATION_COLUMNS",
+    "EVENT_COLUMNS",
+    "RUN_COLUMNS",
+    "ExportReport",
+    "export_artifacts",
+    "validate_artifacts",
+]
+
+SCHEMA_VERSION = "0.2.0"
+EVENT_COLUMNS = (
+    "timestamp",
+    "record_id",
+    "text",
+    "session_id",
+    "actor_id",
+    "event_type",
+    "meta_json",
+)
+RUN_COLUMNS = (
+    "study_id", "condition_id", "run_id", "problem_id", "problem_family", "agent_id",
+    "agent_kind", "pattern_name", "model_name", "seed", "replicate", "status", "start_time",
+    "end_time", "latency_s", "input_tokens", "output_tokens", "cost_usd", "primary_outcome",
+    "trace_path", "manifest_path",
+)  # fmt: skip
+CONDITION_COLUMNS = (
+    "study_id",
+    "condition_id",
+    "admissible",
+    "constraint_messages",
+    "assignment_meta_json",
+)
+EVALUATION_COLUMNS = (
+    "run_id",
+    "evaluator_id",
+    "metric_name",
+    "metric_value",
+    "metric_unit",
+    "aggregation_level",
+    "notes_json",
+)
+_STUDY_KEYS = ("schema_version", "study_id", "title", "description")
+_MANIFEST_KEYS = (
+    "schema_version",
+    "study_id",
+    "generated_at",
+    "status_counts",
+    "model_ids",
+    "run_count",
+    "provenance",
+)
+_CSV_FILES = {
+    "conditions.csv": CONDITION_COLUMNS,
+    "runs.csv": RUN_COLUMNS,
+    "events.csv": EVENT_COLUMNS,
+    "evaluations.csv": EVALUATION_COLUMNS,
+}
+# The store's lifecycle words, in the upstream's vocabulary for runs.csv / status_counts.
+_UPSTREAM_STATUS = {
+    RunStatus.SUCCESS.value: "success",
+    RunStatus.FAILED.value: "failed",
+    RunStatus.CANCELLED.value: "skipped",
+}
+_TERMINAL = tuple(_UPSTREAM_STATUS)
+
+
+class ArtifactError(StudyqError):
+    """A written artifact set breaks the contract (the message says which file and why)."""
+
+
+@dataclass(slots=True)
+class ExportReport:
+    """What an export wrote; ``partial`` when runs were still pending."""
+
+    out_dir: Path
+    runs: int
+    runs_planned: int
+    events: int
+    evaluations: int
+    partial: bool
+    files: dict[str, Path]
+
+
+def _iso(value: datetime | None) -> str | None:
+    if value is None:
+        return None
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=UTC)
+    return value.astimezone(UTC).isoformat()
+
+
+def utc_now_iso() -> str:
+    """UTC ISO-8601 without microseconds, ``+00:00`` offset (the upstream's format)."""
+    return datetime.now(UTC).replace(microsecond=0).isoformat()
+
+
+def _git_sha() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out or None
+
+
+def default_provenance() -> dict[str, Any]:
+    """The upstream's captured provenance, used when a study declares none."""
+    versions = {}
+    for name in (
+        "design-research-experiments",
+        "design-research-agents",
+        "design-research-problems",
+        "design-research-analysis",
+        "studyq",
+    ):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not-installed"
+    return {
+        "captured_at": utc_now_iso(),
+        "host": socket.gethostname(),
+        "platform": platform.platform(),
+        "python_version": sys.version.split()[0],
+        "package_versions": versions,
+        "git_sha": _git_sha(),
+        "extra": {},
+    }
+
+
+def _write_json(path: Path, payload: Any) -> None:
+    with path.open("w", encoding="utf-8") as handle:
+        json.dump(payload, handle, indent=2, sort_keys=True, ensure_ascii=True)
+        handle.write("\n")
+
+
+def _write_csv(path: Path, columns: Sequence[str], rows: Iterable[Mapping[str, Any]]) -> int:
+    count = 0
+    with path.open("w", encoding="utf-8", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(columns))
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({key: row.get(key) for key in columns})
+            count += 1
+    return count
+
+
+def _union(required: Sequence[str], extra_keys: Iterable[Iterable[str]]) -> list[str]:
+    ordered = list(required)
+    seen = set(ordered)
+    for keys in extra_keys:
+        for key in keys:
+            if key not in seen:
+                seen.add(key)
+                ordered.append(key)
+    return ordered
+
+
+def export_artifacts(store: Any, study_id: str, out_dir: str | Path | None = None) -> ExportReport:
+    """Write the canonical artifact set of ``study_id`` from ``store`` and validate it.
+
+    ``out_dir`` defaults to the study's ``output_dir`` (``artifacts/<study_id>``).
+    """
+    study = store.find_study(study_id)
+    if study is None:
+        raise StoreError(
+            f"study '{study_id}' is not in the store; `studyq status` lists the studies there."
+        )
+    definition: dict[str, Any] = dict(study.definition)
+    target = Path(out_dir) if out_dir is not None else Path(str(definition["output_dir"]))
+    (target / "artifacts" / "checkpoints").mkdir(parents=True, exist_ok=True)
+    files = {name: target / name for name in (
+        "study.yaml", "manifest.json", "conditions.csv", "runs.csv", "events.csv",
+        "evaluations.csv", "hypotheses.json", "analysis_plan.json",
+    )}  # fmt: skip
+    manifest_path = files["manifest.json"]
+
+    with files["study.yaml"].open("w", encoding="utf-8") as handle:
+        yaml.safe_dump(
+            {
+                key: value
+                for key, value in definition.items()
+                if key not in ("bindings", "execution")
+            }
+            | {key: definition[key] for key in ("bindings", "execution") if key in definition},
+            handle,
+            sort_keys=False,
+            default_flow_style=False,
+            allow_unicode=False,
+        )
+
+    condition_rows = list(_condition_rows(study_id, store.iter_conditions(study_id)))
+    _write_csv(files["conditions.csv"], _union(CONDITION_COLUMNS, condition_rows), condition_rows)
+
+    status_counts: dict[str, int] = {}
+    model_ids: set[str] = set()
+    runs = _write_csv(
+        files["runs.csv"],
+        [*RUN_COLUMNS, "error_info"],
+        _run_rows(
+            study_id,
+            store.iter_runs(study_id, statuses=_TERMINAL),
+            manifest_path,
+            status_counts,
+            model_ids,
+        ),
+    )
+    evaluations = _write_csv(
+        files["evaluations.csv"],
+        _union(EVALUATION_COLUMNS, (record.row for record in store.iter_evaluations(study_id))),
+        (_table_row(record.row) for record in store.iter_evaluations(study_id)),
+    )
+    events = _write_csv(
+        files["events.csv"],
+        _union(EVENT_COLUMNS, (record.row for record in store.iter_events(study_id))),
+        (_table_row(record.row) for record in store.iter_events(study_id)),
+    )
+    _write_json(files["hypotheses.json"], definition.get("hypotheses", []))
+    _write_json(files["analysis_plan.json"], definition.get("analysis_plans", []))
+
+    planned = int(study.run_count)
+    provenance = definition.get("provenance_metadata") or default_provenance()
+    manifest = {
+        "schema_version": SCHEMA_VERSION,
+        "study_id": study_id,
+        "generated_at": utc_now_iso(),
+        "status_counts": status_counts,
+        "model_ids": sorted(model_ids),
+        "run_count": runs,
+        "provenance": provenance,
+        "partial": runs < planned,
+        "runs_planned": planned,
+        "runs_pending": planned - runs,
+    }
+    _write_json(manifest_path, manifest)
+    validate_artifacts(target)
+    return ExportReport(target, runs, planned, events, evaluations, runs < planned, files)
+
+
+def _condition_rows(study_id: str, rows: Iterable[Any]) -> Iterator[dict[str, Any]]:
+    for row in rows:
+        out: dict[str, Any] = {
+            "study_id": study_id,
+            "condition_id": row.condition_id,
+            "admissible": bool(row.admissible),
+            "constraint_messages": canonical_json(row.constraint_messages),
+            "assignment_meta_json": canonical_json(row.metadata),
+        }
+        out.update(row.factor_assignments)
+        out.update({f"block_{key}": value for key, value in row.block_assignments.items()})
+        yield out
+
+
+def _run_rows(
+    study_id: str,
+    runs: Iterable[Any],
+    manifest_path: Path,
+    status_counts: dict[str, int],
+    model_ids: set[str],
+) -> Iterator[dict[str, Any]]:
+    for run in runs:
+        status = _UPSTREAM_STATUS.get(run.status, run.status)
+        status_counts[status] = status_counts.get(status, 0) + 1
+        provenance = run.provenance or {}
+        metrics = run.metrics or {}
+        model_name = provenance.get("model_name")
+        if model_name:
+            model_ids.add(str(model_name))
+        error_info = f"{run.error_type}: {run.error_message or ''}" if run.error_type else None
+        yield {
+            "study_id": study_id,
+            "condition_id": run.condition_id,
+            "run_id": run.run_id,
+            "problem_id": run.problem_key,
+            "problem_family": provenance.get("problem_family", "unknown"),
+            "agent_id": "" if run.agent_id is None else run.agent_key,
+            "agent_kind": provenance.get("agent_kind", "unknown"),
+            "pattern_name": provenance.get("pattern_name", "unknown"),
+            "model_name": model_name or "unknown",
+            "seed": run.seed,
+            "replicate": run.replicate,
+            "status": status,
+            "start_time": _iso(run.started_at),
+            "end_time": _iso(run.ended_at),
+            "latency_s": run.latency_s if run.latency_s is not None else 0.0,
+            "input_tokens": metrics.get("input_tokens", 0),
+            "output_tokens": metrics.get("output_tokens", 0),
+            "cost_usd": run.cost_usd if run.cost_usd is not None else 0.0,
+            "primary_outcome": metrics.get("primary_outcome"),
+            "trace_path": (run.trace_refs or [""])[0],
+            "manifest_path": str(manifest_path),
+            "error_info": error_info,
+        }
+
+
+def _table_row(row: Mapping[str, Any]) -> dict[str, Any]:
+    """Mappings in ``notes_json`` / ``meta_json`` as ``json.dumps(sort_keys=True)``, as the
+    upstream writes raw mappings."""
+    out = dict(row)
+    for key in ("notes_json", "meta_json"):
+        if isinstance(out.get(key), Mapping):
+            out[key] = json.dumps(out[key], sort_keys=True)
+    return out
+
+
+def validate_artifacts(out_dir: str | Path) -> dict[str, Path]:
+    """The upstream's post-write checks; raises :class:`ArtifactError` naming file and fix."""
+    root = Path(out_dir)
+    names = ("study.yaml", "manifest.json", *_CSV_FILES)
+    missing = sorted(name for name in names if not (root / name).exists())
+    if missing:
+        raise ArtifactError(f"Missing canonical artifacts: {', '.join(missing)}.")
+    with (root / "study.yaml").open(encoding="utf-8") as handle:
+        study = yaml.safe_load(handle) or {}
+    manifest = json.loads((root / "manifest.json").read_text(encoding="utf-8"))
+    for name, payload, keys in (
+        ("study.yaml", study, _STUDY_KEYS),
+        ("manifest.json", manifest, _MANIFEST_KEYS),
+    ):
+        absent = [key for key in keys if key not in payload]
+        if absent:
+            raise ArtifactError(f"{name} is missing required keys: {', '.join(absent)}.")
+        if payload.get("schema_version") != SCHEMA_VERSION:
+            raise ArtifactError(
+                f"{name} schema_version {payload.get('schema_version')!r} does not match "
+                f"{SCHEMA_VERSION!r}."
+            )
+    if study.get("study_id") != manifest.get("study_id"):
+        raise ArtifactError(
+            "study.yaml and manifest.json disagree on study_id: "
+            f"{study.get('study_id')!r} != {manifest.get('study_id')!r}."
+        )
+    for name, required in _CSV_FILES.items():
+        with (root / name).open(encoding="utf-8", newline="") as handle:
+            header = next(csv.reader(handle), [])
+        absent = [column for column in required if column not in header]
+        if absent:
+            raise ArtifactError(f"{name} is missing required columns: {', '.join(absent)}.")
+    return {name: root / name for name in names}
