@@ -59,6 +59,18 @@ class Condition:
         return ", ".join(parts) or self.condition_id
 
 
+def _rng(seed: Any) -> random.Random:
+    """``random.Random(base_seed)``, as the upstream shuffles; unusable seeds are a problem."""
+    try:
+        return random.Random(seed)
+    except TypeError:
+        raise _fail(
+            "seed_policy.base_seed",
+            f"base_seed {seed!r} ({type(seed).__name__}) cannot seed a shuffle.",
+            "use an integer (or a string) base_seed.",
+        ) from None
+
+
 def _fail(field_name: str, message: str, fix: str = "") -> StudyValidationError:
     return StudyValidationError([Problem(field_name, message, fix)])
 
@@ -148,7 +160,7 @@ def build_conditions(study: Study) -> list[Condition]:
         if spec.counterbalance or kind == DesignKind.REPEATED_MEASURES:
             conditions = counterbalance(conditions)
         if spec.randomize or kind == DesignKind.RANDOMIZED_BLOCK:
-            random.Random(seed).shuffle(conditions)
+            _rng(seed).shuffle(conditions)
         if kind == DesignKind.REPEATED_MEASURES:
             for index, condition in enumerate(conditions):
                 condition.metadata["within_subject_order"] = index
@@ -443,7 +455,7 @@ def _latin_hypercube_rows(study: Study) -> list[dict[str, Any]]:
             f"the '{backend}' latin-hypercube backend is not supported by studyq.",
             "use `backend: stdlib` (the default).",
         )
-    rng = random.Random(study.seed_policy.base_seed)
+    rng = _rng(study.seed_policy.base_seed)
     columns: dict[str, list[float]] = {}
     for name, (low, high) in bounds.items():
         if not high > low:
@@ -544,7 +556,15 @@ def _center_points(rows: list[dict[str, Any]], count: int) -> list[dict[str, Any
             numbers = [float(value) for value in values]
             center[column] = (min(numbers) + max(numbers)) / 2.0
             continue
-        counts = Counter(values)
+        try:
+            counts = Counter(values)
+        except TypeError:
+            raise _fail(
+                "design_spec.center_points",
+                f"cannot compute a center point for '{column}': its values are lists or "
+                "mappings, which have no most frequent value.",
+                "use scalar level values, or set center_points to 0.",
+            ) from None
         top = max(counts.values())
         center[column] = next(value for value in values if counts[value] == top)
     return rows + [dict(center) for _ in range(count)]
@@ -555,7 +575,7 @@ def _randomize_rows(rows: list[dict[str, Any]], seed: Any, key: Any) -> list[dic
     if len(copied) < 2:
         return copied
     if key is None:
-        random.Random(seed).shuffle(copied)
+        _rng(seed).shuffle(copied)
         return copied
     if any(key not in row for row in copied):
         raise _fail(
@@ -568,7 +588,7 @@ def _randomize_rows(rows: list[dict[str, Any]], seed: Any, key: Any) -> list[dic
         groups.setdefault(row[key], []).append(row)
     shuffled: list[dict[str, Any]] = []
     for group in groups.values():
-        random.Random(seed).shuffle(group)
+        _rng(seed).shuffle(group)
         shuffled.extend(group)
     return shuffled
 

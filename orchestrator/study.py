@@ -464,7 +464,7 @@ class Study(_Model):
     """A study: the design-research-experiments fields in their upstream order, then studyq's."""
 
     study_id: Text
-    title: Text = ""
+    title: Text = Field(default="", validate_default=True)
     description: Text = ""
     authors: list[Any] = Field(default_factory=list)
     rationale: Text = ""
