@@ -291,12 +291,12 @@ def _row_condition(
 
 def _latin_square(study: Study, checker: _ConstraintChecker) -> list[Condition]:
     options = study.design_spec.options
-    names = [
-        str(options.get(key, "")) for key in ("row_factor", "column_factor", "treatment_factor")
-    ]
+    keys = ("row_factor", "column_factor", "treatment_factor")
+    names = [str(options.get(key, "")) for key in keys]
     if not all(names):
+        first_missing = keys[names.index("")]
         raise _fail(
-            "design_spec.options",
+            f"design_spec.options.{first_missing}",
             "Latin-square design requires options row_factor, column_factor, and treatment_factor.",
             "set design_spec.options.row_factor, .column_factor and .treatment_factor to "
             "factor names.",
@@ -460,7 +460,7 @@ def _latin_hypercube_rows(study: Study) -> list[dict[str, Any]]:
     for name, (low, high) in bounds.items():
         if not high > low:
             raise _fail(
-                "design_spec.options.bounds",
+                f"design_spec.options.bounds.{name}" if explicit is not None else "factors",
                 f"Factor '{name}' bounds must satisfy high > low.",
                 "put the lower bound first and make the bounds differ.",
             )

@@ -8,8 +8,10 @@ to run it.
 from __future__ import annotations
 
 import re
+from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic_core import PydanticCustomError
 
 __all__ = ["Bindings", "ExecutionPolicy"]
 
@@ -19,10 +21,15 @@ _REFERENCE = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*(\.[A
 def check_reference(value: str) -> str:
     """Accept ``package.module:callable`` only; anything else cannot be imported safely."""
     if not _REFERENCE.match(value):
-        raise ValueError(
-            f"'{value}' is not an import reference; write it as 'package.module:callable'"
+        raise PydanticCustomError(
+            "studyq",
+            "'{value}' is not an import reference.",
+            {"value": value, "fix": "write it as 'package.module:callable'."},
         )
     return value
+
+
+Reference = Annotated[str, AfterValidator(check_reference)]
 
 
 class Bindings(BaseModel):
@@ -34,21 +41,9 @@ class Bindings(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    agents: dict[str, str] = Field(default_factory=dict)
-    problems: dict[str, str] = Field(default_factory=dict)
-    runner: str | None = None
-
-    @field_validator("agents", "problems")
-    @classmethod
-    def _check_map(cls, value: dict[str, str]) -> dict[str, str]:
-        for reference in value.values():
-            check_reference(reference)
-        return value
-
-    @field_validator("runner")
-    @classmethod
-    def _check_runner(cls, value: str | None) -> str | None:
-        return None if value is None else check_reference(value)
+    agents: dict[str, Reference] = Field(default_factory=dict)
+    problems: dict[str, Reference] = Field(default_factory=dict)
+    runner: Reference | None = None
 
     def references(self) -> set[str]:
         """Every import reference the study itself names (the default allow-list)."""

@@ -180,19 +180,24 @@ class Factor(_Model):
     def _name(cls, value: str) -> str:
         return _non_blank(value, "Factor.name")
 
+    @field_validator("levels")
+    @classmethod
+    def _unique_levels(cls, levels: list[Level]) -> list[Level]:
+        names = [level.name for level in levels]
+        if len(names) != len(set(names)):
+            duplicated = sorted({name for name in names if names.count(name) > 1})
+            raise _problem(
+                f"Factor has duplicate level names: {', '.join(duplicated)}.",
+                "give every level of a factor its own name.",
+            )
+        return levels
+
     @model_validator(mode="after")
     def _levels(self) -> Factor:
         if not self.levels and self.default is None:
             raise _problem(
                 f"Factor '{self.name}' must declare at least one level or a default value.",
                 "add `levels: [{name: ..., value: ...}]` or a `default:`.",
-            )
-        names = [level.name for level in self.levels]
-        if len(names) != len(set(names)):
-            duplicated = sorted({name for name in names if names.count(name) > 1})
-            raise _problem(
-                f"Factor '{self.name}' has duplicate level names: {', '.join(duplicated)}.",
-                "give every level of a factor its own name.",
             )
         return self
 
@@ -213,14 +218,15 @@ class Block(_Model):
     def _name(cls, value: str) -> str:
         return _non_blank(value, "Block.name")
 
-    @model_validator(mode="after")
-    def _levels(self) -> Block:
-        if not self.levels:
+    @field_validator("levels")
+    @classmethod
+    def _levels(cls, levels: list[Any]) -> list[Any]:
+        if not levels:
             raise _problem(
-                f"Block '{self.name}' must contain at least one level.",
+                "Block must contain at least one level.",
                 "list the block's levels, e.g. `levels: [morning, evening]`.",
             )
-        return self
+        return levels
 
 
 class Constraint(_Model):
@@ -395,8 +401,8 @@ class Contrast(_Model):
 
 class Hypothesis(_Model):
     hypothesis_id: Text
-    label: Text = ""
-    statement: Text = ""
+    label: Text = Field(default="", validate_default=True)
+    statement: Text = Field(default="", validate_default=True)
     kind: Annotated[HypothesisKind, _enum(HypothesisKind, "hypothesis kind")] = (
         HypothesisKind.EFFECT
     )
@@ -567,11 +573,26 @@ def parse_study(payload: dict[str, Any], source: str | None = None) -> Study:
     try:
         study = Study.model_validate(payload)
     except pydantic.ValidationError as exc:
-        raise StudyValidationError(flatten(problems + schema_problems(exc)), source) from None
+        problems += schema_problems(exc)
+        broken = {str(item["loc"][0]) for item in exc.errors() if item["loc"]}
+        problems += reference_problems(_lenient(payload, broken), payload, skip=broken)
+        raise StudyValidationError(flatten(problems), source) from None
     problems += reference_problems(study, payload)
     if problems:
         raise StudyValidationError(flatten(problems), source)
     return study
+
+
+def _lenient(payload: dict[str, Any], broken: set[str]) -> Study:
+    """The study without its broken sections, so cross-reference checks can still run and
+    every problem is reported at once."""
+    kept = {key: value for key, value in payload.items() if key not in broken}
+    kept["study_id"] = kept.get("study_id") or "study"
+    kept["title"] = kept.get("title") or "study"
+    try:
+        return Study.model_validate(kept)
+    except Exception:  # a section broken only in combination: check nothing further
+        return Study(study_id="study", title="study")
 
 
 def load_study(path: str | Path, *, max_bytes: int | None = None) -> Study:

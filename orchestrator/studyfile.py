@@ -66,8 +66,14 @@ def read_study_mapping(
             f"the file is not UTF-8 text (invalid byte at offset {exc.start}).",
             "save the study file as UTF-8.",
         ) from None
+    if not text.strip():
+        raise _fail(
+            source,
+            "the file is empty.",
+            "write a study: at least `study_id:`, `title:` and `factors:`.",
+        )
     payload = _parse_json(text, source) if suffix == ".json" else _parse_yaml(text, source)
-    if payload is None:
+    if payload is None:  # a YAML document of comments only
         payload = {}
     if not isinstance(payload, dict):
         raise _fail(
@@ -101,6 +107,11 @@ def _parse_yaml(text: str, source: str) -> Any:
         mark = exc.problem_mark or exc.context_mark
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         what = exc.problem or exc.context or "invalid YAML"
+        if exc.context and exc.context_mark and exc.problem_mark:
+            # PyYAML gives up where it noticed (often the end of the file); the construct
+            # that is wrong started at the context mark, which is the line to look at.
+            start = exc.context_mark
+            what += f" ({exc.context} started at line {start.line + 1}, column {start.column + 1})"
         if isinstance(exc, yaml.constructor.ConstructorError):
             raise _fail(
                 source,

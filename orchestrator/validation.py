@@ -14,7 +14,7 @@ Three layers, in the order a study meets them:
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import pydantic
@@ -75,6 +75,23 @@ def _describe(value: Any) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
+def _generic_fix(kind: str, ctx: Mapping[str, Any]) -> str:
+    bounds = {
+        "greater_than": "use a value greater than {gt}.",
+        "greater_than_equal": "use {ge} or more.",
+        "less_than": "use a value less than {lt}.",
+        "less_than_equal": "use {le} or less.",
+        "string_too_short": "write at least {min_length} character(s).",
+        "string_pattern_mismatch": "match the pattern {pattern}.",
+    }
+    if kind in bounds:
+        try:
+            return bounds[kind].format(**ctx)
+        except (KeyError, IndexError):
+            pass
+    return "`studyq schema` shows what this field accepts."
+
+
 def schema_problems(error: pydantic.ValidationError) -> list[Problem]:
     """One :class:`Problem` per pydantic error, worded for a person editing YAML."""
     problems: list[Problem] = []
@@ -114,7 +131,7 @@ def schema_problems(error: pydantic.ValidationError) -> list[Problem]:
             message = str(item["msg"]).removeprefix("Value error, ")
             if not message.endswith("."):
                 message += "."
-            problems.append(Problem(path, message, ""))
+            problems.append(Problem(path, message, _generic_fix(kind, ctx)))
     return problems
 
 
@@ -240,8 +257,35 @@ def _binding_count(values: Sequence[Any], factor: Factor | None) -> int:
     return 1
 
 
-def reference_problems(study: Study, payload: Mapping[str, Any]) -> list[Problem]:
-    """The upstream's ``validate_study`` checks plus studyq's static constraint checks."""
+# What each cross-reference check reads; skipped when one of those sections is broken.
+_DEPENDS = {
+    "hypotheses": {"hypotheses", "factors", "outcomes"},
+    "analysis_plans": {"analysis_plans", "hypotheses", "outcomes"},
+    "run_budget": {"run_budget", "factors", "problem_ids", "agent_specs"},
+}
+
+
+def reference_problems(
+    study: Study, payload: Mapping[str, Any], *, skip: Collection[str] = ()
+) -> list[Problem]:
+    """The upstream's ``validate_study`` checks plus studyq's static constraint checks.
+
+    ``skip`` names sections that failed schema validation; checks that read them are left
+    out rather than reporting consequences of a problem already reported.
+    """
+    problems = _reference_problems(study, payload)
+    if not skip:
+        return problems
+    kept = []
+    for problem in problems:
+        section = problem.field.split(".")[0].split("[")[0]
+        if _DEPENDS.get(section, {section}) & set(skip):
+            continue
+        kept.append(problem)
+    return kept
+
+
+def _reference_problems(study: Study, payload: Mapping[str, Any]) -> list[Problem]:
     factor_names = [factor.name for factor in study.factors]
     outcome_names = [outcome.name for outcome in study.outcomes]
     hypothesis_ids = [hypothesis.hypothesis_id for hypothesis in study.hypotheses]
@@ -324,7 +368,16 @@ def reference_problems(study: Study, payload: Mapping[str, Any]) -> list[Problem
 
             reason = check_expression(constraint.expression)
             if reason is not None:
-                problems.append(Problem(f"constraints[{index}].expression", reason, ""))
+                message, _, fix = reason.partition(" Fix: ")
+                problems.append(
+                    Problem(
+                        f"constraints[{index}].expression",
+                        message,
+                        fix
+                        or "use factor and block names, literals, comparisons, "
+                        "and/or/not and len/int/float/str/bool only.",
+                    )
+                )
     return problems
 
 
