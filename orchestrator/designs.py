@@ -125,7 +125,9 @@ class _ConstraintChecker:
                     raise _fail(
                         f"constraints[{index}].expression",
                         str(exc),
-                        "use factor and block names, literals, comparisons and and/or/not.",
+                        exc.fix
+                        or "make the expression valid for every combination of levels, using "
+                        "factor and block names, literals, comparisons and and/or/not.",
                     ) from None
                 except Exception as exc:  # TypeError on "a" > 1, KeyError, ...
                     raise _fail(

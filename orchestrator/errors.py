@@ -4,7 +4,8 @@
 
     StudyqError
     ├── StudyError                 a study file or reference is wrong (CLI exit 2, nothing written)
-    │   └── StudyValidationError   carries every problem found, each with file, field and fix
+    │   ├── StudyValidationError   carries every problem found, each with file, field and fix
+    │   └── ConstraintExpressionError   (orchestrator.constraints) a constraint cannot be evaluated
     ├── StoreError                 the result store refused or failed an operation
     │   ├── StudyConflictError     a different definition is already registered under a study_id
     │   └── StoreUnavailableError  the database cannot be reached (retryable)
