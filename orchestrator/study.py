@@ -21,6 +21,7 @@ from pydantic import (
     ConfigDict,
     Field,
     StrictInt,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -182,12 +183,13 @@ class Factor(_Model):
 
     @field_validator("levels")
     @classmethod
-    def _unique_levels(cls, levels: list[Level]) -> list[Level]:
+    def _unique_levels(cls, levels: list[Level], info: ValidationInfo) -> list[Level]:
         names = [level.name for level in levels]
         if len(names) != len(set(names)):
             duplicated = sorted({name for name in names if names.count(name) > 1})
+            factor = info.data.get("name", "?")
             raise _problem(
-                f"Factor has duplicate level names: {', '.join(duplicated)}.",
+                f"Factor '{factor}' has duplicate level names: {', '.join(duplicated)}.",
                 "give every level of a factor its own name.",
             )
         return levels
