@@ -21,7 +21,7 @@ from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from orchestrator.canonical import canonical_json
 from orchestrator.designs import Condition, build_conditions
@@ -32,8 +32,10 @@ from orchestrator.validation import AGENT_FACTORS, PROBLEM_FACTORS
 __all__ = [
     "DISPATCH_ORDERS",
     "PlanCell",
+    "PlanRow",
     "PlanSummary",
     "PreparedStudy",
+    "iter_plan_rows",
     "iter_run_specs",
     "plan_cells",
     "prepare",
@@ -124,8 +126,8 @@ class _CellHasher:
             for agent in cell.agents
         ]
 
-    def spec(self, replicate: int, agent_index: int, problem_index: int, index: int) -> RunSpec:
-        cell = self.cell
+    def ids(self, replicate: int, agent_index: int, problem_index: int) -> tuple[str, int]:
+        """``(run_id, seed)`` of one run of this cell."""
         run_payload = (
             f'{{"agent_id":{self.agent_json[agent_index]}{self.run_mid}'
             f'{self.problem_json[problem_index]},"replicate":{replicate}{self.run_tail}'
@@ -135,19 +137,33 @@ class _CellHasher:
         seed_hash.update(
             f'{replicate},"salt":{self.salts[agent_index][problem_index]}{self.seed_tail}'.encode()
         )
-        seed = int(seed_hash.hexdigest()[:16], 16) % _SEED_MODULUS
-        condition = cell.condition
+        return run_id, int(seed_hash.hexdigest()[:16], 16) % _SEED_MODULUS
+
+
+class PlanRow(NamedTuple):
+    """One run as positions in its cell plus its ids; cheaper than a :class:`RunSpec`."""
+
+    cell: PlanCell
+    replicate: int
+    agent_index: int
+    problem_index: int
+    index: int
+    run_id: str
+    seed: int
+
+    def spec(self, study_id: str) -> RunSpec:
+        condition = self.cell.condition
         return RunSpec(
-            study_id=self.study.study_id,
-            run_id=run_id,
+            study_id=study_id,
+            run_id=self.run_id,
             condition_id=condition.condition_id,
-            replicate=replicate,
-            seed=seed,
-            agent_id=cell.agents[agent_index],
-            problem_id=cell.problems[problem_index],
+            replicate=self.replicate,
+            seed=self.seed,
+            agent_id=self.cell.agents[self.agent_index],
+            problem_id=self.cell.problems[self.problem_index],
             factor_assignments=condition.factor_assignments,
             block_assignments=condition.block_assignments,
-            index=index,
+            index=self.index,
             condition_fingerprint=condition.fingerprint,
         )
 
@@ -169,45 +185,60 @@ def iter_run_specs(
 
     ``RunSpec.index`` is always the plan position, whatever the order.
     """
+    study_id = study.study_id
+    for row in iter_plan_rows(study, conditions, order=order, standalone=standalone):
+        yield row.spec(study_id)
+
+
+def iter_plan_rows(
+    study: Study,
+    conditions: Sequence[Condition] | None = None,
+    *,
+    order: str = "plan",
+    standalone: bool | None = None,
+) -> Iterator[PlanRow]:
+    """Like :func:`iter_run_specs`, but yields :class:`PlanRow` (for writers of millions)."""
+    if order not in DISPATCH_ORDERS:
+        raise ValueError(f"unknown dispatch order {order!r}; use one of {DISPATCH_ORDERS}")
     if conditions is None:
         conditions = build_conditions(study)
     cells = plan_cells(study, conditions, standalone=standalone)
     limit = _limit(study, cells)
     if order == "plan":
         yield from _plan_order(study, cells, limit)
-    elif order == "balanced":
-        yield from _balanced_order(study, cells, limit)
     else:
-        raise ValueError(f"unknown dispatch order {order!r}; use one of {DISPATCH_ORDERS}")
+        yield from _balanced_order(study, cells, limit)
 
 
-def _plan_order(study: Study, cells: Sequence[PlanCell], limit: int) -> Iterator[RunSpec]:
+def _plan_order(study: Study, cells: Sequence[PlanCell], limit: int) -> Iterator[PlanRow]:
     index = 0
     replicates = study.run_budget.replicates
     for cell in cells:
-        hasher = _CellHasher(study, cell)
+        ids = _CellHasher(study, cell).ids
         for replicate in range(1, replicates + 1):
             for agent_index in range(len(cell.agents)):
                 for problem_index in range(len(cell.problems)):
                     if index >= limit:
                         return
-                    yield hasher.spec(replicate, agent_index, problem_index, index)
+                    run_id, seed = ids(replicate, agent_index, problem_index)
+                    yield PlanRow(cell, replicate, agent_index, problem_index, index, run_id, seed)
                     index += 1
 
 
-def _balanced_order(study: Study, cells: Sequence[PlanCell], limit: int) -> Iterator[RunSpec]:
+def _balanced_order(study: Study, cells: Sequence[PlanCell], limit: int) -> Iterator[PlanRow]:
     """Replicate by replicate; inside one, plan positions shuffled with the study seed.
 
-    Holds one replicate's plan positions (8 bytes each), never the specs themselves.
+    Holds one replicate's plan positions (8 bytes each), never the specs themselves; cell
+    hashers are built when a cell is first reached.
     """
-    hashers = [_CellHasher(study, cell) for cell in cells]
+    hashers: dict[int, _CellHasher] = {}
     starts = [cell.offset for cell in cells]
     for replicate in range(1, study.run_budget.replicates + 1):
         positions = array("q")
         for cell in cells:
             width = cell.runs_per_replicate
             first = cell.offset + (replicate - 1) * width
-            positions.extend(p for p in range(first, first + width) if p < limit)
+            positions.extend(range(first, min(first + width, limit)))
         rng = random.Random(
             canonical_json(
                 {
@@ -221,10 +252,16 @@ def _balanced_order(study: Study, cells: Sequence[PlanCell], limit: int) -> Iter
         for position in positions:
             cell_index = _find_cell(starts, position)
             cell = cells[cell_index]
+            hasher = hashers.get(cell_index)
+            if hasher is None:
+                hasher = hashers[cell_index] = _CellHasher(study, cell)
             within = position - cell.offset
             replicate_of, rest = divmod(within, cell.runs_per_replicate)
             agent_index, problem_index = divmod(rest, len(cell.problems))
-            yield hashers[cell_index].spec(replicate_of + 1, agent_index, problem_index, position)
+            run_id, seed = hasher.ids(replicate_of + 1, agent_index, problem_index)
+            yield PlanRow(
+                cell, replicate_of + 1, agent_index, problem_index, position, run_id, seed
+            )
 
 
 def _find_cell(starts: Sequence[int], position: int) -> int:

@@ -6,12 +6,13 @@ import argparse
 import csv
 import json
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from itertools import islice
 from typing import IO, Any
 
 from orchestrator.canonical import to_jsonable
 from orchestrator.cli import EXIT_OK, add_command
-from orchestrator.plan import DISPATCH_ORDERS, PreparedStudy, prepare
+from orchestrator.plan import DISPATCH_ORDERS, PlanRow, PreparedStudy, iter_plan_rows, prepare
 from orchestrator.runspec import RunSpec
 from orchestrator.study import Study
 
@@ -102,36 +103,47 @@ def _plan(args: argparse.Namespace) -> int:
     if args.format == "table":
         _print_table(prepared, out, limit=args.limit or 20)
         return EXIT_OK
-    specs = _take(prepared.run_specs(order=order), args.limit)
+    rows = iter_plan_rows(
+        prepared.study, prepared.conditions, order=order, standalone=prepared.standalone
+    )
+    limited = _take(rows, args.limit)
     if args.format == "jsonl":
-        _write_jsonl(specs, out)
+        _write_jsonl(limited, out)
     else:
-        _write_csv(prepared.study, specs, out)
+        study_id = prepared.study.study_id
+        _write_csv(prepared.study, (row.spec(study_id) for row in limited), out)
     return EXIT_OK
 
 
-def _take(specs: Iterable[RunSpec], limit: int | None) -> Iterable[RunSpec]:
-    for count, spec in enumerate(specs):
-        if limit is not None and count >= limit:
-            return
-        yield spec
+def _take(rows: Iterable[PlanRow], limit: int | None) -> Iterator[PlanRow]:
+    return iter(rows) if limit is None else islice(rows, limit)
 
 
-def _write_jsonl(specs: Iterable[RunSpec], out: IO[str]) -> None:
+def _write_jsonl(rows: Iterable[PlanRow], out: IO[str]) -> None:
+    """One JSON object per run. Everything but the ids is the same for every run of a cell,
+    so it is serialized once per cell; a line is then one f-string."""
+    dumps = json.JSONEncoder(ensure_ascii=False).encode
+    fragments: dict[int, tuple[str, list[str], list[str], str]] = {}
     buffer: list[str] = []
-    for spec in specs:
-        record = {
-            "index": spec.index,
-            "run_id": spec.run_id,
-            "condition_id": spec.condition_id,
-            "replicate": spec.replicate,
-            "seed": spec.seed,
-            "agent_id": to_jsonable(spec.agent_id),
-            "problem_id": to_jsonable(spec.problem_id),
-            "factor_assignments": to_jsonable(spec.factor_assignments),
-            "block_assignments": to_jsonable(spec.block_assignments),
-        }
-        buffer.append(json.dumps(record, ensure_ascii=False))
+    for row in rows:
+        cell = row.cell
+        cached = fragments.get(id(cell))
+        if cached is None:
+            condition = cell.condition
+            cached = fragments[id(cell)] = (
+                dumps(condition.condition_id),
+                [dumps(to_jsonable(agent)) for agent in cell.agents],
+                [dumps(to_jsonable(problem)) for problem in cell.problems],
+                f'"factor_assignments": {dumps(to_jsonable(condition.factor_assignments))}, '
+                f'"block_assignments": {dumps(to_jsonable(condition.block_assignments))}}}',
+            )
+        condition_json, agents, problems, tail = cached
+        buffer.append(
+            f'{{"index": {row.index}, "run_id": "{row.run_id}", "condition_id": {condition_json}, '
+            f'"replicate": {row.replicate}, "seed": {row.seed}, '
+            f'"agent_id": {agents[row.agent_index]}, "problem_id": {problems[row.problem_index]}, '
+            f"{tail}"
+        )
         if len(buffer) >= 4096:
             out.write("\n".join(buffer) + "\n")
             buffer.clear()
