@@ -1,0 +1,246 @@
+"""Engines, URLs and the one transaction helper of the result store.
+
+Every database access in the store goes through :func:`transaction`: it owns BEGIN, COMMIT,
+ROLLBACK and close, and turns driver errors into the store's exceptions, so callers never see
+a raw SQLAlchemy error and a transport can tell "retry later" (:class:`StoreUnavailableError`)
+from "this is wrong" (:class:`StoreError`).
+
+SQLite is the embedded default. It runs in WAL mode (readers never block the writer), with a
+busy timeout instead of instant ``database is locked`` errors, ``synchronous=NORMAL`` (durable
+across process crashes, loses at most the last commits on power loss, which a resumable sweep
+tolerates) and foreign keys on. The driver's own transaction handling is switched off and the
+helper emits ``BEGIN IMMEDIATE`` for writes: a deferred transaction that reads and then writes
+can deadlock against another writer, and SQLite reports that as an immediate error that the
+busy timeout does not cover.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, event, exc
+from sqlalchemy.engine import URL, Connection, make_url
+from sqlalchemy.pool import StaticPool
+
+from orchestrator.errors import StoreError, StoreUnavailableError
+
+__all__ = [
+    "DEFAULT_URL",
+    "create_engine_for",
+    "is_sqlite",
+    "mask_url",
+    "normalize_url",
+    "transaction",
+]
+
+DEFAULT_URL = "sqlite:///./studyq.db"
+"""The embedded store: a SQLite file in the working directory."""
+
+SQLITE_BUSY_TIMEOUT_MS = 30_000
+"""How long a SQLite writer waits for the lock before failing (the embedded coordinator and a
+``studyq status`` reader may overlap; transactions are short, so waiting is the right answer)."""
+
+_READONLY_OPTION = "studyq_readonly"
+
+
+def normalize_url(url: str | URL) -> URL:
+    """Parse ``url`` and pick the driver studyq supports for its backend.
+
+    ``postgresql://`` and ``postgres://`` (what docker, Heroku and most docs hand out) become
+    ``postgresql+psycopg://``, because psycopg 3 is the only PostgreSQL driver we depend on.
+
+    Raises:
+        StoreError: the URL cannot be parsed or names a backend studyq does not support.
+    """
+    if isinstance(url, str) and url.startswith("postgres://"):
+        url = "postgresql://" + url[len("postgres://") :]
+    try:
+        parsed = make_url(url)
+    except (exc.ArgumentError, ValueError) as error:
+        raise StoreError(
+            f"Cannot parse database URL {mask_url(str(url))!r}: {error}. "
+            "Use sqlite:///path/to/studyq.db or postgresql://user@host/dbname."
+        ) from None
+    backend = parsed.get_backend_name()
+    driver = parsed.get_driver_name()
+    if backend == "postgresql":
+        if driver not in ("psycopg", "psycopg2") or "+" not in parsed.drivername:
+            parsed = parsed.set(drivername="postgresql+psycopg")
+        return parsed
+    if backend == "sqlite":
+        return parsed
+    raise StoreError(
+        f"Unsupported database backend {backend!r} in {mask_url(parsed)!r}. "
+        "studyq stores results in SQLite (sqlite:///file.db) or PostgreSQL (postgresql://...)."
+    )
+
+
+def mask_url(url: str | URL) -> str:
+    """The URL with its password replaced by ``***``, safe for logs, errors and ``--help``.
+
+    Unparseable input is returned with everything between ``://`` and ``@`` masked, so a
+    malformed URL in an error message cannot leak a password either.
+    """
+    if isinstance(url, URL):
+        return url.render_as_string(hide_password=True)
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except (exc.ArgumentError, ValueError):
+        scheme, sep, rest = url.partition("://")
+        if sep and "@" in rest:
+            return f"{scheme}://***@{rest.rsplit('@', 1)[1]}"
+        return url
+
+
+def is_sqlite(url_or_engine: str | URL | Engine | Connection) -> bool:
+    """Whether the URL, engine or connection is SQLite (the embedded store)."""
+    if isinstance(url_or_engine, Engine | Connection):
+        return url_or_engine.dialect.name == "sqlite"
+    return normalize_url(url_or_engine).get_backend_name() == "sqlite"
+
+
+def _json_safe(value: Any) -> Any:
+    """Make ``value`` storable in PostgreSQL JSONB and identical on both backends.
+
+    JSONB rejects ``NaN``/``Infinity`` and the NUL character, both of which agent outputs and
+    metrics do produce; a result that cannot be written would be retried forever. Non-finite
+    floats become the strings ``"NaN"``, ``"Infinity"``, ``"-Infinity"`` and NUL becomes
+    U+FFFD, on SQLite too, so a study reads back the same whichever store recorded it.
+    """
+    if isinstance(value, float):
+        if math.isfinite(value):
+            return value
+        if math.isnan(value):
+            return "NaN"
+        return "Infinity" if value > 0 else "-Infinity"
+    if isinstance(value, str):
+        return value.replace("\x00", "\ufffd") if "\x00" in value else value
+    if isinstance(value, dict):
+        return {str(key): _json_safe(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(item) for item in value]
+    return value
+
+
+def _json_dumps(value: Any) -> str:
+    """Serialize for a JSON column; the common case skips the :func:`_json_safe` walk."""
+    try:
+        text = json.dumps(value, ensure_ascii=False, allow_nan=False, default=str)
+    except ValueError:  # NaN or an infinity somewhere
+        text = "\\u0000"
+    if "\\u0000" in text:  # a NUL somewhere (or the fallback above)
+        text = json.dumps(_json_safe(value), ensure_ascii=False, allow_nan=False, default=str)
+    return text
+
+
+def create_engine_for(url: str | URL = DEFAULT_URL, **kwargs: Any) -> Engine:
+    """An engine configured for studyq's access pattern on ``url``'s backend.
+
+    Args:
+        url: ``sqlite:///file.db``, ``sqlite://`` (in-memory, one shared connection) or
+            ``postgresql[+psycopg]://...``.
+        **kwargs: passed to :func:`sqlalchemy.create_engine` (e.g. ``pool_size``).
+
+    Raises:
+        StoreError: the URL is unsupported.
+    """
+    parsed = normalize_url(url)
+    options: dict[str, Any] = {"json_serializer": _json_dumps}
+    if parsed.get_backend_name() == "sqlite":
+        database = parsed.database or ""
+        if database in ("", ":memory:") or parsed.query.get("mode") == "memory":
+            options["poolclass"] = StaticPool
+            options["connect_args"] = {"check_same_thread": False}
+        options.update(kwargs)
+        engine = create_engine(parsed, **options)
+        _configure_sqlite(engine)
+        return engine
+    options["pool_pre_ping"] = True
+    options.update(kwargs)
+    return create_engine(parsed, **options)
+
+
+def _configure_sqlite(engine: Engine) -> None:
+    """Install the WAL pragmas and the explicit BEGIN described in the module docstring."""
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        # Autocommit at the driver level: the "begin" hook below emits BEGIN itself.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        try:
+            cursor.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
+            cursor.execute("PRAGMA journal_mode = WAL")
+            cursor.execute("PRAGMA synchronous = NORMAL")
+            cursor.execute("PRAGMA foreign_keys = ON")
+        finally:
+            cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(connection: Connection) -> None:
+        readonly = connection.get_execution_options().get(_READONLY_OPTION, False)
+        connection.exec_driver_sql("BEGIN" if readonly else "BEGIN IMMEDIATE")
+
+
+@contextmanager
+def transaction(engine: Engine, *, readonly: bool = False) -> Iterator[Connection]:
+    """One transaction on a pooled connection: commit on success, roll back on any error.
+
+    Args:
+        engine: from :func:`create_engine_for`.
+        readonly: the block only reads. On SQLite this takes no write lock, so a
+            ``studyq status`` never waits behind the embedded coordinator.
+
+    Raises:
+        StoreUnavailableError: the database cannot be reached, is locked past the busy
+            timeout, or aborted the transaction (deadlock, serialization); retry later.
+        StoreError: any other database error, with the masked URL in the message.
+    """
+    try:
+        with engine.connect() as connection:
+            if readonly:
+                connection.execution_options(**{_READONLY_OPTION: True})
+            with connection.begin():
+                yield connection
+    except exc.DBAPIError as error:
+        if _is_unavailable(engine, error):
+            raise StoreUnavailableError(
+                f"Result store {mask_url(engine.url)} is unavailable: {_first_line(error)}. "
+                "Check that the database is running and reachable, then retry."
+            ) from error
+        raise StoreError(
+            f"Result store {mask_url(engine.url)} failed: {_first_line(error)}"
+        ) from error
+    except exc.SQLAlchemyError as error:
+        raise StoreError(
+            f"Result store {mask_url(engine.url)} failed: {_first_line(error)}"
+        ) from error
+
+
+_SQLITE_TRANSIENT = ("locked", "busy", "unable to open database", "disk i/o error")
+
+
+def _is_unavailable(engine: Engine, error: exc.DBAPIError) -> bool:
+    """Whether retrying later can help: the connection broke, or the server refused, timed
+    out or aborted the transaction (PostgreSQL puts all of these, and nothing a caller got
+    wrong, under OperationalError). SQLite also reports plain mistakes (a missing table, a
+    wrong column count) as OperationalError, so there only lock and I/O trouble counts."""
+    if error.connection_invalidated or isinstance(error, exc.InterfaceError):
+        return True
+    if not isinstance(error, exc.OperationalError):
+        return False
+    if engine.dialect.name != "sqlite":
+        return True
+    message = str(error.orig).lower()
+    return any(marker in message for marker in _SQLITE_TRANSIENT)
+
+
+def _first_line(error: exc.SQLAlchemyError) -> str:
+    """The driver's message without SQLAlchemy's multi-line SQL and background-link dump."""
+    original = getattr(error, "orig", None)
+    text = str(original) if original is not None else str(error)
+    return text.strip().splitlines()[0] if text.strip() else type(error).__name__

@@ -1,0 +1,1 @@
+"""Alembic migration scripts of the result store (run through ``orchestrator.store.schema``)."""

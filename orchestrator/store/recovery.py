@@ -1,0 +1,265 @@
+"""Coordinator-side transitions: lost workers, lost messages, cancel and resubmit.
+
+Each takes a :class:`~sqlalchemy.engine.Connection` inside the caller's transaction, changes
+many runs with conditional ``UPDATE`` statements and reports what it did; publishing the
+runs it hands back is the caller's job, after the commit (rq's registry cleanup, optuna's
+stale-trial fail).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+from sqlalchemy import ColumnElement, and_, delete, func, or_, select, update
+from sqlalchemy.engine import Connection, Row
+
+from orchestrator.errors import StoreError
+from orchestrator.results import ErrorKind, RunStatus
+from orchestrator.runspec import RunSpec
+from orchestrator.store.attempts import attempt_end, close_attempts
+from orchestrator.store.models import (
+    SPEC_COLUMNS,
+    AttemptOutcome,
+    AttemptRow,
+    EvaluationRow,
+    EventRow,
+    RunRow,
+)
+from orchestrator.store.predicates import in_chunks, where_filters, where_lease_expired
+from orchestrator.store.records import ReconcileReport, spec_from_row
+from orchestrator.store.sqltypes import db_now, db_now_plus
+
+__all__ = ["cancel", "reconcile", "recover_orphans", "requeue_for_resubmit"]
+
+LOST_TYPE = "LeaseExpired"
+LOST_RUN_MESSAGE = (
+    "The lease expired on the last allowed attempt: the worker vanished or stopped "
+    "heartbeating every time (run_attempts lists the workers). Resubmit to try again."
+)
+LOST_ATTEMPT_MESSAGE = (
+    "The lease expired: the worker vanished or stopped heartbeating before it finished."
+)
+
+
+def _expire(
+    connection: Connection, study_id: str, lost_holder: ColumnElement[bool]
+) -> tuple[list[Row[Any]], int]:
+    """Running rows matching ``lost_holder`` lost their worker: back to ``queued`` while they
+    have attempts left, else ``failed`` (kind ``lost``); their attempts end as ``lost``.
+    Returns the requeued rows (spec columns and attempt) and how many failed."""
+    running = and_(RunRow.study_id == study_id, lost_holder)
+    requeued = connection.execute(
+        update(RunRow)
+        .where(running, RunRow.attempts_used < RunRow.max_attempts)
+        .values(
+            status=RunStatus.QUEUED.value,
+            lease_owner=None,
+            lease_expires_at=None,
+            started_at=None,
+            queued_at=db_now(),
+        )
+        .returning(*SPEC_COLUMNS, RunRow.attempt)
+    ).all()
+    lost = connection.execute(
+        update(RunRow)
+        .where(running, RunRow.attempts_used >= RunRow.max_attempts)
+        .values(
+            status=RunStatus.FAILED.value,
+            lease_expires_at=None,
+            ended_at=db_now(),
+            error_kind=ErrorKind.LOST.value,
+            error_type=LOST_TYPE,
+            error_message=LOST_RUN_MESSAGE,
+        )
+        .returning(RunRow.plan_index, RunRow.attempt)
+    ).all()
+    close_attempts(
+        connection,
+        study_id,
+        [
+            attempt_end(
+                row.plan_index,
+                row.attempt,
+                AttemptOutcome.LOST,
+                ErrorKind.LOST.value,
+                LOST_TYPE,
+                LOST_ATTEMPT_MESSAGE,
+            )
+            for row in [*requeued, *lost]
+        ],
+    )
+    return list(requeued), len(lost)
+
+
+def _publishable(study_id: str, rows: Iterable[Row[Any]]) -> list[tuple[RunSpec, int]]:
+    return sorted(
+        ((spec_from_row(study_id, row), row.attempt) for row in rows), key=lambda p: p[0].index
+    )
+
+
+def reconcile(
+    connection: Connection, study_id: str, *, queued_timeout_s: float | None = None
+) -> ReconcileReport:
+    """Send expired leases back to ``queued`` (or to ``failed``/lost when no attempts are
+    left) and find queued runs nobody claimed for ``queued_timeout_s``; see
+    :class:`ReconcileReport`. Stale queued rows get a fresh ``queued_at`` so one lost message
+    is re-published once per timeout, not on every pass."""
+    requeued, failed_lost = _expire(connection, study_id, where_lease_expired(study_id))
+    stale: Sequence[Row[Any]] = []
+    if queued_timeout_s is not None:
+        stale = connection.execute(
+            update(RunRow)
+            .where(
+                RunRow.study_id == study_id,
+                RunRow.status == RunStatus.QUEUED.value,
+                or_(
+                    RunRow.queued_at.is_(None),
+                    RunRow.queued_at < db_now_plus(-queued_timeout_s),
+                ),
+            )
+            .values(queued_at=db_now())
+            .returning(*SPEC_COLUMNS, RunRow.attempt)
+        ).all()
+    return ReconcileReport(
+        study_id=study_id,
+        requeued=len(requeued),
+        failed_lost=failed_lost,
+        stale_queued=len(stale),
+        to_publish=_publishable(study_id, [*requeued, *stale]),
+    )
+
+
+def recover_orphans(
+    connection: Connection, study_id: str, *, is_dead: Callable[[str], bool]
+) -> ReconcileReport:
+    """Treat running rows whose holder is known dead as lost now, without waiting for the
+    lease: ``is_dead(lease_owner)`` decides (the embedded coordinator checks whether the
+    process named in the owner still exists on this host). Same outcome as an expired lease:
+    requeued while attempts are left, else failed as ``lost``."""
+    owners = connection.execute(
+        select(RunRow.lease_owner)
+        .where(RunRow.study_id == study_id, RunRow.status == RunStatus.RUNNING.value)
+        .distinct()
+    ).scalars()
+    dead = sorted(owner for owner in owners if owner is not None and is_dead(owner))
+    if not dead:
+        return ReconcileReport(study_id=study_id)
+    requeued, failed_lost = _expire(
+        connection,
+        study_id,
+        and_(RunRow.status == RunStatus.RUNNING.value, RunRow.lease_owner.in_(dead)),
+    )
+    return ReconcileReport(
+        study_id=study_id,
+        requeued=len(requeued),
+        failed_lost=failed_lost,
+        to_publish=_publishable(study_id, requeued),
+    )
+
+
+def cancel(connection: Connection, study_id: str) -> int:
+    """Every planned, queued or running run of the study -> ``cancelled``; returns how many.
+
+    Running ones are cancelled too: their worker's next heartbeat returns False (so it can
+    stop) and its result, if it still arrives, no longer matches the fence.
+    """
+    cancelled = connection.execute(
+        update(RunRow)
+        .where(
+            RunRow.study_id == study_id,
+            RunRow.status.in_(
+                [RunStatus.PLANNED.value, RunStatus.QUEUED.value, RunStatus.RUNNING.value]
+            ),
+        )
+        .values(
+            status=RunStatus.CANCELLED.value,
+            lease_expires_at=None,
+            ended_at=db_now(),
+            error_kind=ErrorKind.CANCELLED.value,
+            error_message="Cancelled by the user before it finished.",
+        )
+    ).rowcount
+    connection.execute(
+        update(AttemptRow)
+        .where(AttemptRow.study_id == study_id, AttemptRow.outcome == AttemptOutcome.RUNNING)
+        .values(ended_at=db_now(), outcome=AttemptOutcome.CANCELLED)
+    )
+    return cancelled
+
+
+_RESUBMITTABLE = {RunStatus.SUCCESS, RunStatus.FAILED, RunStatus.CANCELLED}
+
+
+def requeue_for_resubmit(
+    connection: Connection,
+    study_id: str,
+    *,
+    statuses: Iterable[RunStatus | str],
+    error_contains: str | None,
+    where: Mapping[str, Any] | None,
+) -> list[int]:
+    """Terminal runs matching the filters -> ``planned`` with a fresh attempt budget, their
+    previous result, evaluations and events removed (the attempt history stays); returns the
+    plan indices moved. The caller enqueues them like any planned run.
+
+    ``error_contains`` matches, case-insensitively, the error kind, type or message.
+    """
+    wanted = {RunStatus(status) for status in statuses}
+    if not wanted or not wanted <= _RESUBMITTABLE:
+        raise StoreError(
+            "Only finished runs can be resubmitted (success, failed, cancelled); got "
+            f"{sorted(status.value for status in wanted)}."
+        )
+    clauses: list[ColumnElement[bool]] = [
+        RunRow.study_id == study_id,
+        RunRow.status.in_([status.value for status in wanted]),
+        *where_filters(where),
+    ]
+    if error_contains:
+        needle = f"%{error_contains.lower()}%"
+        clauses.append(
+            or_(
+                func.lower(func.coalesce(RunRow.error_kind, "")).like(needle),
+                func.lower(func.coalesce(RunRow.error_type, "")).like(needle),
+                func.lower(func.coalesce(RunRow.error_message, "")).like(needle),
+            )
+        )
+    moved = (
+        connection.execute(
+            update(RunRow)
+            .where(*clauses)
+            .values(
+                status=RunStatus.PLANNED.value,
+                attempts_used=0,
+                lease_owner=None,
+                lease_expires_at=None,
+                queued_at=None,
+                started_at=None,
+                ended_at=None,
+                outputs=None,
+                metrics=None,
+                latency_s=None,
+                cost_usd=None,
+                input_tokens=None,
+                output_tokens=None,
+                primary_outcome=None,
+                trace_refs=None,
+                provenance=None,
+                error_kind=None,
+                error_type=None,
+                error_message=None,
+                traceback=None,
+            )
+            .returning(RunRow.plan_index)
+        )
+        .scalars()
+        .all()
+    )
+    indices = sorted(moved)
+    for chunk in in_chunks(indices):
+        for table in (EvaluationRow, EventRow):
+            connection.execute(
+                delete(table).where(table.study_id == study_id, table.plan_index.in_(chunk))
+            )
+    return indices

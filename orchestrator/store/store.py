@@ -1,0 +1,378 @@
+"""The result store: the one object the coordinator, the workers and the exporter talk to.
+
+:class:`ResultStore` owns an engine and opens one short transaction per call through
+:func:`~orchestrator.store.engine.transaction`; the SQL lives in ``registration``,
+``attempts``, ``recovery`` and ``queries``. Each state change is a guarded transition that returns
+whether it won (a bool, a count, or the claims/keys it moved), so callers never read-then-write
+and two actors can never both win.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from sqlalchemy import Engine, delete, text
+from sqlalchemy.engine import URL
+
+from orchestrator.results import RunResult, RunStatus
+from orchestrator.runspec import RunSpec
+from orchestrator.store import attempts, queries, recovery, registration
+from orchestrator.store.engine import DEFAULT_URL, create_engine_for, mask_url, transaction
+from orchestrator.store.models import StudyRow
+from orchestrator.store.records import (
+    AttemptRecord,
+    Claim,
+    ConditionRecord,
+    ErrorSummary,
+    EvaluationRecord,
+    EventRecord,
+    ProgressStats,
+    ReconcileReport,
+    RegisterReport,
+    RunRecord,
+    StudyInfo,
+)
+from orchestrator.store.schema import ensure_current, upgrade
+
+__all__ = ["ResultStore"]
+
+DEFAULT_MAX_ATTEMPTS = 3
+"""Claims a run may use before a vanished worker makes it fail as ``lost``."""
+
+
+class ResultStore:
+    """Studies, runs and results in SQLite (embedded) or PostgreSQL (shared).
+
+    Build it with :meth:`open`; close it (or use it as a context manager) to release the
+    connection pool. One instance is safe to share between threads.
+    """
+
+    def __init__(self, engine: Engine) -> None:
+        """Wrap an engine from :func:`create_engine_for` (tests and callers that manage
+        schema themselves); most code wants :meth:`open`."""
+        self.engine = engine
+
+    @classmethod
+    def open(cls, url: str | URL = DEFAULT_URL, **engine_options: Any) -> ResultStore:
+        """Connect to ``url`` and make sure its schema is usable.
+
+        An embedded SQLite store is created (with its directory) or upgraded on the spot. A
+        PostgreSQL store must already be at this version's schema; otherwise this raises a
+        StoreError that says to run ``studyq db upgrade`` (a shared database is never
+        migrated behind the backs of workers still running the old version).
+
+        Raises:
+            StoreUnavailableError: the database cannot be reached.
+            StoreError: the schema is missing or at another version (PostgreSQL).
+        """
+        engine = create_engine_for(url, **engine_options)
+        database = engine.url.database
+        if engine.dialect.name == "sqlite" and database and database != ":memory:":
+            Path(database).parent.mkdir(parents=True, exist_ok=True)
+        try:
+            if engine.dialect.name == "sqlite":
+                upgrade(engine)
+            else:
+                ensure_current(engine)
+        except BaseException:
+            engine.dispose()
+            raise
+        return cls(engine)
+
+    @property
+    def url(self) -> str:
+        """The database URL with the password masked."""
+        return mask_url(self.engine.url)
+
+    @property
+    def is_embedded(self) -> bool:
+        """Whether this is the embedded SQLite store (one writer: the local coordinator)."""
+        return self.engine.dialect.name == "sqlite"
+
+    def close(self) -> None:
+        """Close every pooled connection."""
+        self.engine.dispose()
+
+    def __enter__(self) -> ResultStore:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"ResultStore({self.url!r})"
+
+    # -- studies -----------------------------------------------------------------------------
+
+    def register_study(
+        self,
+        study_id: str,
+        definition: Mapping[str, Any],
+        definition_hash: str,
+        plan_fingerprint: str,
+        conditions: Iterable[Mapping[str, Any]],
+        run_specs: Iterable[RunSpec],
+        *,
+        submitted_by: str = "",
+        max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+        references: Iterable[str] = (),
+        batch_size: int = registration.BATCH_SIZE,
+    ) -> RegisterReport:
+        """Register a study with its conditions and run specs in one transaction.
+
+        ``conditions`` are mappings with ``condition_id``, ``admissible``,
+        ``constraint_messages``, ``factor_assignments``, ``block_assignments`` and
+        ``metadata``, in design order. ``run_specs`` must come in plan order with
+        ``index`` 0, 1, 2, ...; both are consumed lazily in batches. Registering the same
+        ``definition_hash`` again is a no-op (``created=False``), also when two coordinators
+        race.
+
+        Raises:
+            StudyConflictError: another definition is registered under ``study_id``; the
+                message lists where the definitions differ and what to do.
+        """
+        with transaction(self.engine) as connection:
+            report = registration.register_study(
+                connection,
+                study_id=study_id,
+                definition=definition,
+                definition_hash=definition_hash,
+                plan_fingerprint=plan_fingerprint,
+                conditions=conditions,
+                run_specs=run_specs,
+                submitted_by=submitted_by,
+                max_attempts=max_attempts,
+                allowed_references=references,
+                batch_size=batch_size,
+            )
+        if report.created and self.engine.dialect.name == "postgresql":
+            self._analyze()
+        return report
+
+    def _analyze(self) -> None:
+        """Refresh PostgreSQL's statistics after a bulk load.
+
+        Without them the planner takes a freshly loaded study for a handful of rows and
+        answers single-run claims by scanning the status index, ~100x slower than the primary
+        key at 100,000 runs. Autovacuum would get there, minutes later. A role that does not
+        own the tables gets a warning from PostgreSQL, not an error.
+        """
+        with transaction(self.engine) as connection:
+            connection.execute(text("ANALYZE runs, conditions"))
+
+    def delete_study(self, study_id: str) -> bool:
+        """Remove a study with all its runs and results; False if it was not registered."""
+        with transaction(self.engine) as connection:
+            deleted = connection.execute(delete(StudyRow).where(StudyRow.study_id == study_id))
+            return deleted.rowcount == 1
+
+    def find_study(self, study_id: str) -> StudyInfo | None:
+        """The registered study, or None."""
+        with transaction(self.engine, readonly=True) as connection:
+            return queries.find_study(connection, study_id)
+
+    def list_studies(self) -> list[StudyInfo]:
+        """Every registered study, newest first."""
+        with transaction(self.engine, readonly=True) as connection:
+            return queries.list_studies(connection)
+
+    # -- enqueue and claim -------------------------------------------------------------------
+
+    def iter_runs_to_enqueue(
+        self, study_id: str, *, batch: int = queries.PAGE_SIZE
+    ) -> Iterator[list[RunSpec]]:
+        """Pages of planned runs' specs in plan order; mark each page queued, then publish."""
+        return queries.iter_runs_to_enqueue(self.engine, study_id, batch=batch)
+
+    def queue_runs(self, study_id: str, indices: Sequence[int]) -> list[tuple[int, int]]:
+        """``planned -> queued``; returns ``(index, attempt)`` of the runs this call moved, in
+        plan order. Publish exactly those (another coordinator moved the rest)."""
+        with transaction(self.engine) as connection:
+            return attempts.queue_runs(connection, study_id, indices)
+
+    def mark_queued(self, study_id: str, indices: Sequence[int]) -> int:
+        """:meth:`queue_runs` when only the count matters."""
+        return len(self.queue_runs(study_id, indices))
+
+    def claim_run(
+        self,
+        study_id: str,
+        index: int,
+        *,
+        worker: str,
+        lease_s: float,
+        allow_planned: bool = False,
+    ) -> Claim | None:
+        """``queued -> running`` with a lease of ``lease_s`` seconds (database clock).
+
+        Returns None when the run is not claimable: another worker holds it, it is terminal,
+        cancelled, out of attempts, or (unless ``allow_planned``, the embedded mode) not yet
+        queued. The returned claim's ``attempt`` is this attempt's number and fencing token.
+        """
+        claims = self.claim_runs(
+            study_id, [index], worker=worker, lease_s=lease_s, allow_planned=allow_planned
+        )
+        return claims[0] if claims else None
+
+    def claim_runs(
+        self,
+        study_id: str,
+        indices: Sequence[int],
+        *,
+        worker: str,
+        lease_s: float,
+        allow_planned: bool = False,
+    ) -> list[Claim]:
+        """:meth:`claim_run` for many runs in one statement (the embedded executor's batch);
+        returns the claims won, in plan order."""
+        with transaction(self.engine) as connection:
+            return attempts.claim(
+                connection,
+                study_id,
+                indices,
+                worker=worker,
+                lease_s=lease_s,
+                allow_planned=allow_planned,
+            )
+
+    def heartbeat(self, claim: Claim, lease_s: float) -> bool:
+        """Extend the lease; False means the run is no longer this worker's (lease expired
+        and re-queued, cancelled): stop working on it, its result would be refused."""
+        with transaction(self.engine) as connection:
+            return attempts.heartbeat(connection, claim, lease_s)
+
+    # -- ending an attempt -------------------------------------------------------------------
+
+    def finish_run(self, claim: Claim, result: RunResult) -> bool:
+        """Record the result in one transaction: the run becomes ``success`` or ``failed``
+        and its evaluations, events and attempt history are written, or, if the claim no
+        longer holds (stale attempt, already finished, cancelled), nothing is written and
+        this returns False."""
+        return self.finish_runs_batch([(claim, result)])[0]
+
+    def finish_runs_batch(self, items: Iterable[tuple[Claim, RunResult]]) -> list[bool]:
+        """:meth:`finish_run` for many runs in one transaction (the embedded fast path); each
+        is fenced on its own. Returns one bool per item, in order."""
+        with transaction(self.engine) as connection:
+            return attempts.finish(connection, list(items))
+
+    def release_run(self, claim: Claim) -> bool:
+        """Warm shutdown: hand the run back to ``queued`` without charging the attempt."""
+        with transaction(self.engine) as connection:
+            return attempts.release(connection, claim)
+
+    # -- coordinator-side transitions --------------------------------------------------------
+
+    def reconcile(self, study_id: str, *, queued_timeout_s: float | None = None) -> ReconcileReport:
+        """Expire lost leases (requeue, or fail as ``lost`` after ``max_attempts``) and find
+        queued runs nobody claimed for ``queued_timeout_s``, in one transaction. Publish
+        ``report.to_publish`` after this returns."""
+        with transaction(self.engine) as connection:
+            return recovery.reconcile(connection, study_id, queued_timeout_s=queued_timeout_s)
+
+    def recover_orphans(self, study_id: str, *, is_dead: Callable[[str], bool]) -> ReconcileReport:
+        """Requeue (or fail as lost) running runs whose lease owner ``is_dead`` says is gone,
+        without waiting for their leases to expire (a restarted embedded coordinator)."""
+        with transaction(self.engine) as connection:
+            return recovery.recover_orphans(connection, study_id, is_dead=is_dead)
+
+    def cancel(self, study_id: str) -> int:
+        """Cancel every run that has not finished; returns how many."""
+        with transaction(self.engine) as connection:
+            return recovery.cancel(connection, study_id)
+
+    def requeue_for_resubmit(
+        self,
+        study_id: str,
+        *,
+        statuses: Iterable[RunStatus | str] = (RunStatus.FAILED,),
+        error_contains: str | None = None,
+        where: Mapping[str, Any] | None = None,
+    ) -> int:
+        """Put finished runs matching the filters back to ``planned`` with a fresh attempt
+        budget; returns how many. Enqueue them with :meth:`iter_runs_to_enqueue` like any
+        planned run. Filters: :func:`~orchestrator.store.predicates.where_filters`;
+        ``error_contains`` matches the error kind, type or message, case-insensitively."""
+        with transaction(self.engine) as connection:
+            moved = recovery.requeue_for_resubmit(
+                connection,
+                study_id,
+                statuses=statuses,
+                error_contains=error_contains,
+                where=where,
+            )
+            return len(moved)
+
+    # -- reading -----------------------------------------------------------------------------
+
+    def find_run(self, study_id: str, index: int) -> RunRecord | None:
+        """The run at ``index`` in the plan, or None."""
+        with transaction(self.engine, readonly=True) as connection:
+            return queries.find_run(connection, study_id, index)
+
+    def find_runs_by_id(self, study_id: str, run_id: str) -> list[RunRecord]:
+        """Every run with ``run_id`` (more than one only when the design repeats levels)."""
+        with transaction(self.engine, readonly=True) as connection:
+            return queries.find_runs_by_id(connection, study_id, run_id)
+
+    def count_by_status(self, study_id: str) -> dict[str, int]:
+        """Runs per status, zero for absent statuses."""
+        with transaction(self.engine, readonly=True) as connection:
+            return queries.count_by_status(connection, study_id)
+
+    def count_by(self, study_id: str, by: str) -> dict[str, dict[str, int]]:
+        """Runs per status within each ``condition``, ``agent`` or ``problem``."""
+        with transaction(self.engine, readonly=True) as connection:
+            return queries.count_by(connection, study_id, by)
+
+    def progress_stats(self, study_id: str, *, window_s: float = 300.0) -> ProgressStats:
+        """Cost so far and the recent finishing rate (for a rate and an ETA)."""
+        with transaction(self.engine, readonly=True) as connection:
+            return queries.progress_stats(connection, study_id, window_s=window_s)
+
+    def top_errors(self, study_id: str, *, limit: int = 10) -> list[ErrorSummary]:
+        """Failed runs grouped by error kind and type, largest first."""
+        with transaction(self.engine, readonly=True) as connection:
+            return queries.top_errors(connection, study_id, limit=limit)
+
+    def iter_runs(
+        self,
+        study_id: str,
+        *,
+        statuses: Iterable[RunStatus | str] | None = None,
+        batch: int = queries.PAGE_SIZE,
+    ) -> Iterator[RunRecord]:
+        """Runs in plan order, streamed ``batch`` rows at a time."""
+        return queries.iter_runs(self.engine, study_id, statuses=statuses, batch=batch)
+
+    def iter_conditions(
+        self, study_id: str, *, batch: int = queries.PAGE_SIZE
+    ) -> Iterator[ConditionRecord]:
+        """Conditions in design order."""
+        return queries.iter_conditions(self.engine, study_id, batch=batch)
+
+    def iter_evaluations(
+        self, study_id: str, *, batch: int = queries.PAGE_SIZE
+    ) -> Iterator[EvaluationRecord]:
+        """Evaluation rows in plan order."""
+        return queries.iter_evaluations(self.engine, study_id, batch=batch)
+
+    def iter_events(
+        self, study_id: str, *, batch: int = queries.PAGE_SIZE
+    ) -> Iterator[EventRecord]:
+        """Event rows in plan order."""
+        return queries.iter_events(self.engine, study_id, batch=batch)
+
+    def iter_attempts(
+        self, study_id: str, *, batch: int = queries.PAGE_SIZE
+    ) -> Iterator[AttemptRecord]:
+        """Attempt history in plan order, then attempt order."""
+        return queries.iter_attempts(self.engine, study_id, batch=batch)
