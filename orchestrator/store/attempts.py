@@ -24,7 +24,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import bindparam, insert, update
+from sqlalchemy import bindparam, insert, select, update
 from sqlalchemy.engine import Connection
 
 from orchestrator.canonical import to_jsonable
@@ -386,19 +386,20 @@ def finish(connection: Connection, items: Sequence[tuple[Claim, RunResult]]) -> 
     evaluations: list[dict[str, Any]] = []
     events: list[dict[str, Any]] = []
     ended: dict[str, list[dict[str, Any]]] = {}
+    holding = _still_holding(connection, [item_claim for item_claim, _ in items])
+    updates: list[dict[str, Any]] = []
     for item_claim, result in items:
         if result.run_id != item_claim.run_id:
             raise StoreError(
                 f"Result for run {result.run_id} handed in with the claim of "
                 f"{item_claim.run_id} (study {item_claim.study_id}, index {item_claim.index})."
             )
-        values = _result_values(result)
-        updated = connection.execute(
-            _FINISH, {**fence_params(item_claim), **{f"r_{k}": v for k, v in values.items()}}
-        ).rowcount
-        won.append(updated == 1)
-        if updated != 1:
+        if item_claim not in holding:
+            won.append(False)
             continue
+        values = _result_values(result)
+        updates.append({**fence_params(item_claim), **{f"r_{k}": v for k, v in values.items()}})
+        won.append(True)
         evaluations.extend(_evaluation_rows(item_claim, result.evaluations))
         events.extend(_event_rows(item_claim, result.events))
         ended.setdefault(item_claim.study_id, []).append(
@@ -411,6 +412,15 @@ def finish(connection: Connection, items: Sequence[tuple[Claim, RunResult]]) -> 
                 values["error_message"],
             )
         )
+    if updates:
+        # One executemany for the whole batch. The rows were locked by _still_holding (FOR
+        # UPDATE on PostgreSQL; SQLite writers hold the database lock), so every fenced UPDATE
+        # matches; anything else means the fence broke and the transaction must not commit.
+        updated = connection.execute(_FINISH, updates).rowcount
+        if updated not in (len(updates), -1):
+            raise StoreError(
+                f"finish matched {updated} of {len(updates)} runs it held; rolled back."
+            )
     if evaluations:
         connection.execute(insert(EvaluationRow), evaluations)
     if events:
@@ -418,6 +428,32 @@ def finish(connection: Connection, items: Sequence[tuple[Claim, RunResult]]) -> 
     for study_id, rows in ended.items():
         close_attempts(connection, study_id, rows)
     return won
+
+
+def _still_holding(connection: Connection, claims: Sequence[Claim]) -> set[Claim]:
+    """The claims whose run is still ``running`` at that attempt for that worker, locked
+    until the transaction ends, so the batch UPDATE that follows cannot lose a race."""
+    held: set[Claim] = set()
+    by_study: dict[str, dict[int, Claim]] = {}
+    for item in claims:
+        by_study.setdefault(item.study_id, {})[item.index] = item
+    for study_id, wanted in by_study.items():
+        indices = list(wanted)
+        for start in range(0, len(indices), 500):
+            rows = connection.execute(
+                select(RunRow.plan_index, RunRow.attempt, RunRow.lease_owner)
+                .where(
+                    RunRow.study_id == study_id,
+                    RunRow.plan_index.in_(indices[start : start + 500]),
+                    RunRow.status == RunStatus.RUNNING.value,
+                )
+                .with_for_update()
+            ).all()
+            for row in rows:
+                item = wanted[row.plan_index]
+                if row.attempt == item.attempt and row.lease_owner == item.worker:
+                    held.add(item)
+    return held
 
 
 _RELEASE = (
