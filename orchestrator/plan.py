@@ -147,7 +147,7 @@ class PlanRow(NamedTuple):
     replicate: int
     agent_index: int
     problem_index: int
-    index: int
+    plan_index: int
     run_id: str
     seed: int
 
@@ -163,7 +163,7 @@ class PlanRow(NamedTuple):
             problem_id=self.cell.problems[self.problem_index],
             factor_assignments=condition.factor_assignments,
             block_assignments=condition.block_assignments,
-            index=self.index,
+            index=self.plan_index,
             condition_fingerprint=condition.fingerprint,
         )
 

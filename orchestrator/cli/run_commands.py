@@ -1,4 +1,4 @@
-"""``studyq run``, ``studyq export`` and ``studyq db upgrade``: run a study and get its artifacts."""
+"""``studyq run``, ``studyq export`` and ``studyq db``: run a study and get its artifacts."""
 
 from __future__ import annotations
 
@@ -61,6 +61,12 @@ def register(subparsers: Any) -> None:
         default=None,
         help="result store URL (default: $STUDYQ_DATABASE_URL, else sqlite:///studyq.db)",
     )
+    parser.add_argument(
+        "--broker",
+        default=None,
+        help="run distributed: submit to this Celery broker and wait (same as `studyq submit` "
+        "then `studyq wait`); workers must be running",
+    )
     parser.add_argument("--limit", type=_positive_int, default=None, help="run at most N runs")
     parser.add_argument("--order", choices=DISPATCH_ORDERS, default=None, help="dispatch order")
     parser.add_argument(
@@ -105,6 +111,8 @@ def register(subparsers: Any) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    if args.broker:
+        return _run_distributed(args)
     from orchestrator.embedded import run_embedded
 
     outcome = run_embedded(
@@ -143,6 +151,27 @@ def _run(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _run_distributed(args: argparse.Namespace) -> int:
+    from orchestrator.distributed import submit_study, wait_study
+    from orchestrator.export import export_artifacts
+    from orchestrator.store import ResultStore
+
+    report = submit_study(args.study, db=args.db, broker=args.broker, show_progress=args.progress)
+    print(f"{report.study_id}: {report.published} runs enqueued; waiting for workers")
+    waited = wait_study(
+        report.study_id, db=args.db, broker=args.broker, show_progress=args.progress
+    )
+    if args.export:
+        with ResultStore.open(args.db or load_settings().database_url) as store:
+            exported = export_artifacts(store, report.study_id, args.out)
+        print(f"artifacts: {exported.out_dir}")
+    counts = waited.counts
+    print(
+        f"{report.study_id}: {counts.get('success', 0)} success, {counts.get('failed', 0)} failed"
+    )
+    return EXIT_OK if waited.complete and not waited.failed else EXIT_FAILED
+
+
 def _export(args: argparse.Namespace) -> int:
     from orchestrator.export import export_artifacts
     from orchestrator.store import ResultStore
@@ -155,8 +184,10 @@ def _export(args: argparse.Namespace) -> int:
         if report.partial
         else f"{report.runs} runs"
     )
-    print(f"{args.study_id}: wrote {report.out_dir} ({state}, {report.evaluations} evaluations, "
-          f"{report.events} events)")
+    print(
+        f"{args.study_id}: wrote {report.out_dir} ({state}, {report.evaluations} evaluations, "
+        f"{report.events} events)"
+    )
     return EXIT_OK
 
 

@@ -139,7 +139,8 @@ def _write_jsonl(rows: Iterable[PlanRow], out: IO[str]) -> None:
             )
         condition_json, agents, problems, tail = cached
         buffer.append(
-            f'{{"index": {row.index}, "run_id": "{row.run_id}", "condition_id": {condition_json}, '
+            f'{{"index": {row.plan_index}, "run_id": "{row.run_id}", '
+            f'"condition_id": {condition_json}, '
             f'"replicate": {row.replicate}, "seed": {row.seed}, '
             f'"agent_id": {agents[row.agent_index]}, "problem_id": {problems[row.problem_index]}, '
             f"{tail}"

@@ -30,6 +30,7 @@ from concurrent.futures import (
     wait,
 )
 from dataclasses import dataclass, field
+from functools import partial
 from types import FrameType
 from typing import Any, Literal
 
@@ -127,7 +128,7 @@ def _run_chunk(messages: list[dict[str, Any]]) -> list[RunResult]:
         results.append(
             alarm.run(
                 timeout_s,
-                lambda spec=spec: execute_run(spec, resolver, timeout_s=timeout_s, worker=worker),
+                partial(execute_run, spec, resolver, timeout_s=timeout_s, worker=worker),
             )
         )
     return results
@@ -243,10 +244,7 @@ class EmbeddedExecutor:
             if self._stopped.is_set():
                 return
             result = self._alarm.run(
-                timeout_s,
-                lambda spec=spec: execute_run(  # type: ignore[misc]
-                    spec, resolver, timeout_s=timeout_s, worker=worker
-                ),
+                timeout_s, partial(execute_run, spec, resolver, timeout_s=timeout_s, worker=worker)
             )
             yield [spec], [result]
 

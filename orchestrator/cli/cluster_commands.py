@@ -1,0 +1,341 @@
+"""Distributed commands: submit, wait, status, resubmit, cancel, check, flower."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from datetime import datetime
+from typing import Any
+
+from orchestrator.cli import EXIT_CONNECT, EXIT_FAILED, EXIT_OK, EXIT_USAGE, add_command
+from orchestrator.errors import BrokerUnavailableError, StoreUnavailableError
+from orchestrator.settings import load_settings
+
+__all__ = ["register"]
+
+_DB_HELP = "result store URL (default: $STUDYQ_DATABASE_URL)"
+_BROKER_HELP = "Celery broker URL (default: $STUDYQ_BROKER_URL)"
+
+
+def register(subparsers: Any) -> None:
+    parser = add_command(
+        subparsers,
+        "submit",
+        help="Register a study and enqueue every run that still needs running (idempotent: "
+        "submitting twice enqueues nothing twice).",
+        example="studyq submit study.yaml --broker redis://127.0.0.1:6379/0 "
+        "--db postgresql://studyq@127.0.0.1/studyq",
+        handler=_submit,
+    )
+    parser.add_argument("study", help="study file (.yaml, .yml or .json)")
+    _urls(parser)
+    _progress(parser)
+
+    parser = add_command(
+        subparsers,
+        "wait",
+        help="Show progress from the store and reconcile (re-queue runs whose worker vanished "
+        "or whose message was lost) until every run finished. Exit 0 if all succeeded, "
+        "1 if some failed.",
+        example="studyq wait my-study --db postgresql://studyq@127.0.0.1/studyq",
+        handler=_wait,
+    )
+    parser.add_argument("study_id", help="the study's study_id")
+    parser.add_argument(
+        "--timeout", type=float, default=None, help="give up waiting after this many seconds"
+    )
+    _urls(parser)
+    _progress(parser)
+
+    parser = add_command(
+        subparsers,
+        "status",
+        help="Every study in the store with counts, rate, ETA and cost; for one study also by "
+        "condition, agent and problem, and the top error classes.",
+        example="studyq status my-study",
+        handler=_status,
+    )
+    parser.add_argument("study_id", nargs="?", help="one study (default: all)")
+    parser.add_argument("--db", default=None, help=_DB_HELP)
+
+    parser = add_command(
+        subparsers,
+        "resubmit",
+        help="Re-run finished runs that match the filters (default: the failed ones), with a "
+        "fresh attempt budget.",
+        example="studyq resubmit my-study --error timeout --where temperature=0.8",
+        handler=_resubmit,
+    )
+    parser.add_argument("study_id", help="the study's study_id")
+    parser.add_argument(
+        "--status",
+        action="append",
+        choices=("failed", "cancelled", "success"),
+        help="statuses to re-run (repeatable; default: failed)",
+    )
+    parser.add_argument(
+        "--error", default=None, help="only runs whose error kind, type or message contains TEXT"
+    )
+    parser.add_argument(
+        "--where",
+        action="append",
+        default=[],
+        metavar="FACTOR=VALUE",
+        help="only runs whose factor (or agent/problem/replicate) equals VALUE (repeatable)",
+    )
+    _urls(parser)
+
+    parser = add_command(
+        subparsers,
+        "cancel",
+        help="Cancel a study: queued runs never start; running ones finish, or are revoked "
+        "with --terminate.",
+        example="studyq cancel my-study --terminate",
+        handler=_cancel,
+    )
+    parser.add_argument("study_id", help="the study's study_id")
+    parser.add_argument("--terminate", action="store_true", help="also stop running runs")
+    _urls(parser)
+
+    parser = add_command(
+        subparsers,
+        "check",
+        help="Health check: the broker and the database are reachable and the schema is "
+        "current. Exit 0 when healthy, 3 when a service is unreachable, 2 when the schema is "
+        "behind.",
+        example="studyq check --db postgresql://studyq@db/studyq --broker redis://redis:6379/0",
+        handler=_check,
+    )
+    _urls(parser)
+    parser.add_argument(
+        "--no-broker", action="store_true", help="check only the database (embedded use)"
+    )
+
+    parser = add_command(
+        subparsers,
+        "flower",
+        help="Start Flower (Celery's monitor) on the study broker; binds to 127.0.0.1 unless "
+        "basic auth is configured (STUDYQ_FLOWER_BASIC_AUTH=user:password).",
+        example="STUDYQ_FLOWER_BASIC_AUTH=lab:secret studyq flower --port 5555 --address 0.0.0.0",
+        handler=_flower,
+    )
+    parser.add_argument("--broker", default=None, help=_BROKER_HELP)
+    parser.add_argument("--port", type=int, default=5555)
+    parser.add_argument("--address", default="127.0.0.1")
+
+
+def _urls(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--db", default=None, help=_DB_HELP)
+    parser.add_argument("--broker", default=None, help=_BROKER_HELP)
+
+
+def _progress(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--progress", dest="progress", action="store_true", default=None)
+    group.add_argument("--no-progress", dest="progress", action="store_false")
+
+
+def _submit(args: argparse.Namespace) -> int:
+    from orchestrator.distributed import submit_study
+
+    report = submit_study(args.study, db=args.db, broker=args.broker, show_progress=args.progress)
+    state = "registered" if report.created else "already registered"
+    print(
+        f"{report.study_id}: {state}; {report.planned} runs planned, {report.published} "
+        f"enqueued now ({report.published / max(report.seconds, 1e-9):,.0f} runs/s). "
+        f"Next: studyq wait {report.study_id}"
+    )
+    return EXIT_OK
+
+
+def _wait(args: argparse.Namespace) -> int:
+    from orchestrator.distributed import wait_study
+
+    report = wait_study(
+        args.study_id,
+        db=args.db,
+        broker=args.broker,
+        show_progress=args.progress,
+        timeout_s=args.timeout,
+    )
+    counts = report.counts
+    print(
+        f"{report.study_id}: {counts.get('success', 0)} succeeded, {counts.get('failed', 0)} "
+        f"failed, {counts.get('cancelled', 0)} cancelled"
+        + (" (timed out waiting)" if report.timed_out else "")
+    )
+    if report.failed:
+        print(
+            f"`studyq status {report.study_id}` shows why; "
+            f"`studyq resubmit {report.study_id}` re-runs the failed runs.",
+            file=sys.stderr,
+        )
+    return EXIT_OK if report.complete and not report.failed else EXIT_FAILED
+
+
+def _fmt_rate(rate: float | None) -> str:
+    return "-" if not rate else f"{rate:,.1f}/s"
+
+
+def _fmt_eta(eta: float | None) -> str:
+    if eta is None:
+        return "-"
+    minutes, seconds = divmod(int(eta), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{seconds:02d}s"
+
+
+def _fmt_when(when: Any) -> str:
+    return when.strftime("%Y-%m-%d %H:%M") if isinstance(when, datetime) else str(when)
+
+
+def _status(args: argparse.Namespace) -> int:
+    from orchestrator.distributed import study_status
+
+    statuses = study_status(args.study_id, db=args.db)
+    if not statuses:
+        print("no studies in the store")
+        return EXIT_OK
+    header = (
+        f"{'study':<28} {'submitted':<16} {'by':<20} {'runs':>8} {'success':>8} {'failed':>7} "
+        f"{'running':>8} {'queued':>8} {'rate':>9} {'eta':>8} {'cost $':>9}"
+    )
+    print(header)
+    for status in statuses:
+        c = status.counts
+        print(
+            f"{status.study_id[:28]:<28} {_fmt_when(status.submitted_at):<16} "
+            f"{status.submitted_by[:20]:<20} {status.run_count:>8,} {c.get('success', 0):>8,} "
+            f"{c.get('failed', 0):>7,} {c.get('running', 0):>8,} "
+            f"{c.get('queued', 0) + c.get('planned', 0):>8,} {_fmt_rate(status.rate_per_s):>9} "
+            f"{_fmt_eta(status.eta_s):>8} {status.cost_usd:>9.2f}"
+        )
+        for by, groups in status.by.items():
+            print(f"\n  by {by}")
+            for key, per_status in sorted(groups.items())[:30]:
+                parts = ", ".join(f"{name} {count}" for name, count in per_status.items() if count)
+                print(f"    {key[:60]:<60} {parts}")
+        if status.top_errors:
+            print("\n  top errors")
+            for error in status.top_errors:
+                print(f"    {error}")
+    return EXIT_OK
+
+
+def _parse_where(items: list[str]) -> dict[str, str]:
+    where = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"studyq resubmit: error: --where expects FACTOR=VALUE, got {item!r}")
+        where[key] = value
+    return where
+
+
+def _resubmit(args: argparse.Namespace) -> int:
+    from orchestrator.distributed import resubmit
+
+    try:
+        where = _parse_where(args.where)
+    except SystemExit as exc:
+        print(exc, file=sys.stderr)
+        return EXIT_USAGE
+    report = resubmit(
+        args.study_id,
+        statuses=args.status or ["failed"],
+        error_contains=args.error,
+        where=where or None,
+        db=args.db,
+        broker=args.broker,
+    )
+    print(f"{args.study_id}: {report.planned} runs reset, {report.published} enqueued")
+    return EXIT_OK
+
+
+def _cancel(args: argparse.Namespace) -> int:
+    from orchestrator.distributed import cancel
+
+    count = cancel(args.study_id, terminate=args.terminate, db=args.db, broker=args.broker)
+    print(f"{args.study_id}: {count} runs cancelled")
+    return EXIT_OK
+
+
+def _check(args: argparse.Namespace) -> int:
+    from orchestrator.store import create_engine_for, head_revision, is_current, mask_url
+
+    settings = load_settings()
+    db_url = args.db or settings.database_url
+    healthy = EXIT_OK
+    try:
+        engine = create_engine_for(db_url)
+        try:
+            current = is_current(engine)
+        finally:
+            engine.dispose()
+    except (StoreUnavailableError, OSError, Exception) as exc:  # any failure to connect
+        print(f"database {mask_url(db_url)}: UNREACHABLE ({type(exc).__name__})", file=sys.stderr)
+        return EXIT_CONNECT
+    if current:
+        print(f"database {mask_url(db_url)}: ok (schema {head_revision()})")
+    else:
+        print(
+            f"database {mask_url(db_url)}: schema is not current; run `studyq db upgrade`",
+            file=sys.stderr,
+        )
+        healthy = EXIT_USAGE
+    if args.no_broker:
+        return healthy
+    broker_url = args.broker or settings.broker_url
+    if not broker_url:
+        print("broker: not configured (set STUDYQ_BROKER_URL or pass --broker)", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        from kombu import Connection  # type: ignore[attr-defined]
+
+        with Connection(broker_url, connect_timeout=3) as connection:  # type: ignore[no-untyped-call]
+            connection.ensure_connection(max_retries=1)
+    except Exception as exc:
+        print(f"broker {mask_url(broker_url)}: UNREACHABLE ({type(exc).__name__})", file=sys.stderr)
+        return EXIT_CONNECT
+    print(f"broker {mask_url(broker_url)}: ok")
+    return healthy
+
+
+def _flower(args: argparse.Namespace) -> int:
+    from orchestrator.store import mask_url
+
+    settings = load_settings()
+    broker_url = args.broker or settings.broker_url
+    if not broker_url:
+        print("studyq flower: set STUDYQ_BROKER_URL or pass --broker", file=sys.stderr)
+        return EXIT_USAGE
+    auth = os.environ.get("STUDYQ_FLOWER_BASIC_AUTH") or os.environ.get("FLOWER_BASIC_AUTH")
+    if args.address not in ("127.0.0.1", "localhost", "::1") and not auth:
+        print(
+            "studyq flower: refusing to listen on a public address without basic auth. "
+            "Fix: set STUDYQ_FLOWER_BASIC_AUTH=user:password, or keep --address 127.0.0.1.",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    argv = [
+        "celery",
+        "--broker",
+        broker_url,
+        "flower",
+        f"--port={args.port}",
+        f"--address={args.address}",
+    ]
+    if auth:
+        argv.append(f"--basic-auth={auth}")
+    print(f"flower on http://{args.address}:{args.port} for broker {mask_url(broker_url)}")
+    from celery.bin.celery import main as celery_main
+
+    sys.argv = argv
+    try:
+        celery_main()
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    except BrokerUnavailableError:
+        return EXIT_CONNECT
+    return EXIT_OK

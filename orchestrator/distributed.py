@@ -1,0 +1,356 @@
+"""Distributed sweeps, coordinator side: submit, wait (with reconcile), resubmit, cancel, status.
+
+The coordinator never runs a run and never holds results: it registers the plan, marks runs
+queued in the store *before* publishing them (so a message always names a run a worker may
+claim, and a crash between the two leaves queued rows that reconcile re-publishes), publishes
+through the Celery transport in batches over one connection, and then watches the store. Every
+state change is a guarded transition in the store, so two coordinators on one study never
+publish a run twice: only the one whose ``planned -> queued`` update won publishes it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from orchestrator.embedded import register
+from orchestrator.errors import StudyError
+from orchestrator.plan import prepare
+from orchestrator.progress import Progress
+from orchestrator.results import RunStatus
+from orchestrator.runspec import RunSpec
+from orchestrator.settings import Settings, load_settings
+from orchestrator.store import ResultStore
+from orchestrator.study import Study
+
+__all__ = [
+    "StudyStatus",
+    "SubmitReport",
+    "WaitReport",
+    "cancel",
+    "resubmit",
+    "study_status",
+    "submit_study",
+    "wait_study",
+]
+
+
+def _broker(settings: Settings, broker: str | None) -> str:
+    url = broker or settings.broker_url
+    if not url:
+        raise StudyError(
+            "no broker: pass --broker redis://HOST:6379/0 or set STUDYQ_BROKER_URL "
+            "(or use `studyq run` without a broker to run on this machine)."
+        )
+    if not url.startswith(("redis://", "rediss://", "unix://")):
+        raise StudyError(
+            f"broker URL must start with redis:// or rediss:// (got '{url.split('://')[0]}://'). "
+            "Fix: e.g. --broker redis://127.0.0.1:6379/0"
+        )
+    return url
+
+
+@dataclass(slots=True)
+class SubmitReport:
+    """What ``submit`` did: ``published`` runs are new messages; the rest were already queued
+    or finished (submitting twice publishes nothing twice)."""
+
+    study_id: str
+    created: bool
+    planned: int
+    published: int
+    seconds: float
+
+
+def _labels(conditions: Iterable[Any]) -> dict[str, str]:
+    return {condition.condition_id: condition.label for condition in conditions}
+
+
+def submit_study(
+    study: Study | str | Path,
+    *,
+    db: str | None = None,
+    broker: str | None = None,
+    settings: Settings | None = None,
+    show_progress: bool | None = None,
+) -> SubmitReport:
+    """Register ``study`` and publish every run that still needs running, idempotently."""
+    from orchestrator.executors.celery import CeleryTransport
+
+    settings = settings or load_settings()
+    broker_url = _broker(settings, broker)
+    prepared = prepare(study, max_bytes=settings.max_study_bytes)
+    study = prepared.study
+    started = time.perf_counter()
+    with ResultStore.open(db or settings.database_url) as store:
+        report = register(store, prepared)
+        labels = _labels(prepared.conditions)
+        published = 0
+        with (
+            CeleryTransport(settings, broker_url) as transport,
+            Progress(prepared.summary.planned, desc="publish", show=show_progress) as progress,
+        ):
+            for page in store.iter_runs_to_enqueue(study.study_id, batch=settings.publish_batch):
+                won = store.queue_runs(study.study_id, [spec.index for spec in page])
+                attempts = dict(won)
+                specs = [spec for spec in page if spec.index in attempts]
+                published += transport.publish(
+                    [
+                        (spec, attempts[spec.index], labels.get(spec.condition_id, ""))
+                        for spec in specs
+                    ],
+                    queue=study.execution.queue,
+                    timeout_s=study.execution.timeout_s,
+                )
+                progress.update(len(page))
+    return SubmitReport(
+        study.study_id, report.created, prepared.summary.planned, published,
+        time.perf_counter() - started,
+    )  # fmt: skip
+
+
+@dataclass(slots=True)
+class WaitReport:
+    """How a wait ended; ``complete`` when no run is left to run."""
+
+    study_id: str
+    counts: dict[str, int]
+    requeued: int = 0
+    failed_lost: int = 0
+    republished: int = 0
+    timed_out: bool = False
+
+    @property
+    def complete(self) -> bool:
+        open_statuses = (RunStatus.PLANNED, RunStatus.QUEUED, RunStatus.RUNNING)
+        return not any(self.counts.get(status.value, 0) for status in open_statuses)
+
+    @property
+    def failed(self) -> int:
+        return self.counts.get(RunStatus.FAILED.value, 0)
+
+
+def wait_study(
+    study_id: str,
+    *,
+    db: str | None = None,
+    broker: str | None = None,
+    settings: Settings | None = None,
+    show_progress: bool | None = None,
+    timeout_s: float | None = None,
+) -> WaitReport:
+    """Watch the store until every run is terminal, reconciling as it goes.
+
+    Each pass sends expired leases back to the queue (or fails them as lost after
+    ``max_attempts``), re-publishes queued runs nobody claimed for ``queued_timeout_s`` (their
+    message was lost: a broker restarted without persistence), and redraws the progress bar.
+    Killing the coordinator loses nothing: the next ``wait`` picks up from the store.
+    """
+    from orchestrator.executors.celery import CeleryTransport
+
+    settings = settings or load_settings()
+    broker_url = _broker(settings, broker)
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    with ResultStore.open(db or settings.database_url) as store:
+        info = store.find_study(study_id)
+        if info is None:
+            raise StudyError(
+                f"study '{study_id}' is not in the store. Fix: `studyq submit STUDY` first; "
+                "`studyq status` lists the studies there."
+            )
+        definition: Mapping[str, Any] = info.definition
+        execution = definition.get("execution") or {}
+        queue = str(execution.get("queue", "studyq"))
+        run_timeout = execution.get("timeout_s")
+        labels = {row.condition_id: _label(row) for row in store.iter_conditions(study_id)}
+        report = WaitReport(study_id, store.count_by_status(study_id))
+        done = _done(report.counts)
+        with (
+            CeleryTransport(settings, broker_url) as transport,
+            Progress(info.run_count, desc=study_id, show=show_progress, initial=done) as progress,
+        ):
+            while True:
+                pass_report = store.reconcile(study_id, queued_timeout_s=settings.queued_timeout_s)
+                report.requeued += pass_report.requeued
+                report.failed_lost += pass_report.failed_lost
+                if pass_report.to_publish:
+                    report.republished += transport.publish(
+                        [
+                            (spec, attempt, labels.get(spec.condition_id, ""))
+                            for spec, attempt in pass_report.to_publish
+                        ],
+                        queue=queue,
+                        timeout_s=run_timeout,
+                    )
+                if pass_report.changed:
+                    progress.write(
+                        f"reconcile: {pass_report.requeued} requeued (lease expired), "
+                        f"{pass_report.failed_lost} failed as lost, "
+                        f"{pass_report.stale_queued} re-published (never claimed)"
+                    )
+                report.counts = store.count_by_status(study_id)
+                progress.set_counts(
+                    _done(report.counts),
+                    report.counts.get(RunStatus.SUCCESS.value, 0),
+                    report.counts.get(RunStatus.FAILED.value, 0),
+                )
+                if report.complete:
+                    return report
+                if deadline is not None and time.monotonic() >= deadline:
+                    report.timed_out = True
+                    return report
+                time.sleep(settings.reconcile_interval_s)
+
+
+def _label(row: Any) -> str:
+    label = row.metadata.get("condition_label") if isinstance(row.metadata, dict) else None
+    if label:
+        return str(label)
+    parts = [f"{key}={value}" for key, value in row.factor_assignments.items()]
+    return ", ".join(parts) or str(row.condition_id)
+
+
+def _done(counts: Mapping[str, int]) -> int:
+    terminal = (RunStatus.SUCCESS, RunStatus.FAILED, RunStatus.CANCELLED)
+    return sum(counts.get(status.value, 0) for status in terminal)
+
+
+def resubmit(
+    study_id: str,
+    *,
+    statuses: Iterable[str] = (RunStatus.FAILED.value,),
+    error_contains: str | None = None,
+    where: Mapping[str, Any] | None = None,
+    db: str | None = None,
+    broker: str | None = None,
+    settings: Settings | None = None,
+) -> SubmitReport:
+    """Put matching finished runs back with a fresh attempt budget, and publish them."""
+    from orchestrator.executors.celery import CeleryTransport
+
+    settings = settings or load_settings()
+    broker_url = _broker(settings, broker)
+    started = time.perf_counter()
+    with ResultStore.open(db or settings.database_url) as store:
+        info = store.find_study(study_id)
+        if info is None:
+            raise StudyError(f"study '{study_id}' is not in the store.")
+        moved = store.requeue_for_resubmit(
+            study_id, statuses=list(statuses), error_contains=error_contains, where=where
+        )
+        execution = info.definition.get("execution") or {}
+        labels = {row.condition_id: _label(row) for row in store.iter_conditions(study_id)}
+        published = 0
+        if moved:
+            with CeleryTransport(settings, broker_url) as transport:
+                for page in store.iter_runs_to_enqueue(study_id, batch=settings.publish_batch):
+                    attempts = dict(store.queue_runs(study_id, [spec.index for spec in page]))
+                    published += transport.publish(
+                        [
+                            (spec, attempts[spec.index], labels.get(spec.condition_id, ""))
+                            for spec in page
+                            if spec.index in attempts
+                        ],
+                        queue=str(execution.get("queue", "studyq")),
+                        timeout_s=execution.get("timeout_s"),
+                    )
+    return SubmitReport(study_id, False, moved, published, time.perf_counter() - started)
+
+
+def cancel(
+    study_id: str,
+    *,
+    terminate: bool = False,
+    db: str | None = None,
+    broker: str | None = None,
+    settings: Settings | None = None,
+) -> int:
+    """Cancel every run not finished: queued runs never start (their claim fails); running
+    ones finish, or with ``terminate`` are revoked (their late write is refused by the fence).
+    """
+    settings = settings or load_settings()
+    with ResultStore.open(db or settings.database_url) as store:
+        if store.find_study(study_id) is None:
+            raise StudyError(f"study '{study_id}' is not in the store.")
+        running: list[tuple[RunSpec, int]] = []
+        if terminate:
+            running = [
+                (run.spec, run.attempt)
+                for run in store.iter_runs(study_id, statuses=[RunStatus.RUNNING.value])
+            ]
+        count = store.cancel(study_id)
+    if terminate and running:
+        from orchestrator.executors.celery import CeleryTransport
+
+        with CeleryTransport(settings, _broker(settings, broker)) as transport:
+            transport.revoke(running)
+    return count
+
+
+@dataclass(slots=True)
+class StudyStatus:
+    """One study's progress, for ``studyq status`` and notebooks."""
+
+    study_id: str
+    title: str
+    submitted_by: str
+    submitted_at: Any
+    run_count: int
+    counts: dict[str, int]
+    rate_per_s: float | None
+    eta_s: float | None
+    cost_usd: float
+    by: dict[str, dict[str, dict[str, int]]] = field(default_factory=dict)
+    top_errors: list[Any] = field(default_factory=list)
+
+
+def study_status(
+    study_id: str | None = None,
+    *,
+    db: str | None = None,
+    settings: Settings | None = None,
+    detail: bool | None = None,
+) -> list[StudyStatus]:
+    """Every study in the store (or one), with counts, rate, ETA and cost so far; with
+    ``detail`` (default for one study) also per condition, agent and problem, and the top
+    error classes."""
+    settings = settings or load_settings()
+    detail = (study_id is not None) if detail is None else detail
+    with ResultStore.open(db or settings.database_url) as store:
+        infos = store.list_studies() if study_id is None else [store.find_study(study_id)]
+        if study_id is not None and infos[0] is None:
+            raise StudyError(
+                f"study '{study_id}' is not in the store ({store.url}). "
+                "Fix: `studyq status` lists the studies there."
+            )
+        out = []
+        for info in infos:
+            if info is None:
+                continue
+            counts = store.count_by_status(info.study_id)
+            stats = store.progress_stats(info.study_id)
+            remaining = sum(
+                counts.get(s.value, 0)
+                for s in (RunStatus.PLANNED, RunStatus.QUEUED, RunStatus.RUNNING)
+            )
+            rate = stats.recent_rate_per_s
+            status = StudyStatus(
+                study_id=info.study_id,
+                title=str(info.definition.get("title", "")),
+                submitted_by=info.submitted_by,
+                submitted_at=info.submitted_at,
+                run_count=info.run_count,
+                counts=counts,
+                rate_per_s=rate,
+                eta_s=(remaining / rate) if rate and remaining else None,
+                cost_usd=stats.cost_usd,
+            )
+            if detail:
+                status.by = {by: store.count_by(info.study_id, by) for by in
+                             ("condition", "agent", "problem")}  # fmt: skip
+                status.top_errors = store.top_errors(info.study_id)
+            out.append(status)
+        return out
