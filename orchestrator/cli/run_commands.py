@@ -6,31 +6,19 @@ import argparse
 import sys
 from typing import Any
 
-from orchestrator.cli import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, add_command
+from orchestrator.cli import (
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_USAGE,
+    add_command,
+    positive_float,
+    positive_int,
+)
 from orchestrator.plan import DISPATCH_ORDERS
 from orchestrator.settings import load_settings
 
 __all__ = ["register"]
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected 1 or more, got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected more than 0, got {value}")
-    return value
 
 
 def register(subparsers: Any) -> None:
@@ -45,7 +33,7 @@ def register(subparsers: Any) -> None:
     parser.add_argument("study", help="study file (.yaml, .yml or .json)")
     parser.add_argument(
         "--jobs",
-        type=_positive_int,
+        type=positive_int,
         default=None,
         help="runs at a time (default: run_budget.parallelism if the study sets it, else "
         "the CPU count); 1 runs in this process",
@@ -67,10 +55,10 @@ def register(subparsers: Any) -> None:
         help="run distributed: submit to this Celery broker and wait (same as `studyq submit` "
         "then `studyq wait`); workers must be running",
     )
-    parser.add_argument("--limit", type=_positive_int, default=None, help="run at most N runs")
+    parser.add_argument("--limit", type=positive_int, default=None, help="run at most N runs")
     parser.add_argument("--order", choices=DISPATCH_ORDERS, default=None, help="dispatch order")
     parser.add_argument(
-        "--timeout", type=_positive_float, default=None, help="per-run time limit in seconds"
+        "--timeout", type=positive_float, default=None, help="per-run time limit in seconds"
     )
     parser.add_argument(
         "--fail-fast", action="store_true", default=None, help="stop after the first failure"

@@ -11,7 +11,7 @@ from itertools import islice
 from typing import IO, Any
 
 from orchestrator.canonical import to_jsonable
-from orchestrator.cli import EXIT_OK, add_command
+from orchestrator.cli import EXIT_OK, add_command, positive_int
 from orchestrator.plan import DISPATCH_ORDERS, PlanRow, PreparedStudy, iter_plan_rows, prepare
 from orchestrator.runspec import RunSpec
 from orchestrator.study import Study
@@ -44,7 +44,7 @@ def register(subparsers: Any) -> None:
         help="table: human summary (default); jsonl / csv: one record per run",
     )
     parser.add_argument(
-        "--limit", type=_positive_int, default=None, help="show at most N runs (or conditions)"
+        "--limit", type=positive_int, default=None, help="show at most N runs (or conditions)"
     )
     parser.add_argument(
         "--order",
@@ -61,16 +61,6 @@ def register(subparsers: Any) -> None:
         example="studyq schema > study.schema.json",
         handler=_schema,
     )
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected 1 or more, got {value}")
-    return value
 
 
 def _validate(args: argparse.Namespace) -> int:
