@@ -13,22 +13,12 @@ import argparse
 import os
 from typing import Any
 
-from orchestrator.cli import EXIT_OK, add_command
+from orchestrator.cli import EXIT_OK, add_command, positive_int
 
 __all__ = ["POOLS", "register"]
 
 POOLS = ("prefork", "threads", "solo")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected 1 or more, got {value}")
-    return value
 
 
 def _queue_list(text: str) -> list[str]:
@@ -53,7 +43,7 @@ def register(subparsers: Any) -> None:
     parser.add_argument(
         "--concurrency",
         "-c",
-        type=_positive_int,
+        type=positive_int,
         default=None,
         help="runs at a time (default: the CPU count)",
     )

@@ -1,0 +1,346 @@
+"""What a worker does with one delivered run message, as a plain function tested without Celery.
+
+:func:`run_delivery` is the whole life of one delivery::
+
+    parse ─► study context (cached) ─► claim (lease) ─┬─► not claimable: acknowledge, count
+                                                      └─► supervise ─► execute_run ─► record
+
+* **Claim.** ``store.claim_run`` moves the run ``queued -> running`` with a lease. A run that is
+  finished, cancelled, running under a live lease or out of attempts is not claimable: the
+  delivery is a duplicate (a redelivery after a lost worker, a republish by the reconcile
+  loop, a second ``submit``). It is acknowledged, logged at INFO and counted, never executed.
+* **Supervise.** The process's lease keeper (:mod:`workers.heartbeat`) extends the lease
+  every ``heartbeat_s`` while the agent works, records a run that overstays its hard limit
+  as a timeout, and hands the run back on a warm shutdown.
+* **Execute.** :func:`~workers.execution.execute_run`, the function both executors call. On
+  the main thread (prefork child, solo pool) the run is interruptible: the soft limit
+  (``execution.timeout_s``) raises inside the agent and the run fails as ``timeout``.
+* **Record.** ``store.finish_run`` writes the result in one transaction, fenced on the claim's
+  attempt. Through a database outage the write is retried with capped exponential backoff for
+  ``result_retry_s`` (each retry logged), with ``SIGTERM`` held back so a shutdown cannot roll
+  it back. The agent is never called again because a write failed: the result, not the run,
+  is retried. A refused write (the lease was lost and the run re-claimed: a stale attempt)
+  writes nothing and is counted.
+
+What a process keeps between deliveries (store, study contexts, counters) is its
+:class:`~workers.runtime.WorkerRuntime`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from contextlib import nullcontext
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any
+
+from orchestrator.errors import RunTimeoutError, StoreError, StudyqError
+from orchestrator.results import ErrorKind, RunResult, RunStatus
+from orchestrator.runspec import RunSpec
+from orchestrator.store import Claim
+from workers.execution import execute_run
+from workers.heartbeat import Ending, RunSupervisor, timeout_result
+from workers.interrupt import HandBack, LeaseLost, deferred_termination
+from workers.retrying import retry_unavailable
+from workers.runtime import StudyContext, WorkerRuntime
+
+__all__ = [
+    "InvalidRunMessage",
+    "Outcome",
+    "parse_delivery",
+    "record_hard_kill",
+    "run_delivery",
+]
+
+log = logging.getLogger("studyq.worker")
+
+
+class Outcome(StrEnum):
+    """What one delivery came to; the task returns it (Flower shows it as the result)."""
+
+    SUCCESS = "success"
+    FAILED = "failed"
+    DUPLICATE = "duplicate"  # not claimable: finished, live-leased, cancelled, out of attempts
+    REFUSED = "refused"  # executed, but the write was refused: a stale attempt
+    LEASE_LOST = "lease_lost"  # stopped mid-run: cancelled or re-queued elsewhere
+    HANDED_BACK = "handed_back"  # warm shutdown: released, attempt refunded; requeue it
+    TIMED_OUT = "timed_out"  # over the hard limit; recorded as failed/timeout
+    UNKNOWN_STUDY = "unknown_study"  # the study was deleted after publishing
+    STALE_MESSAGE = "stale_message"  # names another run than the one at its index; dropped
+    NOT_RECORDED = "not_recorded"  # the database stayed unreachable for result_retry_s
+
+
+class InvalidRunMessage(StudyqError):
+    """A message for the run task that does not carry a run spec; it is dropped."""
+
+
+def parse_delivery(spec: Any, attempt: Any) -> tuple[RunSpec, int]:
+    """The run spec and publish-time attempt of a delivered message.
+
+    Raises:
+        InvalidRunMessage: the message is not a run message of this version.
+    """
+    if not isinstance(spec, Mapping):
+        raise InvalidRunMessage(f"run message carries no spec mapping (got {type(spec).__name__})")
+    try:
+        return RunSpec.from_message(dict(spec)), int(attempt or 0)
+    except (KeyError, TypeError, ValueError) as error:
+        raise InvalidRunMessage(f"run message is malformed: {error!r}") from None
+
+
+def run_delivery(runtime: WorkerRuntime, message: Mapping[str, Any], attempt: int) -> Outcome:
+    """Claim, execute and record one delivered run; see the module docstring.
+
+    Args:
+        runtime: This process's runtime.
+        message: ``RunSpec.to_message()`` as published.
+        attempt: The attempt number at publish time (informational; the claim decides the
+            real attempt, which is the fencing token).
+
+    Returns:
+        What the delivery came to. ``HANDED_BACK`` means the message must be requeued.
+
+    Raises:
+        InvalidRunMessage: the message is not a run message.
+        StoreUnavailableError: the database stayed unreachable for ``result_retry_s`` before
+            the run was claimed (nothing executed; redeliver the message).
+        StoreError: the store refused the claim for a reason retrying cannot fix.
+    """
+    spec, published_attempt = parse_delivery(message, attempt)
+    if runtime.shutting_down:
+        return Outcome.HANDED_BACK
+    study = runtime.study(spec.study_id)
+    if study is None:
+        count = runtime.count(Outcome.UNKNOWN_STUDY)
+        log.info(
+            "ignoring run %s (index %d): study %s is not registered (deleted?) [%d so far]",
+            spec.run_id,
+            spec.index,
+            spec.study_id,
+            count,
+        )
+        return Outcome.UNKNOWN_STUDY
+    settings = runtime.settings
+    with deferred_termination() as stop_requested:
+        claim = retry_unavailable(
+            lambda: runtime.store.claim_run(
+                spec.study_id, spec.index, worker=runtime.worker, lease_s=settings.lease_s
+            ),
+            what=f"claiming run {spec.run_id} (index {spec.index}) of {spec.study_id}",
+            budget_s=settings.result_retry_s,
+            log=log,
+        )
+        if claim is not None and stop_requested:
+            # Told to stop while claiming: give the run straight back (the signal is
+            # re-raised when this block ends).
+            _release(runtime, claim)
+            return Outcome.HANDED_BACK
+    if claim is None:
+        count = runtime.count(Outcome.DUPLICATE)
+        log.info(
+            "run %s (index %d) of %s is not claimable (finished, running elsewhere, cancelled "
+            "or out of attempts); delivery of attempt %d acknowledged, not executed [%d so far]",
+            spec.run_id,
+            spec.index,
+            spec.study_id,
+            published_attempt,
+            count,
+        )
+        return Outcome.DUPLICATE
+    if claim.run_id != spec.run_id:
+        return _release_mismatch(runtime, spec, claim)
+    if study.problem is not None:
+        return _record(runtime, claim, _unrunnable(spec, claim, study.problem))
+    return _execute(runtime, study, spec, claim)
+
+
+def _release(runtime: WorkerRuntime, claim: Claim) -> bool:
+    """Give a claim back without charging its attempt."""
+    return retry_unavailable(
+        lambda: runtime.store.release_run(claim),
+        what=f"releasing run {claim.run_id} (index {claim.index}) of {claim.study_id}",
+        budget_s=runtime.settings.result_retry_s,
+        log=log,
+    )
+
+
+def _release_mismatch(runtime: WorkerRuntime, spec: RunSpec, claim: Claim) -> Outcome:
+    """The message names another run than the one registered at its index (a message from
+    before the study was deleted and registered again): give the claim back, drop it."""
+    _release(runtime, claim)
+    count = runtime.count(Outcome.STALE_MESSAGE)
+    log.error(
+        "message for run %s at index %d of %s does not match the registered run %s; released "
+        "and dropped [%d so far]",
+        spec.run_id,
+        spec.index,
+        spec.study_id,
+        claim.run_id,
+        count,
+    )
+    return Outcome.STALE_MESSAGE
+
+
+def _execute(runtime: WorkerRuntime, study: StudyContext, spec: RunSpec, claim: Claim) -> Outcome:
+    settings = runtime.settings
+    interruptible = runtime.interrupt.usable
+    supervisor = RunSupervisor(
+        runtime.store,
+        claim,
+        spec,
+        keeper=runtime.keeper,
+        heartbeat_s=settings.heartbeat_s,
+        lease_s=settings.lease_s,
+        timeout_s=study.timeout_s,
+        grace_s=settings.time_limit_grace_s,
+        retry_s=settings.result_retry_s,
+        interrupt=runtime.interrupt if interruptible else None,
+    )
+    result: RunResult | None = None
+    armed = runtime.interrupt.armed(study.timeout_s) if interruptible else nullcontext()
+    try:
+        with runtime.executing(supervisor), armed:
+            supervisor.start()
+            result = execute_run(
+                spec, study.resolver, timeout_s=study.timeout_s, worker=runtime.worker
+            )
+    except RunTimeoutError as error:  # the alarm fired between the run's return and disarm
+        result = timeout_result(
+            spec,
+            supervisor.started_at,
+            worker=runtime.worker,
+            message=str(error),
+            error_type="RunTimeoutError",
+        )
+    except (HandBack, LeaseLost):
+        pass  # the supervisor decided and acted; see its ending below
+    except BaseException:
+        # SystemExit from a prefork child's SIGTERM (the parent ending a warm shutdown's
+        # grace, or a signal to the whole process group), KeyboardInterrupt: hand back.
+        supervisor.stop()
+        supervisor.hand_back()
+        raise
+    finally:
+        supervisor.stop()
+    ending = supervisor.ending
+    if ending is Ending.HANDED_BACK:
+        runtime.count(Outcome.HANDED_BACK)
+        return Outcome.HANDED_BACK
+    if ending is Ending.TIMED_OUT:
+        runtime.count(Outcome.TIMED_OUT)
+        return Outcome.TIMED_OUT
+    if ending is Ending.LEASE_LOST or result is None:
+        runtime.count(Outcome.LEASE_LOST)
+        return Outcome.LEASE_LOST
+    if not supervisor.begin_result():  # pragma: no cover - lost a race decided above
+        return Outcome.LEASE_LOST
+    return _record(runtime, claim, result)
+
+
+def _record(runtime: WorkerRuntime, claim: Claim, result: RunResult) -> Outcome:
+    """Write the result, retrying through an outage; never re-executes the run."""
+    what = f"recording the result of run {claim.run_id} (index {claim.index}) of {claim.study_id}"
+    try:
+        with deferred_termination():
+            won = retry_unavailable(
+                lambda: runtime.store.finish_run(claim, result),
+                what=what,
+                budget_s=runtime.settings.result_retry_s,
+                log=log,
+            )
+    except StoreError as error:
+        count = runtime.count(Outcome.NOT_RECORDED)
+        log.error(
+            "result of run %s (index %d, attempt %d) of %s was NOT recorded (%s: %s) [%d so "
+            "far]; its lease will expire and the coordinator will re-queue the run",
+            claim.run_id,
+            claim.index,
+            claim.attempt,
+            claim.study_id,
+            result.status.value,
+            error,
+            count,
+        )
+        return Outcome.NOT_RECORDED
+    if not won:
+        count = runtime.count(Outcome.REFUSED)
+        log.warning(
+            "result of run %s (index %d, attempt %d) of %s refused: the run is no longer this "
+            "worker's (lease expired and re-claimed, or cancelled) [%d so far]",
+            claim.run_id,
+            claim.index,
+            claim.attempt,
+            claim.study_id,
+            count,
+        )
+        return Outcome.REFUSED
+    runtime.count(result.status.value)
+    return Outcome.SUCCESS if result.status is RunStatus.SUCCESS else Outcome.FAILED
+
+
+def _unrunnable(spec: RunSpec, claim: Claim, problem: str) -> RunResult:
+    """A failed ``binding`` result for a run that cannot be executed as registered."""
+    now = datetime.now(UTC)
+    return RunResult(
+        run_id=claim.run_id,
+        status=RunStatus.FAILED,
+        started_at=now,
+        ended_at=now,
+        provenance={"worker": claim.worker, "message_run_id": spec.run_id},
+        error_kind=ErrorKind.BINDING,
+        error_type="InvalidRunMessage",
+        error_message=problem,
+    )
+
+
+def record_hard_kill(
+    runtime: WorkerRuntime, message: Mapping[str, Any], worker: str, limit_s: float
+) -> bool:
+    """Record a run whose process was killed at its hard time limit as failed (``timeout``).
+
+    Called in the prefork parent, which killed the child: the child cannot write anything any
+    more. The run is only recorded while it is still ``running`` under the killed child's
+    lease (``worker``); the write is fenced on that attempt like any other, so it can never
+    overwrite a result the child, or anyone else, recorded first. Returns whether it wrote.
+    """
+    spec, _ = parse_delivery(message, 0)
+    what = f"recording the hard time limit of run {spec.run_id} (index {spec.index})"
+    budget = runtime.settings.result_retry_s
+    try:
+        row = retry_unavailable(
+            lambda: runtime.store.find_run(spec.study_id, spec.index),
+            what=what,
+            budget_s=budget,
+            log=log,
+        )
+        if row is None or row.status != RunStatus.RUNNING.value or row.lease_owner != worker:
+            return False
+        now = datetime.now(UTC)
+        expires = row.lease_expires_at or now
+        claim = Claim(row.study_id, row.index, row.run_id, row.attempt, worker, expires)
+        started_at = row.started_at or now
+        result = timeout_result(
+            spec,
+            started_at,
+            worker=worker,
+            message=f"killed at its hard time limit of {limit_s} s (the run did not stop at "
+            "its soft limit)",
+            error_type="TimeLimitExceeded",
+        )
+        won = retry_unavailable(
+            lambda: runtime.store.finish_run(claim, result), what=what, budget_s=budget, log=log
+        )
+    except StoreError as error:
+        log.error("could not record the hard time limit of run %s: %s", spec.run_id, error)
+        return False
+    if won:
+        runtime.count(Outcome.TIMED_OUT)
+        log.warning(
+            "run %s (index %d) of %s killed at its hard time limit (%s s); recorded as timeout",
+            spec.run_id,
+            spec.index,
+            spec.study_id,
+            limit_s,
+        )
+    return won

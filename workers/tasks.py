@@ -1,0 +1,233 @@
+"""The run task (thin: it calls :func:`~workers.runtask.run_delivery`) and its publisher.
+
+Task ``studyq.run`` receives ``spec`` (``RunSpec.to_message()``) and ``attempt`` (the
+attempt the run was published for). It is ``acks_late`` with ``reject_on_worker_lost``: a
+message is acknowledged only after its run is recorded (or found not claimable), and a message
+whose worker process died is requeued; a duplicate delivery costs one claim query.
+
+Its outcome (``success``, ``failed``, ``duplicate``, ...; see
+:class:`~workers.runtask.Outcome`) is the task's return value, which Flower shows; results
+themselves live in the store (``task_ignore_result``). A run handed back by a warm shutdown
+raises ``Reject(requeue=True)`` so its message goes back on the queue.
+
+Time limits (prefork): the message's hard limit is ``execution.timeout_s +
+time_limit_grace_s``. At the soft limit the run is interrupted in its own process (see
+:mod:`workers.interrupt`); if it is still going at the hard limit Celery kills the child, and
+:class:`RunRequest` (in the parent) records the run as failed with error kind ``timeout``,
+fenced on the killed child's lease, so a hung run fails as a timeout instead of coming back
+until it is failed as ``lost``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+
+from celery.events.event import get_exchange
+from celery.exceptions import Reject
+from celery.utils.nodenames import anon_nodename
+from celery.utils.time import utcoffset
+from celery.worker import state as worker_state
+from celery.worker.request import Request
+
+from orchestrator.errors import BrokerUnavailableError, StoreUnavailableError
+from orchestrator.runspec import RunSpec
+from orchestrator.store import mask_url
+from workers.messages import (
+    CONTENT_ENCODING,
+    CONTENT_TYPE,
+    TASK_NAME,
+    MessageBuilder,
+    RunMessage,
+)
+from workers.runtask import InvalidRunMessage, Outcome, record_hard_kill, run_delivery
+from workers.runtime import worker_name
+
+if TYPE_CHECKING:
+    from workers.app import StudyqCelery
+
+__all__ = ["TASK_NAME", "RunRequest", "publish_runs", "register_run_task"]
+
+log = logging.getLogger("studyq.worker")
+
+PUBLISH_BATCH = 500
+"""Messages per Redis pipeline round trip when publishing."""
+
+
+class RunRequest(Request):  # type: ignore[misc]  # Celery ships no type hints
+    """The run task's request in the worker's main process: records hard-limit kills."""
+
+    def on_timeout(self, soft: bool, timeout: float) -> None:
+        """Let Celery fail the task, then record the killed run as a timeout in the store.
+
+        The write runs on a thread: this is called from the worker's event loop, and the
+        write may retry through a database outage.
+        """
+        super().on_timeout(soft, timeout)
+        if soft or worker_state.should_terminate or not self.worker_pid:
+            return
+        app: StudyqCelery = self.task.app
+        message = self.kwargs.get("spec") if isinstance(self.kwargs, dict) else None
+        if not isinstance(message, dict):
+            return
+        worker = worker_name(self.hostname, self.worker_pid)
+        threading.Thread(
+            target=_record_hard_kill,
+            args=(app, message, worker, float(timeout)),
+            name="studyq-hard-limit",
+            daemon=True,
+        ).start()
+
+
+def _record_hard_kill(
+    app: StudyqCelery, message: dict[str, Any], worker: str, limit: float
+) -> None:
+    try:
+        record_hard_kill(app.runtime(), message, worker, limit)
+    except Exception:  # a thread's error would otherwise vanish
+        log.exception("recording the hard time limit of a run failed")
+
+
+def register_run_task(app: StudyqCelery) -> Any:
+    """Register ``studyq.run`` on ``app`` and return the task."""
+
+    @app.task(  # type: ignore[untyped-decorator]
+        name=TASK_NAME,
+        shared=False,  # the task belongs to this app; a shared task would join every app
+        bind=True,
+        acks_late=True,
+        reject_on_worker_lost=True,
+        ignore_result=True,
+        Request=RunRequest,
+    )
+    def run(self: Any, spec: dict[str, Any], attempt: int = 0) -> str:
+        """Claim, execute and record one run (workers.runtask.run_delivery)."""
+        try:
+            outcome = run_delivery(app.runtime(self.request.hostname), spec, attempt)
+        except InvalidRunMessage as error:
+            log.error("dropping message %s: %s", self.request.id, error)
+            raise Reject(str(error), requeue=False) from None
+        except StoreUnavailableError as error:
+            # Nothing ran (the claim never happened): put the message back for later.
+            raise Reject(f"result store unavailable: {error}", requeue=True) from None
+        if outcome is Outcome.HANDED_BACK:
+            raise Reject("handed back on warm shutdown", requeue=True)
+        return outcome.value
+
+    return run
+
+
+def publish_runs(
+    app: StudyqCelery,
+    specs_with_attempts: Iterable[tuple[RunSpec, int, str]],
+    *,
+    queue: str,
+    time_limit_s: float | None = None,
+    sent_events: bool | None = None,
+) -> int:
+    """Publish one ``studyq.run`` message per run, through one connection and producer.
+
+    Messages are pre-encoded JSON (see :mod:`workers.messages`) and pipelined to Redis in
+    batches of :data:`PUBLISH_BATCH`; no ETA or countdown is ever set. Mark the runs queued
+    in the store first: a worker refuses a run that is not queued.
+
+    Args:
+        app: From :func:`workers.app.create_app`.
+        specs_with_attempts: ``(spec, attempt, condition label)`` per run; ``attempt`` is the
+            run's attempt count at publish time (it only makes the task id unique).
+        queue: The study's ``execution.queue``.
+        time_limit_s: The study's ``execution.timeout_s``; the prefork parent kills a run
+            still going ``time_limit_grace_s`` after it and records a timeout.
+        sent_events: Send a ``task-sent`` event per run (Flower then lists queued runs);
+            defaults to the app's ``task_send_sent_event``.
+
+    Returns:
+        How many messages were published.
+
+    Raises:
+        BrokerUnavailableError: the broker cannot be reached. Runs published before the
+            failure stay published; the reconcile loop republishes the others
+            (``queued_timeout_s``).
+    """
+    settings = app.settings
+    hard_limit = None if time_limit_s is None else time_limit_s + settings.time_limit_grace_s
+    if hard_limit is not None and hard_limit >= settings.visibility_timeout_s:
+        log.warning(
+            "runs may take up to %.0f s but the broker redelivers unacknowledged messages "
+            "after %.0f s (STUDYQ_VISIBILITY_TIMEOUT_S); long runs will get duplicate "
+            "deliveries, which workers acknowledge without executing",
+            hard_limit,
+            settings.visibility_timeout_s,
+        )
+    builder = MessageBuilder(
+        queue=queue, origin=f"{os.getpid()}@{socket.gethostname()}", hard_limit_s=hard_limit
+    )
+    with_events = app.conf.task_send_sent_event if sent_events is None else sent_events
+    published = 0
+    try:
+        with app.producer_or_acquire() as producer:
+            events = _SentEvents(app, producer) if with_events else None
+            with producer.batch(PUBLISH_BATCH):
+                for spec, attempt, label in specs_with_attempts:
+                    message = builder.build(spec, attempt, label)
+                    producer.publish(
+                        message.body,
+                        exchange="",
+                        routing_key=queue,
+                        headers=message.headers,
+                        content_type=CONTENT_TYPE,
+                        content_encoding=CONTENT_ENCODING,
+                        correlation_id=message.task_id,
+                        reply_to="",
+                        delivery_mode=2,
+                    )
+                    if events is not None:
+                        events.publish(message)
+                    published += 1
+    except app.connection_for_write().connection_errors as error:
+        raise BrokerUnavailableError(
+            f"broker {mask_url(str(app.conf.broker_url))} failed while publishing run "
+            f"messages (at most {published} were sent): {error}. Check that Redis is running; "
+            "queued runs without a message are republished by the reconcile loop."
+        ) from error
+    return published
+
+
+class _SentEvents:
+    """``task-sent`` events through the publishing producer (so they join its batches), as
+    Celery's ``EventDispatcher`` sends them but encoded once, without its per-event
+    serializer lookup and lock."""
+
+    def __init__(self, app: StudyqCelery, producer: Any) -> None:
+        self.producer = producer
+        self.exchange = get_exchange(producer.connection, name=app.conf.event_exchange)
+        self.hostname = anon_nodename()
+        self.headers = {"hostname": self.hostname}
+        self.pid = os.getpid()
+        self.clock = app.clock
+        self.utcoffset = utcoffset()
+        self.declare: list[Any] | None = [self.exchange]
+
+    def publish(self, message: RunMessage) -> None:
+        body = MessageBuilder.sent_event_body(
+            message,
+            hostname=self.hostname,
+            pid=self.pid,
+            clock=self.clock.forward(),
+            utcoffset=self.utcoffset,
+        )
+        self.producer.publish(
+            body,
+            exchange=self.exchange.name,
+            routing_key="task.sent",
+            headers=self.headers,
+            content_type=CONTENT_TYPE,
+            content_encoding=CONTENT_ENCODING,
+            delivery_mode=1,
+            declare=self.declare,
+        )
+        self.declare = None  # declared once per publish call
