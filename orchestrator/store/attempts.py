@@ -31,7 +31,7 @@ from orchestrator.canonical import to_jsonable
 from orchestrator.errors import StoreError
 from orchestrator.results import ErrorKind, RunResult, RunStatus
 from orchestrator.store.models import AttemptOutcome, AttemptRow, EvaluationRow, EventRow, RunRow
-from orchestrator.store.predicates import FENCE, fence_params, in_chunks
+from orchestrator.store.predicates import FENCE, FINISH_FENCE, fence_params, in_chunks
 from orchestrator.store.records import Claim
 from orchestrator.store.sqltypes import db_now, db_now_plus
 
@@ -366,7 +366,7 @@ _RESULT_COLUMNS = (
 )
 _FINISH = (
     update(RunRow)
-    .where(FENCE)
+    .where(FINISH_FENCE)
     .values(
         lease_expires_at=None,
         **{
@@ -386,7 +386,8 @@ def finish(connection: Connection, items: Sequence[tuple[Claim, RunResult]]) -> 
     evaluations: list[dict[str, Any]] = []
     events: list[dict[str, Any]] = []
     ended: dict[str, list[dict[str, Any]]] = {}
-    holding = _still_holding(connection, [item_claim for item_claim, _ in items])
+    single = len(items) == 1  # a worker's finish: one fenced UPDATE, its rowcount decides
+    holding = set() if single else _still_holding(connection, [claim for claim, _ in items])
     updates: list[dict[str, Any]] = []
     for item_claim, result in items:
         if result.run_id != item_claim.run_id:
@@ -394,11 +395,17 @@ def finish(connection: Connection, items: Sequence[tuple[Claim, RunResult]]) -> 
                 f"Result for run {result.run_id} handed in with the claim of "
                 f"{item_claim.run_id} (study {item_claim.study_id}, index {item_claim.index})."
             )
-        if item_claim not in holding:
+        if not single and item_claim not in holding:
             won.append(False)
             continue
         values = _result_values(result)
-        updates.append({**fence_params(item_claim), **{f"r_{k}": v for k, v in values.items()}})
+        params = {**fence_params(item_claim), **{f"r_{k}": v for k, v in values.items()}}
+        if single:
+            if connection.execute(_FINISH, params).rowcount != 1:
+                won.append(False)
+                continue
+        else:
+            updates.append(params)
         won.append(True)
         evaluations.extend(_evaluation_rows(item_claim, result.evaluations))
         events.extend(_event_rows(item_claim, result.events))
@@ -441,17 +448,20 @@ def _still_holding(connection: Connection, claims: Sequence[Claim]) -> set[Claim
         indices = list(wanted)
         for start in range(0, len(indices), 500):
             rows = connection.execute(
-                select(RunRow.plan_index, RunRow.attempt, RunRow.lease_owner)
+                select(RunRow.plan_index, RunRow.attempt, RunRow.lease_owner, RunRow.status)
                 .where(
                     RunRow.study_id == study_id,
                     RunRow.plan_index.in_(indices[start : start + 500]),
-                    RunRow.status == RunStatus.RUNNING.value,
+                    RunRow.status.in_([RunStatus.RUNNING.value, RunStatus.QUEUED.value]),
                 )
                 .with_for_update()
             ).all()
             for row in rows:
                 item = wanted[row.plan_index]
-                if row.attempt == item.attempt and row.lease_owner == item.worker:
+                if row.attempt == item.attempt and (
+                    (row.status == RunStatus.RUNNING.value and row.lease_owner == item.worker)
+                    or (row.status == RunStatus.QUEUED.value and row.lease_owner is None)
+                ):
                     held.add(item)
     return held
 

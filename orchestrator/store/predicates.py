@@ -59,6 +59,22 @@ FENCE = and_(
 """The fence: the claim's run, only while that worker still holds that attempt. Bound per
 call by :func:`_fence_params`."""
 
+FINISH_FENCE = or_(
+    FENCE,
+    and_(
+        RunRow.study_id == bindparam("f_study"),
+        RunRow.plan_index == bindparam("f_index"),
+        RunRow.status == RunStatus.QUEUED.value,
+        RunRow.attempt == bindparam("f_attempt"),
+        RunRow.lease_owner.is_(None),
+    ),
+)
+"""The fence for results: also a run the reconcile loop sent back to the queue because this
+attempt's lease expired (a database outage outlasted the lease, so no heartbeat got through),
+as long as nobody claimed it since: the attempt number is unchanged. Accepting that late
+result is what keeps an outage from running the agent twice; the republished message then
+finds the run finished and is acknowledged as a duplicate."""
+
 
 def fence_params(claim: Claim) -> dict[str, Any]:
     return {

@@ -43,6 +43,14 @@ DEFAULT_MAX_ATTEMPTS = 3
 """Claims a run may use before a vanished worker makes it fail as ``lost``."""
 
 
+def _fast_commit(connection: Any) -> None:
+    """Claims, heartbeats and releases need not wait for the WAL flush on PostgreSQL: if the
+    server crashes and loses one, the run is merely claimable again (and the executing
+    worker's fenced result is refused), never duplicated. Results stay fully durable."""
+    if connection.dialect.name == "postgresql":
+        connection.exec_driver_sql("SET LOCAL synchronous_commit = off")
+
+
 class ResultStore:
     """Studies, runs and results in SQLite (embedded) or PostgreSQL (shared).
 
@@ -234,6 +242,7 @@ class ResultStore:
         """:meth:`claim_run` for many runs in one statement (the embedded executor's batch);
         returns the claims won, in plan order."""
         with transaction(self.engine) as connection:
+            _fast_commit(connection)
             return attempts.claim(
                 connection,
                 study_id,
@@ -247,6 +256,7 @@ class ResultStore:
         """Extend the lease; False means the run is no longer this worker's (lease expired
         and re-queued, cancelled): stop working on it, its result would be refused."""
         with transaction(self.engine) as connection:
+            _fast_commit(connection)
             return attempts.heartbeat(connection, claim, lease_s)
 
     # -- ending an attempt -------------------------------------------------------------------
@@ -267,6 +277,7 @@ class ResultStore:
     def release_run(self, claim: Claim) -> bool:
         """Warm shutdown: hand the run back to ``queued`` without charging the attempt."""
         with transaction(self.engine) as connection:
+            _fast_commit(connection)
             return attempts.release(connection, claim)
 
     # -- coordinator-side transitions --------------------------------------------------------

@@ -136,7 +136,11 @@ def test_recover_orphans_requeues_runs_of_dead_holders_at_once(store: ResultStor
         "running",
         "queued",
     ]
-    assert store.finish_run(dead[0], make_result(dead[0])) is False
+    # A late result of the requeued attempt still lands while nobody re-claimed the run (a
+    # database outage longer than the lease must not make the agent run twice) ...
+    assert store.heartbeat(dead[0], 60) is False
+    assert store.finish_run(dead[0], make_result(dead[0])) is True
+    assert store.find_run(STUDY_ID, 0).status == "success"  # type: ignore[union-attr]
     assert store.heartbeat(live, 60) is True
     assert store.recover_orphans(STUDY_ID, is_dead=lambda owner: True).requeued == 1
     assert store.recover_orphans(STUDY_ID, is_dead=lambda owner: False).changed is False
@@ -251,3 +255,19 @@ def test_unfinished_runs_cannot_be_resubmitted(queued: ResultStore) -> None:
         queued.requeue_for_resubmit(STUDY_ID, statuses=["running"])
     with pytest.raises(ValueError):
         queued.requeue_for_resubmit(STUDY_ID, statuses=["bogus"])
+
+
+def test_a_late_result_is_refused_once_the_run_was_claimed_again(store: ResultStore) -> None:
+    # Given a run whose lease expired and that the reconcile loop requeued
+    register(store, 1)
+    queue_all(store)
+    first = claim(store, 0, worker="w1")
+    expire_lease(store, first)
+    assert store.reconcile(STUDY_ID).requeued == 1
+
+    # When another worker claims it before the first worker's result arrives
+    second = claim(store, 0, worker="w2")
+
+    # Then the first worker's late result is refused, and the second one's lands
+    assert store.finish_run(first, make_result(first)) is False
+    assert store.finish_run(second, make_result(second)) is True
