@@ -69,6 +69,40 @@ def _labels(conditions: Iterable[Any]) -> dict[str, str]:
     return {condition.condition_id: condition.label for condition in conditions}
 
 
+def _enqueue_planned(
+    store: ResultStore,
+    transport: Any,
+    study_id: str,
+    *,
+    labels: Mapping[str, str],
+    queue: str,
+    timeout_s: float | None,
+    batch: int,
+    progress: Progress | None = None,
+) -> int:
+    """Mark every ``planned`` run queued, page by page, and publish the ones this call won.
+
+    Marking first means a message always names a claimable run; a crash between the two
+    leaves queued runs without a message, which reconcile re-publishes after
+    ``queued_timeout_s``. Only the coordinator whose update won a run publishes it.
+    """
+    published = 0
+    for page in store.iter_runs_to_enqueue(study_id, batch=batch):
+        attempts = dict(store.queue_runs(study_id, [spec.index for spec in page]))
+        published += transport.publish(
+            [
+                (spec, attempts[spec.index], labels.get(spec.condition_id, ""))
+                for spec in page
+                if spec.index in attempts
+            ],
+            queue=queue,
+            timeout_s=timeout_s,
+        )
+        if progress is not None:
+            progress.update(len(page))
+    return published
+
+
 def submit_study(
     study: Study | str | Path,
     *,
@@ -88,24 +122,20 @@ def submit_study(
     with ResultStore.open(db or settings.database_url) as store:
         report = register(store, prepared)
         labels = _labels(prepared.conditions)
-        published = 0
         with (
             CeleryTransport(settings, broker_url) as transport,
             Progress(prepared.summary.planned, desc="publish", show=show_progress) as progress,
         ):
-            for page in store.iter_runs_to_enqueue(study.study_id, batch=settings.publish_batch):
-                won = store.queue_runs(study.study_id, [spec.index for spec in page])
-                attempts = dict(won)
-                specs = [spec for spec in page if spec.index in attempts]
-                published += transport.publish(
-                    [
-                        (spec, attempts[spec.index], labels.get(spec.condition_id, ""))
-                        for spec in specs
-                    ],
-                    queue=study.execution.queue,
-                    timeout_s=study.execution.timeout_s,
-                )
-                progress.update(len(page))
+            published = _enqueue_planned(
+                store,
+                transport,
+                study.study_id,
+                labels=labels,
+                queue=study.execution.queue,
+                timeout_s=study.execution.timeout_s,
+                batch=settings.publish_batch,
+                progress=progress,
+            )
     return SubmitReport(
         study.study_id, report.created, prepared.summary.planned, published,
         time.perf_counter() - started,
@@ -173,6 +203,17 @@ def wait_study(
             Progress(info.run_count, desc=study_id, show=show_progress, initial=done) as progress,
         ):
             while True:
+                if report.counts.get(RunStatus.PLANNED.value, 0):
+                    # A submit that died half way, or a resubmit from another machine.
+                    report.republished += _enqueue_planned(
+                        store,
+                        transport,
+                        study_id,
+                        labels=labels,
+                        queue=queue,
+                        timeout_s=run_timeout,
+                        batch=settings.publish_batch,
+                    )
                 pass_report = store.reconcile(study_id, queued_timeout_s=settings.queued_timeout_s)
                 report.requeued += pass_report.requeued
                 report.failed_lost += pass_report.failed_lost
@@ -246,17 +287,15 @@ def resubmit(
         published = 0
         if moved:
             with CeleryTransport(settings, broker_url) as transport:
-                for page in store.iter_runs_to_enqueue(study_id, batch=settings.publish_batch):
-                    attempts = dict(store.queue_runs(study_id, [spec.index for spec in page]))
-                    published += transport.publish(
-                        [
-                            (spec, attempts[spec.index], labels.get(spec.condition_id, ""))
-                            for spec in page
-                            if spec.index in attempts
-                        ],
-                        queue=str(execution.get("queue", "studyq")),
-                        timeout_s=execution.get("timeout_s"),
-                    )
+                published = _enqueue_planned(
+                    store,
+                    transport,
+                    study_id,
+                    labels=labels,
+                    queue=str(execution.get("queue", "studyq")),
+                    timeout_s=execution.get("timeout_s"),
+                    batch=settings.publish_batch,
+                )
     return SubmitReport(study_id, False, moved, published, time.perf_counter() - started)
 
 
