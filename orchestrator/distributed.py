@@ -119,13 +119,15 @@ def submit_study(
     prepared = prepare(study, max_bytes=settings.max_study_bytes)
     study = prepared.study
     started = time.perf_counter()
-    with ResultStore.open(db or settings.database_url) as store:
+    # The broker is checked before anything is registered: an unreachable broker changes
+    # nothing in the store.
+    with (
+        CeleryTransport(settings, broker_url) as transport,
+        ResultStore.open(db or settings.database_url) as store,
+    ):
         report = register(store, prepared)
         labels = _labels(prepared.conditions)
-        with (
-            CeleryTransport(settings, broker_url) as transport,
-            Progress(prepared.summary.planned, desc="publish", show=show_progress) as progress,
-        ):
+        with Progress(prepared.summary.planned, desc="publish", show=show_progress) as progress:
             published = _enqueue_planned(
                 store,
                 transport,

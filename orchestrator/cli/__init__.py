@@ -12,7 +12,13 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 
-from orchestrator.errors import StudyError, StudyqError, StudyValidationError
+from orchestrator.errors import (
+    BrokerUnavailableError,
+    StoreUnavailableError,
+    StudyError,
+    StudyqError,
+    StudyValidationError,
+)
 
 __all__ = [
     "EXIT_CONNECT",
@@ -126,6 +132,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return handler(args)
     except StudyError as exc:
         return report_study_error(exc)
+    except (BrokerUnavailableError, StoreUnavailableError) as exc:
+        print(f"studyq: {exc}", file=sys.stderr)
+        return EXIT_CONNECT
     except StudyqError as exc:
         print(f"studyq: {exc}", file=sys.stderr)
         return EXIT_FAILED

@@ -11,6 +11,7 @@ from collections.abc import Iterable, Sequence
 from types import TracebackType
 from typing import Any
 
+from orchestrator.errors import BrokerUnavailableError
 from orchestrator.runspec import RunSpec
 from orchestrator.settings import Settings
 
@@ -25,9 +26,20 @@ class CeleryTransport:
         self._app: Any = None
 
     def __enter__(self) -> CeleryTransport:
+        from orchestrator.store import mask_url
         from workers.app import create_app
 
         self._app = create_app(self._settings)
+        try:
+            with self._app.connection_for_write() as connection:
+                connection.ensure_connection(max_retries=1, timeout=5)
+        except Exception as exc:
+            self._app.close()
+            raise BrokerUnavailableError(
+                f"broker {mask_url(str(self._settings.broker_url))} is unreachable "
+                f"({type(exc).__name__}). Fix: start Redis or check STUDYQ_BROKER_URL; "
+                "nothing was registered or enqueued."
+            ) from None
         return self
 
     def __exit__(
