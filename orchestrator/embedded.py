@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import getpass
 import os
+import queue
 import socket
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -51,6 +53,8 @@ class StudyRun:
     succeeded: int = 0
     failed: int = 0
     skipped_done: int = 0
+    held_elsewhere: int = 0
+    """Runs another live process holds (``running`` with a live lease): not run here."""
     interrupted: bool = False
     stopped_by_fail_fast: bool = False
     counts: dict[str, int] = field(default_factory=dict)
@@ -161,11 +165,14 @@ def run_embedded(
                 "is missing, or use another database / study_id to start over."
             )
         store.recover_orphans(study.study_id, is_dead=_is_dead_embedded_owner)
+        store.reconcile(study.study_id)  # claims of other hosts whose lease expired
         store.requeue_for_resubmit(
             study.study_id, statuses=[RunStatus.FAILED.value, RunStatus.CANCELLED.value]
         )
         pending = _pending_indices(store, study.study_id)
-        outcome.skipped_done = prepared.summary.planned - len(pending)
+        counts = store.count_by_status(study.study_id)
+        outcome.skipped_done = counts.get(RunStatus.SUCCESS.value, 0)
+        outcome.held_elsewhere = counts.get(RunStatus.RUNNING.value, 0)
         specs: Iterator[RunSpec] = (
             spec
             for spec in prepared.run_specs(order=order or execution.order)
@@ -203,7 +210,9 @@ def _is_dead_embedded_owner(owner: str) -> bool:
     except ValueError:
         return False
     if pid == os.getpid():
-        return False
+        # Our own name at start-up is a dead predecessor's (a restarted container reusing
+        # the PID): this process holds no claims yet.
+        return True
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -216,6 +225,54 @@ def _is_dead_embedded_owner(owner: str) -> bool:
 def _pending_indices(store: ResultStore, study_id: str) -> set[int]:
     statuses = [RunStatus.PLANNED.value, RunStatus.QUEUED.value]
     return {run.index for run in store.iter_runs(study_id, statuses=statuses)}
+
+
+class _Recorder:
+    """Writes finished runs to the store on its own thread, so the dispatch loop keeps
+    handing out runs while a batch is being written (with 32 threads of I/O-bound agents the
+    writes, not the agents, were the ceiling)."""
+
+    def __init__(self, store: ResultStore) -> None:
+        self._store = store
+        self._queue: queue.SimpleQueue[tuple[Claim, RunResult] | None] = queue.SimpleQueue()
+        self.recorded: set[int] = set()
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._loop, name="studyq-recorder", daemon=True)
+        self._thread.start()
+
+    def put(self, claim: Claim, result: RunResult) -> None:
+        if self.error is not None:
+            raise self.error
+        self._queue.put((claim, result))
+
+    def close(self) -> None:
+        """Write everything handed in, then stop; re-raises a write failure."""
+        self._queue.put(None)
+        self._thread.join()
+        if self.error is not None:
+            raise self.error
+
+    def _loop(self) -> None:
+        closing = False
+        while not closing:
+            item = self._queue.get()
+            batch: list[tuple[Claim, RunResult]] = []
+            deadline = time.monotonic() + _FLUSH_SECONDS
+            while item is not None:
+                batch.append(item)
+                if len(batch) >= _FLUSH_EVERY:
+                    break
+                try:
+                    item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+                except queue.Empty:
+                    break
+            closing = item is None
+            if batch and self.error is None:
+                try:
+                    self._store.finish_runs_batch(batch)
+                    self.recorded.update(claim.index for claim, _ in batch)
+                except BaseException as exc:  # surfaced by put()/close() on the main thread
+                    self.error = exc
 
 
 def _drive(
@@ -243,23 +300,12 @@ def _drive(
                 if spec.index in claims:
                     yield spec
 
-    done: list[tuple[Claim, RunResult]] = []
-    last_flush = time.monotonic()
-
-    def flush() -> None:
-        nonlocal last_flush
-        if done:
-            store.finish_runs_batch(done)
-            for claim, _ in done:
-                claims.pop(claim.index, None)
-            done.clear()
-        last_flush = time.monotonic()
-
+    recorder = _Recorder(store)
     try:
         for chunk, results in executor.execute(claimed()):
             ok = failed = 0
             for spec, result in zip(chunk, results, strict=True):
-                done.append((claims[spec.index], result))
+                recorder.put(claims[spec.index], result)
                 if result.status == RunStatus.SUCCESS:
                     ok += 1
                 else:
@@ -272,14 +318,15 @@ def _drive(
                 outcome.stopped_by_fail_fast = True
                 progress.write("fail_fast: a run failed; finishing runs in flight, then stopping.")
                 executor.stop()
-            if len(done) >= _FLUSH_EVERY or time.monotonic() - last_flush >= _FLUSH_SECONDS:
-                flush()
     except KeyboardInterrupt:
         outcome.interrupted = True
         executor.stop()
         progress.write("interrupted: recording finished runs; unfinished ones are released.")
     finally:
-        flush()
-        for claim in list(claims.values()):
-            store.release_run(claim)
-        claims.clear()
+        try:
+            recorder.close()
+        finally:
+            for index, claim in claims.items():
+                if index not in recorder.recorded:
+                    store.release_run(claim)
+            claims.clear()

@@ -122,14 +122,23 @@ def _run(args: argparse.Namespace) -> int:
         f"({outcome.succeeded} succeeded, {outcome.failed} failed); "
         f"{outcome.skipped_done} were already done. Store: "
         f"{counts.get('success', 0)} success, {counts.get('failed', 0)} failed, "
-        f"{counts.get('planned', 0) + counts.get('queued', 0)} not run, of {outcome.planned}."
+        f"{counts.get('planned', 0) + counts.get('queued', 0)} not run, "
+        f"{counts.get('running', 0)} running elsewhere, of {outcome.planned}."
     )
     if outcome.export is not None:
         partial = " (partial)" if outcome.export.partial else ""
         print(f"artifacts{partial}: {outcome.export.out_dir}")
+    if outcome.held_elsewhere:
+        print(
+            f"{outcome.held_elsewhere} runs are held by another live process (status "
+            "`running`): not run here. `studyq status` shows them; run again once it ends.",
+            file=sys.stderr,
+        )
     if outcome.interrupted:
         print("interrupted: run the same command again to resume.", file=sys.stderr)
         return EXIT_INTERRUPTED
+    if outcome.held_elsewhere and args.limit is None:
+        return EXIT_FAILED
     if counts.get("failed", 0):
         print(
             "some runs failed: `studyq status` shows why; `studyq run` again re-runs them.",

@@ -20,6 +20,7 @@ import os
 import signal
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import (
     FIRST_COMPLETED,
@@ -106,9 +107,23 @@ class _Alarm:
 _process_state: dict[str, Any] = {}
 
 
-def _init_process(resolver_spec: ResolverSpec, timeout_s: float | None) -> None:
+def _exit_with(coordinator: int) -> None:
+    """Pool processes wait on a pipe forever; if the coordinator is killed (SIGKILL) nobody
+    closes it, so each process watches its coordinator and leaves when it is gone."""
+    while True:
+        time.sleep(1.0)
+        try:
+            os.kill(coordinator, 0)
+        except ProcessLookupError:
+            os._exit(1)
+        except PermissionError:
+            pass
+
+
+def _init_process(resolver_spec: ResolverSpec, timeout_s: float | None, coordinator: int) -> None:
     # Ctrl-C goes to the coordinator, which stops cleanly; children must not die mid-run.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    threading.Thread(target=_exit_with, args=(coordinator,), daemon=True).start()
     _process_state["resolver"] = resolver_spec.build()
     _process_state["timeout_s"] = timeout_s
     _process_state["alarm"] = _Alarm()
@@ -175,7 +190,7 @@ class EmbeddedExecutor:
                 max_workers=self.jobs,
                 mp_context=context,
                 initializer=_init_process,
-                initargs=(self._resolver_spec, self.timeout_s),
+                initargs=(self._resolver_spec, self.timeout_s, os.getpid()),
             )
         else:
             self._resolver = self._resolver_spec.build()

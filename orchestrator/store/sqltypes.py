@@ -159,3 +159,11 @@ def _field_equals_pg(element: json_field_equals, compiler: SQLCompiler, **kw: An
 def _field_equals_sqlite(element: json_field_equals, compiler: SQLCompiler, **kw: Any) -> str:
     column, key, value = (compiler.process(clause, **kw) for clause in element.clauses)
     return f"(json_extract({column}, '$.' || json_quote({key})) = json_extract({value}, '$'))"
+
+
+@compiles(JSON, "sqlite")
+def _json_is_text_on_sqlite(type_: JSON, compiler: Any, **kw: Any) -> str:
+    """Declare JSON columns ``TEXT`` on SQLite. A column declared ``JSON`` gets NUMERIC
+    affinity there, which silently turns a stored scalar ``1.0`` into the integer ``1``; the
+    artifacts must say ``1.0`` as the upstream and PostgreSQL do."""
+    return "TEXT"
