@@ -15,12 +15,13 @@ import os
 import queue
 import socket
 import threading
-import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from concurrent.futures import Future
 from dataclasses import dataclass, field
+from functools import partial
 from itertools import islice
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from orchestrator.errors import StudyError
 from orchestrator.executors.embedded import EmbeddedExecutor, PoolKind, ResolverSpec
@@ -35,6 +36,8 @@ from orchestrator.store.records import Claim, RegisterReport
 from orchestrator.study import Study
 
 __all__ = ["StudyRun", "register", "run_embedded"]
+
+_T = TypeVar("_T")
 
 _CLAIM_BATCH = 256
 _FLUSH_EVERY = 256
@@ -228,13 +231,17 @@ def _pending_indices(store: ResultStore, study_id: str) -> set[int]:
 
 
 class _Recorder:
-    """Writes finished runs to the store on its own thread, so the dispatch loop keeps
-    handing out runs while a batch is being written (with 32 threads of I/O-bound agents the
-    writes, not the agents, were the ceiling)."""
+    """The one thread that writes to the store during a sweep.
+
+    Results are written in batches while the dispatch loop keeps handing out runs (with 32
+    threads of I/O-bound agents the writes, not the agents, were the ceiling). Claims go
+    through the same thread (:meth:`call`), so the coordinator never waits on its own write
+    lock: SQLite has one writer at a time and its busy handler sleeps in steps of up to 100 ms.
+    """
 
     def __init__(self, store: ResultStore) -> None:
         self._store = store
-        self._queue: queue.SimpleQueue[tuple[Claim, RunResult] | None] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self.recorded: set[int] = set()
         self.error: BaseException | None = None
         self._thread = threading.Thread(target=self._loop, name="studyq-recorder", daemon=True)
@@ -245,6 +252,12 @@ class _Recorder:
             raise self.error
         self._queue.put((claim, result))
 
+    def call(self, function: Callable[[], _T]) -> _T:
+        """Run ``function`` on the writer thread, after the results queued before it."""
+        future: Future[_T] = Future()
+        self._queue.put((function, future))
+        return future.result()
+
     def close(self) -> None:
         """Write everything handed in, then stop; re-raises a write failure."""
         self._queue.put(None)
@@ -252,27 +265,37 @@ class _Recorder:
         if self.error is not None:
             raise self.error
 
+    def _flush(self, batch: list[tuple[Claim, RunResult]]) -> None:
+        if batch and self.error is None:
+            try:
+                self._store.finish_runs_batch(batch)
+                self.recorded.update(claim.index for claim, _ in batch)
+            except BaseException as exc:  # surfaced by put()/close() on the main thread
+                self.error = exc
+        batch.clear()
+
     def _loop(self) -> None:
-        closing = False
-        while not closing:
-            item = self._queue.get()
-            batch: list[tuple[Claim, RunResult]] = []
-            deadline = time.monotonic() + _FLUSH_SECONDS
-            while item is not None:
-                batch.append(item)
-                if len(batch) >= _FLUSH_EVERY:
-                    break
+        batch: list[tuple[Claim, RunResult]] = []
+        while True:
+            try:
+                item = self._queue.get(timeout=_FLUSH_SECONDS if batch else None)
+            except queue.Empty:
+                self._flush(batch)
+                continue
+            if item is None:
+                self._flush(batch)
+                return
+            first, second = item
+            if isinstance(second, Future):
+                self._flush(batch)  # results before a claim are written first
                 try:
-                    item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
-                except queue.Empty:
-                    break
-            closing = item is None
-            if batch and self.error is None:
-                try:
-                    self._store.finish_runs_batch(batch)
-                    self.recorded.update(claim.index for claim, _ in batch)
-                except BaseException as exc:  # surfaced by put()/close() on the main thread
-                    self.error = exc
+                    second.set_result(first())
+                except BaseException as exc:
+                    second.set_exception(exc)
+                continue
+            batch.append(item)
+            if len(batch) >= _FLUSH_EVERY:
+                self._flush(batch)
 
 
 def _drive(
@@ -284,15 +307,19 @@ def _drive(
     stop_on_failure: bool,
 ) -> None:
     claims: dict[int, Claim] = {}
+    recorder = _Recorder(store)
 
     def claimed() -> Iterator[RunSpec]:
         while batch := list(islice(specs, _CLAIM_BATCH)):
-            won = store.claim_runs(
-                outcome.study_id,
-                [spec.index for spec in batch],
-                worker=executor.worker,
-                lease_s=_EMBEDDED_LEASE_S,
-                allow_planned=True,
+            won = recorder.call(
+                partial(
+                    store.claim_runs,
+                    outcome.study_id,
+                    [spec.index for spec in batch],
+                    worker=executor.worker,
+                    lease_s=_EMBEDDED_LEASE_S,
+                    allow_planned=True,
+                )
             )
             for claim in won:
                 claims[claim.index] = claim
@@ -300,7 +327,6 @@ def _drive(
                 if spec.index in claims:
                     yield spec
 
-    recorder = _Recorder(store)
     try:
         for chunk, results in executor.execute(claimed()):
             ok = failed = 0
