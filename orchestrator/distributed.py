@@ -22,7 +22,7 @@ from orchestrator.plan import prepare
 from orchestrator.progress import Progress
 from orchestrator.results import RunStatus
 from orchestrator.runspec import RunSpec
-from orchestrator.settings import Settings, load_settings
+from orchestrator.settings import Settings, load_settings, secure_broker_url
 from orchestrator.store import ResultStore
 from orchestrator.study import Study
 
@@ -50,7 +50,7 @@ def _broker(settings: Settings, broker: str | None) -> str:
             f"broker URL must start with redis:// or rediss:// (got '{url.split('://')[0]}://'). "
             "Fix: e.g. --broker redis://127.0.0.1:6379/0"
         )
-    return url
+    return secure_broker_url(url)
 
 
 @dataclass(slots=True)

@@ -15,6 +15,7 @@ import os
 import queue
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -254,6 +255,8 @@ class _Recorder:
 
     def call(self, function: Callable[[], _T]) -> _T:
         """Run ``function`` on the writer thread, after the results queued before it."""
+        if self.error is not None:
+            raise self.error
         future: Future[_T] = Future()
         self._queue.put((function, future))
         return future.result()
@@ -275,10 +278,25 @@ class _Recorder:
         batch.clear()
 
     def _loop(self) -> None:
+        try:
+            self._serve()
+        except BaseException as exc:  # never die silently: results would be lost
+            self.error = exc
+            while True:  # fail whoever waits on a claim
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    return
+                if item is not None and isinstance(item[1], Future):
+                    item[1].set_exception(exc)
+
+    def _serve(self) -> None:
         batch: list[tuple[Claim, RunResult]] = []
+        deadline = 0.0  # when the oldest unwritten result must be written
         while True:
             try:
-                item = self._queue.get(timeout=_FLUSH_SECONDS if batch else None)
+                timeout = max(0.0, deadline - time.monotonic()) if batch else None
+                item = self._queue.get(timeout=timeout)
             except queue.Empty:
                 self._flush(batch)
                 continue
@@ -293,8 +311,10 @@ class _Recorder:
                 except BaseException as exc:
                     second.set_exception(exc)
                 continue
+            if not batch:
+                deadline = time.monotonic() + _FLUSH_SECONDS
             batch.append(item)
-            if len(batch) >= _FLUSH_EVERY:
+            if len(batch) >= _FLUSH_EVERY or time.monotonic() >= deadline:
                 self._flush(batch)
 
 

@@ -14,7 +14,7 @@ from typing import Annotated
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-__all__ = ["DEFAULT_DATABASE_URL", "Settings", "load_settings"]
+__all__ = ["DEFAULT_DATABASE_URL", "Settings", "load_settings", "secure_broker_url"]
 
 DEFAULT_DATABASE_URL = "sqlite:///studyq.db"
 
@@ -22,7 +22,9 @@ DEFAULT_DATABASE_URL = "sqlite:///studyq.db"
 class Settings(BaseSettings):
     """studyq's configuration; CLI flags override these per command."""
 
-    model_config = SettingsConfigDict(env_prefix="STUDYQ_", extra="ignore", frozen=True)
+    model_config = SettingsConfigDict(
+        env_prefix="STUDYQ_", extra="ignore", frozen=True, hide_input_in_errors=True
+    )
 
     database_url: str = Field(
         default=DEFAULT_DATABASE_URL,
@@ -60,6 +62,11 @@ class Settings(BaseSettings):
         default=1000, gt=0, description="Runs marked queued and published per transaction."
     )
 
+    @field_validator("broker_url")
+    @classmethod
+    def _secure_broker(cls, value: str | None) -> str | None:
+        return None if value is None else secure_broker_url(value)
+
     @field_validator("allowed_imports", mode="before")
     @classmethod
     def _split(cls, value: object) -> object:
@@ -75,6 +82,14 @@ class Settings(BaseSettings):
                 f"({self.heartbeat_s}) so a late heartbeat never loses a lease."
             )
         return self
+
+
+def secure_broker_url(url: str) -> str:
+    """``rediss://`` verifies the server's certificate unless the URL says otherwise; kombu
+    would silently skip verification when ``ssl_cert_reqs`` is missing."""
+    if url.startswith("rediss://") and "ssl_cert_reqs=" not in url:
+        return url + ("&" if "?" in url else "?") + "ssl_cert_reqs=required"
+    return url
 
 
 def _from_file(name: str) -> str | None:

@@ -12,6 +12,8 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 
+import pydantic
+
 from orchestrator.errors import (
     BrokerUnavailableError,
     StoreUnavailableError,
@@ -130,6 +132,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     try:
         return handler(args)
+    except pydantic.ValidationError as exc:  # settings from the environment
+        problems = "; ".join(
+            f"STUDYQ_{'_'.join(str(part) for part in error['loc']).upper() or 'SETTINGS'}: "
+            f"{error['msg']}"
+            for error in exc.errors(include_url=False, include_input=False)
+        )
+        print(f"studyq: invalid settings: {problems}", file=sys.stderr)
+        return EXIT_USAGE
     except StudyError as exc:
         return report_study_error(exc)
     except (BrokerUnavailableError, StoreUnavailableError) as exc:

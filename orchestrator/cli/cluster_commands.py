@@ -10,7 +10,7 @@ from typing import Any
 
 from orchestrator.cli import EXIT_CONNECT, EXIT_FAILED, EXIT_OK, EXIT_USAGE, add_command
 from orchestrator.errors import BrokerUnavailableError, StoreUnavailableError
-from orchestrator.settings import load_settings
+from orchestrator.settings import load_settings, secure_broker_url
 
 __all__ = ["register"]
 
@@ -286,7 +286,7 @@ def _check(args: argparse.Namespace) -> int:
         healthy = EXIT_USAGE
     if args.no_broker:
         return healthy
-    broker_url = args.broker or settings.broker_url
+    broker_url = secure_broker_url(args.broker) if args.broker else settings.broker_url
     if not broker_url:
         print("broker: not configured (set STUDYQ_BROKER_URL or pass --broker)", file=sys.stderr)
         return EXIT_USAGE
@@ -306,11 +306,21 @@ def _flower(args: argparse.Namespace) -> int:
     from orchestrator.store import mask_url
 
     settings = load_settings()
-    broker_url = args.broker or settings.broker_url
+    broker_url = secure_broker_url(args.broker) if args.broker else settings.broker_url
     if not broker_url:
         print("studyq flower: set STUDYQ_BROKER_URL or pass --broker", file=sys.stderr)
         return EXIT_USAGE
     auth = os.environ.get("STUDYQ_FLOWER_BASIC_AUTH") or os.environ.get("FLOWER_BASIC_AUTH")
+    if auth and not all(
+        user and password
+        for user, _, password in (entry.partition(":") for entry in auth.split(","))
+    ):
+        print(
+            "studyq flower: STUDYQ_FLOWER_BASIC_AUTH must be user:password (comma-separated "
+            "for several), each with a non-empty user and password.",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
     if args.address not in ("127.0.0.1", "localhost", "::1") and not auth:
         print(
             "studyq flower: refusing to listen on a public address without basic auth. "

@@ -79,21 +79,32 @@ def normalize_url(url: str | URL) -> URL:
     )
 
 
+_SECRET_QUERY_KEYS = ("password", "sslpassword", "pass", "passwd")
+
+
 def mask_url(url: str | URL) -> str:
     """The URL with its password replaced by ``***``, safe for logs, errors and ``--help``.
 
-    Unparseable input is returned with everything between ``://`` and ``@`` masked, so a
-    malformed URL in an error message cannot leak a password either.
+    Works on the text, not a parser's idea of it: credentials run to the *last* ``@`` before
+    the query (kombu accepts an unescaped ``@`` in a Redis password), and ``password=``-style
+    query parameters (which libpq accepts) are masked too. Unparseable input cannot leak.
     """
-    if isinstance(url, URL):
-        return url.render_as_string(hide_password=True)
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except (exc.ArgumentError, ValueError):
-        scheme, sep, rest = url.partition("://")
-        if sep and "@" in rest:
-            return f"{scheme}://***@{rest.rsplit('@', 1)[1]}"
-        return url
+    text = url.render_as_string(hide_password=False) if isinstance(url, URL) else str(url)
+    scheme, sep, rest = text.partition("://")
+    if not sep:
+        return text
+    base, qmark, query = rest.partition("?")
+    if "@" in base:
+        credentials, _, host = base.rpartition("@")
+        user, colon, _secret = credentials.partition(":")
+        base = f"{user}:***@{host}" if colon else f"{credentials}@{host}"
+    if qmark:
+        parts = []
+        for part in query.split("&"):
+            key, eq, _value = part.partition("=")
+            parts.append(f"{key}=***" if eq and key.lower() in _SECRET_QUERY_KEYS else part)
+        query = "&".join(parts)
+    return f"{scheme}://{base}{qmark}{query}"
 
 
 def is_sqlite(url_or_engine: str | URL | Engine | Connection) -> bool:

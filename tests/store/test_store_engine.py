@@ -41,7 +41,7 @@ def test_mask_url_hides_passwords() -> None:
     )
     assert "hunter2" not in mask_url(normalize_url("postgres://bob:hunter2@127.0.0.1/db"))
     assert mask_url("sqlite:///./studyq.db") == "sqlite:///./studyq.db"
-    assert mask_url("weird://bob:hunter2@host:notaport/x") == "weird://***@host:notaport/x"
+    assert mask_url("weird://bob:hunter2@host:notaport/x") == "weird://bob:***@host:notaport/x"
 
 
 def test_sqlite_runs_in_wal_mode_with_a_busy_timeout(tmp_path: Path) -> None:
