@@ -106,14 +106,23 @@ def explain(done: subprocess.CompletedProcess[str]) -> str:
 
 
 def group_alive(pgid: int) -> bool:
-    """Whether any process of the process group ``pgid`` still runs."""
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    """Whether any process of the process group ``pgid`` still runs.
+
+    Zombies do not count: they have exited, and once their parent (here, the killed
+    coordinator) is gone only PID 1 reaps them, which in some sandboxes never happens.
+    """
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except (FileNotFoundError, ProcessLookupError, PermissionError):
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        state, group = fields[0], int(fields[2])
+        if group == pgid and state != "Z":
+            return True
+    return False
 
 
 def reap_group(process: subprocess.Popen[str], *, grace_s: float = 10.0) -> None:
