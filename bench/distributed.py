@@ -1,0 +1,1239 @@
+"""Benchmark: distributed sweeps (``studyq submit`` + Celery workers) against raw Celery,
+side by side in one invocation. Results and analysis: docs/benchmarks.md.
+
+Run from the repository root (Redis on 127.0.0.1:6379 and PostgreSQL on 127.0.0.1:5432)::
+
+    .venv/bin/python bench/distributed.py --repeats 3 --save run.json  # everything (~20 min)
+    .venv/bin/python bench/distributed.py --quick       # smaller sizes, 1 repeat (~4 min)
+    .venv/bin/python bench/distributed.py --only b      # one part (a, b or c; repeatable)
+    .venv/bin/python bench/distributed.py --from run.json   # print a saved run's tables
+    .venv/bin/python bench/distributed.py --profile DIR     # where studyq's time per run goes
+
+What it measures (ANCHORS.md section 2's method; the machine is shared and noisy, so each
+baseline is measured in the same repeat as studyq's figure, back to back, the order
+alternating between repeats; every figure is the median of ``--repeats`` with [min-max];
+ratios are medians of the per-repeat ratios):
+
+(a) **Publishing 100,000 runs.** studyq: ``orchestrator.distributed.submit_study`` (what
+    ``studyq submit`` calls) on a study file of 100,000 ``noop`` runs, in a fresh child
+    process with the modules imported before the clock starts. Its time is split by
+    wrapping ``prepare``, ``register`` and ``CeleryTransport.publish`` in the child (product
+    code is not changed): *publish* is everything after registration, i.e. the loop that
+    marks a page of runs ``queued`` in PostgreSQL and publishes it (run message +
+    ``task-sent`` event per run), split into its PostgreSQL and ``publish_runs`` parts;
+    *total* is prepare + register + publish. For reference the child then publishes the same
+    runs again with ``sent_events=False``. Baseline: a plain
+    ``task.apply_async(args=[key], queue=q)`` loop of 100,000 trivial tasks on the same
+    broker, in a fresh child (ANCHORS: ~2,000 tasks/s). Queue lengths are checked.
+(b) **5,000 no-op runs end to end** on one ``celery -A workers.app worker -P prefork -c 2
+    --without-gossip --without-mingle --without-heartbeat -l WARNING`` with the runs
+    pre-enqueued (``submit_study``; set-up, not timed). The clock starts at the worker's
+    ``worker_ready`` signal (worker boot excluded) and stops at the last run recorded in the
+    store (``max(ended_at)`` once every run is ``success``). Baselines, same flags, same
+    pre-enqueued count: raw Celery no-op tasks (``bench/_raw_app.py``: JSON,
+    ``task_ignore_result``, each task records its completion with one pipelined Redis round
+    trip, as in ANCHORS) with studyq's delivery settings (``acks_late``, prefetch 1) and
+    with Celery's defaults (prefetch 4, ``acks_late`` off); for context, the ANCHORS "stack
+    floor" (raw tasks that each UPSERT one row into PostgreSQL in their own transaction);
+    and, as a diagnostic, raw no-op tasks with task events on, as studyq's workers send them.
+(c) **2,000 runs that sleep 20 ms** (the ``sleep`` demo agent, factor ``sleep_s``) on
+    ``-P threads -c 32``, same clock, against raw Celery 20 ms sleep tasks on the same pool
+    (and with task events on, as a diagnostic) and the ideal ``2000 * 0.02 / 32 = 1.25 s``.
+
+For every drain it also reports CPU per task of the worker's main process and pool children
+(``/proc``), and of the PostgreSQL backends the worker opened (found by ``PGAPPNAME``).
+
+The worker is started through a two-line launcher (``python -c``) that connects a
+``worker_ready`` receiver writing ``time.time()`` to a file, then runs Celery's own
+``celery`` command with the argv above, so the clock starts exactly where ANCHORS starts it.
+
+Goals: (a) publish >= 5x the ``apply_async`` loop; (b) >= 50 % of raw Celery's no-op rate
+(the same-settings baseline); (c) >= 80 % of raw Celery's 20 ms rate. ``--check`` exits 1
+when a goal is missed.
+
+``--profile DIR`` calls ``workers.runtask.run_delivery`` serially in this process (no Celery)
+and prints wall/CPU/statements per phase (claim, execute, finish, other), then runs (b)'s
+studyq side once under ``py-spy record`` (``.venv/bin/pip install py-spy``), stacks to DIR.
+
+Isolation: Redis database ``--redis-db`` (default 12) with unique queue names, only this
+run's keys deleted; a throwaway PostgreSQL database ``studyq_bench_dist_<pid>_<hex>``,
+dropped at the end; worker logs in a fresh temporary directory (kept with ``--keep``). Only
+processes this script started are signalled, by PID.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+BENCH_DIR = REPO_ROOT / "bench"
+HOST = "127.0.0.1"
+PG_ADMIN_URL = f"postgresql+psycopg://postgres@{HOST}:5432/postgres"
+
+PUBLISH_GOAL = 5.0  # x the apply_async loop
+NOOP_GOAL = 0.5  # x raw Celery no-op rate
+SLEEP_GOAL = 0.8  # x raw Celery 20 ms rate
+SLEEP_S = 0.02
+THREADS = 32
+PREFORK = 2
+
+WORKER_FLAGS = ["--without-gossip", "--without-mingle", "--without-heartbeat", "-l", "WARNING"]
+
+# Runs `celery <argv>` with a worker_ready receiver that writes time.time() to $BENCH_READY
+# (and, for the --switch-interval diagnostic only, sets the GIL switch interval).
+_LAUNCHER = (
+    "import os, sys, time\n"
+    "from celery import signals\n"
+    "def _ready(**_):\n"
+    "    with open(os.environ['BENCH_READY'], 'w') as f: f.write(repr(time.time()))\n"
+    "signals.worker_ready.connect(_ready, weak=False)\n"
+    "if os.environ.get('BENCH_SWITCH_INTERVAL'):\n"
+    "    sys.setswitchinterval(float(os.environ['BENCH_SWITCH_INTERVAL']))\n"
+    "from celery.bin.celery import main\n"
+    "sys.argv = ['celery', *sys.argv[1:]]\n"
+    "sys.exit(main())\n"
+)
+
+
+# -- sizes ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Sizes:
+    publish: int = 100_000
+    noop: int = 5_000
+    sleep: int = 2_000
+
+
+QUICK = Sizes(publish=20_000, noop=2_000, sleep=2_000)
+
+
+# -- environment ------------------------------------------------------------------------------
+
+
+def _clean_env(**extra: str) -> dict[str, str]:
+    """The environment without anyone's STUDYQ_* settings, plus ``extra``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("STUDYQ_", "PG"))}
+    env.update(
+        PYTHONPATH=os.pathsep.join([str(REPO_ROOT), str(BENCH_DIR)]),
+        PYTHONUNBUFFERED="1",
+    )
+    env.update(extra)
+    return env
+
+
+@dataclass
+class Services:
+    """This run's Redis database, throwaway PostgreSQL database and temporary directory."""
+
+    redis_db: int
+    tmp: Path
+    db_name: str = field(
+        default_factory=lambda: f"studyq_bench_dist_{os.getpid()}_{uuid.uuid4().hex[:6]}"
+    )
+    keys: set[str] = field(default_factory=set)
+
+    @property
+    def broker(self) -> str:
+        return f"redis://{HOST}:6379/{self.redis_db}"
+
+    @property
+    def db_url(self) -> str:
+        return f"postgresql+psycopg://postgres@{HOST}:5432/{self.db_name}"
+
+    def redis(self) -> Any:
+        import redis
+
+        return redis.Redis(host=HOST, port=6379, db=self.redis_db)
+
+    def queue(self, what: str) -> str:
+        name = f"studyq-bench-{what}-{uuid.uuid4().hex[:8]}"
+        self.keys.update({name, f"_kombu.binding.{name}", f"_kombu.binding_permanent.{name}"})
+        return name
+
+    def key(self, what: str) -> str:
+        prefix = f"studyq-bench-{what}-{uuid.uuid4().hex[:8]}"
+        self.keys.update({f"{prefix}:done", f"{prefix}:first", f"{prefix}:last"})
+        return prefix
+
+    def drop_keys(self, *names: str) -> None:
+        """Delete the given keys (or all of this run's) -- only keys this run named."""
+        targets = [n for n in (names or tuple(self.keys)) if n in self.keys]
+        related = [
+            k
+            for n in targets
+            for k in (n, f"_kombu.binding.{n}", f"_kombu.binding_permanent.{n}")
+            if k in self.keys
+        ]
+        if related:
+            self.redis().delete(*set(related))
+
+    def create_db(self) -> None:
+        from sqlalchemy import create_engine, text
+
+        from orchestrator.store import upgrade
+
+        admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+        with admin.connect() as connection:
+            connection.execute(text(f'CREATE DATABASE "{self.db_name}"'))
+        admin.dispose()
+        upgrade(self.db_url)
+        engine = create_engine(self.db_url)
+        with engine.begin() as connection:  # the "stack floor" table
+            connection.execute(
+                text("CREATE TABLE bench_floor (i integer PRIMARY KEY, payload text, n integer)")
+            )
+        engine.dispose()
+
+    def drop_db(self) -> None:
+        from sqlalchemy import create_engine, text
+
+        admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+        with admin.connect() as connection:
+            connection.execute(text(f'DROP DATABASE IF EXISTS "{self.db_name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+@contextmanager
+def services(redis_db: int, keep: bool) -> Iterator[Services]:
+    tmp = Path(tempfile.mkdtemp(prefix="studyq-bench-dist-"))
+    svc = Services(redis_db, tmp)
+    # The binding tables the workers' event exchange leaves in this (dedicated) database.
+    svc.keys.update({"_kombu.binding.celeryev", "_kombu.binding_deadlines"})
+    svc.redis().ping()
+    svc.create_db()
+    try:
+        yield svc
+    finally:
+        try:
+            svc.drop_keys()
+        finally:
+            svc.drop_db()
+            if keep:
+                print(f"# logs kept in {tmp}", file=sys.stderr)
+            else:
+                shutil.rmtree(tmp, ignore_errors=True)
+
+
+# -- study files ------------------------------------------------------------------------------
+
+
+def write_study(path: Path, study_id: str, *, agent: str, runs: int, queue: str) -> Path:
+    """``runs`` runs of the demo ``agent`` on the ``noop`` problem: 2 prompt conditions x
+    runs/2 replicates, factor ``sleep_s`` = 0.02 (read by the ``sleep`` agent)."""
+    assert runs % 2 == 0
+    path.write_text(
+        f"""\
+study_id: {study_id}
+title: Distributed sweep benchmark ({agent})
+factors:
+  - name: prompt
+    levels:
+      - {{name: terse, value: terse}}
+      - {{name: verbose, value: verbose}}
+  - name: sleep_s
+    levels:
+      - {{name: s20ms, value: {SLEEP_S}}}
+agent_specs: [{agent}]
+problem_ids: [noop]
+design_spec:
+  kind: full_factorial
+run_budget:
+  replicates: {runs // 2}
+seed_policy:
+  base_seed: 20261129
+execution:
+  queue: {queue}
+""",
+        encoding="utf-8",
+    )
+    return path
+
+
+# -- (a) publishing ---------------------------------------------------------------------------
+
+_SUBMIT_CHILD = """\
+import json, sys, time
+import orchestrator.distributed as d
+import orchestrator.executors.celery as transport_module
+import workers.app, workers.tasks  # imports before the clock
+from orchestrator.settings import load_settings
+
+path, db, broker, quiet_queue = sys.argv[1:5]
+marks = {"broker_s": 0.0}
+items = []
+_prepare, _register = d.prepare, d.register
+_publish = transport_module.CeleryTransport.publish
+
+def prepare(*args, **kwargs):
+    start = time.perf_counter()
+    try:
+        return _prepare(*args, **kwargs)
+    finally:
+        marks["prepare"] = time.perf_counter() - start
+
+def register(*args, **kwargs):
+    start = time.perf_counter()
+    try:
+        return _register(*args, **kwargs)
+    finally:
+        marks["register_end"] = time.perf_counter()
+        marks["register"] = marks["register_end"] - start
+
+def publish(self, batch, **kwargs):
+    batch = list(batch)
+    start = time.perf_counter()
+    try:
+        return _publish(self, batch, **kwargs)
+    finally:
+        marks["broker_s"] += time.perf_counter() - start
+        items.extend(batch)
+        marks["app"] = self._app
+
+d.prepare, d.register = prepare, register
+transport_module.CeleryTransport.publish = publish
+settings = load_settings(database_url=db, broker_url=broker)
+start = time.perf_counter()
+report = d.submit_study(path, settings=settings, show_progress=False)
+end = time.perf_counter()
+
+# The same messages again, without task-sent events (informative; not what submit does).
+app = workers.app.create_app(settings)
+quiet_start = time.perf_counter()
+quiet = workers.tasks.publish_runs(app, items, queue=quiet_queue, sent_events=False)
+quiet_s = time.perf_counter() - quiet_start
+app.close()
+print(json.dumps({
+    "published": report.published, "planned": report.planned, "quiet_published": quiet,
+    "prepare_s": marks["prepare"], "register_s": marks["register"],
+    "publish_s": end - marks["register_end"], "broker_s": marks["broker_s"],
+    "total_s": end - start, "report_s": report.seconds, "quiet_s": quiet_s,
+}))
+"""
+
+_LOOP_CHILD = """\
+import json, sys, time
+from _raw_app import app, noop
+
+n, queue, key = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+with app.connection_for_write() as connection:
+    connection.ensure_connection()
+start = time.perf_counter()
+for _ in range(n):
+    noop.apply_async(args=[key], queue=queue)
+print(json.dumps({"seconds": time.perf_counter() - start}))
+"""
+
+
+def _child_json(code: str, *args: str, env: dict[str, str]) -> dict[str, Any]:
+    out = subprocess.run(
+        [sys.executable, "-c", code, *args],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if out.returncode != 0:
+        raise RuntimeError(f"child failed ({out.returncode}):\n{out.stderr[-4000:]}")
+    result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
+    return result
+
+
+def measure_publish_studyq(svc: Services, n: int) -> dict[str, float]:
+    queue = svc.queue("pub")
+    quiet_queue = svc.queue("pubquiet")
+    study_id = f"bench-pub-{uuid.uuid4().hex[:8]}"
+    path = write_study(svc.tmp / f"{study_id}.yaml", study_id, agent="noop", runs=n, queue=queue)
+    try:
+        out = _child_json(
+            _SUBMIT_CHILD, str(path), svc.db_url, svc.broker, quiet_queue, env=_clean_env()
+        )
+        client = svc.redis()
+        length, quiet_length = client.llen(queue), client.llen(quiet_queue)
+        if out["published"] != n or length != n or quiet_length != n:
+            raise RuntimeError(
+                f"studyq published {out['published']}, queues hold {length} and "
+                f"{quiet_length}, want {n}"
+            )
+    finally:
+        svc.drop_keys(queue, quiet_queue)
+        _delete_study(svc, study_id)
+    return {
+        "publish_rate": n / out["publish_s"],
+        "total_rate": n / out["total_s"],
+        "quiet_rate": n / out["quiet_s"],
+        "publish_s": out["publish_s"],
+        "broker_s": out["broker_s"],
+        "db_s": out["publish_s"] - out["broker_s"],
+        "register_s": out["register_s"],
+        "prepare_s": out["prepare_s"],
+        "total_s": out["total_s"],
+        "quiet_s": out["quiet_s"],
+    }
+
+
+def measure_publish_loop(svc: Services, n: int) -> dict[str, float]:
+    queue = svc.queue("loop")
+    key = svc.key("loop")
+    env = _clean_env(BENCH_BROKER=svc.broker)
+    try:
+        out = _child_json(_LOOP_CHILD, str(n), queue, key, env=env)
+        length = svc.redis().llen(queue)
+        if length != n:
+            raise RuntimeError(f"apply_async loop: queue holds {length}, want {n}")
+    finally:
+        svc.drop_keys(queue)
+    return {"rate": n / out["seconds"], "seconds": out["seconds"]}
+
+
+def _delete_study(svc: Services, study_id: str) -> None:
+    from orchestrator.store import ResultStore
+
+    with ResultStore.open(svc.db_url) as store:
+        store.delete_study(study_id)
+
+
+# -- workers ----------------------------------------------------------------------------------
+
+
+class Worker:
+    """One ``celery ... worker`` started through the worker_ready launcher; signalled by PID."""
+
+    def __init__(
+        self,
+        svc: Services,
+        *,
+        app: str,
+        queue: str,
+        pool: str,
+        concurrency: int,
+        env: dict[str, str],
+        name: str,
+    ) -> None:
+        self.ready_file = svc.tmp / f"{name}.ready"
+        self.log_path = svc.tmp / f"{name}.log"
+        argv = [
+            "-A",
+            app,
+            "worker",
+            "-P",
+            pool,
+            "-c",
+            str(concurrency),
+            "-Q",
+            queue,
+            "-n",
+            f"{name}@bench",
+            *WORKER_FLAGS,
+        ]
+        self.command = ["celery", *argv]
+        self._log = self.log_path.open("w", encoding="utf-8")
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", _LAUNCHER, *argv],
+            cwd=REPO_ROOT,
+            env=_clean_env(BENCH_READY=str(self.ready_file), PGAPPNAME=APP_NAME, **env),
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+
+    def wait_ready(self, timeout: float = 90.0) -> float:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.ready_file.exists():
+                text = self.ready_file.read_text().strip()
+                if text:
+                    return float(text)
+            if self.process.poll() is not None:
+                raise RuntimeError(
+                    f"worker exited early; log:\n{self.log_path.read_text()[-4000:]}"
+                )
+            time.sleep(0.02)
+        raise RuntimeError(
+            f"worker not ready after {timeout} s; log:\n{self.log_path.read_text()[-4000:]}"
+        )
+
+    def cpu_s(self) -> tuple[float, float]:
+        """CPU seconds of the worker's main process and of its current pool children."""
+        return _cpu_s(self.process.pid), sum(_cpu_s(pid) for pid in self.children())
+
+    def children(self) -> list[int]:
+        try:
+            text = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children").read_text()
+        except OSError:
+            return []
+        return [int(pid) for pid in text.split()]
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(10)
+        self._log.close()
+
+
+_TICK = os.sysconf("SC_CLK_TCK")
+APP_NAME = "studyq-bench-worker"
+"""``PGAPPNAME`` of the measured workers, so their PostgreSQL backends can be found."""
+
+
+def _cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process (all its threads); 0 if it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / _TICK
+
+
+def _pg_backend_cpu_s(svc: Services) -> float:
+    """CPU seconds of the PostgreSQL backends the measured worker opened (PGAPPNAME)."""
+    from sqlalchemy import create_engine, text
+
+    engine = create_engine(PG_ADMIN_URL)
+    try:
+        with engine.connect() as connection:
+            pids = (
+                connection.execute(
+                    text(
+                        "SELECT pid FROM pg_stat_activity"
+                        " WHERE datname = :d AND application_name = :a"
+                    ),
+                    {"d": svc.db_name, "a": APP_NAME},
+                )
+                .scalars()
+                .all()
+            )
+    finally:
+        engine.dispose()
+    return sum(_cpu_s(pid) for pid in pids)
+
+
+def _cpu_per_task(start: tuple[float, float], end: tuple[float, float], n: int) -> dict[str, float]:
+    main, children = ((b - a) / n * 1e3 for a, b in zip(start, end, strict=True))
+    return {"worker_cpu_ms": main + children, "main_cpu_ms": main, "child_cpu_ms": children}
+
+
+def _wait_until(done: Callable[[], bool], timeout: float, what: str, interval: float = 0.1) -> None:
+    deadline = time.monotonic() + timeout
+    while not done():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"timed out waiting for {what}")
+        time.sleep(interval)
+
+
+def measure_studyq_drain(
+    svc: Services,
+    *,
+    agent: str,
+    n: int,
+    pool: str,
+    concurrency: int,
+    on_ready: Callable[[Worker], None] | None = None,
+) -> dict[str, float]:
+    """Pre-enqueue ``n`` runs with ``submit_study``, start a worker, time ready -> last run."""
+    from sqlalchemy import text
+
+    from orchestrator.distributed import submit_study
+    from orchestrator.settings import load_settings
+    from orchestrator.store import ResultStore
+
+    queue = svc.queue(f"{agent}")
+    study_id = f"bench-{agent}-{uuid.uuid4().hex[:8]}"
+    path = write_study(svc.tmp / f"{study_id}.yaml", study_id, agent=agent, runs=n, queue=queue)
+    settings = load_settings(database_url=svc.db_url, broker_url=svc.broker)
+    report = submit_study(path, settings=settings, show_progress=False)
+    assert report.published == n, report
+    worker = Worker(
+        svc,
+        app="workers.app",
+        queue=queue,
+        pool=pool,
+        concurrency=concurrency,
+        env={"STUDYQ_BROKER_URL": svc.broker, "STUDYQ_DATABASE_URL": svc.db_url},
+        name=f"studyq-{agent}-{pool}-{uuid.uuid4().hex[:6]}",
+    )
+    try:
+        ready = worker.wait_ready()
+        cpu_start = worker.cpu_s()
+        if on_ready is not None:
+            on_ready(worker)
+        with ResultStore.open(svc.db_url) as store:
+
+            def finished() -> bool:
+                counts = store.count_by_status(study_id)
+                return counts.get("success", 0) + counts.get("failed", 0) >= n
+
+            _wait_until(finished, timeout=600, what=f"{n} {agent} runs")
+            counts = store.count_by_status(study_id)
+            if counts.get("success", 0) != n:
+                raise RuntimeError(f"studyq {agent}: {counts} (want {n} success)")
+            with store.engine.connect() as connection:
+                last = connection.execute(
+                    text("SELECT max(ended_at) FROM runs WHERE study_id = :s"), {"s": study_id}
+                ).scalar_one()
+            cpu_end = worker.cpu_s()
+            pg_cpu = _pg_backend_cpu_s(svc)
+    finally:
+        worker.stop()
+        svc.drop_keys(queue)
+    seconds = last.timestamp() - ready
+    _delete_study(svc, study_id)
+    return {
+        "rate": n / seconds,
+        "seconds": seconds,
+        **_cpu_per_task(cpu_start, cpu_end, n),
+        "pg_cpu_ms": pg_cpu / n * 1e3,
+    }
+
+
+def measure_raw_drain(
+    svc: Services,
+    *,
+    task: str,
+    n: int,
+    pool: str,
+    concurrency: int,
+    prefetch: int,
+    acks_late: bool,
+    events: bool = False,
+) -> dict[str, float]:
+    """Pre-enqueue ``n`` raw tasks, start a worker, time ready -> last completion recorded."""
+    os.environ["BENCH_BROKER"] = svc.broker
+    from _raw_app import app
+
+    queue = svc.queue(f"raw-{task}")
+    key = svc.key(f"raw-{task}")
+    client = svc.redis()
+    with app.producer_or_acquire() as producer:
+        for i in range(n):
+            args: list[Any] = [key]
+            if task == "sleep":
+                args.append(SLEEP_S)
+            elif task == "upsert":
+                args.append(i)
+            app.send_task(f"bench.{task}", args=args, queue=queue, producer=producer)
+    assert client.llen(queue) == n
+    env = {
+        "BENCH_BROKER": svc.broker,
+        "BENCH_PREFETCH": str(prefetch),
+        "BENCH_ACKS_LATE": "1" if acks_late else "0",
+        "BENCH_PG": svc.db_url,
+        "BENCH_EVENTS": "1" if events else "0",
+    }
+    worker = Worker(
+        svc,
+        app="_raw_app",
+        queue=queue,
+        pool=pool,
+        concurrency=concurrency,
+        env=env,
+        name=f"raw-{task}-{pool}-{uuid.uuid4().hex[:6]}",
+    )
+    try:
+        ready = worker.wait_ready()
+        cpu_start = worker.cpu_s()
+        _wait_until(
+            lambda: int(client.get(f"{key}:done") or 0) >= n,
+            timeout=600,
+            what=f"{n} raw {task} tasks",
+        )
+        last = float(client.get(f"{key}:last") or 0)
+        cpu_end = worker.cpu_s()
+        pg_cpu = _pg_backend_cpu_s(svc)
+    finally:
+        worker.stop()
+        svc.drop_keys(queue, f"{key}:done", f"{key}:first", f"{key}:last")
+    seconds = last - ready
+    return {
+        "rate": n / seconds,
+        "seconds": seconds,
+        **_cpu_per_task(cpu_start, cpu_end, n),
+        "pg_cpu_ms": pg_cpu / n * 1e3,
+    }
+
+
+# -- the run ----------------------------------------------------------------------------------
+
+
+@dataclass
+class Series:
+    """One measured quantity across repeats."""
+
+    values: list[float] = field(default_factory=list)
+
+    def add(self, value: float) -> None:
+        self.values.append(value)
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.values)
+
+    def span(self, fmt: str) -> str:
+        return f"{format(min(self.values), fmt)}\u2013{format(max(self.values), fmt)}"
+
+
+@dataclass(frozen=True)
+class Step:
+    """One measurement of a repeat: ``key`` names its series, ``measure`` returns its dict."""
+
+    key: str
+    label: str
+    measure: Callable[[], dict[str, float]]
+
+
+def rerender(path: str) -> int:
+    """Print the tables of a run saved with ``--save``."""
+    saved = json.loads(Path(path).read_text(encoding="utf-8"))
+    series = {k: Series(list(v)) for k, v in saved["series"].items()}
+    only = set(saved["only"])
+    print(report(series, QUICK if saved["quick"] else Sizes(), saved["repeats"], only))
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    sizes = QUICK if args.quick else Sizes()
+    repeats = args.repeats if args.repeats is not None else (1 if args.quick else 3)
+    only = set(args.only or ["a", "b", "c"])
+    s: dict[str, Series] = {}
+
+    def add(name: str, value: float) -> None:
+        s.setdefault(name, Series()).add(value)
+
+    def last(name: str) -> float:
+        return s[name].values[-1]
+
+    def log(text: str) -> None:
+        print(f"# {text}", file=sys.stderr, flush=True)
+
+    with services(args.redis_db, args.keep) as svc:
+        log(f"redis db {args.redis_db}, postgres {svc.db_name}, tmp {svc.tmp}")
+
+        def studyq(agent: str, n: int, pool: str, c: int) -> Callable[[], dict[str, float]]:
+            return lambda: measure_studyq_drain(svc, agent=agent, n=n, pool=pool, concurrency=c)
+
+        def raw(
+            task: str,
+            n: int,
+            pool: str,
+            c: int,
+            prefetch: int,
+            acks_late: bool,
+            events: bool = False,
+        ) -> Callable[[], dict[str, float]]:
+            return lambda: measure_raw_drain(
+                svc,
+                task=task,
+                n=n,
+                pool=pool,
+                concurrency=c,
+                prefetch=prefetch,
+                acks_late=acks_late,
+                events=events,
+            )
+
+        parts: dict[str, list[Step]] = {
+            "a": [
+                Step(
+                    "a.loop", "apply_async loop", lambda: measure_publish_loop(svc, sizes.publish)
+                ),
+                Step(
+                    "a.studyq", "studyq submit", lambda: measure_publish_studyq(svc, sizes.publish)
+                ),
+            ],
+            "b": [
+                Step(
+                    "b.raw_same",
+                    "raw no-op (acks_late, prefetch 1)",
+                    raw("noop", sizes.noop, "prefork", PREFORK, 1, True),
+                ),
+                Step("b.studyq", "studyq noop", studyq("noop", sizes.noop, "prefork", PREFORK)),
+                Step(
+                    "b.raw_default",
+                    "raw no-op (prefetch 4, acks_late off)",
+                    raw("noop", sizes.noop, "prefork", PREFORK, 4, False),
+                ),
+                Step(
+                    "b.floor",
+                    "raw + PG upsert (acks_late, prefetch 1)",
+                    raw("upsert", sizes.noop, "prefork", PREFORK, 1, True),
+                ),
+                Step(
+                    "b.raw_events",
+                    "raw no-op + task events (acks_late, prefetch 1)",
+                    raw("noop", sizes.noop, "prefork", PREFORK, 1, True, events=True),
+                ),
+            ],
+            "c": [
+                Step(
+                    "c.raw",
+                    "raw 20 ms sleep",
+                    raw("sleep", sizes.sleep, "threads", THREADS, 1, True),
+                ),
+                Step("c.studyq", "studyq sleep", studyq("sleep", sizes.sleep, "threads", THREADS)),
+                Step(
+                    "c.raw_events",
+                    "raw 20 ms sleep + task events",
+                    raw("sleep", sizes.sleep, "threads", THREADS, 1, True, events=True),
+                ),
+            ],
+        }
+        for rep in range(repeats):
+            for part in ("a", "b", "c"):
+                if part not in only:
+                    continue
+                steps = parts[part]
+                for step in reversed(steps) if rep % 2 else steps:  # alternate who goes first
+                    out = step.measure()
+                    for name, value in out.items():
+                        add(f"{step.key}.{name}", value)
+                    shown = ", ".join(f"{k} {v:,.2f}" for k, v in out.items())
+                    log(f"[{rep}] ({part}) {step.label}: {shown}")
+            if "a" in only:
+                add("a.ratio.publish", last("a.studyq.publish_rate") / last("a.loop.rate"))
+                add("a.ratio.total", last("a.studyq.total_rate") / last("a.loop.rate"))
+                add("a.ratio.quiet", last("a.studyq.quiet_rate") / last("a.loop.rate"))
+            if "b" in only:
+                for base in ("raw_same", "raw_default", "floor", "raw_events"):
+                    add(f"b.ratio.{base}", last("b.studyq.rate") / last(f"b.{base}.rate"))
+            if "c" in only:
+                add("c.ratio", last("c.studyq.rate") / last("c.raw.rate"))
+                add("c.ratio_events", last("c.studyq.rate") / last("c.raw_events.rate"))
+
+    if args.save:
+        Path(args.save).write_text(
+            json.dumps({"quick": args.quick, "repeats": repeats, "only": sorted(only),
+                        "series": {k: v.values for k, v in s.items()}}, indent=1),
+            encoding="utf-8",
+        )  # fmt: skip
+    print(report(s, sizes, repeats, only))
+    missed = goals_missed(s, only)
+    if missed:
+        print(f"\ngoals missed: {', '.join(missed)}", file=sys.stderr)
+    return 1 if (args.check and missed) else 0
+
+
+def goals_missed(s: dict[str, Series], only: set[str]) -> list[str]:
+    missed = []
+    if "a" in only and s["a.ratio.publish"].median < PUBLISH_GOAL:
+        missed.append("(a) publish")
+    if "b" in only and s["b.ratio.raw_same"].median < NOOP_GOAL:
+        missed.append("(b) no-op")
+    if "c" in only and s["c.ratio"].median < SLEEP_GOAL:
+        missed.append("(c) 20 ms sleep")
+    return missed
+
+
+X = "\u00d7"  # multiplication sign, for the markdown tables
+TO = "\u2013"  # en dash, for ranges
+GE = "\u2265"  # greater-than or equal to
+
+
+def _row(*cells: str) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
+def report(s: dict[str, Series], sizes: Sizes, repeats: int, only: set[str]) -> str:
+    """The markdown tables of a run."""
+
+    def med(name: str, fmt: str) -> str:
+        return format(s[name].median, fmt)
+
+    def rate(name: str) -> str:
+        return f"{med(name, ',.0f')} /s"
+
+    def span(name: str, fmt: str = ",.0f") -> str:
+        return s[name].span(fmt)
+
+    def secs(name: str) -> str:
+        return f"{med(name, '.2f')} [{span(name, '.2f')}]"
+
+    def cpu(key: str) -> str:
+        """Worker CPU per task: total (main process + pool children)."""
+        total, main, child = (s[f"{key}.{k}_cpu_ms"].median for k in ("worker", "main", "child"))
+        return f"{total:.2f} ({main:.2f} + {child:.2f})" if child > 0.005 else f"{total:.2f}"
+
+    def ratio(name: str, goal: float | None = None, pct: bool = False) -> str:
+        fmt = ".0%" if pct else ".1f"
+        text = f"{med(name, fmt)}{'' if pct else X} [{span(name, fmt)}]"
+        if goal is not None:
+            verdict = "met" if s[name].median >= goal else "**missed**"
+            text += f" (goal {GE} {format(goal, '.0%' if pct else '.0f')}"
+            text += f"{'' if pct else X}: {verdict})"
+        return text
+
+    lines = [
+        f"Medians of {repeats} repeat(s) with [min{TO}max]; a ratio is the median of the "
+        "per-repeat ratios (both sides measured back to back in the same repeat, the order "
+        "alternating between repeats).",
+        "",
+    ]
+    if "a" in only:
+        n = sizes.publish
+        loop_s = f"{n / s['a.loop.rate'].median:.2f}"
+        lines += [
+            f"**(a) Publishing {n:,} runs** to one Redis queue (no consumer attached)",
+            "",
+            _row("what", "rate", f"min{TO}max", f"seconds [min{TO}max]", "vs `apply_async` loop"),
+            _row(*["---"] * 5),
+            _row(
+                "baseline: plain `apply_async` loop of a trivial task",
+                rate("a.loop.rate"), span("a.loop.rate"), loop_s, f"1.0{X}",
+            ),
+            _row(
+                "**`studyq submit`, publish part**: mark queued + publish "
+                "(run message + `task-sent` event per run)",
+                rate("a.studyq.publish_rate"), span("a.studyq.publish_rate"),
+                secs("a.studyq.publish_s"), ratio("a.ratio.publish", PUBLISH_GOAL),
+            ),
+            _row(
+                "\u21b3 of which PostgreSQL (read a page of planned runs, mark it queued)",
+                "", "", secs("a.studyq.db_s"), "",
+            ),
+            _row(
+                "\u21b3 of which `publish_runs` (build and send messages and events)",
+                "", "", secs("a.studyq.broker_s"), "",
+            ),
+            _row(
+                f"`studyq submit`, register {n:,} runs (before publishing)",
+                "", "", secs("a.studyq.register_s"), "",
+            ),
+            _row("`studyq submit`, prepare (load, design, plan)", "", "",
+                 secs("a.studyq.prepare_s"), ""),
+            _row(
+                "`studyq submit` total: prepare + register + publish",
+                rate("a.studyq.total_rate"), span("a.studyq.total_rate"),
+                secs("a.studyq.total_s"), ratio("a.ratio.total"),
+            ),
+            _row(
+                "for reference: `publish_runs` of the same runs, `sent_events=False` "
+                "(not what submit does)",
+                rate("a.studyq.quiet_rate"), span("a.studyq.quiet_rate"),
+                secs("a.studyq.quiet_s"), ratio("a.ratio.quiet"),
+            ),
+            "",
+        ]  # fmt: skip
+    if "b" in only:
+        n = sizes.noop
+        lines += [
+            f"**(b) {n:,} no-op runs end to end**: one worker `-P prefork -c {PREFORK}`, "
+            "runs pre-enqueued, clock from `worker_ready` to the last run recorded",
+            "",
+            _row(
+                "what", "rate", f"min{TO}max", "studyq's rate as % of this",
+                "worker CPU ms/task: total (main + children)", "PG backend CPU ms/task",
+            ),
+            _row(*["---"] * 6),
+            _row(
+                "**studyq** (`noop` agent: claim + execute + result write per run)",
+                rate("b.studyq.rate"), span("b.studyq.rate"), "", cpu("b.studyq"),
+                med("b.studyq.pg_cpu_ms", ".2f"),
+            ),
+            _row(
+                "raw Celery no-op, studyq's delivery settings (acks_late, prefetch 1)",
+                rate("b.raw_same.rate"), span("b.raw_same.rate"),
+                ratio("b.ratio.raw_same", NOOP_GOAL, pct=True), cpu("b.raw_same"), "",
+            ),
+            _row(
+                "raw Celery no-op, Celery's defaults (prefetch 4, acks_late off)",
+                rate("b.raw_default.rate"), span("b.raw_default.rate"),
+                ratio("b.ratio.raw_default", pct=True), cpu("b.raw_default"), "",
+            ),
+            _row(
+                "raw Celery + one PostgreSQL UPSERT per task in its own transaction "
+                "(ANCHORS stack floor; acks_late, prefetch 1)",
+                rate("b.floor.rate"), span("b.floor.rate"), ratio("b.ratio.floor", pct=True),
+                cpu("b.floor"), med("b.floor.pg_cpu_ms", ".2f"),
+            ),
+            _row(
+                "diagnostic: raw Celery no-op with task events on, as studyq's workers send "
+                "them for Flower (acks_late, prefetch 1)",
+                rate("b.raw_events.rate"), span("b.raw_events.rate"),
+                ratio("b.ratio.raw_events", pct=True), cpu("b.raw_events"), "",
+            ),
+            "",
+        ]  # fmt: skip
+    if "c" in only:
+        n = sizes.sleep
+        ideal = n * SLEEP_S / THREADS
+
+        def times_ideal(name: str) -> str:
+            return f"{s[name].median / ideal:.2f}{X}"
+
+        lines += [
+            f"**(c) {n:,} runs sleeping 20 ms**: one worker `-P threads -c {THREADS}`, runs "
+            f"pre-enqueued, `worker_ready` to the last run recorded; ideal {n:,} {X} 0.02 s / "
+            f"{THREADS} = {ideal:.2f} s",
+            "",
+            _row(
+                "what", f"seconds [min{TO}max]", f"{X} ideal", "rate",
+                "studyq's rate as % of this", "worker CPU ms/task",
+            ),
+            _row(*["---"] * 6),
+            _row(
+                "**studyq** (`sleep` agent, `sleep_s: 0.02`)", secs("c.studyq.seconds"),
+                times_ideal("c.studyq.seconds"), rate("c.studyq.rate"), "", cpu("c.studyq"),
+            ),
+            _row(
+                "raw Celery 20 ms sleep task (acks_late, prefetch 1)", secs("c.raw.seconds"),
+                times_ideal("c.raw.seconds"), rate("c.raw.rate"),
+                ratio("c.ratio", SLEEP_GOAL, pct=True), cpu("c.raw"),
+            ),
+            _row(
+                "diagnostic: raw Celery 20 ms sleep with task events on",
+                secs("c.raw_events.seconds"), times_ideal("c.raw_events.seconds"),
+                rate("c.raw_events.rate"), ratio("c.ratio_events", pct=True),
+                cpu("c.raw_events"),
+            ),
+            _row(
+                "ideal", f"{ideal:.2f}", f"1.00{X}", f"{n / ideal:,.0f} /s",
+                f"{ideal / s['c.studyq.seconds'].median:.0%}", "",
+            ),
+        ]  # fmt: skip
+    return "\n".join(lines)
+
+
+def phase_breakdown(svc: Services, n: int) -> str:
+    """Where one process's time per run goes: ``run_delivery`` called serially in this
+    process on ``n`` queued ``noop`` runs (no Celery), with the store's ``claim_run`` and
+    ``finish_run`` and ``execute_run`` wrapped to take wall and CPU time and count SQL
+    statements. The first 20 runs warm up (connections, study context, imports)."""
+    import collections
+
+    from sqlalchemy import event
+
+    import workers.runtask as runtask
+    from orchestrator.distributed import submit_study
+    from orchestrator.settings import load_settings
+    from orchestrator.store import ResultStore
+    from workers.config import WorkerSettings
+    from workers.runtime import WorkerRuntime
+
+    queue = svc.queue("phases")
+    study_id = f"bench-phases-{uuid.uuid4().hex[:8]}"
+    path = write_study(svc.tmp / f"{study_id}.yaml", study_id, agent="noop", runs=n, queue=queue)
+    submit_study(
+        path,
+        settings=load_settings(database_url=svc.db_url, broker_url=svc.broker),
+        show_progress=False,
+    )
+    svc.drop_keys(queue)  # the messages are not needed: run_delivery gets them directly
+    with ResultStore.open(svc.db_url) as store:
+        messages = [run.spec.to_message() for run in store.iter_runs(study_id)]
+    runtime = WorkerRuntime(
+        WorkerSettings(database_url=svc.db_url, broker_url=svc.broker),
+        worker=f"bench-phases@{os.uname().nodename}:{os.getpid()}",
+    )
+    phase = ["other"]
+    statements: collections.Counter[str] = collections.Counter()
+    wall: dict[str, float] = collections.defaultdict(float)
+    cpu: dict[str, float] = collections.defaultdict(float)
+    event.listen(
+        runtime.store.engine,
+        "before_cursor_execute",
+        lambda *_, **__: statements.update([phase[0]]),
+    )
+
+    def timed(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            previous, phase[0] = phase[0], name
+            w, c = time.perf_counter(), time.process_time()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                wall[name] += time.perf_counter() - w
+                cpu[name] += time.process_time() - c
+                phase[0] = previous
+
+        return wrapper
+
+    original_execute = getattr(runtask, "execute_run")  # noqa: B009 (not in its __all__)
+    runtime.store.claim_run = timed("claim", runtime.store.claim_run)  # type: ignore[method-assign]
+    runtime.store.finish_run = timed("finish", runtime.store.finish_run)  # type: ignore[method-assign]
+    setattr(runtask, "execute_run", timed("execute", original_execute))  # noqa: B010
+    try:
+        for message in messages[:20]:
+            runtask.run_delivery(runtime, message, 0)
+        wall.clear()
+        cpu.clear()
+        statements.clear()
+        w0, c0 = time.perf_counter(), time.process_time()
+        for message in messages[20:]:
+            runtask.run_delivery(runtime, message, 0)
+        total_wall, total_cpu = time.perf_counter() - w0, time.process_time() - c0
+    finally:
+        setattr(runtask, "execute_run", original_execute)  # noqa: B010
+        runtime.close()
+    count = len(messages) - 20
+    wall["other"] = total_wall - sum(wall[k] for k in ("claim", "execute", "finish"))
+    cpu["other"] = total_cpu - sum(cpu[k] for k in ("claim", "execute", "finish"))
+    lines = [
+        f"`run_delivery` serially in one process, {count:,} no-op runs, PostgreSQL store "
+        f"(no Celery): {total_wall / count * 1e3:.2f} ms/run wall, "
+        f"{total_cpu / count * 1e3:.2f} ms/run CPU ({count / total_wall:,.0f} runs/s)",
+        "",
+        "| phase | wall ms/run | CPU ms/run | wall minus CPU (waiting) | SQL statements/run |",
+        "|---|---|---|---|---|",
+    ]
+    labels = {
+        "claim": "claim (`claim_run`: one transaction, asynchronous commit)",
+        "execute": "execute (`execute_run`: resolve, seed, call agent, score)",
+        "finish": "finish (`finish_run`: one transaction, durable commit)",
+        "other": "other (parse, study context, supervisor + lease keeper, interrupt, counters)",
+    }
+    for key, label in labels.items():
+        lines.append(
+            f"| {label} | {wall[key] / count * 1e3:.2f} | {cpu[key] / count * 1e3:.2f} | "
+            f"{(wall[key] - cpu[key]) / count * 1e3:.2f} | {statements[key] / count:.1f} |"
+        )
+    _delete_study(svc, study_id)
+    return "\n".join(lines)
+
+
+def profile(args: argparse.Namespace) -> int:
+    """Where studyq's time per run goes. Prints :func:`phase_breakdown`, then runs (b)'s (or
+    with ``--only c``, (c)'s) studyq side once with ``py-spy record`` (CPU samples, subprocesses
+    and threads) on the worker's main process and its pool children, writing
+    ``<dir>/<role>.txt`` (collapsed stacks). py-spy slows the worker; the stacks say where
+    CPU goes, not the rate."""
+    out_dir = Path(args.profile).resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    spy = Path(sys.executable).with_name("py-spy")
+    sizes = QUICK if args.quick else Sizes()
+    part = "c" if args.only == ["c"] else "b"
+    recorders: list[subprocess.Popen[bytes]] = []
+
+    def attach(worker: Worker) -> None:
+        deadline = time.monotonic() + 10
+        while part == "b" and len(worker.children()) < PREFORK and time.monotonic() < deadline:
+            time.sleep(0.05)
+        targets = {"main": worker.process.pid}
+        targets.update({f"child{i}": pid for i, pid in enumerate(worker.children())})
+        idle = ["--idle"] if args.idle else []
+        for role, pid in targets.items():
+            recorders.append(
+                subprocess.Popen(
+                    [
+                        str(spy),
+                        "record",
+                        "--pid",
+                        str(pid),
+                        *idle,
+                        "--threads",
+                        "--rate",
+                        "100",
+                        "--format",
+                        "raw",
+                        "-o",
+                        str(out_dir / f"{role}.txt"),
+                    ],
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+            )
+
+    with services(args.redis_db, args.keep) as svc:
+        print(phase_breakdown(svc, 1_000 if args.quick else 2_000), flush=True)
+        if not spy.exists():
+            print("\n(py-spy is not installed: .venv/bin/pip install py-spy; no stacks recorded)")
+            return 0
+        if part == "b":
+            out = measure_studyq_drain(
+                svc,
+                agent="noop",
+                n=sizes.noop,
+                pool="prefork",
+                concurrency=PREFORK,
+                on_ready=attach,
+            )
+        else:
+            out = measure_studyq_drain(
+                svc,
+                agent="sleep",
+                n=sizes.sleep,
+                pool="threads",
+                concurrency=THREADS,
+                on_ready=attach,
+            )
+        for recorder in recorders:
+            try:
+                recorder.wait(30)
+            except subprocess.TimeoutExpired:
+                recorder.send_signal(signal.SIGINT)
+                recorder.wait(10)
+    print(
+        f"\n({part}) studyq under py-spy: {out['rate']:,.0f} runs/s ({out['seconds']:.2f} s); "
+        f"stacks in {out_dir}"
+    )
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--repeats", type=int, default=None, help="repeats (default 3; 1 with --quick)"
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"smaller sizes: publish {QUICK.publish:,}, no-op {QUICK.noop:,}",
+    )
+    parser.add_argument(
+        "--only", action="append", choices=["a", "b", "c"], help="run only these parts"
+    )
+    parser.add_argument(
+        "--redis-db", type=int, default=12, help="Redis database number (default 12)"
+    )
+    parser.add_argument("--keep", action="store_true", help="keep the worker logs")
+    parser.add_argument("--check", action="store_true", help="exit 1 when a goal is missed")
+    parser.add_argument(
+        "--switch-interval",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="diagnostic: sys.setswitchinterval() in every worker (both sides)",
+    )
+    parser.add_argument(
+        "--profile",
+        metavar="DIR",
+        help="instead: where studyq's time per run goes (phase table), and "
+        "(b)'s studyq side under py-spy, stacks to DIR (--only c: (c)'s)",
+    )
+    parser.add_argument("--save", metavar="FILE", help="also write the measurements as JSON")
+    parser.add_argument(
+        "--from",
+        dest="from_file",
+        metavar="FILE",
+        help="print the tables of a run saved with --save, measure nothing",
+    )
+    parser.add_argument("--idle", action="store_true", help="with --profile: wall-clock stacks")
+    args = parser.parse_args(argv)
+    os.chdir(REPO_ROOT)
+    sys.path[:0] = [str(REPO_ROOT), str(BENCH_DIR)]
+    if args.switch_interval is not None:
+        os.environ["BENCH_SWITCH_INTERVAL"] = str(args.switch_interval)
+    if args.from_file:
+        return rerender(args.from_file)
+    return profile(args) if args.profile else run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
