@@ -335,6 +335,8 @@ def _flower(args: argparse.Namespace) -> int:
         "flower",
         f"--port={args.port}",
         f"--address={args.address}",
+        # Flower's default list hides args, which is where a run's readable name is.
+        "--tasks_columns=name,uuid,state,args,received,runtime,worker",
     ]
     if auth:
         argv.append(f"--basic-auth={auth}")
