@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.embedded import register
-from orchestrator.errors import StudyError
+from orchestrator.errors import StoreUnavailableError, StudyError
 from orchestrator.plan import prepare
 from orchestrator.progress import Progress
 from orchestrator.results import RunStatus
@@ -205,41 +205,50 @@ def wait_study(
             Progress(info.run_count, desc=study_id, show=show_progress, initial=done) as progress,
         ):
             while True:
-                if report.counts.get(RunStatus.PLANNED.value, 0):
-                    # A submit that died half way, or a resubmit from another machine.
-                    report.republished += _enqueue_planned(
-                        store,
-                        transport,
-                        study_id,
-                        labels=labels,
-                        queue=queue,
-                        timeout_s=run_timeout,
-                        batch=settings.publish_batch,
+                try:
+                    if report.counts.get(RunStatus.PLANNED.value, 0):
+                        # A submit that died half way, or a resubmit from another machine.
+                        report.republished += _enqueue_planned(
+                            store,
+                            transport,
+                            study_id,
+                            labels=labels,
+                            queue=queue,
+                            timeout_s=run_timeout,
+                            batch=settings.publish_batch,
+                        )
+                    pass_report = store.reconcile(
+                        study_id, queued_timeout_s=settings.queued_timeout_s
                     )
-                pass_report = store.reconcile(study_id, queued_timeout_s=settings.queued_timeout_s)
-                report.requeued += pass_report.requeued
-                report.failed_lost += pass_report.failed_lost
-                if pass_report.to_publish:
-                    report.republished += transport.publish(
-                        [
-                            (spec, attempt, labels.get(spec.condition_id, ""))
-                            for spec, attempt in pass_report.to_publish
-                        ],
-                        queue=queue,
-                        timeout_s=run_timeout,
+                    report.requeued += pass_report.requeued
+                    report.failed_lost += pass_report.failed_lost
+                    if pass_report.to_publish:
+                        report.republished += transport.publish(
+                            [
+                                (spec, attempt, labels.get(spec.condition_id, ""))
+                                for spec, attempt in pass_report.to_publish
+                            ],
+                            queue=queue,
+                            timeout_s=run_timeout,
+                        )
+                    if pass_report.changed:
+                        progress.write(
+                            f"reconcile: {pass_report.requeued} requeued (lease expired), "
+                            f"{pass_report.failed_lost} failed as lost, "
+                            f"{pass_report.stale_queued} re-published (never claimed)"
+                        )
+                    report.counts = store.count_by_status(study_id)
+                    progress.set_counts(
+                        _done(report.counts),
+                        report.counts.get(RunStatus.SUCCESS.value, 0),
+                        report.counts.get(RunStatus.FAILED.value, 0),
                     )
-                if pass_report.changed:
-                    progress.write(
-                        f"reconcile: {pass_report.requeued} requeued (lease expired), "
-                        f"{pass_report.failed_lost} failed as lost, "
-                        f"{pass_report.stale_queued} re-published (never claimed)"
-                    )
-                report.counts = store.count_by_status(study_id)
-                progress.set_counts(
-                    _done(report.counts),
-                    report.counts.get(RunStatus.SUCCESS.value, 0),
-                    report.counts.get(RunStatus.FAILED.value, 0),
-                )
+                except StoreUnavailableError as exc:
+                    # A database restart must not end the wait: workers retry their
+                    # writes, and the next pass picks up where this one stopped.
+                    progress.write(f"store unavailable, retrying: {exc}")
+                    time.sleep(settings.reconcile_interval_s)
+                    continue
                 if report.complete:
                     return report
                 if deadline is not None and time.monotonic() >= deadline:
