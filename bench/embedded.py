@@ -48,24 +48,22 @@ from a Python 3.12 unless ``--no-build``; if that fails too, upstream rows are s
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
 
+from _upstream import find_upstream_python
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
-UPSTREAM_VENV = REPO_ROOT / ".cache" / "upstream-venv"
-UPSTREAM_REQUIREMENT = "design-research-experiments==0.4.0"
 
 NOOP_GOAL = 10.0  # x upstream serial
 SLEEP_GOAL = 5.0  # x upstream at parallelism 32
@@ -356,87 +354,6 @@ def bench_export(study_id: str, url: str, runs: int) -> Sample:
     if result["runs"] != runs:
         raise RuntimeError(f"export wrote {result['runs']} runs, expected {runs}")
     return Sample(float(result["seconds"]), runs, rss, result)
-
-
-# --- the upstream interpreter (same search as bench/plan.py) ------------------------------
-
-
-def _has_upstream(python: str) -> bool:
-    probe = "import importlib.metadata as m; print(m.version('design-research-experiments'))"
-    try:
-        done = subprocess.run(
-            [python, "-c", probe],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-            env=_clean_env(),
-        )
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-    return done.returncode == 0 and done.stdout.strip() == "0.4.0"
-
-
-def _python312_candidates() -> Iterator[str]:
-    explicit = os.environ.get("STUDYQ_PY312")
-    if explicit:
-        yield explicit
-    on_path = shutil.which("python3.12")
-    if on_path:
-        yield on_path
-    pattern = str(Path.home() / ".pyenv" / "versions" / "3.12*" / "bin" / "python3.12")
-    yield from sorted(glob.glob(pattern), reverse=True)
-    yield from ("/usr/local/bin/python3.12", "/usr/bin/python3.12")
-
-
-def _build_upstream_venv() -> str | None:
-    version = "import sys; print('%d.%d' % sys.version_info[:2])"
-    for candidate in _python312_candidates():
-        try:
-            done = subprocess.run(
-                [candidate, "-c", version],
-                capture_output=True,
-                text=True,
-                timeout=20,
-                check=False,
-                env=_clean_env(),
-            )
-        except (OSError, subprocess.TimeoutExpired):
-            continue
-        if done.returncode != 0 or done.stdout.strip() != "3.12":
-            continue
-        print(f"building {UPSTREAM_VENV} with {candidate} ...", file=sys.stderr)
-        python = UPSTREAM_VENV / "bin" / "python"
-        try:
-            subprocess.run(
-                [candidate, "-m", "venv", str(UPSTREAM_VENV)],
-                check=True,
-                env=_clean_env(),
-                timeout=300,
-            )
-            subprocess.run(
-                [str(python), "-m", "pip", "install", "--quiet", UPSTREAM_REQUIREMENT],
-                check=True,
-                env=_clean_env(),
-                timeout=600,
-            )
-        except (OSError, subprocess.SubprocessError):
-            return None
-        return str(python) if _has_upstream(str(python)) else None
-    return None
-
-
-def find_upstream_python(*, build: bool) -> str | None:
-    """An interpreter with design-research-experiments 0.4.0, or None."""
-    candidates = [
-        os.environ.get("STUDYQ_UPSTREAM_PYTHON", ""),
-        str(UPSTREAM_VENV / "bin" / "python"),
-        "/tmp/dre/bin/python",
-    ]
-    for candidate in candidates:
-        if candidate and Path(candidate).exists() and _has_upstream(candidate):
-            return candidate
-    return _build_upstream_venv() if build else None
 
 
 # --- report -----------------------------------------------------------------------------

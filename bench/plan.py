@@ -34,22 +34,20 @@ if that fails too, the upstream rows print ``upstream: not installed``.
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from _upstream import clean_env, find_upstream_python
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
-UPSTREAM_VENV = REPO_ROOT / ".cache" / "upstream-venv"
-UPSTREAM_REQUIREMENT = "design-research-experiments==0.4.0"
 RSS_GOAL_MB = 200.0
 
 STUDYQ_RUNS = 1_000_000
@@ -198,91 +196,8 @@ def bench_studyq_inprocess(study: Path) -> Sample:
     return Sample(time.perf_counter() - started, count)
 
 
-def _clean_env() -> dict[str, str]:
-    hidden = {"PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV", "PYTHONSTARTUP"}
-    return {key: value for key, value in os.environ.items() if key not in hidden}
-
-
-def _has_upstream(python: str) -> bool:
-    probe = "import importlib.metadata as m; print(m.version('design-research-experiments'))"
-    try:
-        done = subprocess.run(
-            [python, "-c", probe],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-            env=_clean_env(),
-        )
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-    return done.returncode == 0 and done.stdout.strip() == "0.4.0"
-
-
-def _python312_candidates() -> Iterator[str]:
-    explicit = os.environ.get("STUDYQ_PY312")
-    if explicit:
-        yield explicit
-    on_path = shutil.which("python3.12")
-    if on_path:
-        yield on_path
-    pattern = str(Path.home() / ".pyenv" / "versions" / "3.12*" / "bin" / "python3.12")
-    yield from sorted(glob.glob(pattern), reverse=True)
-    yield from ("/usr/local/bin/python3.12", "/usr/bin/python3.12")
-
-
-def _build_upstream_venv() -> str | None:
-    version = "import sys; print('%d.%d' % sys.version_info[:2])"
-    for candidate in _python312_candidates():
-        try:
-            done = subprocess.run(
-                [candidate, "-c", version],
-                capture_output=True,
-                text=True,
-                timeout=20,
-                check=False,
-                env=_clean_env(),
-            )
-        except (OSError, subprocess.TimeoutExpired):
-            continue
-        if done.returncode != 0 or done.stdout.strip() != "3.12":
-            continue
-        print(f"building {UPSTREAM_VENV} with {candidate} ...", file=sys.stderr)
-        python = UPSTREAM_VENV / "bin" / "python"
-        try:
-            subprocess.run(
-                [candidate, "-m", "venv", str(UPSTREAM_VENV)],
-                check=True,
-                env=_clean_env(),
-                timeout=300,
-            )
-            subprocess.run(
-                [str(python), "-m", "pip", "install", "--quiet", UPSTREAM_REQUIREMENT],
-                check=True,
-                env=_clean_env(),
-                timeout=600,
-            )
-        except (OSError, subprocess.SubprocessError):
-            return None
-        return str(python) if _has_upstream(str(python)) else None
-    return None
-
-
-def find_upstream_python(*, build: bool) -> str | None:
-    """An interpreter with design-research-experiments 0.4.0, or None."""
-    candidates = [
-        os.environ.get("STUDYQ_UPSTREAM_PYTHON", ""),
-        str(UPSTREAM_VENV / "bin" / "python"),
-        "/tmp/dre/bin/python",
-    ]
-    for candidate in candidates:
-        if candidate and Path(candidate).exists() and _has_upstream(candidate):
-            return candidate
-    return _build_upstream_venv() if build else None
-
-
 def bench_upstream(python: str, study: Path) -> Sample:
-    _, stdout, rss = _wait([python, "-c", _UPSTREAM_CHILD, str(study)], env=_clean_env())
+    _, stdout, rss = _wait([python, "-c", _UPSTREAM_CHILD, str(study)], env=clean_env())
     result = json.loads(stdout.strip().splitlines()[-1])
     if result["runs"] != UPSTREAM_RUNS:
         raise RuntimeError(f"upstream planned {result['runs']} runs, expected {UPSTREAM_RUNS}")
