@@ -24,7 +24,7 @@ from orchestrator.canonical import canonical_json, hash_identifier
 from orchestrator.errors import Problem, StudyValidationError
 from orchestrator.study import Constraint, DesignKind, Factor, Study
 
-__all__ = ["Condition", "build_conditions"]
+__all__ = ["Condition", "build_conditions", "condition_label"]
 
 _ROW_KINDS = {
     DesignKind.LATIN_SQUARE,
@@ -52,11 +52,17 @@ class Condition:
     @property
     def label(self) -> str:
         """A short readable name for progress output and Flower."""
-        if "condition_label" in self.metadata:
-            return str(self.metadata["condition_label"])
-        parts = [f"{key}={value}" for key, value in self.factor_assignments.items()]
-        parts += [f"{key}={value}" for key, value in self.block_assignments.items()]
-        return ", ".join(parts) or self.condition_id
+        return condition_label(self)
+
+
+def condition_label(condition: Any) -> str:
+    """The readable name of a condition, planned or stored (anything with ``metadata``,
+    ``factor_assignments``, ``block_assignments`` and ``condition_id``)."""
+    if condition.metadata.get("condition_label"):
+        return str(condition.metadata["condition_label"])
+    parts = [f"{key}={value}" for key, value in condition.factor_assignments.items()]
+    parts += [f"{key}={value}" for key, value in condition.block_assignments.items()]
+    return ", ".join(parts) or str(condition.condition_id)
 
 
 def _rng(seed: Any) -> random.Random:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from orchestrator.designs import condition_label
 from orchestrator.embedded import register
 from orchestrator.errors import StoreUnavailableError, StudyError
 from orchestrator.plan import prepare
@@ -66,7 +67,7 @@ class SubmitReport:
 
 
 def _labels(conditions: Iterable[Any]) -> dict[str, str]:
-    return {condition.condition_id: condition.label for condition in conditions}
+    return {condition.condition_id: condition_label(condition) for condition in conditions}
 
 
 def _enqueue_planned(
@@ -197,7 +198,7 @@ def wait_study(
         execution = definition.get("execution") or {}
         queue = str(execution.get("queue", "studyq"))
         run_timeout = execution.get("timeout_s")
-        labels = {row.condition_id: _label(row) for row in store.iter_conditions(study_id)}
+        labels = _labels(store.iter_conditions(study_id))
         report = WaitReport(study_id, store.count_by_status(study_id))
         done = _done(report.counts)
         with (
@@ -257,14 +258,6 @@ def wait_study(
                 time.sleep(settings.reconcile_interval_s)
 
 
-def _label(row: Any) -> str:
-    label = row.metadata.get("condition_label") if isinstance(row.metadata, dict) else None
-    if label:
-        return str(label)
-    parts = [f"{key}={value}" for key, value in row.factor_assignments.items()]
-    return ", ".join(parts) or str(row.condition_id)
-
-
 def _done(counts: Mapping[str, int]) -> int:
     terminal = (RunStatus.SUCCESS, RunStatus.FAILED, RunStatus.CANCELLED)
     return sum(counts.get(status.value, 0) for status in terminal)
@@ -294,7 +287,7 @@ def resubmit(
             study_id, statuses=list(statuses), error_contains=error_contains, where=where
         )
         execution = info.definition.get("execution") or {}
-        labels = {row.condition_id: _label(row) for row in store.iter_conditions(study_id)}
+        labels = _labels(store.iter_conditions(study_id))
         published = 0
         if moved:
             with CeleryTransport(settings, broker_url) as transport:
