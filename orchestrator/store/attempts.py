@@ -16,12 +16,18 @@ Clock. Leases are computed in SQL with the database clock (:mod:`.sqltypes`); th
 ``RunResult`` are the worker's and are only recorded, never compared.
 
 Speed. These run prebuilt statements with bound parameters: building an ORM-aware
-``UPDATE`` costs ~0.5 ms of Python per call, more than the statement takes on SQLite.
+``UPDATE`` costs ~0.5 ms of Python per call, more than the statement takes on SQLite. On
+PostgreSQL, :func:`claim` and :func:`finish` are each **one statement** (data-modifying CTEs:
+the run's ``UPDATE`` and the rows that depend on it go together), which the store runs in
+autocommit: one round trip per claim and per result instead of six and seven, which is most
+of a worker's cost per run (docs/benchmarks.md). The statements do exactly what the portable
+sequence does on SQLite; the store tests run both.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import UTC
 from typing import Any
 
 from sqlalchemy import bindparam, insert, select, update
@@ -30,6 +36,7 @@ from sqlalchemy.engine import Connection
 from orchestrator.canonical import to_jsonable
 from orchestrator.errors import StoreError
 from orchestrator.results import ErrorKind, RunResult, RunStatus
+from orchestrator.store.engine import json_dumps
 from orchestrator.store.models import AttemptOutcome, AttemptRow, EvaluationRow, EventRow, RunRow
 from orchestrator.store.predicates import FENCE, FINISH_FENCE, fence_params, in_chunks
 from orchestrator.store.records import Claim
@@ -146,6 +153,8 @@ def claim(
     statuses = [RunStatus.QUEUED.value]
     if allow_planned:
         statuses.append(RunStatus.PLANNED.value)
+    if connection.dialect.name == "postgresql":
+        return _claim_pg(connection, study_id, indices, worker, lease_s, statuses)
     won: list[Any] = []  # Row[...] is typed per column list; the fields are read by name
     for chunk in in_chunks(indices):
         won.extend(
@@ -182,6 +191,56 @@ def claim(
         Claim(study_id, row.plan_index, row.run_id, row.attempt, worker, row.lease_expires_at)
         for row in won
     ]
+
+
+_CLAIM_PG = f"""
+WITH claimed AS (
+    UPDATE runs SET status = '{RunStatus.RUNNING.value}', attempt = attempt + 1,
+        attempts_used = attempts_used + 1, lease_owner = %(worker)s,
+        lease_expires_at = now() + make_interval(secs => CAST(%(seconds)s AS double precision)),
+        started_at = now()
+    WHERE study_id = %(study_id)s AND plan_index = ANY(%(indices)s)
+        AND status = ANY(%(statuses)s) AND attempts_used < max_attempts
+        AND set_config('synchronous_commit', 'off', true) = 'off'
+    RETURNING plan_index, run_id, attempt, lease_expires_at, started_at
+), history AS (
+    INSERT INTO run_attempts (study_id, plan_index, attempt, run_id, worker, started_at, outcome)
+    SELECT %(study_id)s, plan_index, attempt, run_id, %(worker)s, started_at,
+        '{AttemptOutcome.RUNNING}'
+    FROM claimed
+)
+SELECT plan_index, run_id, attempt, lease_expires_at FROM claimed ORDER BY plan_index
+"""
+"""The claim on PostgreSQL: one statement. ``set_config`` makes this transaction's commit
+asynchronous (see ``ResultStore._fast_commit``); it is evaluated only for rows that pass the
+other conditions, so a claim that wins nothing writes nothing."""
+
+
+def _claim_pg(
+    connection: Connection,
+    study_id: str,
+    indices: Sequence[int],
+    worker: str,
+    lease_s: float,
+    statuses: list[str],
+) -> list[Claim]:
+    claims: list[Claim] = []
+    for chunk in in_chunks(indices):
+        rows = connection.exec_driver_sql(
+            _CLAIM_PG,
+            {
+                "study_id": study_id,
+                "indices": list(chunk),
+                "statuses": statuses,
+                "worker": worker,
+                "seconds": float(lease_s),
+            },
+        ).all()
+        claims.extend(
+            Claim(study_id, index, run_id, attempt, worker, expires.astimezone(UTC))
+            for index, run_id, attempt, expires in rows
+        )
+    return claims
 
 
 def heartbeat(connection: Connection, claim: Claim, lease_s: float) -> bool:
@@ -382,6 +441,8 @@ def finish(connection: Connection, items: Sequence[tuple[Claim, RunResult]]) -> 
     events and attempt history written in the caller's transaction; a claim that lost (stale
     attempt, reclaimed, cancelled, already finished) writes nothing. Returns one bool per item.
     """
+    if connection.dialect.name == "postgresql":
+        return [_finish_pg(connection, item_claim, result) for item_claim, result in items]
     won: list[bool] = []
     evaluations: list[dict[str, Any]] = []
     events: list[dict[str, Any]] = []
@@ -390,11 +451,7 @@ def finish(connection: Connection, items: Sequence[tuple[Claim, RunResult]]) -> 
     holding = set() if single else _still_holding(connection, [claim for claim, _ in items])
     updates: list[dict[str, Any]] = []
     for item_claim, result in items:
-        if result.run_id != item_claim.run_id:
-            raise StoreError(
-                f"Result for run {result.run_id} handed in with the claim of "
-                f"{item_claim.run_id} (study {item_claim.study_id}, index {item_claim.index})."
-            )
+        _check_result(item_claim, result)
         if not single and item_claim not in holding:
             won.append(False)
             continue
@@ -435,6 +492,95 @@ def finish(connection: Connection, items: Sequence[tuple[Claim, RunResult]]) -> 
     for study_id, rows in ended.items():
         close_attempts(connection, study_id, rows)
     return won
+
+
+def _check_result(claim: Claim, result: RunResult) -> None:
+    if result.run_id != claim.run_id:
+        raise StoreError(
+            f"Result for run {result.run_id} handed in with the claim of "
+            f"{claim.run_id} (study {claim.study_id}, index {claim.index})."
+        )
+
+
+_JSON_RESULT_COLUMNS = frozenset(
+    ("outputs", "metrics", "primary_outcome", "trace_refs", "provenance")
+)
+_EVALUATION_FIELDS = ("seq", *EVALUATION_COLUMNS, "extra")
+_EVENT_FIELDS = ("seq", *EVENT_COLUMNS, "meta_json", "extra")
+
+
+def _pg_value(name: str, value: Any) -> Any:
+    return json_dumps(value) if name in _JSON_RESULT_COLUMNS and value is not None else value
+
+
+def _quoted(names: Sequence[str]) -> str:
+    return ", ".join(f'"{name}"' for name in names)
+
+
+_FINISH_PG = f"""
+WITH finished AS (
+    UPDATE runs SET lease_expires_at = NULL, {
+    ", ".join(
+        f'"{name}" = CAST(%(r_{name})s AS jsonb)'
+        if name in _JSON_RESULT_COLUMNS
+        else f'"{name}" = %(r_{name})s'
+        for name in _RESULT_COLUMNS
+    )
+}
+    WHERE study_id = %(study_id)s AND plan_index = %(plan_index)s AND attempt = %(attempt)s
+        AND ((status = '{RunStatus.RUNNING.value}' AND lease_owner = %(worker)s)
+             OR (status = '{RunStatus.QUEUED.value}' AND lease_owner IS NULL))
+    RETURNING plan_index
+), evaluations_written AS (
+    INSERT INTO evaluations (study_id, plan_index, run_id, attempt, {_quoted(_EVALUATION_FIELDS)})
+    SELECT %(study_id)s, finished.plan_index, %(run_id)s, %(attempt)s, {
+    ", ".join(f'e."{name}"' for name in _EVALUATION_FIELDS)
+}
+    FROM finished, json_to_recordset(CAST(%(evaluations)s AS json)) AS e(
+        seq integer, evaluator_id text, metric_name text, metric_value jsonb, metric_unit text,
+        aggregation_level text, notes_json jsonb, extra json)
+), events_written AS (
+    INSERT INTO events (study_id, plan_index, run_id, attempt, {_quoted(_EVENT_FIELDS)})
+    SELECT %(study_id)s, finished.plan_index, %(run_id)s, %(attempt)s, {
+    ", ".join(f'e."{name}"' for name in _EVENT_FIELDS)
+}
+    FROM finished, json_to_recordset(CAST(%(events)s AS json)) AS e(
+        seq integer, "timestamp" text, record_id text, "text" text, session_id text,
+        actor_id text, event_type text, meta_json jsonb, extra json)
+), attempt_closed AS (
+    UPDATE run_attempts SET ended_at = now(), outcome = %(r_status)s,
+        error_kind = %(r_error_kind)s, error_type = %(r_error_type)s,
+        error_message = %(r_error_message)s
+    WHERE study_id = %(study_id)s AND plan_index = %(plan_index)s AND attempt = %(attempt)s
+        AND EXISTS (SELECT FROM finished)
+)
+SELECT count(*) FROM finished
+"""
+"""A result on PostgreSQL: the fenced ``UPDATE`` (:data:`FINISH_FENCE`) and, only if it
+matched, the evaluations, events and attempt history, in one statement."""
+
+
+def _finish_pg(connection: Connection, claim: Claim, result: RunResult) -> bool:
+    _check_result(claim, result)
+    values = _result_values(result)
+    evaluations = [
+        {name: row[name] for name in _EVALUATION_FIELDS}
+        for row in _evaluation_rows(claim, result.evaluations)
+    ]
+    events = [
+        {name: row[name] for name in _EVENT_FIELDS} for row in _event_rows(claim, result.events)
+    ]
+    params = {f"r_{name}": _pg_value(name, value) for name, value in values.items()}
+    params.update(
+        study_id=claim.study_id,
+        plan_index=claim.index,
+        attempt=claim.attempt,
+        worker=claim.worker,
+        run_id=claim.run_id,
+        evaluations=json_dumps(evaluations),
+        events=json_dumps(events),
+    )
+    return bool(connection.exec_driver_sql(_FINISH_PG, params).scalar_one())
 
 
 def _still_holding(connection: Connection, claims: Sequence[Claim]) -> set[Claim]:

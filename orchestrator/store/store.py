@@ -22,6 +22,7 @@ from orchestrator.runspec import RunSpec
 from orchestrator.store import attempts, queries, recovery, registration
 from orchestrator.store.engine import DEFAULT_URL, create_engine_for, mask_url, transaction
 from orchestrator.store.models import StudyRow
+from orchestrator.store.predicates import IN_CHUNK
 from orchestrator.store.records import (
     AttemptRecord,
     Claim,
@@ -46,7 +47,8 @@ DEFAULT_MAX_ATTEMPTS = 3
 def _fast_commit(connection: Any) -> None:
     """Claims, heartbeats and releases need not wait for the WAL flush on PostgreSQL: if the
     server crashes and loses one, the run is merely claimable again (and the executing
-    worker's fenced result is refused), never duplicated. Results stay fully durable."""
+    worker's fenced result is refused), never duplicated. Results stay fully durable. (The
+    claim statement sets this itself: it runs in autocommit, as its own transaction.)"""
     if connection.dialect.name == "postgresql":
         connection.exec_driver_sql("SET LOCAL synchronous_commit = off")
 
@@ -241,8 +243,9 @@ class ResultStore:
     ) -> list[Claim]:
         """:meth:`claim_run` for many runs in one statement (the embedded executor's batch);
         returns the claims won, in plan order."""
-        with transaction(self.engine) as connection:
-            _fast_commit(connection)
+        # One statement on PostgreSQL (it makes its own commit asynchronous); on SQLite
+        # two, in one transaction.
+        with transaction(self.engine, single_statement=len(indices) <= IN_CHUNK) as connection:
             return attempts.claim(
                 connection,
                 study_id,
@@ -271,8 +274,11 @@ class ResultStore:
     def finish_runs_batch(self, items: Iterable[tuple[Claim, RunResult]]) -> list[bool]:
         """:meth:`finish_run` for many runs in one transaction (the embedded fast path); each
         is fenced on its own. Returns one bool per item, in order."""
-        with transaction(self.engine) as connection:
-            return attempts.finish(connection, list(items))
+        batch = list(items)
+        # One result is one statement on PostgreSQL; a batch shares one transaction (and
+        # one wait for the WAL flush).
+        with transaction(self.engine, single_statement=len(batch) == 1) as connection:
+            return attempts.finish(connection, batch)
 
     def release_run(self, claim: Claim) -> bool:
         """Warm shutdown: hand the run back to ``queued`` without charging the attempt."""

@@ -344,3 +344,70 @@ def test_a_queued_run_without_attempts_left_is_not_claimable(queued: ResultStore
 
     # Then no worker can start it; it waits for a resubmit
     assert queued.claim_run(STUDY_ID, 0, worker="w", lease_s=60) is None
+
+
+def _awkward_result(held: Claim) -> object:
+    """A result with every value a store can mangle: NaN and infinities, NUL characters,
+    JSON nulls, nested key order, non-ASCII text, an event without text."""
+    base = make_result(held)
+    return replace(
+        base,
+        outputs={"text": "nul\x00here ünï", "nested": {"z": 1, "a": [1.5, None]}},
+        metrics={"primary_outcome": float("nan"), "cost_usd": float("inf"), "input_tokens": 7},
+        evaluations=[
+            {"metric_name": "nan", "metric_value": float("nan"), "z_extra": {"b": 1, "a": 2}},
+            {"metric_name": "none", "metric_value": None, "notes_json": {"k": [None]}},
+            {"metric_name": "text", "metric_value": "high\x00", "evaluator_id": None, "a": 1},
+        ],
+        events=[
+            {"event_type": "x", "meta_json": None, "extra_key": "é"},
+            {"text": "t\x00", "timestamp": "2026-01-01T00:00:00Z", "record_id": 5},
+        ],
+    )
+
+
+def _stored(store: ResultStore, index: int) -> tuple[object, ...]:
+    run = store.find_run(STUDY_ID, index)
+    assert run is not None
+    evaluations = [e for e in store.iter_evaluations(STUDY_ID) if e.index == index]
+    events = [e for e in store.iter_events(STUDY_ID) if e.index == index]
+    return (
+        run.status,
+        run.outputs,
+        run.metrics,
+        run.primary_outcome,
+        run.cost_usd,
+        [(e.seq, e.metric_name, e.metric_value, e.evaluator_id, e.notes_json) for e in evaluations],
+        [list(e.extra.items()) for e in evaluations],
+        [(e.seq, e.event_type, e.text, e.timestamp, e.record_id, e.meta_json) for e in events],
+        [list(e.extra.items()) for e in events],
+    )
+
+
+def test_one_result_and_a_batch_store_the_same_values(queued: ResultStore) -> None:
+    """On PostgreSQL a single result is one statement and a batch is a transaction of them;
+    on SQLite both are the portable sequence: every path stores the same values."""
+    alone = claim(queued, 0)
+    batch = [claim(queued, 1), claim(queued, 2)]
+
+    assert queued.finish_run(alone, _awkward_result(alone)) is True  # type: ignore[arg-type]
+    assert queued.finish_runs_batch([(c, _awkward_result(c)) for c in batch]) == [True, True]  # type: ignore[misc]
+
+    stored = [_stored(queued, index) for index in (0, 1, 2)]
+    assert stored[0] == stored[1] == stored[2]
+    status, outputs, metrics, primary, cost, evaluations, extras, events, event_extras = stored[0]
+    assert status == "success"
+    assert metrics == {"primary_outcome": "NaN", "cost_usd": "Infinity", "input_tokens": 7}
+    assert outputs == {"text": "nul\ufffdhere ünï", "nested": {"z": 1, "a": [1.5, None]}}
+    assert (primary, cost) == ("NaN", float("inf"))
+    assert evaluations == [
+        (0, "nan", "NaN", None, None),
+        (1, "none", None, None, {"k": [None]}),
+        (2, "text", "high\ufffd", None, None),
+    ]
+    assert extras == [[("z_extra", {"b": 1, "a": 2})], [], [("a", 1)]]
+    assert events == [
+        (0, "x", None, None, None, None),
+        (1, None, "t\ufffd", "2026-01-01T00:00:00Z", "5", None),
+    ]
+    assert event_extras == [[("extra_key", "é")], []]
