@@ -14,7 +14,8 @@ Configuration, and why:
   produces are refused by the claim (see :mod:`workers.runtask`).
 * ``visibility_timeout`` (``STUDYQ_VISIBILITY_TIMEOUT_S``, 2 h): Redis redelivers a message
   nobody acknowledged after this long; it must exceed the longest run's hard limit.
-* Task events on, ``task-sent`` included: Flower sees every run by its readable name.
+* Task events on, ``task-sent`` included: Flower sees every run by its readable name. The
+  worker sends them in batches (:mod:`workers.consumer`), at most 0.1 s late.
 * ``task_ignore_result``: results live in the store, not in a result backend.
 * ``worker_cancel_long_running_tasks_on_connection_loss=False``: a Redis blip must not kill
   running agents; their results go to the database, and a redelivered duplicate is refused.
@@ -96,7 +97,7 @@ class StudyqCelery(Celery):  # type: ignore[misc]  # Celery ships no type hints
             if runtime is not None:
                 runtime.abandon_after_fork()
             name = worker_name(nodename or f"celery@{os.uname().nodename}")
-            self._runtime = WorkerRuntime(self.settings, worker=name)
+            self._runtime = WorkerRuntime(self.settings, worker=name, write_behind=True)
             return self._runtime
 
     def runtime_if_created(self) -> WorkerRuntime | None:
@@ -134,6 +135,7 @@ def create_app(settings: Settings | None = None) -> StudyqCelery:
         task_ignore_result=True,
         worker_send_task_events=True,
         task_send_sent_event=True,
+        worker_consumer="workers.consumer:StudyqConsumer",
         task_default_queue=DEFAULT_QUEUE,
         worker_cancel_long_running_tasks_on_connection_loss=False,
         enable_utc=True,
@@ -186,7 +188,18 @@ def _connect_worker_signals(app: StudyqCelery) -> None:
         app._shutdown_timer = timer
         timer.start()
 
+    def on_process_shutdown(**_: Any) -> None:
+        # A prefork child about to exit (also at a warm shutdown's end), or the worker's
+        # main process once its pool stopped (solo, threads): write the pending results.
+        runtime = app.runtime_if_created()
+        if runtime is not None:
+            runtime.drain()
+
     signals.celeryd_init.connect(on_worker_init, weak=False, dispatch_uid=f"{uid}-init")
+    signals.worker_process_shutdown.connect(
+        on_process_shutdown, weak=False, dispatch_uid=f"{uid}-proc-down"
+    )
+    signals.worker_shutdown.connect(on_process_shutdown, weak=False, dispatch_uid=f"{uid}-down-end")
     signals.worker_process_init.connect(on_process_init, weak=False, dispatch_uid=f"{uid}-proc")
     signals.worker_shutting_down.connect(on_shutting_down, weak=False, dispatch_uid=f"{uid}-down")
 

@@ -5,7 +5,8 @@
     parse ─► study context (cached) ─► claim (lease) ─┬─► not claimable: acknowledge, count
                                                       └─► supervise ─► execute_run ─► record
 
-* **Claim.** ``store.claim_run`` moves the run ``queued -> running`` with a lease. A run that is
+* **Claim.** ``store.claim_runs`` moves the run ``queued -> running`` with a lease (together
+  with the claims of concurrent deliveries: :mod:`workers.claims`). A run that is
   finished, cancelled, running under a live lease or out of attempts is not claimable: the
   delivery is a duplicate (a redelivery after a lost worker, a republish by the reconcile
   loop, a second ``submit``). It is acknowledged, logged at INFO and counted, never executed.
@@ -15,12 +16,15 @@
 * **Execute.** :func:`~workers.execution.execute_run`, the function both executors call. On
   the main thread (prefork child, solo pool) the run is interruptible: the soft limit
   (``execution.timeout_s``) raises inside the agent and the run fails as ``timeout``.
-* **Record.** ``store.finish_run`` writes the result in one transaction, fenced on the claim's
-  attempt. Through a database outage the write is retried with capped exponential backoff for
-  ``result_retry_s`` (each retry logged), with ``SIGTERM`` held back so a shutdown cannot roll
-  it back. The agent is never called again because a write failed: the result, not the run,
-  is retried. A refused write (the lease was lost and the run re-claimed: a stale attempt)
-  writes nothing and is counted.
+* **Record.** The result is written fenced on the claim's attempt (one statement on
+  PostgreSQL). Through a database outage the write is retried with capped exponential
+  backoff for ``result_retry_s`` (each retry logged). The agent is never called again
+  because a write failed: the result, not the run, is retried. A refused write (the lease
+  was lost and the run re-claimed: a stale attempt) writes nothing and is counted. Under
+  Celery the write happens behind the run, on the process's writer thread
+  (:mod:`workers.writer`), so the task returns (and its message is acknowledged) while the
+  result is being written; called directly, :func:`run_delivery` writes before it returns,
+  with ``SIGTERM`` held back so a shutdown cannot roll the write back.
 
 What a process keeps between deliveries (store, study contexts, counters) is its
 :class:`~workers.runtime.WorkerRuntime`.
@@ -124,9 +128,7 @@ def run_delivery(runtime: WorkerRuntime, message: Mapping[str, Any], attempt: in
     settings = runtime.settings
     with deferred_termination() as stop_requested:
         claim = retry_unavailable(
-            lambda: runtime.store.claim_run(
-                spec.study_id, spec.index, worker=runtime.worker, lease_s=settings.lease_s
-            ),
+            lambda: runtime.claims.claim(spec.study_id, spec.index),
             what=f"claiming run {spec.run_id} (index {spec.index}) of {spec.study_id}",
             budget_s=settings.result_retry_s,
             log=log,
@@ -239,44 +241,15 @@ def _execute(runtime: WorkerRuntime, study: StudyContext, spec: RunSpec, claim: 
 
 
 def _record(runtime: WorkerRuntime, claim: Claim, result: RunResult) -> Outcome:
-    """Write the result, retrying through an outage; never re-executes the run."""
-    what = f"recording the result of run {claim.run_id} (index {claim.index}) of {claim.study_id}"
-    try:
-        with deferred_termination():
-            won = retry_unavailable(
-                lambda: runtime.store.finish_run(claim, result),
-                what=what,
-                budget_s=runtime.settings.result_retry_s,
-                log=log,
-            )
-    except StoreError as error:
-        count = runtime.count(Outcome.NOT_RECORDED)
-        log.error(
-            "result of run %s (index %d, attempt %d) of %s was NOT recorded (%s: %s) [%d so "
-            "far]; its lease will expire and the coordinator will re-queue the run",
-            claim.run_id,
-            claim.index,
-            claim.attempt,
-            claim.study_id,
-            result.status.value,
-            error,
-            count,
-        )
-        return Outcome.NOT_RECORDED
-    if not won:
-        count = runtime.count(Outcome.REFUSED)
-        log.warning(
-            "result of run %s (index %d, attempt %d) of %s refused: the run is no longer this "
-            "worker's (lease expired and re-claimed, or cancelled) [%d so far]",
-            claim.run_id,
-            claim.index,
-            claim.attempt,
-            claim.study_id,
-            count,
-        )
-        return Outcome.REFUSED
-    runtime.count(result.status.value)
-    return Outcome.SUCCESS if result.status is RunStatus.SUCCESS else Outcome.FAILED
+    """Write the result (retrying through an outage; the run is never re-executed), or hand
+    it to the process's writer thread (:mod:`workers.writer`) and return the run's own
+    status: under Celery the write then overlaps the delivery of the next run."""
+    if runtime.write_behind:
+        runtime.writer.submit(claim, result)
+        return Outcome.SUCCESS if result.status is RunStatus.SUCCESS else Outcome.FAILED
+    with deferred_termination():
+        [outcome] = runtime.writer.write([(claim, result)])
+    return Outcome(outcome)
 
 
 def _unrunnable(spec: RunSpec, claim: Claim, problem: str) -> RunResult:

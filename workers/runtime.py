@@ -21,10 +21,12 @@ from pydantic import ValidationError
 from orchestrator.extensions import Bindings, ExecutionPolicy
 from orchestrator.store import ResultStore, StudyInfo, create_engine_for
 from workers.bindings import Resolver
+from workers.claims import ClaimBatcher
 from workers.config import WorkerSettings
 from workers.heartbeat import LeaseKeeper, RunSupervisor
 from workers.interrupt import MainThreadInterrupt
 from workers.retrying import retry_unavailable
+from workers.writer import ResultWriter
 
 __all__ = ["StudyContext", "WorkerRuntime", "worker_name"]
 
@@ -83,22 +85,55 @@ class WorkerRuntime:
     """
 
     def __init__(
-        self, settings: WorkerSettings, *, worker: str, store: ResultStore | None = None
+        self,
+        settings: WorkerSettings,
+        *,
+        worker: str,
+        store: ResultStore | None = None,
+        write_behind: bool = False,
     ) -> None:
+        """``write_behind``: results go to :attr:`writer`'s thread and a delivery returns
+        before its result is written (the Celery worker; see :mod:`workers.writer`);
+        otherwise a delivery writes its result before it returns."""
         self.settings = settings
         self.worker = worker
         self.pid = os.getpid()
-        self.store = store or ResultStore(create_engine_for(settings.database_url))
+        # No pre-ping: it is one more round trip per claim and per result. A connection the
+        # server dropped fails its statement instead, SQLAlchemy discards the pool's older
+        # connections, and the write is retried (workers.retrying).
+        self.store = store or ResultStore(
+            create_engine_for(settings.database_url, pool_pre_ping=False)
+        )
         self.interrupt = MainThreadInterrupt()
         self.keeper = LeaseKeeper()
         self.counters: Counter[str] = Counter()
+        self.claims = ClaimBatcher(self.store, worker=worker, lease_s=settings.lease_s)
+        self.write_behind = write_behind
+        self.writer = ResultWriter(self.store, retry_s=settings.result_retry_s, count=self.count)
         self._studies: dict[str, StudyContext] = {}
         self._lock = threading.Lock()
         self._active: set[RunSupervisor] = set()
         self._shutting_down = False
 
+    def drain(self) -> bool:
+        """Wait (up to ``result_retry_s``) for the results still being written; False if some
+        were not. Called before the process exits."""
+        pending = self.writer.pending
+        if not pending:
+            return True
+        log.info("waiting for %d result(s) to be written before exiting", pending)
+        written = self.writer.drain(self.settings.result_retry_s)
+        if not written:
+            log.error(
+                "%d result(s) not written before exiting; their leases will expire and the "
+                "coordinator will re-queue those runs",
+                self.writer.pending,
+            )
+        return written
+
     def close(self) -> None:
-        """Release the database connections."""
+        """Write what is pending, then release the database connections."""
+        self.drain()
         self.store.close()
 
     def abandon_after_fork(self) -> None:

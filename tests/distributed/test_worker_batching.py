@@ -1,0 +1,147 @@
+"""A worker process's claim batching (``workers.claims``) and write-behind results
+(``workers.writer``), on real stores: concurrent callers share statements, nobody gets a run
+twice, and every result handed in is written, refused or reported, never dropped."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import Counter
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+from dist_studies import make_sweep
+from sqlalchemy import event
+
+from orchestrator.errors import StoreUnavailableError
+from orchestrator.results import RunResult, RunStatus
+from orchestrator.store import Claim, ResultStore, create_engine_for
+from workers.claims import ClaimBatcher
+from workers.runtask import Outcome, run_delivery
+from workers.writer import ResultWriter
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
+
+
+def _count_statements(store: ResultStore) -> list[str]:
+    seen: list[str] = []
+    event.listen(store.engine, "before_cursor_execute", lambda *a, **k: seen.append(a[2]))
+    return seen
+
+
+def _result(claim: Claim, status: RunStatus = RunStatus.SUCCESS, **extra: Any) -> RunResult:
+    now = datetime.now(UTC)
+    return RunResult(run_id=claim.run_id, status=status, started_at=now, ended_at=now, **extra)
+
+
+def test_concurrent_claims_share_statements_and_each_run_is_claimed_once(store: ResultStore):
+    # Given 40 queued runs and a batcher that 40 threads (one per run, plus a duplicate
+    # delivery for every fourth run) use at once
+    sweep = make_sweep(store, agents=["noop"], replicates=40)
+    batcher = ClaimBatcher(store, worker="w@h:1", lease_s=60)
+    statements = _count_statements(store)
+    indices = [spec.index for spec in sweep.specs] + [s.index for s in sweep.specs[::4]]
+    start = threading.Barrier(len(indices))
+    won: list[Claim | None] = [None] * len(indices)
+
+    def claim(slot: int) -> None:
+        start.wait()
+        won[slot] = batcher.claim(sweep.study_id, indices[slot])
+
+    threads = [threading.Thread(target=claim, args=(i,)) for i in range(len(indices))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    # Then every run was claimed exactly once (the duplicate deliveries got nothing)
+    claimed = Counter(c.index for c in won if c is not None)
+    assert sorted(claimed) == [spec.index for spec in sweep.specs]
+    assert set(claimed.values()) == {1}
+    assert sum(c is None for c in won) == len(sweep.specs[::4])
+    assert store.count_by_status(sweep.study_id)["running"] == 40
+    # ...in fewer statements than callers: concurrent callers were claimed together
+    claims_made = [s for s in statements if "UPDATE runs" in s or "update runs" in s.lower()]
+    assert 1 <= len(claims_made) < len(indices)
+
+
+def test_a_claim_that_fails_reaches_every_caller_of_its_statement(store: ResultStore):
+    # Given a batcher whose store is closed and points nowhere
+    sweep = make_sweep(store, agents=["noop"])
+    broken = ResultStore(
+        create_engine_for("postgresql+psycopg://nobody@127.0.0.1:1/none?connect_timeout=1")
+    )
+    batcher = ClaimBatcher(broken, worker="w@h:1", lease_s=60)
+    # Then the caller gets the store's error, and the batcher is usable again afterwards
+    with pytest.raises(StoreUnavailableError):
+        batcher.claim(sweep.study_id, 0)
+    with pytest.raises(StoreUnavailableError):
+        batcher.claim(sweep.study_id, 0)
+
+
+def test_the_writer_writes_everything_handed_in_and_drain_waits_for_it(store: ResultStore):
+    # Given 30 claimed runs whose results are handed to the writer from several threads
+    sweep = make_sweep(store, agents=["noop"], replicates=30)
+    claims = store.claim_runs(
+        sweep.study_id, [s.index for s in sweep.specs], worker="w", lease_s=60
+    )
+    counts: Counter[str] = Counter()
+    lock = threading.Lock()
+
+    def count(what: str) -> int:
+        with lock:
+            counts[what] += 1
+            return counts[what]
+
+    writer = ResultWriter(store, retry_s=5.0, count=count)
+    threads = [
+        threading.Thread(target=writer.submit, args=(claim, _result(claim))) for claim in claims
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    # When the writer is drained
+    assert writer.drain(timeout_s=20) is True
+    # Then every result is in the store and counted, nothing is pending
+    assert writer.pending == 0
+    assert store.count_by_status(sweep.study_id)["success"] == 30
+    assert counts == {"success": 30}
+
+
+def test_a_refused_result_is_counted_and_does_not_block_the_others(
+    store: ResultStore, caplog: pytest.LogCaptureFixture
+):
+    # Given two claims, one of them stale (the run was released and claimed again since)
+    sweep = make_sweep(store, agents=["noop"], replicates=2)
+    first, second = store.claim_runs(sweep.study_id, [0, 1], worker="w", lease_s=60)
+    assert store.release_run(first)
+    store.claim_run(sweep.study_id, 0, worker="other", lease_s=60)
+    counts: Counter[str] = Counter()
+    writer = ResultWriter(store, retry_s=5.0, count=lambda what: counts.update([what]) or 0)
+    # When both results are written in one batch
+    with caplog.at_level(logging.WARNING, logger="studyq.worker"):
+        outcomes = writer.write([(first, _result(first)), (second, _result(second))])
+    # Then the stale one is refused (and logged), the other recorded
+    assert outcomes == ["refused", "success"]
+    assert counts == {"refused": 1, "success": 1}
+    assert "refused" in caplog.text
+    run = store.find_run(sweep.study_id, 0)
+    assert run is not None and (run.status, run.lease_owner) == ("running", "other")
+
+
+def test_a_delivery_under_write_behind_returns_before_its_result_is_written(
+    store: ResultStore, runtime_for
+):
+    # Given a runtime that writes results behind the run, as the Celery worker's does
+    sweep = make_sweep(store, agents=["noop"], replicates=5)
+    runtime = runtime_for(store)
+    runtime.write_behind = True
+    # When five runs are delivered
+    outcomes = [run_delivery(runtime, spec.to_message(), 0) for spec in sweep.specs]
+    # Then each returns its run's own outcome, and after the drain every result is stored
+    assert outcomes == [Outcome.SUCCESS] * 5
+    assert runtime.drain() is True
+    assert store.count_by_status(sweep.study_id)["success"] == 5
+    assert runtime.counters["success"] == 5
