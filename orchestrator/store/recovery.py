@@ -4,6 +4,15 @@ Each takes a :class:`~sqlalchemy.engine.Connection` inside the caller's transact
 many runs with conditional ``UPDATE`` statements and reports what it did; publishing the
 runs it hands back is the caller's job, after the commit (rq's registry cleanup, optuna's
 stale-trial fail).
+
+On PostgreSQL the coordinator's passes never wait on a row another session holds locked: a
+worker frozen (SIGSTOP, a paused VM, a network partition) between its ``UPDATE`` and its
+``COMMIT`` keeps its run's row lock for as long as the server keeps its session, hours with
+default TCP keepalives. :func:`reconcile` and :func:`recover_orphans` therefore select the rows
+they change with ``FOR UPDATE SKIP LOCKED`` and leave a locked run to a later pass, and bound
+every other lock wait of their transaction with ``lock_timeout``
+(:data:`RECONCILE_LOCK_TIMEOUT_MS`). SQLite has no row locks and a single writer, so there
+the statements stay plain ``UPDATE`` statements.
 """
 
 from __future__ import annotations
@@ -30,7 +39,21 @@ from orchestrator.store.predicates import in_chunks, where_filters, where_lease_
 from orchestrator.store.records import ReconcileReport, spec_from_row
 from orchestrator.store.sqltypes import db_now, db_now_plus
 
-__all__ = ["cancel", "reconcile", "recover_orphans", "requeue_for_resubmit"]
+__all__ = [
+    "RECONCILE_LOCK_TIMEOUT_MS",
+    "cancel",
+    "reconcile",
+    "recover_orphans",
+    "requeue_for_resubmit",
+]
+
+RECONCILE_LOCK_TIMEOUT_MS = 5_000
+"""Longest a reconcile statement waits for a lock on PostgreSQL (``SET LOCAL lock_timeout``).
+
+Row locks held by workers are skipped, not waited for, so only an unexpected lock (a schema
+migration, a manual ``LOCK TABLE``) can reach this; the pass then fails with
+:class:`~orchestrator.errors.StoreUnavailableError` and ``studyq wait`` retries it on the next
+pass instead of hanging."""
 
 LOST_TYPE = "LeaseExpired"
 LOST_RUN_MESSAGE = (
@@ -42,16 +65,45 @@ LOST_ATTEMPT_MESSAGE = (
 )
 
 
+def _bound_lock_waits(connection: Connection) -> None:
+    """Make any lock wait of the rest of this transaction fail after
+    :data:`RECONCILE_LOCK_TIMEOUT_MS` instead of blocking (PostgreSQL only)."""
+    if connection.dialect.name == "postgresql":
+        connection.exec_driver_sql(f"SET LOCAL lock_timeout = {int(RECONCILE_LOCK_TIMEOUT_MS)}")
+
+
+def _where_unlocked(
+    connection: Connection, study_id: str, clause: ColumnElement[bool]
+) -> ColumnElement[bool]:
+    """``clause`` narrowed to the study's rows that no other transaction holds locked.
+
+    On PostgreSQL the matching rows are locked with ``SELECT ... FOR UPDATE SKIP LOCKED`` in a
+    subquery, so the ``UPDATE`` using this clause changes exactly those rows and never waits
+    on a row a (possibly frozen) worker locked; a skipped row is judged again on a later pass.
+    SQLite has no row locks (one writer holds the database), so there ``clause`` is returned
+    as it is.
+    """
+    where = and_(RunRow.study_id == study_id, clause)
+    if connection.dialect.name != "postgresql":
+        return where
+    free = select(RunRow.plan_index).where(where).correlate(None).with_for_update(skip_locked=True)
+    return and_(where, RunRow.plan_index.in_(free))
+
+
 def _expire(
     connection: Connection, study_id: str, lost_holder: ColumnElement[bool]
 ) -> tuple[list[Row[Any]], int]:
     """Running rows matching ``lost_holder`` lost their worker: back to ``queued`` while they
     have attempts left, else ``failed`` (kind ``lost``); their attempts end as ``lost``.
+    Rows another transaction holds locked are skipped (see :func:`_where_unlocked`).
     Returns the requeued rows (spec columns and attempt) and how many failed."""
-    running = and_(RunRow.study_id == study_id, lost_holder)
     requeued = connection.execute(
         update(RunRow)
-        .where(running, RunRow.attempts_used < RunRow.max_attempts)
+        .where(
+            _where_unlocked(
+                connection, study_id, and_(lost_holder, RunRow.attempts_used < RunRow.max_attempts)
+            )
+        )
         .values(
             status=RunStatus.QUEUED.value,
             lease_owner=None,
@@ -63,7 +115,11 @@ def _expire(
     ).all()
     lost = connection.execute(
         update(RunRow)
-        .where(running, RunRow.attempts_used >= RunRow.max_attempts)
+        .where(
+            _where_unlocked(
+                connection, study_id, and_(lost_holder, RunRow.attempts_used >= RunRow.max_attempts)
+            )
+        )
         .values(
             status=RunStatus.FAILED.value,
             lease_expires_at=None,
@@ -104,19 +160,35 @@ def reconcile(
     """Send expired leases back to ``queued`` (or to ``failed``/lost when no attempts are
     left) and find queued runs nobody claimed for ``queued_timeout_s``; see
     :class:`ReconcileReport`. Stale queued rows get a fresh ``queued_at`` so one lost message
-    is re-published once per timeout, not on every pass."""
+    is re-published once per timeout, not on every pass.
+
+    ``queued_timeout_s=None`` skips the stale-queued search: the caller passes it when the
+    broker still holds a message for every queued run (see
+    :func:`orchestrator.distributed.wait_study`), so a backlog that merely waits is not
+    published again.
+
+    On PostgreSQL, rows another session holds locked are left for a later pass and no
+    statement waits on a lock longer than :data:`RECONCILE_LOCK_TIMEOUT_MS` (this sets
+    ``lock_timeout`` for the rest of the caller's transaction).
+    """
+    _bound_lock_waits(connection)
     requeued, failed_lost = _expire(connection, study_id, where_lease_expired(study_id))
     stale: Sequence[Row[Any]] = []
     if queued_timeout_s is not None:
         stale = connection.execute(
             update(RunRow)
             .where(
-                RunRow.study_id == study_id,
-                RunRow.status == RunStatus.QUEUED.value,
-                or_(
-                    RunRow.queued_at.is_(None),
-                    RunRow.queued_at < db_now_plus(-queued_timeout_s),
-                ),
+                _where_unlocked(
+                    connection,
+                    study_id,
+                    and_(
+                        RunRow.status == RunStatus.QUEUED.value,
+                        or_(
+                            RunRow.queued_at.is_(None),
+                            RunRow.queued_at < db_now_plus(-queued_timeout_s),
+                        ),
+                    ),
+                )
             )
             .values(queued_at=db_now())
             .returning(*SPEC_COLUMNS, RunRow.attempt)
@@ -136,7 +208,9 @@ def recover_orphans(
     """Treat running rows whose holder is known dead as lost now, without waiting for the
     lease: ``is_dead(lease_owner)`` decides (the embedded coordinator checks whether the
     process named in the owner still exists on this host). Same outcome as an expired lease:
-    requeued while attempts are left, else failed as ``lost``."""
+    requeued while attempts are left, else failed as ``lost``; rows another session holds
+    locked are left for a later pass, as in :func:`reconcile`."""
+    _bound_lock_waits(connection)
     owners = connection.execute(
         select(RunRow.lease_owner)
         .where(RunRow.study_id == study_id, RunRow.status == RunStatus.RUNNING.value)

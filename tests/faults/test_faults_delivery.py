@@ -49,12 +49,6 @@ def test_every_message_delivered_twice_executes_each_run_once(bed: Bed):
     wait_until(lambda: bed.broker_backlog() == (0, 0), 30, "every delivery to be acknowledged")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known bug: reconcile republishes every run queued longer than queued_timeout_s, "
-    "even when its message is still in the backlog (orchestrator/store/recovery.py reconcile); "
-    "fix: republish only when the broker holds fewer messages than queued runs",
-)
 @pytest.mark.timeout(90)
 def test_a_backlog_waiting_longer_than_the_queued_timeout_is_not_published_again(bed: Bed):
     # Given one worker with one slot, so most runs wait in the queue longer than

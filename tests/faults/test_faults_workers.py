@@ -158,11 +158,6 @@ def test_a_worker_frozen_past_its_lease_has_its_late_write_refused(bed: Bed):
     bed.audit()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known bug: reconcile's single UPDATE waits on a row a frozen worker holds locked "
-    "(orchestrator/store/recovery.py _expire); fix: FOR UPDATE SKIP LOCKED + lock_timeout",
-)
 @pytest.mark.timeout(120)
 def test_a_worker_frozen_inside_a_transaction_does_not_stall_recovery(bed: Bed):
     # Given a submitted sweep in which two runs were claimed by workers that then went
