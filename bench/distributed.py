@@ -1013,8 +1013,9 @@ def report(s: dict[str, Series], sizes: Sizes, repeats: int, only: set[str]) -> 
 
 def phase_breakdown(svc: Services, n: int) -> str:
     """Where one process's time per run goes: ``run_delivery`` called serially in this
-    process on ``n`` queued ``noop`` runs (no Celery), with the store's ``claim_run`` and
-    ``finish_run`` and ``execute_run`` wrapped to take wall and CPU time and count SQL
+    process on ``n`` queued ``noop`` runs (no Celery; results written before each delivery
+    returns), with the store's ``claim_runs`` and ``finish_runs_batch`` and ``execute_run``
+    wrapped to take wall and CPU time and count SQL
     statements. The first 20 runs warm up (connections, study context, imports)."""
     import collections
 
@@ -1066,8 +1067,9 @@ def phase_breakdown(svc: Services, n: int) -> str:
         return wrapper
 
     original_execute = getattr(runtask, "execute_run")  # noqa: B009 (not in its __all__)
-    runtime.store.claim_run = timed("claim", runtime.store.claim_run)  # type: ignore[method-assign]
-    runtime.store.finish_run = timed("finish", runtime.store.finish_run)  # type: ignore[method-assign]
+    store = runtime.store
+    store.claim_runs = timed("claim", store.claim_runs)  # type: ignore[method-assign]
+    store.finish_runs_batch = timed("finish", store.finish_runs_batch)  # type: ignore[method-assign]
     setattr(runtask, "execute_run", timed("execute", original_execute))  # noqa: B010
     try:
         for message in messages[:20]:
@@ -1094,9 +1096,9 @@ def phase_breakdown(svc: Services, n: int) -> str:
         "|---|---|---|---|---|",
     ]
     labels = {
-        "claim": "claim (`claim_run`: one transaction, asynchronous commit)",
+        "claim": "claim (`claim_runs`: one statement, asynchronous commit)",
         "execute": "execute (`execute_run`: resolve, seed, call agent, score)",
-        "finish": "finish (`finish_run`: one transaction, durable commit)",
+        "finish": "finish (`finish_runs_batch`: one statement, durable commit)",
         "other": "other (parse, study context, supervisor + lease keeper, interrupt, counters)",
     }
     for key, label in labels.items():

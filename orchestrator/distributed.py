@@ -6,19 +6,25 @@ claim, and a crash between the two leaves queued rows that reconcile re-publishe
 through the Celery transport in batches over one connection, and then watches the store. Every
 state change is a guarded transition in the store, so two coordinators on one study never
 publish a run twice: only the one whose ``planned -> queued`` update won publishes it.
+
+A queued run nobody claimed for ``queued_timeout_s`` is published again only when the broker
+holds fewer messages for the study's queue than the study has queued runs (see
+:func:`_stale_queued_timeout`): a run waiting behind a long backlog has not lost its message.
 """
 
 from __future__ import annotations
 
+import queue
+import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from orchestrator.designs import condition_label
 from orchestrator.embedded import register
-from orchestrator.errors import StoreUnavailableError, StudyError
+from orchestrator.errors import BrokerUnavailableError, StoreUnavailableError, StudyError
 from orchestrator.plan import prepare
 from orchestrator.progress import Progress
 from orchestrator.results import RunStatus
@@ -66,8 +72,50 @@ class SubmitReport:
     seconds: float
 
 
+_Item = TypeVar("_Item")
+
+
 def _labels(conditions: Iterable[Any]) -> dict[str, str]:
     return {condition.condition_id: condition_label(condition) for condition in conditions}
+
+
+def _pages_ahead(next_page: Callable[[], list[_Item]]) -> Iterator[list[_Item]]:
+    """The pages ``next_page`` returns until the first empty one, each fetched on a thread
+    while the caller works on the one before: marking page n+1 queued (the database)
+    overlaps publishing page n (the broker), which roughly halves a large submit. An error
+    of ``next_page`` is raised here, in the caller's thread."""
+    ready: queue.Queue[tuple[list[_Item] | None, BaseException | None]] = queue.Queue(1)
+    stop = threading.Event()
+
+    def fetch() -> None:
+        while not stop.is_set():
+            try:
+                page = next_page()
+            except BaseException as error:  # handed to the caller, raised there
+                ready.put((None, error))
+                return
+            while not stop.is_set():
+                try:
+                    ready.put((page, None), timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+            if not page:
+                return
+
+    fetcher = threading.Thread(target=fetch, name="studyq-queue-pages", daemon=True)
+    fetcher.start()
+    try:
+        while True:
+            page, error = ready.get()
+            if error is not None:
+                raise error
+            if not page:
+                return
+            yield page
+    finally:
+        stop.set()
+        fetcher.join()
 
 
 def _enqueue_planned(
@@ -84,18 +132,14 @@ def _enqueue_planned(
     """Mark every ``planned`` run queued, page by page, and publish the ones this call won.
 
     Marking first means a message always names a claimable run; a crash between the two
-    leaves queued runs without a message, which reconcile re-publishes after
-    ``queued_timeout_s``. Only the coordinator whose update won a run publishes it.
+    leaves queued runs without a message (at most two pages: the next page is marked while
+    this one is published), which reconcile re-publishes after ``queued_timeout_s``. Only
+    the coordinator whose update won a run publishes it.
     """
     published = 0
-    for page in store.iter_runs_to_enqueue(study_id, batch=batch):
-        attempts = dict(store.queue_runs(study_id, [spec.index for spec in page]))
+    for page in _pages_ahead(lambda: store.queue_next(study_id, batch=batch)):
         published += transport.publish(
-            [
-                (spec, attempts[spec.index], labels.get(spec.condition_id, ""))
-                for spec in page
-                if spec.index in attempts
-            ],
+            [(spec, attempt, labels.get(spec.condition_id, "")) for spec, attempt in page],
             queue=queue,
             timeout_s=timeout_s,
         )
@@ -180,6 +224,10 @@ def wait_study(
     Each pass sends expired leases back to the queue (or fails them as lost after
     ``max_attempts``), re-publishes queued runs nobody claimed for ``queued_timeout_s`` (their
     message was lost: a broker restarted without persistence), and redraws the progress bar.
+    Stale queued runs are re-published only while the broker holds fewer messages for the
+    queue (waiting plus delivered but unacknowledged) than the study has queued runs; a
+    backlog that merely waits is left alone. When that count cannot be read, the pass says
+    so once and re-publishes stale runs as if their messages were lost.
     Killing the coordinator loses nothing: the next ``wait`` picks up from the store.
     """
     from orchestrator.executors.celery import CeleryTransport
@@ -205,6 +253,7 @@ def wait_study(
             CeleryTransport(settings, broker_url) as transport,
             Progress(info.run_count, desc=study_id, show=show_progress, initial=done) as progress,
         ):
+            backlog_unreadable = False
             while True:
                 try:
                     if report.counts.get(RunStatus.PLANNED.value, 0):
@@ -218,9 +267,22 @@ def wait_study(
                             timeout_s=run_timeout,
                             batch=settings.publish_batch,
                         )
-                    pass_report = store.reconcile(
-                        study_id, queued_timeout_s=settings.queued_timeout_s
-                    )
+                    try:
+                        queued_timeout = _stale_queued_timeout(
+                            store, transport, study_id, queue, settings.queued_timeout_s
+                        )
+                        backlog_unreadable = False
+                    except BrokerUnavailableError as exc:
+                        # Conservative: without the count, a stale run may have lost its
+                        # message, so it is re-published as before (a duplicate is a no-op).
+                        queued_timeout = settings.queued_timeout_s
+                        if not backlog_unreadable:
+                            progress.write(
+                                f"broker backlog unknown, re-publishing runs queued longer than "
+                                f"{settings.queued_timeout_s:g} s: {exc}"
+                            )
+                        backlog_unreadable = True
+                    pass_report = store.reconcile(study_id, queued_timeout_s=queued_timeout)
                     report.requeued += pass_report.requeued
                     report.failed_lost += pass_report.failed_lost
                     if pass_report.to_publish:
@@ -256,6 +318,44 @@ def wait_study(
                     report.timed_out = True
                     return report
                 time.sleep(settings.reconcile_interval_s)
+
+
+def _stale_queued_timeout(
+    store: ResultStore, transport: Any, study_id: str, queue: str, timeout_s: float
+) -> float | None:
+    """The ``queued_timeout_s`` for this reconcile pass: ``timeout_s`` when some queued run of
+    the study may have lost its message, None (search no stale runs) when not.
+
+    A message may be lost only when the broker holds fewer messages for ``queue`` than the
+    study has queued runs (:meth:`CeleryTransport.queue_backlog`): the messages waiting in
+    the queue, plus those delivered to a worker in the last ``timeout_s`` and not
+    acknowledged yet. Otherwise every stale run is presumed to be waiting behind the others,
+    and publishing it again would only add a duplicate to the backlog on every timeout.
+
+    A delivery older than ``timeout_s`` that is still not acknowledged does not count: it is
+    the message of a run executing for that long (which is not queued), or one that a worker
+    killed or frozen since holds (it returns only after the broker's visibility timeout,
+    hours later), so counting it could keep a queued run without a message waiting for hours.
+
+    Otherwise the count errs towards "not lost": the broker is read before the store, so a
+    message taken between the two reads counts while its run is no longer queued; messages of
+    other studies sharing the queue, and of running runs, count too (a lost message is then
+    re-published once the backlog has drained below the queued runs). A shortfall is checked
+    with a second read, because a message being handed to a worker is, for a moment, in
+    neither the queue nor the unacknowledged set.
+
+    Raises:
+        BrokerUnavailableError: the broker's count cannot be read.
+    """
+
+    def backlog() -> int:
+        return int(transport.queue_backlog(queue, delivered_within_s=timeout_s))
+
+    first = backlog()
+    queued = store.count_by_status(study_id).get(RunStatus.QUEUED.value, 0)
+    if first >= queued or backlog() >= queued:
+        return None
+    return timeout_s
 
 
 def _done(counts: Mapping[str, int]) -> int:

@@ -86,9 +86,14 @@ class LeaseKeeper:
         self._cond = threading.Condition()
         self._active: set[RunSupervisor] = set()
         self._thread: threading.Thread | None = None
+        self._sleeping_until = _NEVER  # when the keeper wakes up next by itself
 
     def add(self, supervisor: RunSupervisor) -> None:
-        """Start serving ``supervisor`` (starts the thread on first use)."""
+        """Start serving ``supervisor`` (starts the thread on first use).
+
+        The keeper is woken only when the new run is due before it would wake anyway: a run
+        that starts and ends within one heartbeat never costs the keeper a wake-up.
+        """
         with self._cond:
             self._active.add(supervisor)
             if self._thread is None or not self._thread.is_alive():
@@ -96,7 +101,8 @@ class LeaseKeeper:
                     target=self._loop, name="studyq-lease-keeper", daemon=True
                 )
                 self._thread.start()
-            self._cond.notify()
+            if supervisor.next_due() < self._sleeping_until:
+                self._cond.notify()
 
     def remove(self, supervisor: RunSupervisor) -> None:
         """Stop serving ``supervisor``."""
@@ -116,7 +122,9 @@ class LeaseKeeper:
                     due = min((s.next_due() for s in self._active), default=_NEVER)
                     if due <= now:
                         break
+                    self._sleeping_until = due
                     self._cond.wait(None if due == _NEVER else due - now)
+                self._sleeping_until = 0.0  # awake: nothing needs to wake it
                 ready = [s for s in self._active if s.next_due() <= now]
             for supervisor in ready:
                 try:

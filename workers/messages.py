@@ -17,15 +17,18 @@ The task id names the run and the attempt it was published for, so Flower shows 
 delivery and a republished run gets a new row instead of overwriting the old one.
 
 The ``task-sent`` event Celery sends per message when ``task_send_sent_event`` is on (so
-Flower lists queued runs) is encoded the same way (:meth:`MessageBuilder.sent_event_body`):
-the fields of Celery's event reference, plus the sender's ``hostname``, ``pid``, ``clock``,
-``utcoffset`` and ``timestamp``, as ``EventDispatcher`` sends them.
+Flower lists queued runs) has the fields of Celery's event reference, plus the sender's
+``hostname``, ``pid``, ``clock``, ``utcoffset`` and ``timestamp``, as ``EventDispatcher``
+sends them (:meth:`MessageBuilder.sent_event`); the publisher sends them in ``task.multi``
+batches.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import time
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,6 +38,7 @@ __all__ = [
     "CONTENT_ENCODING",
     "CONTENT_TYPE",
     "TASK_NAME",
+    "DeliveryTags",
     "MessageBuilder",
     "RunMessage",
     "describe_run",
@@ -50,6 +54,19 @@ CONTENT_ENCODING = "utf-8"
 _EMBED: dict[str, Any] = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
 _encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 _REPR_LIMIT = 200
+
+
+class DeliveryTags:
+    """Unique delivery tags (kombu's Redis transport keys unacknowledged messages by them):
+    UUIDs counted up from a random one, as unique as kombu's ``uuid4()`` per message without
+    reading the system's random source for each."""
+
+    def __init__(self) -> None:
+        self._next = uuid.uuid4().int
+
+    def __call__(self) -> str:
+        self._next = (self._next + 1) & ((1 << 128) - 1)
+        return str(uuid.UUID(int=self._next))
 
 
 def task_id_for(spec: RunSpec, attempt: int) -> str:
@@ -98,22 +115,49 @@ class MessageBuilder:
         self.time_limit = [hard_limit_s, None]
 
     @staticmethod
-    def sent_event_body(
+    def sent_event(
         message: RunMessage, *, hostname: str, pid: int, clock: int, utcoffset: float
-    ) -> str:
-        """The ``task-sent`` event of ``message``, encoded (``clock``: the app's Lamport
-        clock, advanced by the caller for each event)."""
+    ) -> dict[str, Any]:
+        """The ``task-sent`` event of ``message`` (``clock``: the app's Lamport clock,
+        advanced by the caller for each event)."""
+        return {
+            **message.sent_event,
+            "hostname": hostname,
+            "utcoffset": utcoffset,
+            "pid": pid,
+            "clock": clock,
+            "timestamp": time.time(),
+            "type": "task-sent",
+        }
+
+    def envelope(self, message: RunMessage, delivery_tag: str) -> str:
+        """``message`` as kombu's Redis transport keeps it in the queue's list: the envelope
+        ``kombu.transport.virtual.Channel.basic_publish`` builds for a message published to
+        the default exchange with ``message``'s routing (body base64-encoded, as the Redis
+        channel's ``body_encoding``). Pushing it with ``LPUSH`` is what kombu's publish
+        does, without its per-message layers (about 60% of publishing time)."""
         return _encode(
             {
-                **message.sent_event,
-                "hostname": hostname,
-                "utcoffset": utcoffset,
-                "pid": pid,
-                "clock": clock,
-                "timestamp": time.time(),
-                "type": "task-sent",
+                "body": base64.b64encode(message.body.encode()).decode("ascii"),
+                "content-encoding": CONTENT_ENCODING,
+                "content-type": CONTENT_TYPE,
+                "headers": message.headers,
+                "properties": {
+                    "correlation_id": message.task_id,
+                    "reply_to": "",
+                    "delivery_mode": 2,
+                    "delivery_info": {"exchange": "", "routing_key": self.queue},
+                    "priority": 0,
+                    "body_encoding": "base64",
+                    "delivery_tag": delivery_tag,
+                },
             }
         )
+
+    @staticmethod
+    def encode(value: Any) -> str:
+        """Compact JSON, as every message body here is encoded."""
+        return _encode(value)
 
     def build(self, spec: RunSpec, attempt: int, label: str) -> RunMessage:
         """The message for ``spec`` published for ``attempt``."""

@@ -116,13 +116,14 @@ class WorkerRuntime:
         self._shutting_down = False
 
     def drain(self) -> bool:
-        """Wait (up to ``result_retry_s``) for the results still being written; False if some
-        were not. Called before the process exits."""
+        """Wait for the results still being written, for up to ``shutdown_grace_s`` (a
+        process told to stop must not hang on a database outage); False if some were not.
+        Called before the process exits."""
         pending = self.writer.pending
         if not pending:
             return True
         log.info("waiting for %d result(s) to be written before exiting", pending)
-        written = self.writer.drain(self.settings.result_retry_s)
+        written = self.writer.drain(self.settings.shutdown_grace_s)
         if not written:
             log.error(
                 "%d result(s) not written before exiting; their leases will expire and the "

@@ -41,6 +41,7 @@ from workers.messages import (
     CONTENT_ENCODING,
     CONTENT_TYPE,
     TASK_NAME,
+    DeliveryTags,
     MessageBuilder,
     RunMessage,
 )
@@ -56,6 +57,9 @@ log = logging.getLogger("studyq.worker")
 
 PUBLISH_BATCH = 500
 """Messages per Redis pipeline round trip when publishing."""
+
+SENT_EVENTS_PER_MESSAGE = 100
+"""``task-sent`` events per ``task.multi`` event message."""
 
 
 class RunRequest(Request):  # type: ignore[misc]  # Celery ships no type hints
@@ -131,8 +135,9 @@ def publish_runs(
 ) -> int:
     """Publish one ``studyq.run`` message per run, through one connection and producer.
 
-    Messages are pre-encoded JSON (see :mod:`workers.messages`) and pipelined to Redis in
-    batches of :data:`PUBLISH_BATCH`; no ETA or countdown is ever set. Mark the runs queued
+    Messages are pre-encoded JSON in kombu's Redis envelope (see :mod:`workers.messages`),
+    pushed through a Redis pipeline of :data:`PUBLISH_BATCH` per round trip, on the
+    connection of the app's producer; no ETA or countdown is ever set. Mark the runs queued
     in the store first: a worker refuses a run that is not queued.
 
     Args:
@@ -168,26 +173,23 @@ def publish_runs(
     )
     with_events = app.conf.task_send_sent_event if sent_events is None else sent_events
     published = 0
+    tags = DeliveryTags()
     try:
         with app.producer_or_acquire() as producer:
             events = _SentEvents(app, producer) if with_events else None
-            with producer.batch(PUBLISH_BATCH):
+            with producer.channel.conn_or_acquire() as client:
+                pipe = client.pipeline(transaction=False)
                 for spec, attempt, label in specs_with_attempts:
                     message = builder.build(spec, attempt, label)
-                    producer.publish(
-                        message.body,
-                        exchange="",
-                        routing_key=queue,
-                        headers=message.headers,
-                        content_type=CONTENT_TYPE,
-                        content_encoding=CONTENT_ENCODING,
-                        correlation_id=message.task_id,
-                        reply_to="",
-                        delivery_mode=2,
-                    )
+                    pipe.lpush(queue, builder.envelope(message, tags()))
                     if events is not None:
-                        events.publish(message)
+                        events.add(message)
                     published += 1
+                    if len(pipe) >= PUBLISH_BATCH:
+                        pipe.execute()
+                pipe.execute()
+            if events is not None:
+                events.flush()
     except app.connection_for_write().connection_errors as error:
         raise BrokerUnavailableError(
             f"broker {mask_url(str(app.conf.broker_url))} failed while publishing run "
@@ -198,9 +200,10 @@ def publish_runs(
 
 
 class _SentEvents:
-    """``task-sent`` events through the publishing producer (so they join its batches), as
-    Celery's ``EventDispatcher`` sends them but encoded once, without its per-event
-    serializer lookup and lock."""
+    """``task-sent`` events, as Celery's ``EventDispatcher`` fills them, sent in batches of
+    :data:`SENT_EVENTS_PER_MESSAGE` per ``task.multi`` message: the form Celery's own worker
+    uses for buffered task events, which Flower and ``celery events`` read like single
+    events. One event message per run would cost as much as the run message itself."""
 
     def __init__(self, app: StudyqCelery, producer: Any) -> None:
         self.producer = producer
@@ -211,19 +214,28 @@ class _SentEvents:
         self.clock = app.clock
         self.utcoffset = utcoffset()
         self.declare: list[Any] | None = [self.exchange]
+        self.buffer: list[dict[str, Any]] = []
 
-    def publish(self, message: RunMessage) -> None:
-        body = MessageBuilder.sent_event_body(
-            message,
-            hostname=self.hostname,
-            pid=self.pid,
-            clock=self.clock.forward(),
-            utcoffset=self.utcoffset,
+    def add(self, message: RunMessage) -> None:
+        self.buffer.append(
+            MessageBuilder.sent_event(
+                message,
+                hostname=self.hostname,
+                pid=self.pid,
+                clock=self.clock.forward(),
+                utcoffset=self.utcoffset,
+            )
         )
+        if len(self.buffer) >= SENT_EVENTS_PER_MESSAGE:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.buffer:
+            return
         self.producer.publish(
-            body,
+            MessageBuilder.encode(self.buffer),
             exchange=self.exchange.name,
-            routing_key="task.sent",
+            routing_key="task.multi",
             headers=self.headers,
             content_type=CONTENT_TYPE,
             content_encoding=CONTENT_ENCODING,
@@ -231,3 +243,4 @@ class _SentEvents:
             declare=self.declare,
         )
         self.declare = None  # declared once per publish call
+        self.buffer = []

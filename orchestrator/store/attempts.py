@@ -36,10 +36,18 @@ from sqlalchemy.engine import Connection
 from orchestrator.canonical import to_jsonable
 from orchestrator.errors import StoreError
 from orchestrator.results import ErrorKind, RunResult, RunStatus
+from orchestrator.runspec import RunSpec
 from orchestrator.store.engine import json_dumps
-from orchestrator.store.models import AttemptOutcome, AttemptRow, EvaluationRow, EventRow, RunRow
+from orchestrator.store.models import (
+    SPEC_COLUMNS,
+    AttemptOutcome,
+    AttemptRow,
+    EvaluationRow,
+    EventRow,
+    RunRow,
+)
 from orchestrator.store.predicates import FENCE, FINISH_FENCE, fence_params, in_chunks
-from orchestrator.store.records import Claim
+from orchestrator.store.records import Claim, spec_from_row
 from orchestrator.store.sqltypes import db_now, db_now_plus
 
 __all__ = [
@@ -52,6 +60,7 @@ __all__ = [
     "close_attempts",
     "finish",
     "heartbeat",
+    "queue_next",
     "queue_runs",
     "release",
 ]
@@ -102,6 +111,38 @@ def queue_runs(
         )
     moved.sort()
     return moved
+
+
+def queue_next(connection: Connection, study_id: str, batch: int) -> list[tuple[RunSpec, int]]:
+    """``planned -> queued`` for the next ``batch`` planned runs in plan order, in one
+    statement; returns the specs of the runs this call moved with their attempt counts, in
+    plan order. An empty list means no planned run is left.
+
+    On PostgreSQL the page skips rows another coordinator is moving at this moment (``FOR
+    UPDATE SKIP LOCKED``), so two coordinators on one study take disjoint pages instead of
+    waiting for each other; SQLite has one writer at a time.
+    """
+    page = (
+        select(RunRow.plan_index)
+        .where(RunRow.study_id == study_id, RunRow.status == RunStatus.PLANNED.value)
+        .order_by(RunRow.plan_index)
+        .limit(batch)
+        .with_for_update(skip_locked=True)
+    )
+    rows = sorted(
+        connection.execute(
+            update(RunRow)
+            .where(
+                RunRow.study_id == study_id,
+                RunRow.status == RunStatus.PLANNED.value,
+                RunRow.plan_index.in_(page),
+            )
+            .values(status=RunStatus.QUEUED.value, queued_at=db_now())
+            .returning(*SPEC_COLUMNS, RunRow.attempt)
+        ),
+        key=lambda row: row.plan_index,
+    )
+    return [(spec_from_row(study_id, row), row.attempt) for row in rows]
 
 
 _CLAIM = (

@@ -173,8 +173,19 @@ def create_engine_for(url: str | URL = DEFAULT_URL, **kwargs: Any) -> Engine:
         _configure_sqlite(engine)
         return engine
     options["pool_pre_ping"] = True
+    options["json_deserializer"] = _json_loads
     options.update(kwargs)
     return create_engine(parsed, **options)
+
+
+_decode_json = json.JSONDecoder().decode
+
+
+def _json_loads(data: bytes | str) -> Any:
+    """psycopg hands JSON columns over as UTF-8 bytes; ``json.loads`` would sniff their
+    encoding first, which costs as much as the parse for the small values a run spec holds
+    (submit reads four per run)."""
+    return _decode_json(data.decode() if isinstance(data, bytes) else data)
 
 
 def _configure_sqlite(engine: Engine) -> None:

@@ -16,10 +16,8 @@ from sqlalchemy import Engine, Select, func, select, tuple_
 from sqlalchemy.engine import Connection, Row
 
 from orchestrator.results import RunStatus
-from orchestrator.runspec import RunSpec
 from orchestrator.store.engine import transaction
 from orchestrator.store.models import (
-    SPEC_COLUMNS,
     AttemptOutcome,
     AttemptRow,
     ConditionRow,
@@ -37,7 +35,6 @@ from orchestrator.store.records import (
     ProgressStats,
     RunRecord,
     StudyInfo,
-    spec_from_row,
 )
 from orchestrator.store.sqltypes import db_now, db_now_plus
 
@@ -53,7 +50,6 @@ __all__ = [
     "iter_evaluations",
     "iter_events",
     "iter_runs",
-    "iter_runs_to_enqueue",
     "list_studies",
     "progress_stats",
     "top_errors",
@@ -248,32 +244,6 @@ def iter_runs(
 
     for page in _pages(engine, build, lambda row: (row.plan_index,)):
         yield from (_run(row) for row in page)
-
-
-def iter_runs_to_enqueue(
-    engine: Engine, study_id: str, *, batch: int = PAGE_SIZE
-) -> Iterator[list[RunSpec]]:
-    """Pages of the specs of ``planned`` runs (never enqueued, or resubmitted), plan order.
-
-    The caller marks a page queued (``mark_queued``), then publishes it: a crash between the
-    two leaves queued runs without a message, which reconcile's ``queued_timeout_s`` finds;
-    the other order would let a worker see a message for a run it may not claim yet.
-    """
-    for page in _pages(
-        engine,
-        lambda last: _spec_query(study_id, RunStatus.PLANNED, last, batch),
-        lambda row: (row.plan_index,),
-    ):
-        yield [spec_from_row(study_id, row) for row in page]
-
-
-def _spec_query(
-    study_id: str, status: RunStatus, last: tuple[Any, ...] | None, batch: int
-) -> Select[Any]:
-    query = select(*SPEC_COLUMNS).where(RunRow.study_id == study_id, RunRow.status == status.value)
-    if last is not None:
-        query = query.where(RunRow.plan_index > last[0])
-    return query.order_by(RunRow.plan_index).limit(batch)
 
 
 def iter_conditions(

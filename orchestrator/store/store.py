@@ -196,11 +196,14 @@ class ResultStore:
 
     # -- enqueue and claim -------------------------------------------------------------------
 
-    def iter_runs_to_enqueue(
+    def queue_next(
         self, study_id: str, *, batch: int = queries.PAGE_SIZE
-    ) -> Iterator[list[RunSpec]]:
-        """Pages of planned runs' specs in plan order; mark each page queued, then publish."""
-        return queries.iter_runs_to_enqueue(self.engine, study_id, batch=batch)
+    ) -> list[tuple[RunSpec, int]]:
+        """Mark the next ``batch`` planned runs queued and return their specs with their
+        attempt counts, in plan order; publish exactly those (a concurrent coordinator
+        gets other runs). Empty when no planned run is left. Call it until it is empty."""
+        with transaction(self.engine) as connection:
+            return attempts.queue_next(connection, study_id, batch)
 
     def queue_runs(self, study_id: str, indices: Sequence[int]) -> list[tuple[int, int]]:
         """``planned -> queued``; returns ``(index, attempt)`` of the runs this call moved, in
@@ -315,7 +318,7 @@ class ResultStore:
         where: Mapping[str, Any] | None = None,
     ) -> int:
         """Put finished runs matching the filters back to ``planned`` with a fresh attempt
-        budget; returns how many. Enqueue them with :meth:`iter_runs_to_enqueue` like any
+        budget; returns how many. Enqueue them with :meth:`queue_next` like any
         planned run. Filters: :func:`~orchestrator.store.predicates.where_filters`;
         ``error_contains`` matches the error kind, type or message, case-insensitively."""
         with transaction(self.engine) as connection:

@@ -19,7 +19,7 @@ from orchestrator.errors import StudyError
 from orchestrator.runspec import RunSpec
 from orchestrator.store import ResultStore
 from workers.app import StudyqCelery, create_app
-from workers.messages import TASK_NAME
+from workers.messages import TASK_NAME, DeliveryTags, MessageBuilder
 from workers.tasks import publish_runs
 
 
@@ -52,6 +52,45 @@ def test_publish_runs_puts_one_readable_json_message_per_run_on_the_queue(
         assert RunSpec.from_message(kwargs["spec"]) == spec
         assert embed == {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
         assert envelope["properties"]["correlation_id"] == headers["id"]
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(60)
+def test_the_run_message_is_the_envelope_kombu_itself_would_store(
+    pg_store: ResultStore, publisher: StudyqCelery, queue: str, redis_db: redis.Redis
+):
+    # Given one run published by publish_runs (its own LPUSH of a pre-built envelope)
+    study = make_sweep(pg_store, agents=["noop"])
+    publish_runs(publisher, study.publishable(attempt=1), queue=queue, sent_events=False)
+    [ours] = [json.loads(item) for item in redis_db.lrange(queue, 0, -1)]
+    redis_db.delete(queue)
+    # When kombu's own producer publishes the same body and headers
+    message = MessageBuilder(queue=queue, origin="o", hard_limit_s=None).build(
+        study.specs[0], 1, study.labels.get(study.specs[0].condition_id, "")
+    )
+    with publisher.producer_or_acquire() as producer:
+        producer.publish(
+            message.body,
+            exchange="",
+            routing_key=queue,
+            headers=ours["headers"],
+            content_type="application/json",
+            content_encoding="utf-8",
+            correlation_id=message.task_id,
+            reply_to="",
+            delivery_mode=2,
+        )
+    [kombus] = [json.loads(item) for item in redis_db.lrange(queue, 0, -1)]
+    # Then both envelopes are the same but for the per-message delivery tag
+    assert ours["properties"].pop("delivery_tag") != kombus["properties"].pop("delivery_tag")
+    assert ours == kombus
+
+
+def test_delivery_tags_are_unique_uuids():
+    tags = DeliveryTags()
+    drawn = [tags() for _ in range(10_000)] + [DeliveryTags()() for _ in range(100)]
+    assert len(set(drawn)) == len(drawn)
+    assert all(len(tag) == 36 and tag.count("-") == 4 for tag in drawn)
 
 
 UNUSED_DB = "sqlite:///never-opened.db"
@@ -114,23 +153,30 @@ def test_task_sent_events_reach_celery_event_receivers(
     pg_store: ResultStore, publisher: StudyqCelery, queue: str, redis_db: redis.Redis
 ):
     # Given a Celery event receiver (what Flower runs) listening
-    study = make_sweep(pg_store, agents=["noop"], replicates=2)
+    study = make_sweep(pg_store, agents=["noop"], replicates=250)
+    ours = {f"{spec.run_id}.{spec.index}.0" for spec in study.specs}
     received: list[dict[str, Any]] = []
     subscribed_before = int(redis_db.execute_command("PUBSUB", "NUMPAT"))
     with publisher.connection_for_read() as connection:
-        receiver = publisher.events.Receiver(connection, handlers={"task-sent": received.append})
+
+        def on_sent(event: dict[str, Any]) -> None:
+            if event["uuid"] in ours:  # other tests' publishers share the broker
+                received.append(event)
+            receiver.should_stop = len(received) == len(ours)
+
+        receiver = publisher.events.Receiver(connection, handlers={"task-sent": on_sent})
         listener = threading.Thread(
-            target=lambda: receiver.capture(limit=2, timeout=20, wakeup=False), daemon=True
+            target=lambda: receiver.capture(limit=None, timeout=20, wakeup=False), daemon=True
         )
         listener.start()
         deadline = time.monotonic() + 10
         while int(redis_db.execute_command("PUBSUB", "NUMPAT")) <= subscribed_before:
             assert time.monotonic() < deadline, "the receiver never subscribed"
             time.sleep(0.02)
-        # When runs are published with sent events on
+        # When runs are published with sent events on (three task.multi messages of them)
         publish_runs(publisher, study.publishable(), queue=queue, sent_events=True)
         listener.join(20)
-    # Then it saw one task-sent event per run, named and described as in the message
+    # Then it saw one task-sent event per run, in order, named and described as in the message
     assert [event["uuid"] for event in received] == [
         f"{spec.run_id}.{spec.index}.0" for spec in study.specs
     ]

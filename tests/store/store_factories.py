@@ -81,8 +81,8 @@ def register(
 
 def queue_all(store: ResultStore, study_id: str = STUDY_ID) -> int:
     moved = 0
-    for page in store.iter_runs_to_enqueue(study_id):
-        moved += store.mark_queued(study_id, [spec.index for spec in page])
+    while page := store.queue_next(study_id):
+        moved += len(page)
     return moved
 
 

@@ -35,6 +35,41 @@ def test_queue_runs_moves_planned_runs_once(store: ResultStore) -> None:
     assert run is not None and run.queued_at is not None
 
 
+def test_queue_next_marks_pages_of_planned_runs_queued_in_plan_order(store: ResultStore) -> None:
+    register(store, 7)
+    store.mark_queued(STUDY_ID, [2])
+
+    pages = []
+    while page := store.queue_next(STUDY_ID, batch=3):
+        pages.append(page)
+
+    assert [[(spec.index, attempt) for spec, attempt in page] for page in pages] == [
+        [(0, 0), (1, 0), (3, 0)],
+        [(4, 0), (5, 0), (6, 0)],
+    ]
+    assert pages[0][0][0].run_id == "run-0000"
+    assert store.count_by_status(STUDY_ID)["queued"] == 7
+    run = store.find_run(STUDY_ID, 4)
+    assert run is not None and run.queued_at is not None
+
+
+@pytest.mark.parametrize("store_url", ["postgresql"], indirect=True)
+def test_queue_next_skips_runs_another_coordinator_is_moving(store: ResultStore) -> None:
+    # Given a coordinator in the middle of moving the first page (its rows locked)
+    register(store, 6)
+    with store.engine.connect() as other:
+        other.execute(
+            update(RunRow)
+            .where(RunRow.study_id == STUDY_ID, RunRow.plan_index.in_([0, 1, 2]))
+            .values(status="queued")
+        )
+        # When a second coordinator asks for the next page, it does not wait for them
+        page = store.queue_next(STUDY_ID, batch=3)
+        other.rollback()
+    # Then it got the next runs instead
+    assert [spec.index for spec, _ in page] == [3, 4, 5]
+
+
 def test_claim_wins_once(queued: ResultStore) -> None:
     first = queued.claim_run(STUDY_ID, 3, worker="w1", lease_s=60)
     second = queued.claim_run(STUDY_ID, 3, worker="w2", lease_s=60)

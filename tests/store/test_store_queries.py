@@ -43,16 +43,6 @@ def test_iteration_is_paged_not_loaded_at_once(store: ResultStore) -> None:
     assert [run.index for run in iterator] == [1, 5]
 
 
-def test_iter_runs_to_enqueue_pages_planned_specs(store: ResultStore) -> None:
-    register(store, 7)
-    store.mark_queued(STUDY_ID, [2])
-
-    pages = list(store.iter_runs_to_enqueue(STUDY_ID, batch=3))
-
-    assert [[spec.index for spec in page] for page in pages] == [[0, 1, 3], [4, 5, 6]]
-    assert pages[0][0].run_id == "run-0000"
-
-
 def test_evaluations_and_events_come_in_plan_then_row_order(store: ResultStore) -> None:
     register(store, 5)
     queue_all(store)

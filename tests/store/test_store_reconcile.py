@@ -3,16 +3,24 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
-from sqlalchemy import update
+from sqlalchemy import text, update
+from sqlalchemy.engine import Connection
 from store_factories import STUDY_ID, claim, expire_lease, make_result, queue_all, register
 
-from orchestrator.errors import StoreError
+from orchestrator.errors import StoreError, StoreUnavailableError
 from orchestrator.results import ErrorKind, RunStatus
-from orchestrator.store import ResultStore
+from orchestrator.store import ReconcileReport, ResultStore, recovery
 from orchestrator.store.models import RunRow
 from orchestrator.store.sqltypes import db_now_plus
+
+POSTGRESQL_ONLY = pytest.mark.parametrize(
+    "store_url", [pytest.param("postgresql", marks=pytest.mark.integration)], indirect=True
+)
+"""Row locks exist only on PostgreSQL (SQLite has one writer holding the whole database)."""
 
 
 @pytest.fixture
@@ -192,12 +200,7 @@ def test_resubmit_by_error_text(queued: ResultStore) -> None:
 
     counts = queued.count_by_status(STUDY_ID)
     assert (counts["planned"], counts["failed"], counts["success"]) == (4, 2, 4)
-    assert [s.index for page in queued.iter_runs_to_enqueue(STUDY_ID) for s in page] == [
-        0,
-        1,
-        2,
-        3,
-    ]
+    assert [spec.index for spec, _ in queued.queue_next(STUDY_ID)] == [0, 1, 2, 3]
     run = queued.find_run(STUDY_ID, 0)
     assert run is not None
     assert (run.attempt, run.attempts_used, run.error_kind, run.outputs) == (1, 0, None, None)
@@ -271,3 +274,112 @@ def test_a_late_result_is_refused_once_the_run_was_claimed_again(store: ResultSt
     # Then the first worker's late result is refused, and the second one's lands
     assert store.finish_run(first, make_result(first)) is False
     assert store.finish_run(second, make_result(second)) is True
+
+
+@contextmanager
+def frozen_session(store: ResultStore, sql: str, **params: object) -> Iterator[Connection]:
+    """Another session that ran ``sql`` (taking its locks) and then went silent inside its
+    transaction, as a worker stopped between a statement and its COMMIT; rolled back on exit.
+    """
+    with store.engine.connect() as connection:
+        transaction = connection.begin()
+        try:
+            connection.execute(text(sql), {"s": STUDY_ID, **params})
+            yield connection
+        finally:
+            transaction.rollback()
+
+
+def _indices(report: ReconcileReport) -> list[int]:
+    return [spec.index for spec, _ in report.to_publish]
+
+
+@POSTGRESQL_ONLY
+@pytest.mark.timeout(60)
+def test_a_row_locked_by_a_frozen_worker_does_not_stall_the_expiry_of_the_others(
+    queued: ResultStore,
+) -> None:
+    # Given three runs whose leases expired, one of them (run 1, on its last attempt) and
+    # another (run 2) row-locked by sessions frozen inside their transactions
+    for index in (0, 1, 2, 3):
+        expire_lease(queued, claim(queued, index, worker=f"w{index}"))
+    with queued.engine.begin() as connection:
+        connection.execute(
+            update(RunRow)
+            .where(RunRow.study_id == STUDY_ID, RunRow.plan_index.in_([1, 3]))
+            .values(max_attempts=1)
+        )
+    lock = "SELECT 1 FROM runs WHERE study_id = :s AND plan_index = :i FOR UPDATE"
+    with frozen_session(queued, lock, i=1), frozen_session(queued, lock, i=2):
+        # When the coordinator reconciles
+        started = time.monotonic()
+        report = queued.reconcile(STUDY_ID)
+        elapsed = time.monotonic() - started
+
+        # Then it returns at once, having requeued run 0 and failed run 3 (both unlocked);
+        # the locked runs are left as they were
+        assert elapsed < 2.0, f"reconcile waited {elapsed:.1f} s on a locked row"
+        assert (report.requeued, report.failed_lost, _indices(report)) == (1, 1, [0])
+        statuses = [run.status for run in queued.iter_runs(STUDY_ID)][:4]
+        assert statuses == ["queued", "running", "running", "failed"]
+
+    # And once the frozen sessions are gone, the next pass judges the runs they held
+    later = queued.reconcile(STUDY_ID)
+    assert (later.requeued, later.failed_lost, _indices(later)) == (1, 1, [2])
+    history = sorted((a.index, a.outcome) for a in queued.iter_attempts(STUDY_ID))
+    assert history == [(0, "lost"), (1, "lost"), (2, "lost"), (3, "lost")]
+
+
+@POSTGRESQL_ONLY
+@pytest.mark.timeout(60)
+def test_a_stale_queued_row_locked_by_a_claim_in_progress_is_skipped(queued: ResultStore) -> None:
+    # Given every run queued long ago (their messages presumably lost), and a worker frozen
+    # in the middle of claiming run 4 (its row locked)
+    with queued.engine.begin() as connection:
+        connection.execute(
+            update(RunRow).where(RunRow.study_id == STUDY_ID).values(queued_at=db_now_plus(-600))
+        )
+    lock = "UPDATE runs SET lease_owner = 'frozen' WHERE study_id = :s AND plan_index = :i"
+    with frozen_session(queued, lock, i=4):
+        # When the coordinator looks for stale queued runs
+        started = time.monotonic()
+        report = queued.reconcile(STUDY_ID, queued_timeout_s=300)
+
+        # Then it returns at once with every stale run but the locked one
+        assert time.monotonic() - started < 2.0
+        assert _indices(report) == [0, 1, 2, 3, 5, 6, 7, 8, 9]
+    # And the next pass past the timeout finds the one it skipped
+    assert _indices(queued.reconcile(STUDY_ID, queued_timeout_s=300)) == [4]
+
+
+@POSTGRESQL_ONLY
+@pytest.mark.timeout(60)
+def test_a_reconcile_waits_on_any_other_lock_no_longer_than_its_lock_timeout(
+    queued: ResultStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a session that holds the whole runs table locked (a migration, a LOCK TABLE)
+    monkeypatch.setattr(recovery, "RECONCILE_LOCK_TIMEOUT_MS", 200)
+    expire_lease(queued, claim(queued, 0))
+    with frozen_session(queued, "LOCK TABLE runs IN ACCESS EXCLUSIVE MODE"):
+        # When the coordinator reconciles
+        started = time.monotonic()
+        # Then the pass fails as retryable after the lock timeout instead of hanging
+        with pytest.raises(StoreUnavailableError, match="lock timeout"):
+            queued.reconcile(STUDY_ID)
+        assert time.monotonic() - started < 5.0
+    # And the next pass, with the lock gone, does its work
+    assert queued.reconcile(STUDY_ID).requeued == 1
+
+
+@POSTGRESQL_ONLY
+def test_the_lock_timeout_lasts_only_for_the_reconcile_transaction(store: ResultStore) -> None:
+    register(store, 1)
+    with store.engine.connect() as connection:
+        # Given a reconcile pass in a transaction
+        with connection.begin():
+            recovery.reconcile(connection, STUDY_ID)
+            # Then its statements run with the lock timeout
+            assert connection.execute(text("SHOW lock_timeout")).scalar_one() == "5s"
+        # And the connection, back in the pool, has the server's default (none) again
+        assert connection.execute(text("SHOW lock_timeout")).scalar_one() == "0"
+        connection.rollback()
