@@ -17,16 +17,17 @@ Clock. Leases are computed in SQL with the database clock (:mod:`.sqltypes`); th
 
 Speed. These run prebuilt statements with bound parameters: building an ORM-aware
 ``UPDATE`` costs ~0.5 ms of Python per call, more than the statement takes on SQLite. On
-PostgreSQL, :func:`claim` and :func:`finish` are each **one statement** (data-modifying CTEs:
-the run's ``UPDATE`` and the rows that depend on it go together), which the store runs in
-autocommit: one round trip per claim and per result instead of six and seven, which is most
-of a worker's cost per run (docs/benchmarks.md). The statements do exactly what the portable
-sequence does on SQLite; the store tests run both.
+PostgreSQL, a claim and a result are each **one statement** (:func:`claim_pg`,
+:func:`finish_pg`: data-modifying CTEs, so the run's ``UPDATE`` and the rows that depend on it
+go together), which the store runs in autocommit on a driver cursor
+(``engine.AutocommitLane``): one round trip per claim and per result instead of six and
+seven, which was most of a worker's cost per run (docs/benchmarks.md). They do exactly what
+the portable :func:`claim` and :func:`finish` do on SQLite; the store tests run both.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC
 from typing import Any
 
@@ -55,10 +56,14 @@ __all__ = [
     "EVENT_COLUMNS",
     "MAX_MESSAGE_CHARS",
     "MAX_TRACEBACK_CHARS",
+    "Execute",
     "attempt_end",
     "claim",
+    "claim_pg",
     "close_attempts",
+    "cursor_executor",
     "finish",
+    "finish_pg",
     "heartbeat",
     "queue_next",
     "queue_runs",
@@ -145,6 +150,13 @@ def queue_next(connection: Connection, study_id: str, batch: int) -> list[tuple[
     return [(spec_from_row(study_id, row), row.attempt) for row in rows]
 
 
+def _check_claim(worker: str, lease_s: float) -> None:
+    if not worker:
+        raise StoreError("A worker name is required to claim a run.")
+    if lease_s <= 0:
+        raise StoreError(f"lease_s must be > 0, got {lease_s}.")
+
+
 _CLAIM = (
     update(RunRow)
     .where(
@@ -187,15 +199,10 @@ def claim(
     claimable: expired leases are the reconcile loop's to judge, so a redelivered message can
     never start a second copy of a run that may still be executing.
     """
-    if not worker:
-        raise StoreError("A worker name is required to claim a run.")
-    if lease_s <= 0:
-        raise StoreError(f"lease_s must be > 0, got {lease_s}.")
+    _check_claim(worker, lease_s)
     statuses = [RunStatus.QUEUED.value]
     if allow_planned:
         statuses.append(RunStatus.PLANNED.value)
-    if connection.dialect.name == "postgresql":
-        return _claim_pg(connection, study_id, indices, worker, lease_s, statuses)
     won: list[Any] = []  # Row[...] is typed per column list; the fields are read by name
     for chunk in in_chunks(indices):
         won.extend(
@@ -257,17 +264,37 @@ asynchronous (see ``ResultStore._fast_commit``); it is evaluated only for rows t
 other conditions, so a claim that wins nothing writes nothing."""
 
 
-def _claim_pg(
-    connection: Connection,
+Execute = Callable[[str, dict[str, Any]], list[Any]]
+"""Runs one statement with driver (``%(name)s``) parameters and returns its rows."""
+
+
+def cursor_executor(cursor: Any) -> Execute:
+    """:data:`Execute` on a driver cursor (``AutocommitLane.cursor``)."""
+
+    def execute(sql: str, params: dict[str, Any]) -> list[Any]:
+        cursor.execute(sql, params)
+        return list(cursor.fetchall())
+
+    return execute
+
+
+def claim_pg(
+    execute: Execute,
     study_id: str,
     indices: Sequence[int],
+    *,
     worker: str,
     lease_s: float,
-    statuses: list[str],
+    allow_planned: bool = False,
 ) -> list[Claim]:
+    """:func:`claim` on PostgreSQL, one statement per chunk of ``indices``."""
+    _check_claim(worker, lease_s)
+    statuses = [RunStatus.QUEUED.value]
+    if allow_planned:
+        statuses.append(RunStatus.PLANNED.value)
     claims: list[Claim] = []
     for chunk in in_chunks(indices):
-        rows = connection.exec_driver_sql(
+        rows = execute(
             _CLAIM_PG,
             {
                 "study_id": study_id,
@@ -276,7 +303,7 @@ def _claim_pg(
                 "worker": worker,
                 "seconds": float(lease_s),
             },
-        ).all()
+        )
         claims.extend(
             Claim(study_id, index, run_id, attempt, worker, expires.astimezone(UTC))
             for index, run_id, attempt, expires in rows
@@ -482,8 +509,6 @@ def finish(connection: Connection, items: Sequence[tuple[Claim, RunResult]]) -> 
     events and attempt history written in the caller's transaction; a claim that lost (stale
     attempt, reclaimed, cancelled, already finished) writes nothing. Returns one bool per item.
     """
-    if connection.dialect.name == "postgresql":
-        return [_finish_pg(connection, item_claim, result) for item_claim, result in items]
     won: list[bool] = []
     evaluations: list[dict[str, Any]] = []
     events: list[dict[str, Any]] = []
@@ -601,7 +626,8 @@ SELECT count(*) FROM finished
 matched, the evaluations, events and attempt history, in one statement."""
 
 
-def _finish_pg(connection: Connection, claim: Claim, result: RunResult) -> bool:
+def finish_pg(execute: Execute, claim: Claim, result: RunResult) -> bool:
+    """:func:`finish` of one result on PostgreSQL: one statement."""
     _check_result(claim, result)
     values = _result_values(result)
     evaluations = [
@@ -621,7 +647,8 @@ def _finish_pg(connection: Connection, claim: Claim, result: RunResult) -> bool:
         evaluations=json_dumps(evaluations),
         events=json_dumps(events),
     )
-    return bool(connection.exec_driver_sql(_FINISH_PG, params).scalar_one())
+    [(count,)] = execute(_FINISH_PG, params)
+    return bool(count)
 
 
 def _still_holding(connection: Connection, claims: Sequence[Claim]) -> set[Claim]:

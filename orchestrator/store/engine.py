@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -30,6 +31,7 @@ from orchestrator.errors import StoreError, StoreUnavailableError
 
 __all__ = [
     "DEFAULT_URL",
+    "AutocommitLane",
     "create_engine_for",
     "is_sqlite",
     "json_dumps",
@@ -211,18 +213,13 @@ def _configure_sqlite(engine: Engine) -> None:
 
 
 @contextmanager
-def transaction(
-    engine: Engine, *, readonly: bool = False, single_statement: bool = False
-) -> Iterator[Connection]:
+def transaction(engine: Engine, *, readonly: bool = False) -> Iterator[Connection]:
     """One transaction on a pooled connection: commit on success, roll back on any error.
 
     Args:
         engine: from :func:`create_engine_for`.
         readonly: the block only reads. On SQLite this takes no write lock, so a
             ``studyq status`` never waits behind the embedded coordinator.
-        single_statement: the block runs exactly one statement. On PostgreSQL it then runs
-            in autocommit, as its own transaction, without the ``BEGIN`` and ``COMMIT``
-            round trips (two of a worker's three per claim).
 
     Raises:
         StoreUnavailableError: the database cannot be reached, is locked past the busy
@@ -233,8 +230,6 @@ def transaction(
         with engine.connect() as connection:
             if readonly:
                 connection.execution_options(**{_READONLY_OPTION: True})
-            if single_statement and engine.dialect.name == "postgresql":
-                connection.execution_options(isolation_level="AUTOCOMMIT")
             with connection.begin():
                 yield connection
     except exc.DBAPIError as error:
@@ -250,6 +245,92 @@ def transaction(
         raise StoreError(
             f"Result store {mask_url(engine.url)} failed: {_first_line(error)}"
         ) from error
+
+
+class AutocommitLane:
+    """PostgreSQL connections kept checked out, in autocommit, for the single statements a
+    worker makes for every run (its claim and its result).
+
+    Each of those is one statement (``orchestrator.store.attempts``), so it needs no
+    ``BEGIN``/``COMMIT``; run on the driver's cursor of a connection kept open for it, it
+    also skips SQLAlchemy's per-call pool checkout, isolation switch and execution context,
+    which cost more CPU than the statement's own round trip (0.25 against 0.07 ms per claim
+    here). Connections are taken last-in first-out, so a process with one caller at a time
+    keeps one. Errors are reported as :func:`transaction` reports them; a connection that
+    failed is discarded, and SQLAlchemy's pool is told so.
+    """
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._idle: list[Any] = []
+        self._lock = threading.Lock()
+
+    @contextmanager
+    def cursor(self, *, transaction: bool = False) -> Iterator[Any]:
+        """A driver cursor on a connection in autocommit: each statement commits alone, or,
+        with ``transaction``, the block's statements commit together when it ends."""
+        with self._lock:
+            pooled = self._idle.pop() if self._idle else None
+        dbapi = self.engine.dialect.loaded_dbapi
+        try:
+            if pooled is None:
+                pooled = self.engine.raw_connection()
+                driver: Any = pooled.driver_connection
+                driver.autocommit = True
+            connection: Any = pooled.driver_connection
+            with connection.cursor() as cursor:
+                if transaction:
+                    with connection.transaction():
+                        yield cursor
+                else:
+                    yield cursor
+        except dbapi.Error as error:
+            broken = isinstance(error, dbapi.OperationalError | dbapi.InterfaceError)
+            if pooled is not None:
+                if broken or pooled.driver_connection.closed:
+                    pooled.invalidate()
+                else:
+                    self._give_back(pooled)
+            if broken:
+                raise StoreUnavailableError(
+                    f"Result store {mask_url(self.engine.url)} is unavailable: "
+                    f"{_first_line(error)}. Check that the database is running and reachable, "
+                    "then retry."
+                ) from error
+            raise StoreError(
+                f"Result store {mask_url(self.engine.url)} failed: {_first_line(error)}"
+            ) from error
+        except exc.SQLAlchemyError as error:  # raised while connecting
+            if isinstance(error, exc.DBAPIError) and _is_unavailable(self.engine, error):
+                raise StoreUnavailableError(
+                    f"Result store {mask_url(self.engine.url)} is unavailable: "
+                    f"{_first_line(error)}. Check that the database is running and reachable, "
+                    "then retry."
+                ) from error
+            raise StoreError(
+                f"Result store {mask_url(self.engine.url)} failed: {_first_line(error)}"
+            ) from error
+        except StoreError:  # the caller's own check, before the statement was sent
+            if pooled is not None:
+                self._give_back(pooled)
+            raise
+        except BaseException:
+            if pooled is not None:
+                pooled.invalidate()  # interrupted, maybe mid-statement: its state is unknown
+            raise
+        else:
+            self._give_back(pooled)
+
+    def _give_back(self, pooled: Any) -> None:
+        with self._lock:
+            self._idle.append(pooled)
+
+    def close(self) -> None:
+        """Return the kept connections to the engine's pool."""
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for pooled in idle:
+            pooled.close()
 
 
 _SQLITE_TRANSIENT = ("locked", "busy", "unable to open database", "disk i/o error")
@@ -270,7 +351,7 @@ def _is_unavailable(engine: Engine, error: exc.DBAPIError) -> bool:
     return any(marker in message for marker in _SQLITE_TRANSIENT)
 
 
-def _first_line(error: exc.SQLAlchemyError) -> str:
+def _first_line(error: BaseException) -> str:
     """The driver's message without SQLAlchemy's multi-line SQL and background-link dump."""
     original = getattr(error, "orig", None)
     text = str(original) if original is not None else str(error)

@@ -20,7 +20,13 @@ from sqlalchemy.engine import URL
 from orchestrator.results import RunResult, RunStatus
 from orchestrator.runspec import RunSpec
 from orchestrator.store import attempts, queries, recovery, registration
-from orchestrator.store.engine import DEFAULT_URL, create_engine_for, mask_url, transaction
+from orchestrator.store.engine import (
+    DEFAULT_URL,
+    AutocommitLane,
+    create_engine_for,
+    mask_url,
+    transaction,
+)
 from orchestrator.store.models import StudyRow
 from orchestrator.store.predicates import IN_CHUNK
 from orchestrator.store.records import (
@@ -64,6 +70,7 @@ class ResultStore:
         """Wrap an engine from :func:`create_engine_for` (tests and callers that manage
         schema themselves); most code wants :meth:`open`."""
         self.engine = engine
+        self._lane = AutocommitLane(engine) if engine.dialect.name == "postgresql" else None
 
     @classmethod
     def open(cls, url: str | URL = DEFAULT_URL, **engine_options: Any) -> ResultStore:
@@ -104,6 +111,8 @@ class ResultStore:
 
     def close(self) -> None:
         """Close every pooled connection."""
+        if self._lane is not None:
+            self._lane.close()
         self.engine.dispose()
 
     def __enter__(self) -> ResultStore:
@@ -246,9 +255,18 @@ class ResultStore:
     ) -> list[Claim]:
         """:meth:`claim_run` for many runs in one statement (the embedded executor's batch);
         returns the claims won, in plan order."""
-        # One statement on PostgreSQL (it makes its own commit asynchronous); on SQLite
-        # two, in one transaction.
-        with transaction(self.engine, single_statement=len(indices) <= IN_CHUNK) as connection:
+        if self._lane is not None:
+            # One statement per 1,000 runs on PostgreSQL (it makes its commit asynchronous).
+            with self._lane.cursor(transaction=len(indices) > IN_CHUNK) as cursor:
+                return attempts.claim_pg(
+                    attempts.cursor_executor(cursor),
+                    study_id,
+                    indices,
+                    worker=worker,
+                    lease_s=lease_s,
+                    allow_planned=allow_planned,
+                )
+        with transaction(self.engine) as connection:
             return attempts.claim(
                 connection,
                 study_id,
@@ -278,9 +296,13 @@ class ResultStore:
         """:meth:`finish_run` for many runs in one transaction (the embedded fast path); each
         is fenced on its own. Returns one bool per item, in order."""
         batch = list(items)
-        # One result is one statement on PostgreSQL; a batch shares one transaction (and
-        # one wait for the WAL flush).
-        with transaction(self.engine, single_statement=len(batch) == 1) as connection:
+        if self._lane is not None:
+            # One statement per result on PostgreSQL; a batch shares one transaction (and
+            # one wait for the WAL flush).
+            with self._lane.cursor(transaction=len(batch) > 1) as cursor:
+                execute = attempts.cursor_executor(cursor)
+                return [attempts.finish_pg(execute, claim, result) for claim, result in batch]
+        with transaction(self.engine) as connection:
             return attempts.finish(connection, batch)
 
     def release_run(self, claim: Claim) -> bool:

@@ -116,3 +116,35 @@ def test_database_clock_arithmetic(store: ResultStore) -> None:
     assert now.tzinfo is not None
     assert (later - now).total_seconds() == pytest.approx(90.5, abs=0.01)
     assert (now - earlier).total_seconds() == pytest.approx(30, abs=0.01)
+
+
+@pytest.mark.parametrize("store_url", ["postgresql"], indirect=True)
+def test_a_worker_statement_on_a_dropped_connection_fails_as_unavailable_then_recovers(
+    store_url: str,
+) -> None:
+    """Claims and results run on connections kept open for them (``AutocommitLane``, no
+    pre-ping): a connection the server dropped fails once, as retryable, and is replaced."""
+    from store_factories import STUDY_ID, queue_all, register
+
+    store = ResultStore(create_engine_for(store_url, pool_pre_ping=False))
+    try:
+        register(store, 3)
+        queue_all(store)
+        assert store.claim_run(STUDY_ID, 0, worker="w", lease_s=60) is not None
+        admin = create_engine_for(store_url)
+        with admin.connect() as connection:
+            killed = connection.execute(
+                text(
+                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                    "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+                )
+            ).scalar_one()
+        admin.dispose()
+        assert killed >= 1
+
+        with pytest.raises(StoreUnavailableError, match="unavailable"):
+            store.claim_run(STUDY_ID, 1, worker="w", lease_s=60)
+        claim = store.claim_run(STUDY_ID, 1, worker="w", lease_s=60)
+        assert claim is not None and claim.index == 1
+    finally:
+        store.close()
