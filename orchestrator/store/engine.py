@@ -233,18 +233,9 @@ def transaction(engine: Engine, *, readonly: bool = False) -> Iterator[Connectio
             with connection.begin():
                 yield connection
     except exc.DBAPIError as error:
-        if _is_unavailable(engine, error):
-            raise StoreUnavailableError(
-                f"Result store {mask_url(engine.url)} is unavailable: {_first_line(error)}. "
-                "Check that the database is running and reachable, then retry."
-            ) from error
-        raise StoreError(
-            f"Result store {mask_url(engine.url)} failed: {_first_line(error)}"
-        ) from error
+        raise _store_error(engine, error, unavailable=_is_unavailable(engine, error)) from error
     except exc.SQLAlchemyError as error:
-        raise StoreError(
-            f"Result store {mask_url(engine.url)} failed: {_first_line(error)}"
-        ) from error
+        raise _store_error(engine, error, unavailable=False) from error
 
 
 class AutocommitLane:
@@ -291,25 +282,10 @@ class AutocommitLane:
                     pooled.invalidate()
                 else:
                     self._give_back(pooled)
-            if broken:
-                raise StoreUnavailableError(
-                    f"Result store {mask_url(self.engine.url)} is unavailable: "
-                    f"{_first_line(error)}. Check that the database is running and reachable, "
-                    "then retry."
-                ) from error
-            raise StoreError(
-                f"Result store {mask_url(self.engine.url)} failed: {_first_line(error)}"
-            ) from error
+            raise _store_error(self.engine, error, unavailable=broken) from error
         except exc.SQLAlchemyError as error:  # raised while connecting
-            if isinstance(error, exc.DBAPIError) and _is_unavailable(self.engine, error):
-                raise StoreUnavailableError(
-                    f"Result store {mask_url(self.engine.url)} is unavailable: "
-                    f"{_first_line(error)}. Check that the database is running and reachable, "
-                    "then retry."
-                ) from error
-            raise StoreError(
-                f"Result store {mask_url(self.engine.url)} failed: {_first_line(error)}"
-            ) from error
+            unavailable = isinstance(error, exc.DBAPIError) and _is_unavailable(self.engine, error)
+            raise _store_error(self.engine, error, unavailable=unavailable) from error
         except StoreError:  # the caller's own check, before the statement was sent
             if pooled is not None:
                 self._give_back(pooled)
@@ -349,6 +325,17 @@ def _is_unavailable(engine: Engine, error: exc.DBAPIError) -> bool:
         return True
     message = str(error.orig).lower()
     return any(marker in message for marker in _SQLITE_TRANSIENT)
+
+
+def _store_error(engine: Engine, error: BaseException, *, unavailable: bool) -> StoreError:
+    """The store's error for a database error: retryable (:class:`StoreUnavailableError`) or
+    not, naming the database with its password masked."""
+    if unavailable:
+        return StoreUnavailableError(
+            f"Result store {mask_url(engine.url)} is unavailable: {_first_line(error)}. "
+            "Check that the database is running and reachable, then retry."
+        )
+    return StoreError(f"Result store {mask_url(engine.url)} failed: {_first_line(error)}")
 
 
 def _first_line(error: BaseException) -> str:

@@ -20,6 +20,7 @@ from orchestrator.runspec import RunSpec
 from orchestrator.store import ResultStore
 from workers.app import StudyqCelery, create_app
 from workers.messages import TASK_NAME, DeliveryTags, MessageBuilder
+from workers.redis_clients import reuse_sync_clients
 from workers.tasks import publish_runs
 
 
@@ -184,3 +185,24 @@ def test_task_sent_events_reach_celery_event_receivers(
         assert event["name"] == TASK_NAME and event["queue"] == queue
         assert event["args"].startswith(f"study={study.study_id}")
         assert {"hostname", "timestamp", "clock", "pid", "utcoffset"} <= set(event)
+
+
+@pytest.mark.integration
+def test_a_kombu_channel_keeps_one_sync_redis_client_until_its_pool_changes(
+    publisher: StudyqCelery,
+):
+    # Given the patch create_app applies (one sync client per channel)
+    assert reuse_sync_clients() is True
+    with publisher.connection_for_write() as connection:
+        channel = connection.default_channel
+        # Then every synchronous command of the channel goes through the same client...
+        with channel.conn_or_acquire() as first, channel.conn_or_acquire() as second:
+            assert first is second
+            assert first.ping()
+        # ...the consumer loop's asynchronous client is still built apart...
+        assert channel._create_client(asynchronous=True) is not first
+        # ...and a channel that replaced its pool (a reconnect) gets a client on the new one
+        channel._pool = None
+        with channel.conn_or_acquire() as third:
+            assert third is not first and third.connection_pool is channel.pool
+            assert third.ping()

@@ -27,6 +27,7 @@ import base64
 import contextlib
 import json
 import os
+import re
 import textwrap
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -280,16 +281,10 @@ def test_the_canary_is_not_in_the_database(sweep: Sweep) -> None:
 
 def _message_bodies(dump: str) -> list[str]:
     """The decoded (base64) bodies of the Celery messages in a :func:`redis_dump`."""
-    marker = '"body": "'
-    bodies = []
-    for line in dump.splitlines():
-        start = line.find(marker)
-        while start >= 0:
-            start += len(marker)
-            end = line.index('"', start)
-            bodies.append(base64.b64decode(line[start:end]).decode("utf-8", errors="replace"))
-            start = line.find(marker, end)
-    return bodies
+    return [
+        base64.b64decode(match.group(1)).decode("utf-8", errors="replace")
+        for match in re.finditer(r'"body":\s*"([^"]*)"', dump)
+    ]
 
 
 def test_the_canary_is_not_in_redis(sweep: Sweep) -> None:
