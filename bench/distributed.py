@@ -19,8 +19,9 @@ ratios are medians of the per-repeat ratios):
     process with the modules imported before the clock starts. Its time is split by
     wrapping ``prepare``, ``register`` and ``CeleryTransport.publish`` in the child (product
     code is not changed): *publish* is everything after registration, i.e. the loop that
-    marks a page of runs ``queued`` in PostgreSQL and publishes it (run message +
-    ``task-sent`` event per run), split into its PostgreSQL and ``publish_runs`` parts;
+    marks pages of runs ``queued`` in PostgreSQL (the next page on a second thread) and
+    publishes them (run message + ``task-sent`` event per run, the events in batches), split
+    into the time spent in ``publish_runs`` and the rest (waiting for the next page);
     *total* is prepare + register + publish. For reference the child then publishes the same
     runs again with ``sent_events=False``. Baseline: a plain
     ``task.apply_async(args=[key], queue=q)`` loop of 100,000 trivial tasks on the same
@@ -35,7 +36,7 @@ ratios are medians of the per-repeat ratios):
     trip, as in ANCHORS) with studyq's delivery settings (``acks_late``, prefetch 1) and
     with Celery's defaults (prefetch 4, ``acks_late`` off); for context, the ANCHORS "stack
     floor" (raw tasks that each UPSERT one row into PostgreSQL in their own transaction);
-    and, as a diagnostic, raw no-op tasks with task events on, as studyq's workers send them.
+    and, as a diagnostic, raw no-op tasks with task events on (flushed as stock Celery does).
 (c) **2,000 runs that sleep 20 ms** (the ``sleep`` demo agent, factor ``sleep_s``) on
     ``-P threads -c 32``, same clock, against raw Celery 20 ms sleep tasks on the same pool
     (and with task events on, as a diagnostic) and the ideal ``2000 * 0.02 / 32 = 1.25 s``.
@@ -905,11 +906,12 @@ def report(s: dict[str, Series], sizes: Sizes, repeats: int, only: set[str]) -> 
                 secs("a.studyq.publish_s"), ratio("a.ratio.publish", PUBLISH_GOAL),
             ),
             _row(
-                "\u21b3 of which PostgreSQL (read a page of planned runs, mark it queued)",
+                "\u21b3 of which waiting for PostgreSQL (the next page is marked queued on "
+                "a second thread while one is published)",
                 "", "", secs("a.studyq.db_s"), "",
             ),
             _row(
-                "\u21b3 of which `publish_runs` (build and send messages and events)",
+                "\u21b3 of which `publish_runs` (build and push messages, batch events)",
                 "", "", secs("a.studyq.broker_s"), "",
             ),
             _row(
@@ -964,8 +966,8 @@ def report(s: dict[str, Series], sizes: Sizes, repeats: int, only: set[str]) -> 
                 cpu("b.floor"), med("b.floor.pg_cpu_ms", ".2f"),
             ),
             _row(
-                "diagnostic: raw Celery no-op with task events on, as studyq's workers send "
-                "them for Flower (acks_late, prefetch 1)",
+                "diagnostic: raw Celery no-op with task events on, flushed as Celery does "
+                "(studyq's workers batch theirs; acks_late, prefetch 1)",
                 rate("b.raw_events.rate"), span("b.raw_events.rate"),
                 ratio("b.ratio.raw_events", pct=True), cpu("b.raw_events"), "",
             ),
@@ -1052,6 +1054,21 @@ def phase_breakdown(svc: Services, n: int) -> str:
         "before_cursor_execute",
         lambda *_, **__: statements.update([phase[0]]),
     )
+    # Claims and results bypass SQLAlchemy (a driver cursor in autocommit): count them there.
+    from orchestrator.store import attempts
+
+    original_executor = attempts.cursor_executor
+
+    def counting_executor(cursor: Any) -> Any:
+        execute = original_executor(cursor)
+
+        def counted(sql: str, params: Any) -> Any:
+            statements.update([phase[0]])
+            return execute(sql, params)
+
+        return counted
+
+    attempts.cursor_executor = counting_executor  # type: ignore[assignment]
 
     def timed(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
         def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -1083,6 +1100,7 @@ def phase_breakdown(svc: Services, n: int) -> str:
         total_wall, total_cpu = time.perf_counter() - w0, time.process_time() - c0
     finally:
         setattr(runtask, "execute_run", original_execute)  # noqa: B010
+        attempts.cursor_executor = original_executor  # type: ignore[assignment]
         runtime.close()
     count = len(messages) - 20
     wall["other"] = total_wall - sum(wall[k] for k in ("claim", "execute", "finish"))
