@@ -98,7 +98,8 @@ class WorkerRuntime:
         self.settings = settings
         self.worker = worker
         self.pid = os.getpid()
-        # No pre-ping: it is one more round trip per claim and per result. A connection the
+        # No pre-ping: it is one more round trip before every heartbeat and release (claims
+        # and results use connections kept open, without one either). A connection the
         # server dropped fails its statement instead, SQLAlchemy discards the pool's older
         # connections, and the write is retried (workers.retrying).
         self.store = store or ResultStore(

@@ -247,6 +247,9 @@ def test_the_sweep_really_ran(sweep: Sweep) -> None:
     assert any(path.endswith("runs.csv") for path in sweep.artifacts), sorted(sweep.artifacts)
     tasks = json.loads(sweep.flower["/api/tasks"].partition(" ")[2])
     assert len(tasks) >= 2 * RUNS_PER_STUDY, tasks
+    # Flower followed each run to its end through the workers' batched task events
+    succeeded = [task for task in tasks.values() if task.get("state") == "SUCCESS"]
+    assert len(succeeded) >= 2 * RUNS_PER_STUDY, tasks
     assert sweep.flower["/api/workers?refresh=1"].startswith("200 ")
     assert sweep.flower["/api/tasks without auth"] == "401"
     assert "canary-a" in sweep.postgres and "canary-b" in sweep.postgres
