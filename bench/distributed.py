@@ -8,6 +8,7 @@ Run from the repository root (Redis on 127.0.0.1:6379 and PostgreSQL on 127.0.0.
     .venv/bin/python bench/distributed.py --only b      # one part (a, b or c; repeatable)
     .venv/bin/python bench/distributed.py --from run.json   # print a saved run's tables
     .venv/bin/python bench/distributed.py --profile DIR     # where studyq's time per run goes
+    .venv/bin/python bench/distributed.py --profile DIR --only c --gil  # who holds the GIL
 
 What it measures (ANCHORS.md section 2's method; the machine is shared and noisy, so each
 baseline is measured in the same repeat as studyq's figure, back to back, the order
@@ -1147,7 +1148,7 @@ def profile(args: argparse.Namespace) -> int:
             time.sleep(0.05)
         targets = {"main": worker.process.pid}
         targets.update({f"child{i}": pid for i, pid in enumerate(worker.children())})
-        idle = ["--idle"] if args.idle else []
+        idle = ["--idle"] if args.idle else ["--gil"] if args.gil else []
         for role, pid in targets.items():
             recorders.append(
                 subprocess.Popen(
@@ -1203,7 +1204,42 @@ def profile(args: argparse.Namespace) -> int:
         f"\n({part}) studyq under py-spy: {out['rate']:,.0f} runs/s ({out['seconds']:.2f} s); "
         f"stacks in {out_dir}"
     )
+    if args.gil:
+        print(gil_shares(out_dir / "main.txt"))
     return 0
+
+
+GIL_SHARES = (
+    ("studyq: writing results (writer thread)", ("ResultWriter",)),
+    ("studyq: claims", ("ClaimBatcher",)),
+    ("studyq: execute_run", ("execute_run",)),
+    ("studyq: the rest of a delivery", ("workers/", "orchestrator/")),
+    ("Celery: task events", ("EventDispatcher", "send_event")),
+    ("kombu: acknowledging messages", ("QoS.ack", "basic_ack")),
+    ("kombu: receiving (BRPOP, QoS.append)", ("_brpop", "on_readable")),
+)
+"""Categories of a ``--gil`` profile of the worker's main process, first match wins; the
+rest is Celery and kombu (task tracing, pool hand-off, timers)."""
+
+
+def gil_shares(stacks: Path) -> str:
+    """Shares of the GIL-holding samples in a py-spy raw profile, by :data:`GIL_SHARES`."""
+    counts: dict[str, int] = {}
+    total = 0
+    for line in stacks.read_text(encoding="utf-8").splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not count.isdigit():
+            continue
+        total += int(count)
+        label = next(
+            (name for name, marks in GIL_SHARES if any(mark in stack for mark in marks)),
+            "Celery and kombu: the rest",
+        )
+        counts[label] = counts.get(label, 0) + int(count)
+    lines = ["| share of the time the GIL is held | |", "| --- | --- |"]
+    for label, count in sorted(counts.items(), key=lambda item: -item[1]):
+        lines.append(f"| {label} | {100 * count / max(total, 1):.0f}% |")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1245,6 +1281,9 @@ def main(argv: list[str] | None = None) -> int:
         help="print the tables of a run saved with --save, measure nothing",
     )
     parser.add_argument("--idle", action="store_true", help="with --profile: wall-clock stacks")
+    parser.add_argument(
+        "--gil", action="store_true", help="with --profile: only the thread holding the GIL"
+    )
     args = parser.parse_args(argv)
     os.chdir(REPO_ROOT)
     sys.path[:0] = [str(REPO_ROOT), str(BENCH_DIR)]
