@@ -17,6 +17,7 @@ events are flushed when the consumer stops or reconnects (Celery's ``Events`` st
 from __future__ import annotations
 
 import threading
+import time
 from typing import Any
 
 from celery.worker.consumer import Consumer
@@ -33,21 +34,25 @@ class StudyqConsumer(Consumer):  # type: ignore[misc]  # Celery ships no type hi
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._event_flush_lock = threading.Lock()
-        self._event_flush_due = False
+        self._event_flush_asked: float | None = None  # monotonic time a flush was scheduled
 
     def on_send_event_buffered(self) -> None:
         """An event was buffered: make sure one flush is scheduled (never more than one).
 
         Called from the event loop and, on the threads pool, from pool threads: only the
-        lock-protected ``call_soon`` is used here; the timer is set on the loop's thread.
+        lock-protected ``call_soon`` is used here; the timer is set on the loop's thread. A
+        flush asked for long ago that never ran (its timer lost in a reconnect) does not
+        block the next one.
         """
         hub = self.hub
         if hub is None:  # pragma: no cover - Celery only buffers when there is a hub
             return
+        now = time.monotonic()
         with self._event_flush_lock:
-            if self._event_flush_due:
+            asked = self._event_flush_asked
+            if asked is not None and now - asked < 10 * EVENT_FLUSH_S:
                 return
-            self._event_flush_due = True
+            self._event_flush_asked = now
         hub.call_soon(self._schedule_event_flush)
 
     def _schedule_event_flush(self) -> None:
@@ -55,5 +60,5 @@ class StudyqConsumer(Consumer):  # type: ignore[misc]  # Celery ships no type hi
 
     def _flush_buffered_events(self) -> None:
         with self._event_flush_lock:
-            self._event_flush_due = False
+            self._event_flush_asked = None
         self._flush_events()
