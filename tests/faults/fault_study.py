@@ -44,6 +44,11 @@ FAULT_SWEEP = Shape(arms=4, replicates=60, sleep_s=0.04)
 """240 runs of 40 ms: about 3 s on two workers of two slots, long enough for faults to land
 mid-sweep, short enough for the whole folder to stay within minutes on two cores."""
 
+LONG_SWEEP = Shape(arms=4, replicates=60, sleep_s=0.15)
+"""240 runs of 150 ms, about 9 s on two workers of two slots, for tests whose faults come in
+rounds (each starting a CLI or a worker) and must still find runs in flight to kill in the
+last round; with 40 ms runs a fast worker can finish the sweep before it."""
+
 BIG_SWEEP = Shape(arms=4, replicates=250, sleep_s=0.002)
 """1,000 short runs: the fault-free sweep of test 1."""
 

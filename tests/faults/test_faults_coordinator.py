@@ -7,11 +7,13 @@ import re
 import signal
 import subprocess
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from fault_bed import Bed
 from fault_services import reaped, studyq
+from fault_study import LONG_SWEEP
 
 pytestmark = [pytest.mark.integration]
 
@@ -38,8 +40,11 @@ def finished(process: subprocess.Popen[bytes], log: Path, timeout: float) -> str
 
 
 @pytest.mark.timeout(150)
-def test_the_coordinator_killed_twice_then_waited_for_again_completes_the_sweep(bed: Bed):
+def test_the_coordinator_killed_twice_then_waited_for_again_completes_the_sweep(
+    make_bed: Callable[..., Bed],
+):
     # Given a study submitted with `studyq submit` and two workers
+    bed = make_bed(shape=LONG_SWEEP)
     workers = bed.workers.start(2)
     submit, submit_log = cli(bed, "submit", "submit", str(bed.study_file()), "--no-progress")
     assert f"{bed.shape.runs} enqueued now" in finished(submit, submit_log, 60)

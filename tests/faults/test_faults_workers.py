@@ -10,11 +10,12 @@ from __future__ import annotations
 import signal
 import time
 from collections import Counter
+from collections.abc import Callable
 
 import pytest
 from fault_bed import Bed
 from fault_services import wait_until
-from fault_study import BIG_SWEEP
+from fault_study import BIG_SWEEP, LONG_SWEEP
 from sqlalchemy import text
 
 from orchestrator.store import create_engine_for
@@ -44,8 +45,11 @@ def test_a_1000_run_sweep_on_two_workers_runs_every_run_exactly_once(make_bed):
 
 
 @pytest.mark.timeout(150)
-def test_pool_children_and_whole_workers_killed_three_times_lose_nothing(bed: Bed):
+def test_pool_children_and_whole_workers_killed_three_times_lose_nothing(
+    make_bed: Callable[..., Bed],
+):
     # Given a sweep running on two workers
+    bed = make_bed(shape=LONG_SWEEP)
     first, second = bed.workers.start(2)
     bed.submit()
     coordinator = bed.wait_in_background(timeout_s=120)
