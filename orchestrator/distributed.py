@@ -81,25 +81,29 @@ def _labels(conditions: Iterable[Any]) -> dict[str, str]:
 
 def _pages_ahead(next_page: Callable[[], list[_Item]]) -> Iterator[list[_Item]]:
     """The pages ``next_page`` returns until the first empty one, each fetched on a thread
-    while the caller works on the one before: marking page n+1 queued (the database)
-    overlaps publishing page n (the broker), which roughly halves a large submit. An error
-    of ``next_page`` is raised here, in the caller's thread."""
+    while the caller works on the one before: marking page n+1 queued (the database) waits
+    while page n is published (the broker). An error of ``next_page`` is raised here, in the
+    caller's thread; a caller that stops early (its publish failed) never waits for the
+    fetcher, whatever it is doing."""
     ready: queue.Queue[tuple[list[_Item] | None, BaseException | None]] = queue.Queue(1)
     stop = threading.Event()
+
+    def hand_over(item: tuple[list[_Item] | None, BaseException | None]) -> None:
+        while not stop.is_set():
+            try:
+                ready.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
 
     def fetch() -> None:
         while not stop.is_set():
             try:
                 page = next_page()
             except BaseException as error:  # handed to the caller, raised there
-                ready.put((None, error))
+                hand_over((None, error))
                 return
-            while not stop.is_set():
-                try:
-                    ready.put((page, None), timeout=0.1)
-                    break
-                except queue.Full:
-                    continue
+            hand_over((page, None))
             if not page:
                 return
 
