@@ -10,9 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from orchestrator.canonical import to_jsonable
+from orchestrator.canonical import canonical_json, sha256_hex, to_jsonable
 
-__all__ = ["RunSpec"]
+__all__ = ["RunSpec", "spec_digest"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +62,10 @@ class RunSpec:
             "condition_fingerprint": self.condition_fingerprint,
         }
 
+    def digest(self) -> str:
+        """:func:`spec_digest` of this spec's message."""
+        return spec_digest(self.to_message())
+
     @classmethod
     def from_message(cls, message: dict[str, Any]) -> RunSpec:
         """Rebuild a spec from :meth:`to_message` output."""
@@ -78,3 +82,11 @@ class RunSpec:
             index=int(message.get("index", 0)),
             condition_fingerprint=str(message.get("condition_fingerprint", "")),
         )
+
+
+def spec_digest(message: dict[str, Any]) -> str:
+    """SHA-256 of a run message's canonical JSON: stored with the run at registration and
+    recomputed by the worker from the message it received, so a claim only wins when the
+    message carries exactly the registered spec (a tampered seed, assignment, agent or id
+    changes the digest, and the run is neither claimed nor executed)."""
+    return sha256_hex(canonical_json(message))

@@ -163,6 +163,7 @@ class RunRow(Base):
     factor_assignments: Mapped[dict[str, Any]] = mapped_column(OrderedJSONType)
     block_assignments: Mapped[dict[str, Any]] = mapped_column(OrderedJSONType)
     condition_fingerprint: Mapped[str] = mapped_column(String)
+    spec_digest: Mapped[str] = mapped_column(String)  # RunSpec.digest(); workers verify it
 
     # -- the lifecycle -------------------------------------------------------------------
     status: Mapped[str] = mapped_column(String)

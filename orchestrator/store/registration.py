@@ -23,7 +23,7 @@ from sqlalchemy.engine import Connection
 from orchestrator.canonical import to_jsonable
 from orchestrator.errors import StoreError, StudyConflictError
 from orchestrator.results import RunStatus
-from orchestrator.runspec import RunSpec
+from orchestrator.runspec import RunSpec, spec_digest
 from orchestrator.store.models import ConditionRow, RunRow, StudyRow
 from orchestrator.store.records import RegisterReport
 from orchestrator.store.sqltypes import db_now
@@ -209,6 +209,7 @@ def _run_row(study_id: str, position: int, spec: RunSpec, max_attempts: int) -> 
         "factor_assignments": message["factor_assignments"],
         "block_assignments": message["block_assignments"],
         "condition_fingerprint": spec.condition_fingerprint,
+        "spec_digest": spec_digest(message),
         "status": RunStatus.PLANNED.value,
         "attempt": 0,
         "attempts_used": 0,
