@@ -68,6 +68,13 @@ class ExecutionPolicy(BaseModel):
     rate_limit: str | None = Field(
         default=None, description="Celery rate limit per worker for the run task, e.g. '10/m'."
     )
+    at_most_once: bool = Field(
+        default=False,
+        description="Commit each claim durably before the agent runs, so that a database crash "
+        "can never make an agent run twice (paid API calls); costs one WAL flush per claim. "
+        "By default claims commit asynchronously and a crash can re-run the runs claimed in "
+        "its last ~200 ms.",
+    )
     order: str = Field(
         default="plan",
         pattern="^(plan|balanced)$",

@@ -8,9 +8,13 @@ in the same statement, the runs of every delivery that arrived while the previou
 was running. No thread waits for a timer, and a lone caller (a prefork child, which runs one
 delivery at a time) makes exactly the statement it would have made alone.
 
-Each claim is still the store's guarded transition (``ResultStore.claim_runs``): a run is
-claimed at most once, and a delivery whose run another delivery of the same batch already
-claimed (a duplicate message) gets nothing.
+Each claim is still the store's guarded transition (``ResultStore.claim_runs``), verified
+against the message (the stored spec's digest and the attempt; see
+``orchestrator.store.attempts.Verify``): a run is claimed at most once, only for a delivery
+that carries its registered spec, and a delivery whose run another delivery of the same
+batch already claimed (a duplicate message) gets nothing. Deliveries naming the same run go
+in separate statements, first come first, so a forged copy cannot take the claim of the
+genuine message beside it.
 """
 
 from __future__ import annotations
@@ -27,6 +31,9 @@ __all__ = ["ClaimBatcher"]
 class _Request:
     study_id: str
     index: int
+    digest: str
+    attempt: int
+    durable: bool
     done: threading.Event = field(default_factory=threading.Event)
     lead: bool = False  # woken to make the next statement, not with an answer
     claim: Claim | None = None
@@ -50,15 +57,18 @@ class ClaimBatcher:
         self._waiting: list[_Request] = []
         self._busy = False
 
-    def claim(self, study_id: str, index: int) -> Claim | None:
-        """Claim the run at ``index`` (see ``ResultStore.claim_run``); None if it is not
-        claimable.
+    def claim(
+        self, study_id: str, index: int, digest: str, attempt: int, *, durable: bool = False
+    ) -> Claim | None:
+        """Claim the run at ``index`` for a message with spec digest ``digest`` published for
+        ``attempt`` (see ``ResultStore.claim_runs``); None if it is not claimable or the
+        message disagrees with the store. ``durable``: the claim is committed synchronously.
 
         Raises:
             StoreUnavailableError, StoreError: as ``ResultStore.claim_runs``, for every
                 request of the statement that failed.
         """
-        request = _Request(study_id, index)
+        request = _Request(study_id, index, digest, attempt, durable)
         with self._lock:
             self._waiting.append(request)
             lead = not self._busy
@@ -91,14 +101,28 @@ class ClaimBatcher:
                 self._busy = False
 
     def _claim_batch(self, batch: list[_Request]) -> None:
-        by_study: dict[str, dict[int, _Request]] = {}
+        # Per study and commit mode, rounds of requests with one request per run in each.
+        groups: dict[tuple[str, bool], list[dict[int, _Request]]] = {}
         for request in batch:
-            by_study.setdefault(request.study_id, {}).setdefault(request.index, request)
-        for study_id, requests in by_study.items():
-            for claim in self._store.claim_runs(
-                study_id, list(requests), worker=self._worker, lease_s=self._lease_s
-            ):
-                requests[claim.index].claim = claim
+            rounds = groups.setdefault((request.study_id, request.durable), [])
+            for requests in rounds:
+                if request.index not in requests:
+                    requests[request.index] = request
+                    break
+            else:
+                rounds.append({request.index: request})
+        for (study_id, durable), rounds in groups.items():
+            for requests in rounds:
+                verify = {index: (r.digest, r.attempt) for index, r in requests.items()}
+                for claim in self._store.claim_runs(
+                    study_id,
+                    list(requests),
+                    worker=self._worker,
+                    lease_s=self._lease_s,
+                    verify=verify,
+                    durable=durable,
+                ):
+                    requests[claim.index].claim = claim
 
 
 def _answer(request: _Request) -> Claim | None:

@@ -42,6 +42,11 @@ class WorkerSettings(Settings):
         "exceed the longest run's time limit plus time_limit_grace_s, or a run that is still "
         "executing gets a second delivery (which its claim refuses: noise, not a rerun).",
     )
+    at_most_once: bool = Field(
+        default=False,
+        description="Claim every run durably before its agent runs, whatever the study's "
+        "execution.at_most_once says: a PostgreSQL crash then never makes an agent run twice.",
+    )
     result_retry_s: float = Field(
         default=600.0,
         ge=0,

@@ -2,12 +2,18 @@
 
 :func:`run_delivery` is the whole life of one delivery::
 
-    parse ─► study context (cached) ─► claim (lease) ─┬─► not claimable: acknowledge, count
+    parse ─► study context ─► verified claim (lease) ─┬─► not claimable: acknowledge, count
+                                                      ├─► disagrees with the store: refuse
                                                       └─► supervise ─► execute_run ─► record
 
 * **Claim.** ``store.claim_runs`` moves the run ``queued -> running`` with a lease (together
-  with the claims of concurrent deliveries: :mod:`workers.claims`). A run that is
-  finished, cancelled, running under a live lease or out of attempts is not claimable: the
+  with the claims of concurrent deliveries: :mod:`workers.claims`), and only for a message
+  that carries the registered spec: the claim's own ``WHERE`` compares the digest of the
+  message's spec with the stored ``runs.spec_digest`` and refuses an attempt number ahead of
+  the run's claims. So the store, not the broker, decides what runs: a message whose seed,
+  assignments, agent, problem, run id, study id or index were changed claims nothing, changes
+  nothing, and is refused as :class:`MessageMismatch` (the task dead-letters it). A run that
+  is finished, cancelled, running under a live lease or out of attempts is not claimable: the
   delivery is a duplicate (a redelivery after a lost worker, a republish by the reconcile
   loop, a second ``submit``). It is acknowledged, logged at INFO and counted, never executed.
 * **Supervise.** The process's lease keeper (:mod:`workers.heartbeat`) extends the lease
@@ -41,8 +47,9 @@ from typing import Any
 
 from orchestrator.errors import RunTimeoutError, StoreError, StudyqError
 from orchestrator.results import ErrorKind, RunResult, RunStatus
-from orchestrator.runspec import RunSpec
+from orchestrator.runspec import RunSpec, spec_digest
 from orchestrator.store import Claim
+from orchestrator.store.registration import describe_difference
 from workers.execution import execute_run
 from workers.heartbeat import Ending, RunSupervisor, timeout_result
 from workers.interrupt import HandBack, LeaseLost, deferred_termination
@@ -51,6 +58,7 @@ from workers.runtime import StudyContext, WorkerRuntime
 
 __all__ = [
     "InvalidRunMessage",
+    "MessageMismatch",
     "Outcome",
     "parse_delivery",
     "record_hard_kill",
@@ -71,12 +79,19 @@ class Outcome(StrEnum):
     HANDED_BACK = "handed_back"  # warm shutdown: released, attempt refunded; requeue it
     TIMED_OUT = "timed_out"  # over the hard limit; recorded as failed/timeout
     UNKNOWN_STUDY = "unknown_study"  # the study was deleted after publishing
-    STALE_MESSAGE = "stale_message"  # names another run than the one at its index; dropped
+    MISMATCH = "mismatch"  # disagrees with the registered run (forged, or a stale message)
     NOT_RECORDED = "not_recorded"  # the database stayed unreachable for result_retry_s
 
 
 class InvalidRunMessage(StudyqError):
     """A message for the run task that does not carry a run spec; it is dropped."""
+
+
+class MessageMismatch(InvalidRunMessage):
+    """A well-formed run message that disagrees with the store: its spec is not the
+    registered spec of the run it names (tampered on the broker, or left from an earlier
+    registration of the study), it names a run the study does not have, or it claims an
+    attempt the run has not reached. Nothing was executed and nothing was written."""
 
 
 def parse_delivery(spec: Any, attempt: Any) -> tuple[RunSpec, int]:
@@ -126,9 +141,13 @@ def run_delivery(runtime: WorkerRuntime, message: Mapping[str, Any], attempt: in
         )
         return Outcome.UNKNOWN_STUDY
     settings = runtime.settings
+    digest = spec_digest(dict(message))
+    durable = settings.at_most_once or study.at_most_once
     with deferred_termination() as stop_requested:
         claim = retry_unavailable(
-            lambda: runtime.claims.claim(spec.study_id, spec.index),
+            lambda: runtime.claims.claim(
+                spec.study_id, spec.index, digest, published_attempt, durable=durable
+            ),
             what=f"claiming run {spec.run_id} (index {spec.index}) of {spec.study_id}",
             budget_s=settings.result_retry_s,
             log=log,
@@ -139,6 +158,7 @@ def run_delivery(runtime: WorkerRuntime, message: Mapping[str, Any], attempt: in
             _release(runtime, claim)
             return Outcome.HANDED_BACK
     if claim is None:
+        _refuse_mismatch(runtime, spec, dict(message), digest, published_attempt)
         count = runtime.count(Outcome.DUPLICATE)
         log.info(
             "run %s (index %d) of %s is not claimable (finished, running elsewhere, cancelled "
@@ -150,8 +170,6 @@ def run_delivery(runtime: WorkerRuntime, message: Mapping[str, Any], attempt: in
             count,
         )
         return Outcome.DUPLICATE
-    if claim.run_id != spec.run_id:
-        return _release_mismatch(runtime, spec, claim)
     if study.problem is not None:
         return _record(runtime, claim, _unrunnable(spec, claim, study.problem))
     return _execute(runtime, study, spec, claim)
@@ -167,21 +185,56 @@ def _release(runtime: WorkerRuntime, claim: Claim) -> bool:
     )
 
 
-def _release_mismatch(runtime: WorkerRuntime, spec: RunSpec, claim: Claim) -> Outcome:
-    """The message names another run than the one registered at its index (a message from
-    before the study was deleted and registered again): give the claim back, drop it."""
-    _release(runtime, claim)
-    count = runtime.count(Outcome.STALE_MESSAGE)
+def mismatch_reason(
+    stored: RunSpec | None, message: dict[str, Any], digest: str, attempt: int, claims: int
+) -> str | None:
+    """Why a message that claimed nothing disagrees with the store, or None when it agrees
+    (then the run simply was not claimable: a duplicate). ``claims``: the run's attempt."""
+    if stored is None:
+        return "it names a run the study does not have"
+    registered = stored.to_message()
+    if spec_digest(registered) != digest:
+        fields = describe_difference(registered, message)
+        return "its spec differs from the registered run at " + (", ".join(fields) or "?")
+    if attempt > claims:
+        return f"it was published for attempt {attempt}, but the run has had {claims} claim(s)"
+    return None
+
+
+def _refuse_mismatch(
+    runtime: WorkerRuntime, spec: RunSpec, message: dict[str, Any], digest: str, attempt: int
+) -> None:
+    """A claim that won nothing: raise :class:`MessageMismatch` when the message disagrees
+    with the store (a lookup on this rare path only), return when it is a duplicate."""
+    row = retry_unavailable(
+        lambda: runtime.store.find_run(spec.study_id, spec.index),
+        what=f"checking run {spec.run_id} (index {spec.index}) of {spec.study_id}",
+        budget_s=runtime.settings.result_retry_s,
+        log=log,
+    )
+    reason = mismatch_reason(
+        None if row is None else row.spec,
+        message,
+        digest,
+        attempt,
+        0 if row is None else row.attempt,
+    )
+    if reason is None:
+        return
+    count = runtime.count(Outcome.MISMATCH)
     log.error(
-        "message for run %s at index %d of %s does not match the registered run %s; released "
-        "and dropped [%d so far]",
+        "refused a message for run %s (index %d) of %s: %s; nothing was executed or written "
+        "[%d so far]",
         spec.run_id,
         spec.index,
         spec.study_id,
-        claim.run_id,
+        reason,
         count,
     )
-    return Outcome.STALE_MESSAGE
+    raise MessageMismatch(
+        f"message for run {spec.run_id} (index {spec.index}) of study {spec.study_id} "
+        f"disagrees with the store: {reason}"
+    )
 
 
 def _execute(runtime: WorkerRuntime, study: StudyContext, spec: RunSpec, claim: Claim) -> Outcome:

@@ -51,6 +51,8 @@ class StudyContext:
     timeout_s: float | None
     problem: str | None = None
     """Why the study's runs cannot execute (its stored sections do not parse), or None."""
+    at_most_once: bool = False
+    """Claims of its runs commit durably before the agent runs (``execution.at_most_once``)."""
 
     @classmethod
     def build(cls, info: StudyInfo, allowed_imports: list[str]) -> StudyContext:
@@ -73,7 +75,7 @@ class StudyContext:
             allowed_imports=[*allowed_imports, *info.allowed_references],
             trust_study=False,
         )
-        return cls(info.study_id, resolver, execution.timeout_s, problem)
+        return cls(info.study_id, resolver, execution.timeout_s, problem, execution.at_most_once)
 
 
 class WorkerRuntime:

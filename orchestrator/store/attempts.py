@@ -27,11 +27,11 @@ the portable :func:`claim` and :func:`finish` do on SQLite; the store tests run 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC
 from typing import Any
 
-from sqlalchemy import bindparam, insert, select, update
+from sqlalchemy import bindparam, case, insert, select, update
 from sqlalchemy.engine import Connection
 
 from orchestrator.canonical import to_jsonable
@@ -57,6 +57,7 @@ __all__ = [
     "MAX_MESSAGE_CHARS",
     "MAX_TRACEBACK_CHARS",
     "Execute",
+    "Verify",
     "attempt_end",
     "claim",
     "claim_pg",
@@ -182,6 +183,21 @@ _CLAIM = (
     )
 )
 
+Verify = Mapping[int, tuple[str, int]]
+"""What delivered messages say of the runs they name: plan index -> (the message's
+``spec_digest``, the attempt it was published for). A verified claim wins a run only when
+the stored ``runs.spec_digest`` equals the message's and the message's attempt is not ahead
+of the run's claims so far; anything else claims, and changes, nothing. The digest covers the
+study id and the plan index, so matching ``spec_digest IN (digests)`` pairs each row with its
+own message."""
+
+
+def _statuses(allow_planned: bool) -> list[str]:
+    statuses = [RunStatus.QUEUED.value]
+    if allow_planned:
+        statuses.append(RunStatus.PLANNED.value)
+    return statuses
+
 
 def claim(
     connection: Connection,
@@ -191,23 +207,31 @@ def claim(
     worker: str,
     lease_s: float,
     allow_planned: bool,
+    verify: Verify | None = None,
 ) -> list[Claim]:
     """``queued -> running`` (also from ``planned`` when ``allow_planned``) for each run that
-    is still claimable and has attempts left; returns the claims won, in plan order.
+    is still claimable and has attempts left (and, with ``verify``, whose stored spec the
+    message carries: :data:`Verify`); returns the claims won, in plan order.
 
     A run that is running (even with an expired lease), terminal, or out of attempts is not
     claimable: expired leases are the reconcile loop's to judge, so a redelivered message can
     never start a second copy of a run that may still be executing.
     """
     _check_claim(worker, lease_s)
-    statuses = [RunStatus.QUEUED.value]
-    if allow_planned:
-        statuses.append(RunStatus.PLANNED.value)
+    statuses = _statuses(allow_planned)
+    statement = _CLAIM
+    if verify is not None:
+        indices = list(verify)
+        digests = {digest: attempt for digest, attempt in verify.values()}
+        statement = _CLAIM.where(
+            RunRow.spec_digest.in_(list(digests)),
+            RunRow.attempt >= case(digests, value=RunRow.spec_digest, else_=RunRow.attempt + 1),
+        )
     won: list[Any] = []  # Row[...] is typed per column list; the fields are read by name
     for chunk in in_chunks(indices):
         won.extend(
             connection.execute(
-                _CLAIM,
+                statement,
                 {
                     "c_study": study_id,
                     "c_indices": list(chunk),
@@ -241,27 +265,39 @@ def claim(
     ]
 
 
-_CLAIM_PG = f"""
+_CLAIM_PG = """
 WITH claimed AS (
-    UPDATE runs SET status = '{RunStatus.RUNNING.value}', attempt = attempt + 1,
+    UPDATE runs SET status = '{running}', attempt = attempt + 1,
         attempts_used = attempts_used + 1, lease_owner = %(worker)s,
         lease_expires_at = now() + make_interval(secs => CAST(%(seconds)s AS double precision)),
         started_at = now()
     WHERE study_id = %(study_id)s AND plan_index = ANY(%(indices)s)
-        AND status = ANY(%(statuses)s) AND attempts_used < max_attempts
-        AND set_config('synchronous_commit', 'off', true) = 'off'
+        AND status = ANY(%(statuses)s) AND attempts_used < max_attempts{verify}
+        AND set_config('synchronous_commit', %(commit)s, true) = %(commit)s
     RETURNING plan_index, run_id, attempt, lease_expires_at, started_at
 ), history AS (
     INSERT INTO run_attempts (study_id, plan_index, attempt, run_id, worker, started_at, outcome)
     SELECT %(study_id)s, plan_index, attempt, run_id, %(worker)s, started_at,
-        '{AttemptOutcome.RUNNING}'
+        '{attempt_running}'
     FROM claimed
 )
 SELECT plan_index, run_id, attempt, lease_expires_at FROM claimed ORDER BY plan_index
 """
-"""The claim on PostgreSQL: one statement. ``set_config`` makes this transaction's commit
-asynchronous (see ``ResultStore._fast_commit``); it is evaluated only for rows that pass the
+"""The claim on PostgreSQL: one statement. ``set_config`` sets this transaction's commit
+mode: ``off`` (asynchronous, see ``ResultStore._fast_commit``) unless the claim must be
+durable before the agent runs (``at_most_once``); it is evaluated only for rows that pass the
 other conditions, so a claim that wins nothing writes nothing."""
+
+_VERIFY_PG = """
+        AND spec_digest = ANY(%(digests)s)
+        AND attempt >= (%(attempts)s::integer[])[array_position(%(digests)s, spec_digest)]"""
+
+_CLAIM_PG_PLAIN = _CLAIM_PG.format(
+    running=RunStatus.RUNNING.value, attempt_running=AttemptOutcome.RUNNING, verify=""
+)
+_CLAIM_PG_VERIFIED = _CLAIM_PG.format(
+    running=RunStatus.RUNNING.value, attempt_running=AttemptOutcome.RUNNING, verify=_VERIFY_PG
+)
 
 
 Execute = Callable[[str, dict[str, Any]], list[Any]]
@@ -286,24 +322,28 @@ def claim_pg(
     worker: str,
     lease_s: float,
     allow_planned: bool = False,
+    verify: Verify | None = None,
+    durable: bool = False,
 ) -> list[Claim]:
-    """:func:`claim` on PostgreSQL, one statement per chunk of ``indices``."""
+    """:func:`claim` on PostgreSQL, one statement per chunk of ``indices``; ``durable``
+    commits synchronously (the claim survives a database crash once this returns)."""
     _check_claim(worker, lease_s)
-    statuses = [RunStatus.QUEUED.value]
-    if allow_planned:
-        statuses.append(RunStatus.PLANNED.value)
+    params: dict[str, Any] = {
+        "study_id": study_id,
+        "statuses": _statuses(allow_planned),
+        "worker": worker,
+        "seconds": float(lease_s),
+        "commit": "on" if durable else "off",
+    }
+    statement = _CLAIM_PG_PLAIN
+    if verify is not None:
+        indices = list(verify)
+        statement = _CLAIM_PG_VERIFIED
+        params["digests"] = [digest for digest, _ in verify.values()]
+        params["attempts"] = [attempt for _, attempt in verify.values()]
     claims: list[Claim] = []
     for chunk in in_chunks(indices):
-        rows = execute(
-            _CLAIM_PG,
-            {
-                "study_id": study_id,
-                "indices": list(chunk),
-                "statuses": statuses,
-                "worker": worker,
-                "seconds": float(lease_s),
-            },
-        )
+        rows = execute(statement, {**params, "indices": list(chunk)})
         claims.extend(
             Claim(study_id, index, run_id, attempt, worker, expires.astimezone(UTC))
             for index, run_id, attempt, expires in rows

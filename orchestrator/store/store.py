@@ -252,12 +252,23 @@ class ResultStore:
         worker: str,
         lease_s: float,
         allow_planned: bool = False,
+        verify: attempts.Verify | None = None,
+        durable: bool = False,
     ) -> list[Claim]:
         """:meth:`claim_run` for many runs in one statement (the embedded executor's batch);
-        returns the claims won, in plan order."""
+        returns the claims won, in plan order.
+
+        ``verify`` (index -> message digest and attempt; then ``indices`` is ignored) claims
+        a run only for the message that carries its registered spec (a worker's check of
+        what the broker delivered: :data:`~orchestrator.store.attempts.Verify`). ``durable``
+        makes the claim survive a database crash before this returns (``at_most_once``); by
+        default a claim commits asynchronously on PostgreSQL, so a crash can forget the last
+        ~200 ms of claims and their runs are executed again.
+        """
         if self._lane is not None:
-            # One statement per 1,000 runs on PostgreSQL (it makes its commit asynchronous).
-            with self._lane.cursor(transaction=len(indices) > IN_CHUNK) as cursor:
+            # One statement per 1,000 runs on PostgreSQL (it sets its own commit mode).
+            count = len(indices) if verify is None else len(verify)
+            with self._lane.cursor(transaction=count > IN_CHUNK) as cursor:
                 return attempts.claim_pg(
                     attempts.cursor_executor(cursor),
                     study_id,
@@ -265,6 +276,8 @@ class ResultStore:
                     worker=worker,
                     lease_s=lease_s,
                     allow_planned=allow_planned,
+                    verify=verify,
+                    durable=durable,
                 )
         with transaction(self.engine) as connection:
             return attempts.claim(
@@ -274,6 +287,7 @@ class ResultStore:
                 worker=worker,
                 lease_s=lease_s,
                 allow_planned=allow_planned,
+                verify=verify,
             )
 
     def heartbeat(self, claim: Claim, lease_s: float) -> bool:

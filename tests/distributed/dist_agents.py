@@ -42,3 +42,13 @@ def hung_in_c(seed: int) -> dict[str, Any]:
     Only killing the process ends it."""
     calls.append(seed)
     return {"output": {"total": sum(range(10**11))}}
+
+
+def journal(seed: int, factors: dict[str, Any]) -> dict[str, Any]:
+    """Appends one JSON line per call (seed and factors) to the file the ``journal`` factor
+    names: how many times, and with what spec, an agent really ran in any process."""
+    import json
+
+    with open(factors["journal"], "a", encoding="utf-8") as out:
+        out.write(json.dumps({"seed": seed, "factors": factors}, sort_keys=True) + "\n")
+    return {"output": {"seed": seed}}

@@ -20,7 +20,7 @@ from sqlalchemy import update
 
 from orchestrator.store import ResultStore, create_engine_for
 from orchestrator.store.models import RunRow
-from workers.runtask import Outcome, record_hard_kill, run_delivery
+from workers.runtask import MessageMismatch, Outcome, record_hard_kill, run_delivery
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 on_main_thread = pytest.mark.timeout(60, method="thread")
@@ -273,16 +273,18 @@ def test_a_message_for_a_deleted_study_is_dropped(store: ResultStore, sweep, run
     assert runtime.counters[Outcome.UNKNOWN_STUDY] == 1
 
 
-def test_a_message_naming_another_run_than_its_index_holds_is_released_and_dropped(
+def test_a_message_naming_another_run_than_its_index_holds_claims_nothing(
     store: ResultStore, sweep, runtime_for
 ):
     # Given a message whose run id is not the run registered at its index
     study = sweep(agents=["counting"], bindings=COUNTING)
     message = {**study.specs[0].to_message(), "run_id": "run-000000000000"}
+    runtime = runtime_for(store)
     # When it is delivered
-    outcome = run_delivery(runtime_for(store), message, 0)
-    # Then nothing runs and the registered run is queued again, its attempt refunded
-    assert outcome is Outcome.STALE_MESSAGE
+    with pytest.raises(MessageMismatch, match="run_id"):
+        run_delivery(runtime, message, 0)
+    # Then nothing runs and the registered run was not touched: still queued, no attempt
+    assert runtime.counters[Outcome.MISMATCH] == 1
     assert dist_agents.calls == []
     run = store.find_run(study.study_id, 0)
-    assert run is not None and (run.status, run.attempts_used) == ("queued", 0)
+    assert run is not None and (run.status, run.attempt, run.attempts_used) == ("queued", 0, 0)

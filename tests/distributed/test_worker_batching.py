@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections import Counter
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -53,7 +54,8 @@ def test_concurrent_claims_share_statements_and_each_run_is_claimed_once(store: 
 
     def claim(slot: int) -> None:
         start.wait()
-        won[slot] = batcher.claim(sweep.study_id, indices[slot])
+        spec = sweep.specs[indices[slot]]
+        won[slot] = batcher.claim(sweep.study_id, spec.index, spec.digest(), 0)
 
     threads = [threading.Thread(target=claim, args=(i,)) for i in range(len(indices))]
     for thread in threads:
@@ -80,10 +82,52 @@ def test_a_claim_that_fails_reaches_every_caller_of_its_statement(store: ResultS
     )
     batcher = ClaimBatcher(broken, worker="w@h:1", lease_s=60)
     # Then the caller gets the store's error, and the batcher is usable again afterwards
+    digest = sweep.specs[0].digest()
     with pytest.raises(StoreUnavailableError):
-        batcher.claim(sweep.study_id, 0)
+        batcher.claim(sweep.study_id, 0, digest, 0)
     with pytest.raises(StoreUnavailableError):
-        batcher.claim(sweep.study_id, 0)
+        batcher.claim(sweep.study_id, 0, digest, 0)
+
+
+def test_a_forged_copy_beside_the_genuine_message_cannot_take_its_claim(store: ResultStore):
+    # Given 20 runs, each delivered twice at the same moment: a forged copy (another seed,
+    # so another digest) that arrives first, and the genuine message
+    sweep = make_sweep(store, agents=["noop"], replicates=20)
+    batcher = ClaimBatcher(store, worker="w@h:1", lease_s=60)
+    calls = _count_claim_calls(store)
+    forged = {spec.index: replace(spec, seed=spec.seed + 1).digest() for spec in sweep.specs}
+    deliveries = [(s.index, forged[s.index]) for s in sweep.specs]
+    deliveries += [(s.index, s.digest()) for s in sweep.specs]
+    start = threading.Barrier(len(deliveries))
+    won: dict[tuple[int, str], Claim | None] = {}
+
+    def claim(index: int, digest: str) -> None:
+        start.wait()
+        won[index, digest] = batcher.claim(sweep.study_id, index, digest, 0)
+
+    threads = [threading.Thread(target=claim, args=d) for d in deliveries]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    # Then every genuine message won its run and no forged copy won anything
+    assert all(won[s.index, s.digest()] is not None for s in sweep.specs)
+    assert all(won[index, digest] is None for index, digest in forged.items())
+    assert store.count_by_status(sweep.study_id)["running"] == 20
+    assert 1 <= len(calls) < len(deliveries)
+
+
+def test_a_message_published_for_a_later_attempt_claims_nothing(store: ResultStore):
+    # Given a queued run that has had no claim yet
+    sweep = make_sweep(store, agents=["noop"])
+    spec = sweep.specs[0]
+    batcher = ClaimBatcher(store, worker="w@h:1", lease_s=60)
+    # When a message for attempt 3 arrives, then one for attempt 0
+    ahead = batcher.claim(sweep.study_id, spec.index, spec.digest(), 3)
+    current = batcher.claim(sweep.study_id, spec.index, spec.digest(), 0)
+    # Then only the current one claims the run
+    assert ahead is None
+    assert current is not None and current.attempt == 1
 
 
 def test_the_writer_writes_everything_handed_in_and_drain_waits_for_it(store: ResultStore):
