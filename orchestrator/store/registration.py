@@ -85,7 +85,7 @@ def register_study(
         .returning(StudyRow.study_id)
     ).first()
     if inserted is None:
-        return _existing(connection, study_id, definition, definition_hash)
+        return _existing(connection, study_id, definition, definition_hash, plan_fingerprint)
 
     condition_count = 0
     for condition_batch in _batched(conditions, batch_size):
@@ -114,27 +114,57 @@ def register_study(
 
 
 def _existing(
-    connection: Connection, study_id: str, definition: Mapping[str, Any], definition_hash: str
+    connection: Connection,
+    study_id: str,
+    definition: Mapping[str, Any],
+    definition_hash: str,
+    plan_fingerprint: str,
 ) -> RegisterReport:
     row = connection.execute(
         select(
             StudyRow.definition,
             StudyRow.definition_hash,
+            StudyRow.plan_fingerprint,
             StudyRow.run_count,
             StudyRow.condition_count,
         ).where(StudyRow.study_id == study_id)
     ).one()
-    if row.definition_hash == definition_hash:
-        return RegisterReport(study_id, False, definition_hash, row.run_count, row.condition_count)
-    differences = describe_difference(row.definition, to_jsonable(dict(definition)))
-    where = ", ".join(differences) if differences else "(no field differs; only the hash does)"
-    raise StudyConflictError(
-        f"Study {study_id!r} is already registered with a different definition "
-        f"(registered hash {row.definition_hash[:12]}, this one {definition_hash[:12]}). "
-        f"They differ at: {where}. A study_id names one fixed plan so that its results stay "
-        f"comparable. Fix: give the changed study a new study_id (e.g. '{study_id}-v2'), "
-        "or delete the registered study and its results first."
-    )
+    if row.definition_hash != definition_hash:
+        differences = describe_difference(row.definition, to_jsonable(dict(definition)))
+        where = ", ".join(differences) if differences else "(no field differs; only the hash does)"
+        raise StudyConflictError(
+            f"Study {study_id!r} is already registered with a different definition "
+            f"(registered hash {row.definition_hash[:12]}, this one {definition_hash[:12]}). "
+            f"They differ at: {where}. A study_id names one fixed plan so that its results "
+            f"stay comparable. Fix: give the changed study a new study_id (e.g. "
+            f"'{study_id}-v2'), or delete the registered study and its results first."
+        )
+    if row.plan_fingerprint != plan_fingerprint:
+        raise StudyConflictError(
+            f"Study {study_id!r} is registered with this definition, but its plan has changed "
+            f"since (registered plan {row.plan_fingerprint[:12]} with {row.condition_count} "
+            f"conditions and {row.run_count} runs, this one {plan_fingerprint[:12]}): an input "
+            f"outside the study file that the design reads has changed{_plan_inputs(definition)}"
+            f". A study_id names one fixed plan. Fix: restore the input, or give the changed "
+            f"study a new study_id (e.g. '{study_id}-v2')."
+        )
+    return RegisterReport(study_id, False, definition_hash, row.run_count, row.condition_count)
+
+
+def _plan_inputs(definition: Mapping[str, Any]) -> str:
+    """The inputs a plan depends on beyond the definition, named for a conflict message."""
+    named = []
+    design = definition.get("design_spec")
+    design = design if isinstance(design, Mapping) else {}
+    options = design.get("options")
+    options = options if isinstance(options, Mapping) else {}
+    matrix = design.get("matrix_path") or options.get("matrix_path")
+    if matrix:
+        named.append(f"the custom matrix file design_spec.matrix_path ({matrix})")
+    constraints = definition.get("constraints") or []
+    if any(isinstance(c, Mapping) and c.get("callable_ref") for c in constraints):
+        named.append("a callable constraint (constraints[].callable_ref)")
+    return ": " + " or ".join(named) if named else ""
 
 
 def describe_difference(old: Any, new: Any, *, limit: int = 8) -> list[str]:

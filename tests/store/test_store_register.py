@@ -5,14 +5,18 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 from store_factories import DEFINITION, STUDY_ID, make_conditions, make_specs, register
 
+from orchestrator import embedded
 from orchestrator.errors import StoreError, StudyConflictError
+from orchestrator.plan import prepare
 from orchestrator.runspec import RunSpec
 from orchestrator.store import RegisterReport, ResultStore
 from orchestrator.store.registration import describe_difference
+from orchestrator.study import parse_study
 
 
 def test_register_creates_study_conditions_and_runs(store: ResultStore) -> None:
@@ -181,3 +185,32 @@ def test_list_studies(store: ResultStore) -> None:
     register(store, 2, study_id="s-two")
 
     assert sorted(study.study_id for study in store.list_studies()) == ["s-one", "s-two"]
+
+
+def test_a_changed_custom_matrix_file_under_the_same_study_id_is_refused(
+    store: ResultStore, tmp_path: Path
+) -> None:
+    # Given a custom-matrix study registered from its CSV file
+    matrix = tmp_path / "matrix.csv"
+    matrix.write_text("temperature\n0.1\n0.5\n")
+    payload = {
+        "study_id": "matrix-study",
+        "title": "custom matrix",
+        "factors": [{"name": "temperature", "levels": [{"name": "t", "value": 0.1}]}],
+        "design_spec": {"kind": "custom_matrix", "matrix_path": str(matrix)},
+        "problem_ids": ["noop"],
+        "agent_specs": ["noop"],
+    }
+    assert embedded.register(store, prepare(parse_study(payload))).created is True
+    # When the file gains a row and the unchanged study file is registered again
+    matrix.write_text("temperature\n0.1\n0.5\n0.9\n")
+    with pytest.raises(StudyConflictError) as refused:
+        embedded.register(store, prepare(parse_study(payload)))
+    # Then it is refused, naming the matrix file and the fix, and nothing was added
+    message = str(refused.value)
+    assert "design_spec.matrix_path" in message and str(matrix) in message
+    assert "plan has changed" in message and "matrix-study-v2" in message
+    assert sum(store.count_by_status("matrix-study").values()) == 2
+    # ...while the original file registers as the same study again
+    matrix.write_text("temperature\n0.1\n0.5\n")
+    assert embedded.register(store, prepare(parse_study(payload))).created is False
