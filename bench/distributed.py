@@ -550,8 +550,10 @@ def measure_studyq_drain(
     pool: str,
     concurrency: int,
     on_ready: Callable[[Worker], None] | None = None,
+    env: dict[str, str] | None = None,
 ) -> dict[str, float]:
-    """Pre-enqueue ``n`` runs with ``submit_study``, start a worker, time ready -> last run."""
+    """Pre-enqueue ``n`` runs with ``submit_study``, start a worker (``env``: extra
+    settings), time ready -> last run."""
     from sqlalchemy import text
 
     from orchestrator.distributed import submit_study
@@ -570,7 +572,7 @@ def measure_studyq_drain(
         queue=queue,
         pool=pool,
         concurrency=concurrency,
-        env={"STUDYQ_BROKER_URL": svc.broker, "STUDYQ_DATABASE_URL": svc.db_url},
+        env={"STUDYQ_BROKER_URL": svc.broker, "STUDYQ_DATABASE_URL": svc.db_url, **(env or {})},
         name=f"studyq-{agent}-{pool}-{uuid.uuid4().hex[:6]}",
     )
     try:
@@ -729,8 +731,12 @@ def run(args: argparse.Namespace) -> int:
     with services(args.redis_db, args.keep) as svc:
         log(f"redis db {args.redis_db}, postgres {svc.db_name}, tmp {svc.tmp}")
 
-        def studyq(agent: str, n: int, pool: str, c: int) -> Callable[[], dict[str, float]]:
-            return lambda: measure_studyq_drain(svc, agent=agent, n=n, pool=pool, concurrency=c)
+        def studyq(
+            agent: str, n: int, pool: str, c: int, env: dict[str, str] | None = None
+        ) -> Callable[[], dict[str, float]]:
+            return lambda: measure_studyq_drain(
+                svc, agent=agent, n=n, pool=pool, concurrency=c, env=env
+            )
 
         def raw(
             task: str,
@@ -768,6 +774,11 @@ def run(args: argparse.Namespace) -> int:
                     raw("noop", sizes.noop, "prefork", PREFORK, 1, True),
                 ),
                 Step("b.studyq", "studyq noop", studyq("noop", sizes.noop, "prefork", PREFORK)),
+                Step(
+                    "b.at_most_once",
+                    "studyq noop, durable claims (STUDYQ_AT_MOST_ONCE)",
+                    studyq("noop", sizes.noop, "prefork", PREFORK, {"STUDYQ_AT_MOST_ONCE": "true"}),
+                ),
                 Step(
                     "b.raw_default",
                     "raw no-op (prefetch 4, acks_late off)",
@@ -816,6 +827,7 @@ def run(args: argparse.Namespace) -> int:
             if "b" in only:
                 for base in ("raw_same", "raw_default", "floor", "raw_events"):
                     add(f"b.ratio.{base}", last("b.studyq.rate") / last(f"b.{base}.rate"))
+                add("b.ratio.at_most_once", last("b.at_most_once.rate") / last("b.studyq.rate"))
             if "c" in only:
                 add("c.ratio", last("c.studyq.rate") / last("c.raw.rate"))
                 add("c.ratio_events", last("c.studyq.rate") / last("c.raw_events.rate"))
@@ -949,6 +961,13 @@ def report(s: dict[str, Series], sizes: Sizes, repeats: int, only: set[str]) -> 
                 "**studyq** (`noop` agent: claim + execute + result write per run)",
                 rate("b.studyq.rate"), span("b.studyq.rate"), "", cpu("b.studyq"),
                 med("b.studyq.pg_cpu_ms", ".2f"),
+            ),
+            _row(
+                "studyq with durable claims (`STUDYQ_AT_MOST_ONCE` / `execution.at_most_once`: "
+                "one WAL flush per claim); its rate as % of studyq's default",
+                rate("b.at_most_once.rate"), span("b.at_most_once.rate"),
+                ratio("b.ratio.at_most_once", pct=True), cpu("b.at_most_once"),
+                med("b.at_most_once.pg_cpu_ms", ".2f"),
             ),
             _row(
                 "raw Celery no-op, studyq's delivery settings (acks_late, prefetch 1)",

@@ -60,6 +60,7 @@ __all__ = [
     "InvalidRunMessage",
     "MessageMismatch",
     "Outcome",
+    "mismatch_reason",
     "parse_delivery",
     "record_hard_kill",
     "run_delivery",

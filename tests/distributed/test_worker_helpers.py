@@ -5,14 +5,18 @@ from __future__ import annotations
 
 import logging
 import signal
+from datetime import UTC, datetime
 from types import FrameType
 
 import pytest
 
 from orchestrator.errors import StoreError, StoreUnavailableError
+from orchestrator.runspec import RunSpec, spec_digest
+from orchestrator.store import StudyInfo
 from workers.interrupt import deferred_termination
 from workers.retrying import MAX_DELAY_S, retry_unavailable
-from workers.runtask import InvalidRunMessage, parse_delivery
+from workers.runtask import InvalidRunMessage, mismatch_reason, parse_delivery
+from workers.runtime import StudyContext
 
 log = logging.getLogger("test.retrying")
 
@@ -104,3 +108,31 @@ def test_termination_is_held_back_during_a_write_and_delivered_after():
         assert signal.getsignal(signal.SIGTERM) is handler
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def _info(definition: dict[str, object]) -> StudyInfo:
+    return StudyInfo("s", definition, "h", "p", 1, 1, 3, "tester", datetime.now(UTC), [])
+
+
+def test_a_study_asks_for_durable_claims_with_execution_at_most_once() -> None:
+    assert StudyContext.build(_info({"execution": {"at_most_once": True}}), []).at_most_once
+    assert not StudyContext.build(_info({"execution": {}}), []).at_most_once
+    assert not StudyContext.build(_info({}), []).at_most_once
+
+
+def test_a_message_that_agrees_with_the_store_has_no_mismatch_reason() -> None:
+    # Given a registered spec and the message that carries it
+    spec = RunSpec("s", "run-1", "cond-1", 1, 7, "a", "p", {"x": 1.0}, {}, 3, "fp")
+    message = spec.to_message()
+    digest = spec_digest(message)
+    # Then the message agrees (a duplicate delivery at worst), whatever key order it has
+    assert mismatch_reason(spec, dict(reversed(message.items())), digest, 0, 0) is None
+    assert mismatch_reason(spec, message, digest, 2, 2) is None
+    # ...while each kind of disagreement is named
+    forged = {**message, "seed": 8}
+    assert "seed" in str(mismatch_reason(spec, forged, spec_digest(forged), 0, 0))
+    assert "attempt 3" in str(mismatch_reason(spec, message, digest, 3, 2))
+    assert "does not have" in str(mismatch_reason(None, message, digest, 0, 0))
+    # ...and the digest sees a float that became an int, or an extra key
+    assert spec_digest({**message, "factor_assignments": {"x": 1}}) != digest
+    assert spec_digest({**message, "extra": None}) != digest
