@@ -10,7 +10,8 @@
 # the file named by STUDYQ_<ROLE>_DB_PASSWORD_FILE (<ROLE> is COORDINATOR, WORKER or
 # ANALYST); a role with neither keeps its password. Passwords never appear on a command line:
 # psql reads them from its environment (\getenv, psql 15 or newer). Idempotent: docker
-# compose runs it before and after every `studyq db upgrade`.
+# compose runs it before every `studyq db upgrade` (and once more after it, which is no longer
+# needed: the upgrade grants the roles itself).
 set -eu
 
 here=$(cd "$(dirname "$0")" && pwd)
@@ -32,4 +33,4 @@ for role in coordinator worker analyst; do
 ALTER ROLE :"role" PASSWORD :'password';
 SQL
 done
-echo "apply-roles: roles, grants and passwords are in place." >&2
+echo "apply-roles: roles and passwords are in place." >&2

@@ -77,10 +77,22 @@ def upgrade(url_or_engine: str | URL | Engine, revision: str = "head") -> str | 
                 connection.execute(text(f"SELECT pg_advisory_xact_lock({_UPGRADE_LOCK})"))
             _check_known(engine, _current(connection))
             command.upgrade(alembic_config(connection), revision)
+            _grant_roles(connection)
             return _current(connection)
     finally:
         if owned:
             engine.dispose()
+
+
+def _grant_roles(connection: Connection) -> None:
+    """Grant studyq's roles their rights on the schema as it now is, when the database has
+    them (``studyq_grant_roles()``, revision 0003; it does nothing without roles.sql's
+    roles): an upgrade never leaves a role without the grants of a new table or view."""
+    if connection.dialect.name != "postgresql":
+        return
+    grants = connection.execute(text("SELECT to_regprocedure('public.studyq_grant_roles()')"))
+    if grants.scalar() is not None:
+        connection.execute(text("SELECT public.studyq_grant_roles()"))
 
 
 def _current(connection: Connection) -> str | None:

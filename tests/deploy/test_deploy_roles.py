@@ -466,7 +466,7 @@ def test_before_the_first_upgrade_roles_sql_says_what_to_do_next(
     database = roles_cluster.new_database("empty")
     output = roles_cluster.apply(database)
     if shutil.which("psql"):
-        assert "run `studyq db upgrade` as" in output and "apply this file again" in output
+        assert "run `studyq db upgrade` as" in output and "grants the worker" in output
 
 
 def test_roles_sql_takes_over_tables_migrated_by_the_superuser(
