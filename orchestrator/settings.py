@@ -58,6 +58,13 @@ class Settings(BaseSettings):
     max_study_bytes: int = Field(
         default=10 * 1024 * 1024, gt=0, description="Study files larger than this are refused."
     )
+    max_message_bytes: int = Field(
+        default=1024 * 1024,
+        gt=0,
+        description="Broker messages larger than this are not decoded by a worker: they are "
+        "moved to the queue's dead-letter list (`studyq dead-letters`). A run message is a "
+        "few KiB; raise it only for studies whose factor values are very large.",
+    )
     publish_batch: int = Field(
         default=1000, gt=0, description="Runs marked queued and published per transaction."
     )

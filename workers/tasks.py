@@ -20,6 +20,7 @@ until it is failed as ``lost``.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
@@ -28,12 +29,13 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from celery.events.event import get_exchange
-from celery.exceptions import Reject
+from celery.exceptions import Ignore, Reject
 from celery.utils.nodenames import anon_nodename
 from celery.utils.time import utcoffset
 from celery.worker import state as worker_state
 from celery.worker.request import Request
 
+from orchestrator.deadletters import Reason
 from orchestrator.errors import BrokerUnavailableError, StoreUnavailableError
 from orchestrator.runspec import RunSpec
 from orchestrator.store import mask_url
@@ -45,13 +47,15 @@ from workers.messages import (
     MessageBuilder,
     RunMessage,
 )
+from workers.poison import Poison
+from workers.quarantine import quarantine
 from workers.runtask import InvalidRunMessage, Outcome, record_hard_kill, run_delivery
 from workers.runtime import worker_name
 
 if TYPE_CHECKING:
     from workers.app import StudyqCelery
 
-__all__ = ["TASK_NAME", "RunRequest", "publish_runs", "register_run_task"]
+__all__ = ["TASK_NAME", "Quarantined", "RunRequest", "publish_runs", "register_run_task"]
 
 log = logging.getLogger("studyq.worker")
 
@@ -63,7 +67,37 @@ SENT_EVENTS_PER_MESSAGE = 100
 
 
 class RunRequest(Request):  # type: ignore[misc]  # Celery ships no type hints
-    """The run task's request in the worker's main process: records hard-limit kills."""
+    """The run task's request in the worker's main process: records hard-limit kills, and
+    dead-letters messages the task found are not run messages."""
+
+    def on_failure(
+        self, exc_info: Any, send_failed_event: bool = True, return_ok: bool = False
+    ) -> Any:
+        """A :class:`Quarantined` run: dead-letter the message as it arrived, tell Flower the
+        task failed, then let Celery acknowledge it (an ``Ignore``)."""
+        error = getattr(exc_info, "exception", None)
+        error = getattr(error, "exc", error)  # Celery's ExceptionWithTraceback wrapper
+        if isinstance(error, Quarantined):
+            self._quarantine(error)
+        return super().on_failure(
+            exc_info, send_failed_event=send_failed_event, return_ok=return_ok
+        )
+
+    def _quarantine(self, error: Quarantined) -> None:
+        message = self._message
+        raw = getattr(message, "_raw", None)
+        info = getattr(message, "delivery_info", None) or {}
+        try:
+            quarantine(
+                message.channel,
+                Poison(error.reason, error.detail, self.id),
+                queue=str(info.get("routing_key") or "unknown"),
+                raw=json.dumps(raw, default=str) if raw is not None else str(message.body),
+                worker=worker_name(self.hostname),
+            )
+        except Exception:  # the broker failed: the message is acknowledged all the same
+            log.exception("could not write the dead letter of message %s", self.id)
+        self.send_event("task-failed", exception=f"quarantined: {error.reason}: {error.detail}")
 
     def on_timeout(self, soft: bool, timeout: float) -> None:
         """Let Celery fail the task, then record the killed run as a timeout in the store.
@@ -87,6 +121,39 @@ class RunRequest(Request):  # type: ignore[misc]  # Celery ships no type hints
         ).start()
 
 
+class Quarantined(Ignore):  # type: ignore[misc]  # Celery ships no type hints
+    """Raised by the run task for a message that is not a run message. An ``Ignore``, so
+    Celery logs it at INFO without a traceback and acknowledges it; :class:`RunRequest`
+    dead-letters the message first, in the worker's main process, which holds it as it
+    arrived. (Picklable: its arguments are its state.)"""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(reason, detail)
+        self.reason = Reason(reason)
+        self.detail = detail
+
+
+_RUN_KWARGS = frozenset({"spec", "attempt"})
+
+
+def _run_arguments(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, Any]:
+    """``(spec, attempt)`` of a run message: ``[[], {"spec": ..., "attempt": ...}]``.
+
+    Raises:
+        InvalidRunMessage: other arguments (positional ones, unknown or missing keywords).
+    """
+    if args:
+        raise InvalidRunMessage(
+            f"run message has {len(args)} positional argument(s); expected none"
+        )
+    unknown = sorted(set(kwargs) - _RUN_KWARGS)
+    if unknown:
+        raise InvalidRunMessage(f"run message has unknown argument(s) {', '.join(unknown)[:200]}")
+    if "spec" not in kwargs:
+        raise InvalidRunMessage("run message has no spec argument")
+    return kwargs["spec"], kwargs.get("attempt", 0)
+
+
 def _record_hard_kill(
     app: StudyqCelery, message: dict[str, Any], worker: str, limit: float
 ) -> None:
@@ -108,13 +175,14 @@ def register_run_task(app: StudyqCelery) -> Any:
         ignore_result=True,
         Request=RunRequest,
     )
-    def run(self: Any, spec: dict[str, Any], attempt: int = 0) -> str:
+    def run(self: Any, *args: Any, **kwargs: Any) -> str:
         """Claim, execute and record one run (workers.runtask.run_delivery)."""
         try:
+            spec, attempt = _run_arguments(args, kwargs)
             outcome = run_delivery(app.runtime(self.request.hostname), spec, attempt)
         except InvalidRunMessage as error:
-            log.error("dropping message %s: %s", self.request.id, error)
-            raise Reject(str(error), requeue=False) from None
+            # The main process dead-letters it (RunRequest.on_failure) and acknowledges it.
+            raise Quarantined(Reason.INVALID_RUN, str(error)) from None
         except StoreUnavailableError as error:
             # Nothing ran (the claim never happened): put the message back for later.
             raise Reject(f"result store unavailable: {error}", requeue=True) from None
