@@ -5,7 +5,8 @@
     StudyqError
     ├── StudyError                 a study file or reference is wrong (CLI exit 2, nothing written)
     │   ├── StudyValidationError   carries every problem found, each with file, field and fix
-    │   └── ConstraintExpressionError   (orchestrator.constraints) a constraint cannot be evaluated
+    │   ├── ConstraintExpressionError   (orchestrator.constraints) a constraint cannot be evaluated
+    │   └── SettingsError          a setting, secret file or service password is wrong
     ├── StoreError                 the result store refused or failed an operation
     │   ├── StudyConflictError     a different definition is already registered under a study_id
     │   └── StoreUnavailableError  the database cannot be reached (retryable)
@@ -29,6 +30,7 @@ __all__ = [
     "Problem",
     "RunFailure",
     "RunTimeoutError",
+    "SettingsError",
     "StoreError",
     "StoreUnavailableError",
     "StudyConflictError",
@@ -69,6 +71,11 @@ class StudyValidationError(StudyError):
         self.problems = list(problems)
         self.source = source
         super().__init__("\n".join(problem.render(source) for problem in self.problems))
+
+
+class SettingsError(StudyError):
+    """A ``STUDYQ_*`` variable, a ``*_FILE`` secret, or the credentials in a URL are wrong;
+    the message names the variable and the fix."""
 
 
 class StoreError(StudyqError):

@@ -2,28 +2,49 @@
 
 Built once per process from ``STUDYQ_*`` environment variables (and ``*_FILE`` variants for
 secrets, so passwords can come from Docker or Kubernetes secret files) and passed
-explicitly; nothing reads the environment behind its back.
+explicitly; nothing reads the environment behind its back. A wrong value, or a secret file
+that is missing, unreadable or empty, is a :class:`~orchestrator.errors.SettingsError` whose
+message names the variable and the fix.
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, TypeVar
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-__all__ = ["DEFAULT_DATABASE_URL", "Settings", "load_settings", "secure_broker_url"]
+from orchestrator.errors import SettingsError
+
+__all__ = [
+    "BROKER_SCHEMES",
+    "DEFAULT_DATABASE_URL",
+    "Settings",
+    "build_settings",
+    "load_settings",
+    "require_supported_broker",
+    "secure_broker_url",
+]
 
 DEFAULT_DATABASE_URL = "sqlite:///studyq.db"
+
+BROKER_SCHEMES = ("redis", "rediss", "unix")
+"""Broker URL schemes studyq works with: the transport reads Redis' own structures."""
 
 
 class Settings(BaseSettings):
     """studyq's configuration; CLI flags override these per command."""
 
     model_config = SettingsConfigDict(
-        env_prefix="STUDYQ_", extra="ignore", frozen=True, hide_input_in_errors=True
+        env_prefix="STUDYQ_",
+        extra="ignore",
+        frozen=True,
+        hide_input_in_errors=True,
+        # Every float knob is a duration or a size: `inf` would never expire a lease and
+        # `nan` compares false with everything, so both are refused for every float field.
+        allow_inf_nan=False,
     )
 
     database_url: str = Field(
@@ -86,7 +107,8 @@ class Settings(BaseSettings):
         if self.lease_s < 4 * self.heartbeat_s:
             raise ValueError(
                 f"STUDYQ_LEASE_S ({self.lease_s}) must be at least 4x STUDYQ_HEARTBEAT_S "
-                f"({self.heartbeat_s}) so a late heartbeat never loses a lease."
+                f"({self.heartbeat_s}) so a late heartbeat never loses a lease. Fix: raise "
+                "STUDYQ_LEASE_S or lower STUDYQ_HEARTBEAT_S."
             )
         return self
 
@@ -99,19 +121,108 @@ def secure_broker_url(url: str) -> str:
     return url
 
 
+def require_supported_broker(url: str, *, source: str = "STUDYQ_BROKER_URL") -> str:
+    """``url`` made secure (:func:`secure_broker_url`) if its scheme is one of
+    :data:`BROKER_SCHEMES`.
+
+    Raises:
+        SettingsError: another scheme (kombu would fail with a bare ``KeyError``); the
+            message names ``source`` and the schemes that work, never the URL's password.
+    """
+    scheme, sep, _ = url.partition("://")
+    if not sep or scheme.lower() not in BROKER_SCHEMES:
+        shown = f"'{scheme}://'" if sep else "no scheme"
+        raise SettingsError(
+            f"{source}: the broker URL has {shown}, which studyq does not support; the "
+            f"broker is Redis ({', '.join(name + '://' for name in BROKER_SCHEMES)}). Fix: "
+            f"set {source} to a Redis URL such as redis://127.0.0.1:6379/0."
+        )
+    return secure_broker_url(url)
+
+
 def _from_file(name: str) -> str | None:
-    path = os.environ.get(f"{name}_FILE")
+    """The stripped text of the file ``<name>_FILE`` names, or None when it is unset.
+
+    Raises:
+        SettingsError: the file is missing (a Secret not mounted yet), a directory,
+            unreadable or empty; the message names the variable and the path.
+    """
+    variable = f"{name}_FILE"
+    path = os.environ.get(variable)
     if not path:
         return None
-    return Path(path).read_text(encoding="utf-8").strip()
+    where = f"{variable}={path}:"
+    instead = f"or unset {variable} to use {name}"
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        problem = f"{where} no such file. Fix: create it, mount the secret there, {instead}."
+    except IsADirectoryError:
+        problem = (
+            f"{where} is a directory, not a file. Fix: point {variable} at the file inside "
+            f"it that holds the URL, {instead}."
+        )
+    except PermissionError:
+        problem = (
+            f"{where} this user cannot read it. Fix: give the user running studyq read "
+            f"access (e.g. chmod 600 and chown to it), {instead}."
+        )
+    except UnicodeDecodeError:
+        problem = f"{where} is not UTF-8 text. Fix: write the URL into it as plain text."
+    except OSError as error:
+        problem = f"{where} cannot be read ({error.strerror}). Fix: check the file, {instead}."
+    else:
+        value = text.strip()
+        if value:
+            return value
+        problem = f"{where} the file is empty. Fix: write the URL into it, {instead}."
+    raise SettingsError(problem)
+
+
+_Settings = TypeVar("_Settings", bound=Settings)
+
+
+def build_settings(cls: type[_Settings], **values: object) -> _Settings:
+    """``cls(**values)`` (the environment fills the rest), with pydantic's errors turned into
+    one :class:`SettingsError` line per wrong variable, naming it and the fix, and never
+    quoting a value (it may be a secret)."""
+    try:
+        return cls(**values)  # type: ignore[arg-type]
+    except ValidationError as error:
+        raise _settings_error(cls, error) from None
+
+
+def _settings_error(cls: type[Settings], error: ValidationError) -> SettingsError:
+    lines = []
+    for item in error.errors(include_url=False, include_input=False):
+        message = str(item["msg"]).removeprefix("Value error, ").rstrip(".") + "."
+        name = str(item["loc"][0]) if item["loc"] else ""
+        field = cls.model_fields.get(name)
+        if field is None:  # a check across fields: the message names them and the fix
+            lines.append(f"invalid settings: {message}")
+            continue
+        variable = f"STUDYQ_{name.upper()}"
+        if item["type"] == "finite_number":
+            message = "must be a finite number (not inf or nan)."
+        default = field.get_default(call_default_factory=True)
+        example = f" such as the default {default}" if default not in (None, [], "") else ""
+        lines.append(
+            f"invalid setting {variable}: {message} Fix: set it to a valid value{example}, "
+            "or unset it."
+        )
+    return SettingsError("\n".join(lines))
 
 
 def load_settings(**overrides: object) -> Settings:
-    """Settings from the environment, ``STUDYQ_*_FILE`` secrets, then explicit overrides."""
+    """Settings from the environment, ``STUDYQ_*_FILE`` secrets, then explicit overrides.
+
+    Raises:
+        SettingsError: a variable or a secret file is wrong.
+    """
     values: dict[str, object] = {}
     for field_name in ("database_url", "broker_url"):
         secret = _from_file(f"STUDYQ_{field_name.upper()}")
         if secret:
             values[field_name] = secret
     values.update({key: value for key, value in overrides.items() if value is not None})
-    return Settings(**values)  # type: ignore[arg-type]
+    return build_settings(Settings, **values)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from orchestrator.settings import Settings, load_settings
+from orchestrator.settings import Settings, build_settings, load_settings
 
 __all__ = ["WorkerSettings", "load_worker_settings"]
 
@@ -61,7 +61,7 @@ class WorkerSettings(Settings):
         explicit values win over the environment in pydantic-settings."""
         if isinstance(settings, WorkerSettings):
             return settings
-        return cls(**settings.model_dump())
+        return build_settings(cls, **settings.model_dump())
 
 
 def load_worker_settings(**overrides: object) -> WorkerSettings:

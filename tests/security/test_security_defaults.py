@@ -33,6 +33,7 @@ from kombu.serialization import dumps, loads, prepare_accept_content
 from security_services import MASK, find_canary, free_port, make_canary
 
 from orchestrator.cli import EXIT_CONNECT, EXIT_USAGE, main
+from orchestrator.errors import SettingsError
 from orchestrator.results import ErrorKind, RunStatus
 from orchestrator.runspec import RunSpec
 from orchestrator.settings import Settings, load_settings
@@ -312,12 +313,16 @@ def test_secret_files_win_over_plain_variables_and_flags_win_over_both(
     assert flagged.broker_url == "redis://:pw@h:6379/1"
 
 
-def test_an_empty_secret_file_falls_back_to_the_plain_variable(
+def test_an_empty_secret_file_is_refused_not_skipped(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """A secret file that is there but empty (a Secret whose key was never filled) must not
+    quietly send a worker to another database: it is an error naming the variable."""
     monkeypatch.setenv("STUDYQ_DATABASE_URL", "postgresql://env@127.0.0.1/env")
-    monkeypatch.setenv("STUDYQ_DATABASE_URL_FILE", _secret_file(tmp_path / "db", "\n"))
-    assert load_settings().database_url == "postgresql://env@127.0.0.1/env"
+    path = _secret_file(tmp_path / "db", "\n")
+    monkeypatch.setenv("STUDYQ_DATABASE_URL_FILE", path)
+    with pytest.raises(SettingsError, match=f"STUDYQ_DATABASE_URL_FILE={path}: the file is empty"):
+        load_settings()
 
 
 def test_a_settings_error_does_not_quote_the_secrets(
