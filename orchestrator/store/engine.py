@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import threading
+import urllib.parse
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -37,6 +39,7 @@ __all__ = [
     "json_dumps",
     "mask_url",
     "normalize_url",
+    "redact",
     "transaction",
 ]
 
@@ -65,7 +68,7 @@ def normalize_url(url: str | URL) -> URL:
         parsed = make_url(url)
     except (exc.ArgumentError, ValueError) as error:
         raise StoreError(
-            f"Cannot parse database URL {mask_url(str(url))!r}: {error}. "
+            f"Cannot parse database URL {mask_url(str(url))!r}: {redact(str(error), url)}. "
             "Use sqlite:///path/to/studyq.db or postgresql://user@host/dbname."
         ) from None
     backend = parsed.get_backend_name()
@@ -108,6 +111,53 @@ def mask_url(url: str | URL) -> str:
             parts.append(f"{key}=***" if eq and key.lower() in _SECRET_QUERY_KEYS else part)
         query = "&".join(parts)
     return f"{scheme}://{base}{qmark}{query}"
+
+
+_MIN_FRAGMENT = 3
+"""Pieces of a password shorter than this are masked only where they run into an ``@``:
+masking every ``a`` of a message would make it unreadable and hides next to nothing."""
+
+
+def _secrets(url: str | URL) -> list[str]:
+    """What of ``url`` must never be printed: its password as written (up to the last
+    ``@``, as :func:`mask_url` reads it) and as a parser read it, decoded and encoded,
+    ``password=``-style query values, and the pieces a parser splits an unescaped password
+    into (``pw@tail`` becomes password ``pw`` and host ``tail@host``), longest first."""
+    found: set[str] = set()
+    if isinstance(url, URL):
+        if url.password:
+            found.add(str(url.password))
+        text = url.render_as_string(hide_password=False)
+    else:
+        text = str(url)
+    _, sep, rest = text.partition("://")
+    if sep:
+        base, _, query = rest.partition("?")
+        if "@" in base:
+            credentials = base.rpartition("@")[0]
+            found.add(credentials.partition(":")[2])
+        for part in query.split("&"):
+            key, eq, value = part.partition("=")
+            if eq and key.lower() in _SECRET_QUERY_KEYS:
+                found.add(value)
+    for secret in list(found):
+        found.add(urllib.parse.unquote(secret))
+        found.add(urllib.parse.quote(secret, safe=""))
+        found.update(re.split(r"[@:/?#&=]", secret))
+    return sorted((secret for secret in found if secret), key=len, reverse=True)
+
+
+def redact(text: str, url: str | URL) -> str:
+    """``text`` (a driver's or parser's message about ``url``) with every piece of the URL's
+    password replaced by ``***``. Drivers quote what they were given: a host that holds the
+    tail of a password with an unescaped ``@`` (``failed to resolve host 'tail@db'``), a
+    port that holds a piece of it."""
+    for secret in _secrets(url):
+        if len(secret) >= _MIN_FRAGMENT:
+            text = text.replace(secret, "***")
+        else:
+            text = re.sub(rf"(?<![\w*]){re.escape(secret)}@", "***@", text)
+    return text
 
 
 def is_sqlite(url_or_engine: str | URL | Engine | Connection) -> bool:
@@ -329,13 +379,14 @@ def _is_unavailable(engine: Engine, error: exc.DBAPIError) -> bool:
 
 def _store_error(engine: Engine, error: BaseException, *, unavailable: bool) -> StoreError:
     """The store's error for a database error: retryable (:class:`StoreUnavailableError`) or
-    not, naming the database with its password masked."""
+    not, naming the database and quoting the driver, both with the password masked."""
+    detail = redact(_first_line(error), engine.url)
     if unavailable:
         return StoreUnavailableError(
-            f"Result store {mask_url(engine.url)} is unavailable: {_first_line(error)}. "
+            f"Result store {mask_url(engine.url)} is unavailable: {detail}. "
             "Check that the database is running and reachable, then retry."
         )
-    return StoreError(f"Result store {mask_url(engine.url)} failed: {_first_line(error)}")
+    return StoreError(f"Result store {mask_url(engine.url)} failed: {detail}")
 
 
 def _first_line(error: BaseException) -> str:
