@@ -286,17 +286,27 @@ def _check(args: argparse.Namespace) -> int:
         healthy = EXIT_USAGE
     if args.no_broker:
         return healthy
-    broker_url = secure_broker_url(args.broker) if args.broker else settings.broker_url
+    broker_url = args.broker or settings.broker_url
     if not broker_url:
         print("broker: not configured (set STUDYQ_BROKER_URL or pass --broker)", file=sys.stderr)
         return EXIT_USAGE
-    try:
-        from kombu import Connection  # type: ignore[attr-defined]
+    from orchestrator.errors import SettingsError
+    from orchestrator.executors.celery import check_broker
+    from orchestrator.settings import require_supported_broker
 
-        with Connection(broker_url, connect_timeout=3) as connection:  # type: ignore[no-untyped-call]
-            connection.ensure_connection(max_retries=1)
-    except Exception as exc:
-        print(f"broker {mask_url(broker_url)}: UNREACHABLE ({type(exc).__name__})", file=sys.stderr)
+    try:
+        source = "--broker" if args.broker else "STUDYQ_BROKER_URL"
+        broker_url = require_supported_broker(broker_url, source=source)
+    except SettingsError as exc:  # kombu would say KeyError
+        print(f"broker {mask_url(broker_url)}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        check_broker(broker_url)
+    except SettingsError as exc:  # a refused password; the message names the broker
+        print(exc, file=sys.stderr)
+        return EXIT_USAGE
+    except BrokerUnavailableError:
+        print(f"broker {mask_url(broker_url)}: UNREACHABLE (start Redis?)", file=sys.stderr)
         return EXIT_CONNECT
     print(f"broker {mask_url(broker_url)}: ok")
     return healthy

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Any
 
 from orchestrator.cli import (
@@ -15,6 +16,7 @@ from orchestrator.cli import (
     positive_float,
     positive_int,
 )
+from orchestrator.errors import StudyConflictError, StudyError
 from orchestrator.plan import DISPATCH_ORDERS
 from orchestrator.settings import load_settings
 
@@ -99,8 +101,14 @@ def register(subparsers: Any) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    if args.broker:
-        return _run_distributed(args)
+    try:
+        return _run_distributed(args) if args.broker else _run_embedded(args)
+    except StudyConflictError as exc:  # the study file changed under the same study_id
+        print(f"studyq: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+def _run_embedded(args: argparse.Namespace) -> int:
     from orchestrator.embedded import run_embedded
 
     outcome = run_embedded(
@@ -173,8 +181,13 @@ def _export(args: argparse.Namespace) -> int:
     from orchestrator.export import export_artifacts
     from orchestrator.store import ResultStore
 
-    settings = load_settings()
-    with ResultStore.open(args.db or settings.database_url) as store:
+    url = args.db or load_settings().database_url
+    _refuse_a_missing_sqlite_file(url, args.study_id)
+    with ResultStore.open(url) as store:
+        if store.find_study(args.study_id) is None:
+            raise _no_such_study(
+                args.study_id, store.url, [s.study_id for s in store.list_studies()]
+            )
         report = export_artifacts(store, args.study_id, args.out)
     state = (
         f"partial: {report.runs} of {report.runs_planned} runs finished"
@@ -186,6 +199,40 @@ def _export(args: argparse.Namespace) -> int:
         f"{report.events} events)"
     )
     return EXIT_OK
+
+
+_LISTED_STUDIES = 20
+
+
+def _no_such_study(study_id: str, where: str, known: list[str]) -> StudyError:
+    elsewhere = "point --db / STUDYQ_DATABASE_URL at the store the study ran in"
+    if not known:
+        listed, fix = "it holds no studies", f"run or submit the study first, or {elsewhere}"
+    else:
+        listed = "studies: " + ", ".join(known[:_LISTED_STUDIES])
+        if len(known) > _LISTED_STUDIES:
+            listed += f", ... ({len(known)} in all; `studyq status` lists them)"
+        fix = f"pass one of these study_ids, or {elsewhere}"
+    return StudyError(f"studyq export: no study '{study_id}' in {where}; {listed}. Fix: {fix}.")
+
+
+def _refuse_a_missing_sqlite_file(url: str, study_id: str) -> None:
+    """Opening a SQLite store creates it; exporting from a file that is not there must not."""
+    from orchestrator.store import mask_url, normalize_url
+
+    parsed = normalize_url(url)
+    database = parsed.database
+    if (
+        parsed.get_backend_name() == "sqlite"
+        and database
+        and database != ":memory:"
+        and not Path(database).exists()
+    ):
+        raise StudyError(
+            f"studyq export: no study '{study_id}' in {mask_url(url)}: the file "
+            f"{database} does not exist. Fix: run from the folder the study ran in, or "
+            "point --db / STUDYQ_DATABASE_URL at its store."
+        )
 
 
 def _db(args: argparse.Namespace) -> int:

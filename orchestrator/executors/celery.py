@@ -14,11 +14,66 @@ from collections.abc import Iterable, Sequence
 from types import TracebackType
 from typing import Any
 
-from orchestrator.errors import BrokerUnavailableError
+from orchestrator.errors import BrokerUnavailableError, SettingsError, StudyqError
 from orchestrator.runspec import RunSpec
 from orchestrator.settings import Settings
 
-__all__ = ["CeleryTransport"]
+__all__ = ["CeleryTransport", "check_broker"]
+
+
+def check_broker(broker_url: str, *, timeout_s: float = 3.0) -> None:
+    """Connect to the broker once (``studyq check``).
+
+    Raises:
+        SettingsError: the broker refused the URL's credentials (a wrong or missing
+            password): retrying cannot help.
+        BrokerUnavailableError: the broker cannot be reached.
+    """
+    from kombu import Connection  # type: ignore[attr-defined]
+
+    try:
+        with Connection(broker_url, connect_timeout=timeout_s) as connection:  # type: ignore[no-untyped-call]
+            connection.ensure_connection(max_retries=1)
+    except Exception as exc:
+        raise _connect_error(broker_url, exc, consequence="") from None
+
+
+def _connect_error(broker_url: str, exc: BaseException, *, consequence: str) -> StudyqError:
+    """What a failed connection to ``broker_url`` means for the user: a password the broker
+    refused (:class:`SettingsError`) or a broker that is not there
+    (:class:`BrokerUnavailableError`); the URL is masked."""
+    from orchestrator.store import mask_url
+
+    where = f"broker {mask_url(broker_url)}"
+    refused = _authentication_failure(exc)
+    if refused is not None:
+        return SettingsError(
+            f"{where}: authentication failed ({refused}). Fix: check the password in "
+            f"STUDYQ_BROKER_URL (or --broker), as in redis://:PASSWORD@HOST:6379/0"
+            f"{consequence}."
+        )
+    return BrokerUnavailableError(
+        f"{where} is unreachable ({type(exc).__name__}). Fix: start Redis or check "
+        f"STUDYQ_BROKER_URL{consequence}."
+    )
+
+
+def _authentication_failure(exc: BaseException) -> str | None:
+    """Redis' reason when ``exc`` (or what it wraps: kombu re-raises redis-py's errors as
+    its own) is a refused login, else None."""
+    from redis.exceptions import AuthenticationError, ResponseError
+
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        text = str(current).strip()
+        if isinstance(current, AuthenticationError) or (
+            isinstance(current, ResponseError) and text.startswith(("NOAUTH", "WRONGPASS"))
+        ):
+            return text.rstrip(".") or type(current).__name__
+        current = current.__cause__ or current.__context__
+    return None
 
 
 class CeleryTransport:
@@ -29,7 +84,6 @@ class CeleryTransport:
         self._app: Any = None
 
     def __enter__(self) -> CeleryTransport:
-        from orchestrator.store import mask_url
         from workers.app import create_app
 
         self._app = create_app(self._settings)
@@ -38,10 +92,10 @@ class CeleryTransport:
                 connection.ensure_connection(max_retries=1, timeout=5)
         except Exception as exc:
             self._app.close()
-            raise BrokerUnavailableError(
-                f"broker {mask_url(str(self._settings.broker_url))} is unreachable "
-                f"({type(exc).__name__}). Fix: start Redis or check STUDYQ_BROKER_URL; "
-                "nothing was registered or enqueued."
+            raise _connect_error(
+                str(self._settings.broker_url),
+                exc,
+                consequence="; nothing was registered or enqueued",
             ) from None
         return self
 
