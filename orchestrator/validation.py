@@ -5,8 +5,8 @@ Three layers, in the order a study meets them:
 1. the schema (pydantic) -> :func:`schema_problems`, which turns pydantic's errors into
    studyq problems;
 2. cross references, the upstream's ``validate_study`` (duplicates, hypothesis and plan
-   references, the ``max_runs`` check) plus studyq's static constraint checks ->
-   :func:`reference_problems`;
+   references, the ``max_runs`` check) plus studyq's static constraint checks and the
+   latin-square factors it refuses where the upstream is lenient -> :func:`reference_problems`;
 3. runnability, the upstream's dry-run checks (a problem to run, an admissible condition,
    at least one run) -> :func:`runnable_problems`, used by ``validate``, ``run`` and
    ``submit`` but not by planning, because the upstream plans such studies fine.
@@ -362,6 +362,7 @@ def _reference_problems(study: Study, payload: Mapping[str, Any]) -> list[Proble
                     "problems, agents or replicates.",
                 )
             )
+    problems += _latin_square_problems(study)
     for index, constraint in enumerate(study.constraints):
         if constraint.expression is not None:
             from orchestrator.constraints import check_expression
@@ -378,6 +379,42 @@ def _reference_problems(study: Study, payload: Mapping[str, Any]) -> list[Proble
                         "and/or/not and len/int/float/str/bool only.",
                     )
                 )
+    return problems
+
+
+_LATIN_SQUARE_ROLES = ("row_factor", "column_factor", "treatment_factor")
+
+
+def _latin_square_problems(study: Study) -> list[Problem]:
+    """A latin square needs three different factors. The upstream accepts one factor in two
+    roles and lets the later role overwrite the earlier one's assignment, so the square's
+    ``latin_square_row`` / ``latin_square_col`` metadata no longer matches the condition;
+    studyq refuses it (docs/studies.md, "Stricter than upstream")."""
+    from orchestrator.study import DesignKind
+
+    spec = study.design_spec
+    if spec.kind != DesignKind.LATIN_SQUARE:
+        return []
+    problems = []
+    named: dict[str, str] = {}
+    for role in _LATIN_SQUARE_ROLES:
+        name = str(spec.options.get(role, "") or "")
+        if not name:
+            continue  # a missing role is reported when the design is built
+        if name in named:
+            problems.append(
+                Problem(
+                    f"design_spec.options.{role}",
+                    f"{role} '{name}' is also the {named[name]}; a latin square needs three "
+                    f"different factors (one factor in both roles would take the {role}'s "
+                    f"value, and the conditions would not match their {named[name]} "
+                    "position in the square).",
+                    "name three different factors in design_spec.options.row_factor, "
+                    ".column_factor and .treatment_factor.",
+                )
+            )
+        else:
+            named[name] = role
     return problems
 
 
