@@ -13,9 +13,9 @@ id into code through, in order:
 Importing a module runs its code, and a study file may come from anyone who can submit to a
 shared cluster, so every import reference is checked against an allow-list *before* anything
 is imported. By default the list holds the study's own references (unless the worker does not
-trust study files) and the installed entry points' references; ``allowed_imports`` adds
-module prefixes (``mylab.agents``) or exact references (``mylab.agents:planner``), which is
-where ``STUDYQ_ALLOWED_IMPORTS`` goes.
+trust study files: ``STUDYQ_TRUST_STUDY_BINDINGS=false``) and the installed entry points'
+references; ``allowed_imports`` adds module prefixes (``mylab.agents``) or exact references
+(``mylab.agents:planner``), which is where ``STUDYQ_ALLOWED_IMPORTS`` goes.
 
 Imports are cached per process, so a worker pays for an import once, not once per run.
 """
@@ -82,7 +82,10 @@ class Resolver:
         allowed_imports: Extra module prefixes or exact ``module:attr`` references.
         trust_study: Whether the study's own references are allowed without being listed in
             ``allowed_imports``. Workers that execute study files from other people should
-            pass ``False``.
+            pass ``False`` (``STUDYQ_TRUST_STUDY_BINDINGS``).
+        registered_references: The study's own references as it was registered, trusted
+            instead of what ``bindings`` names now (a worker reads the bindings from a row
+            that may have been edited since). Default: the bindings' references.
     """
 
     def __init__(
@@ -94,20 +97,24 @@ class Resolver:
         runner: Callable[..., Any] | None = None,
         allowed_imports: Iterable[str] = (),
         trust_study: bool = True,
+        registered_references: Iterable[str] | None = None,
     ) -> None:
         self._bindings = bindings or Bindings()
         self._agents_in_process = {str(key): value for key, value in (agents or {}).items()}
         self._problems_in_process = {str(key): value for key, value in (problems or {}).items()}
         self._runner_in_process = runner
+        self._study_references = frozenset(
+            self._bindings.references() if registered_references is None else registered_references
+        )
+        self._trust_study = trust_study
         exact: set[str] = set()
         prefixes: set[str] = set()
-        for entry in allowed_imports:
+        trusted = self._study_references if trust_study else frozenset()
+        for entry in (*allowed_imports, *trusted):
             entry = entry.strip()
             if not entry:
                 continue
             (exact if ":" in entry else prefixes).add(entry)
-        if trust_study:
-            exact |= self._bindings.references()
         for group in (AGENT_GROUP, PROBLEM_GROUP):
             exact |= {_entry_point_reference(ep) for ep in _entry_points(group).values()}
         self._allowed_exact = frozenset(exact)
@@ -141,6 +148,15 @@ class Resolver:
         except ValueError as exc:
             raise BindingError(str(exc)) from None
         if not self.is_allowed(reference):
+            if not self._trust_study and reference in self._study_references:
+                raise BindingError(
+                    f"import of '{reference}' refused: this worker does not trust the "
+                    "references of study bindings (STUDYQ_TRUST_STUDY_BINDINGS=false), and it "
+                    "is neither an installed entry point nor on STUDYQ_ALLOWED_IMPORTS. Fix: "
+                    f"add '{reference.partition(':')[0]}' to STUDYQ_ALLOWED_IMPORTS on this "
+                    "worker, install it as an entry point, or set "
+                    "STUDYQ_TRUST_STUDY_BINDINGS=true if you trust whoever registers studies."
+                )
             raise BindingError(
                 f"import of '{reference}' refused: it is not on the worker's allow-list. "
                 "Fix: install it as an entry point, or add its module to STUDYQ_ALLOWED_IMPORTS."

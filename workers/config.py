@@ -47,6 +47,13 @@ class WorkerSettings(Settings):
         description="Claim every run durably before its agent runs, whatever the study's "
         "execution.at_most_once says: a PostgreSQL crash then never makes an agent run twice.",
     )
+    trust_study_bindings: bool = Field(
+        default=True,
+        description="Import the code a study's own `bindings` name (as it was registered). "
+        "False for a worker that runs other people's studies: then only installed entry "
+        "points and STUDYQ_ALLOWED_IMPORTS are importable, and a run naming anything else "
+        "fails as a `binding` error.",
+    )
     result_retry_s: float = Field(
         default=600.0,
         ge=0,

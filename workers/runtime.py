@@ -55,12 +55,15 @@ class StudyContext:
     """Claims of its runs commit durably before the agent runs (``execution.at_most_once``)."""
 
     @classmethod
-    def build(cls, info: StudyInfo, allowed_imports: list[str]) -> StudyContext:
+    def build(
+        cls, info: StudyInfo, allowed_imports: list[str], *, trust_study_bindings: bool = True
+    ) -> StudyContext:
         """Resolver and time limit from the stored definition.
 
         The resolver trusts exactly what the study was registered with
-        (``StudyInfo.allowed_references``: its bindings and what the submitter allowed) plus
-        this worker's ``STUDYQ_ALLOWED_IMPORTS``; nothing else is imported.
+        (``StudyInfo.allowed_references``: its bindings and what the submitter allowed;
+        nothing of it with ``trust_study_bindings`` false) plus this worker's
+        ``STUDYQ_ALLOWED_IMPORTS`` and the installed entry points; nothing else is imported.
         """
         definition = info.definition
         problem = None
@@ -72,8 +75,9 @@ class StudyContext:
             problem = f"the stored study's bindings/execution sections are invalid: {error}"
         resolver = Resolver(
             bindings,
-            allowed_imports=[*allowed_imports, *info.allowed_references],
-            trust_study=False,
+            allowed_imports=allowed_imports,
+            trust_study=trust_study_bindings,
+            registered_references=info.allowed_references,
         )
         return cls(info.study_id, resolver, execution.timeout_s, problem, execution.at_most_once)
 
@@ -165,7 +169,11 @@ class WorkerRuntime:
         )
         if info is None:
             return None
-        context = StudyContext.build(info, list(self.settings.allowed_imports))
+        context = StudyContext.build(
+            info,
+            list(self.settings.allowed_imports),
+            trust_study_bindings=self.settings.trust_study_bindings,
+        )
         with self._lock:
             return self._studies.setdefault(study_id, context)
 
