@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import fnmatch
 import re
 import shutil
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -53,20 +55,70 @@ def _readme_first_command() -> str:
     return match.group(1).strip()
 
 
-def _copy_checkout(target: Path) -> None:
-    """The repository's files as a fresh clone has them (tracked and new, not ignored)."""
-    listed = subprocess.run(
-        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        check=True,
-    ).stdout.decode()
+def _copy_checkout(target: Path, root: Path = REPO_ROOT) -> None:
+    """The repository's files as a fresh clone has them (tracked and new, not ignored).
+
+    Outside a git checkout (a source tarball, or no git installed) the tree is copied
+    without what ``.gitignore`` names, which is what a clone would lack too."""
+    try:
+        listed = subprocess.run(
+            ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+            cwd=root,
+            capture_output=True,
+            check=True,
+        ).stdout.decode()
+    except (OSError, subprocess.CalledProcessError):  # exit 128: not a git repository
+        shutil.copytree(root, target, ignore=_ignored(root), dirs_exist_ok=True)
+        return
     for name in filter(None, listed.split("\0")):
-        source = REPO_ROOT / name
+        source = root / name
         if source.is_file():  # a tracked file deleted in the work tree is not copied
             destination = target / name
             destination.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(source, destination)
+
+
+def _ignored(root: Path) -> Callable[[str, list[str]], set[str]]:
+    """A ``copytree`` filter for ``.git`` and the name patterns of ``root/.gitignore``
+    (ours has no negations or paths, only names and ``dir/`` patterns)."""
+    gitignore = root / ".gitignore"
+    lines = gitignore.read_text(encoding="utf-8").splitlines() if gitignore.exists() else []
+    patterns = [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+
+    def ignore(folder: str, names: list[str]) -> set[str]:
+        skipped = {".git"}
+        for name in names:
+            is_dir = (Path(folder) / name).is_dir()
+            for pattern in patterns:
+                if pattern.endswith("/") and not is_dir:
+                    continue
+                if fnmatch.fnmatch(name, pattern.rstrip("/")):
+                    skipped.add(name)
+        return skipped & set(names)
+
+    return ignore
+
+
+def test_the_checkout_copy_works_outside_git(tmp_path: Path) -> None:
+    """Given a source tree that is not a git checkout (a tarball: `git ls-files` exits 128),
+    when it is copied for the README test, then its files are copied and ignored ones not."""
+    source = tmp_path / "studyq-1.0"
+    for name in ("README.md", "orchestrator/cli.py", "examples/quickstart/study.yaml"):
+        (source / name).parent.mkdir(parents=True, exist_ok=True)
+        (source / name).write_text(name, encoding="utf-8")
+    for name in (".venv/bin/python", "orchestrator/__pycache__/cli.pyc", "studyq.db",
+                 "artifacts/x/runs.csv", "pkg.egg-info/PKG-INFO"):  # fmt: skip
+        (source / name).parent.mkdir(parents=True, exist_ok=True)
+        (source / name).write_text("ignored", encoding="utf-8")
+    shutil.copy2(REPO_ROOT / ".gitignore", source / ".gitignore")
+    target = tmp_path / "copy"
+
+    _copy_checkout(target, root=source)
+
+    copied = {str(path.relative_to(target)) for path in target.rglob("*") if path.is_file()}
+    assert copied == {
+        ".gitignore", "README.md", "orchestrator/cli.py", "examples/quickstart/study.yaml",
+    }  # fmt: skip
 
 
 @pytest.mark.slow
