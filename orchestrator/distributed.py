@@ -14,6 +14,7 @@ holds fewer messages for the study's queue than the study has queued runs (see
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 import time
@@ -31,9 +32,13 @@ from orchestrator.results import RunStatus
 from orchestrator.runspec import RunSpec
 from orchestrator.settings import Settings, load_settings, secure_broker_url
 from orchestrator.store import ResultStore
+from orchestrator.store.engine import transaction
+from orchestrator.store.recovery import CancelReport, cancel_study
 from orchestrator.study import Study
 
 __all__ = [
+    "CANCEL_RETRY_S",
+    "CancelReport",
     "StudyStatus",
     "SubmitReport",
     "WaitReport",
@@ -407,6 +412,14 @@ def resubmit(
     return SubmitReport(study_id, False, moved, published, time.perf_counter() - started)
 
 
+CANCEL_RETRY_S = 5.0
+"""How long :func:`cancel` keeps trying runs whose row a worker holds locked. A claim or a
+result holds it for milliseconds; a frozen worker (SIGSTOP, a paused VM) for hours, so
+cancel gives up after this and says how many runs it could not cancel yet."""
+
+_CANCEL_PAUSE_S = 0.5
+
+
 def cancel(
     study_id: str,
     *,
@@ -414,27 +427,70 @@ def cancel(
     db: str | None = None,
     broker: str | None = None,
     settings: Settings | None = None,
-) -> int:
-    """Cancel every run not finished: queued runs never start (their claim fails); running
-    ones finish, or with ``terminate`` are revoked (their late write is refused by the fence).
+    retry_s: float | None = None,
+) -> CancelReport:
+    """Cancel a study: planned and queued runs never start (a delivery finds nothing to
+    claim); running ones finish and their results are recorded. With ``terminate`` running
+    runs are cancelled too: the worker's next heartbeat is refused, so it stops the agent,
+    their tasks are revoked on the broker, and a result that still arrives is refused.
+
+    Runs whose row another session holds locked are tried again for ``retry_s`` seconds
+    (default :data:`CANCEL_RETRY_S`); ``locked`` in the report counts the ones still not
+    cancelled (cancel again later).
+
+    Raises:
+        StudyError: the study is not in the store.
+        BrokerUnavailableError: (``terminate``) the broker is unreachable; nothing changed.
     """
+    from orchestrator.executors.celery import CeleryTransport
+
     settings = settings or load_settings()
-    with ResultStore.open(db or settings.database_url) as store:
+    with contextlib.ExitStack() as stack:
+        # The broker first, as submit does: an unreachable broker changes nothing.
+        transport = (
+            stack.enter_context(CeleryTransport(settings, _broker(settings, broker)))
+            if terminate
+            else None
+        )
+        store = stack.enter_context(ResultStore.open(db or settings.database_url))
         if store.find_study(study_id) is None:
             raise StudyError(f"study '{study_id}' is not in the store.")
-        running: list[tuple[RunSpec, int]] = []
-        if terminate:
-            running = [
-                (run.spec, run.attempt)
-                for run in store.iter_runs(study_id, statuses=[RunStatus.RUNNING.value])
-            ]
-        count = store.cancel(study_id)
-    if terminate and running:
-        from orchestrator.executors.celery import CeleryTransport
+        report = _cancel_until_unlocked(
+            store,
+            study_id,
+            terminate=terminate,
+            retry_s=CANCEL_RETRY_S if retry_s is None else retry_s,
+        )
+        if transport is not None and report.terminated:
+            transport.revoke(report.terminated)
+    return report
 
-        with CeleryTransport(settings, _broker(settings, broker)) as transport:
-            transport.revoke(running)
-    return count
+
+def _cancel_until_unlocked(
+    store: ResultStore, study_id: str, *, terminate: bool, retry_s: float
+) -> CancelReport:
+    """:func:`~orchestrator.store.recovery.cancel_study` in one transaction per pass, until
+    no run it would cancel is locked or ``retry_s`` is over; the passes' counts added up."""
+    deadline = time.monotonic() + retry_s
+    cancelled = 0
+    terminated: list[tuple[RunSpec, int]] = []
+    while True:
+        try:
+            with transaction(store.engine) as connection:
+                report = cancel_study(connection, study_id, terminate=terminate)
+        except StoreUnavailableError:  # a lock wait beyond lock_timeout, a restart
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(_CANCEL_PAUSE_S)
+            continue
+        cancelled += report.cancelled
+        terminated.extend(report.terminated)
+        if not report.locked or time.monotonic() >= deadline:
+            return CancelReport(
+                study_id, cancelled, sorted(terminated, key=lambda item: item[0].index),
+                report.running, report.locked,
+            )  # fmt: skip
+        time.sleep(_CANCEL_PAUSE_S)
 
 
 @dataclass(slots=True)

@@ -89,13 +89,18 @@ def register(subparsers: Any) -> None:
     parser = add_command(
         subparsers,
         "cancel",
-        help="Cancel a study: queued runs never start; running ones finish, or are revoked "
-        "with --terminate.",
+        help="Cancel a study: planned and queued runs never start; running ones finish and "
+        "their results are recorded, or are stopped with --terminate. Exit 1 when a worker "
+        "holds some runs locked (run it again).",
         example="studyq cancel my-study --terminate",
         handler=_cancel,
     )
     parser.add_argument("study_id", help="the study's study_id")
-    parser.add_argument("--terminate", action="store_true", help="also stop running runs")
+    parser.add_argument(
+        "--terminate",
+        action="store_true",
+        help="also stop running runs: cancelled, their agents stopped, their tasks revoked",
+    )
     _urls(parser)
 
     parser = add_command(
@@ -256,8 +261,20 @@ def _resubmit(args: argparse.Namespace) -> int:
 def _cancel(args: argparse.Namespace) -> int:
     from orchestrator.distributed import cancel
 
-    count = cancel(args.study_id, terminate=args.terminate, db=args.db, broker=args.broker)
-    print(f"{args.study_id}: {count} runs cancelled")
+    report = cancel(args.study_id, terminate=args.terminate, db=args.db, broker=args.broker)
+    stopped = (
+        f" ({len(report.terminated)} of them stopped while running)" if report.terminated else ""
+    )
+    left = f"; {report.running} running, left to finish" if report.running else ""
+    print(f"{args.study_id}: {report.cancelled} runs cancelled{stopped}{left}")
+    if report.locked:
+        again = f"studyq cancel {args.study_id}" + (" --terminate" if args.terminate else "")
+        print(
+            f"{report.locked} runs are not cancelled yet: a worker holds their rows locked (it "
+            f"may be frozen). Run `{again}` again later.",
+            file=sys.stderr,
+        )
+        return EXIT_FAILED
     return EXIT_OK
 
 

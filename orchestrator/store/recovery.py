@@ -8,8 +8,9 @@ stale-trial fail).
 On PostgreSQL the coordinator's passes never wait on a row another session holds locked: a
 worker frozen (SIGSTOP, a paused VM, a network partition) between its ``UPDATE`` and its
 ``COMMIT`` keeps its run's row lock for as long as the server keeps its session, hours with
-default TCP keepalives. :func:`reconcile` and :func:`recover_orphans` therefore select the rows
-they change with ``FOR UPDATE SKIP LOCKED`` and leave a locked run to a later pass, and bound
+default TCP keepalives. :func:`reconcile`, :func:`recover_orphans` and :func:`cancel_study`
+therefore select the rows they change with ``FOR UPDATE SKIP LOCKED`` and leave a locked run
+to a later pass (cancel reports how many it left), and bound
 every other lock wait of their transaction with ``lock_timeout``
 (:data:`RECONCILE_LOCK_TIMEOUT_MS`). SQLite has no row locks and a single writer, so there
 the statements stay plain ``UPDATE`` statements.
@@ -18,10 +19,8 @@ the statements stay plain ``UPDATE`` statements.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
-
-from sqlalchemy import ColumnElement, and_, delete, func, or_, select, update
-from sqlalchemy.engine import Connection, Row
 
 from orchestrator.errors import StoreError
 from orchestrator.results import ErrorKind, RunStatus
@@ -30,7 +29,6 @@ from orchestrator.store.attempts import attempt_end, close_attempts
 from orchestrator.store.models import (
     SPEC_COLUMNS,
     AttemptOutcome,
-    AttemptRow,
     EvaluationRow,
     EventRow,
     RunRow,
@@ -38,10 +36,14 @@ from orchestrator.store.models import (
 from orchestrator.store.predicates import in_chunks, where_filters, where_lease_expired
 from orchestrator.store.records import ReconcileReport, spec_from_row
 from orchestrator.store.sqltypes import db_now, db_now_plus
+from sqlalchemy import ColumnElement, and_, delete, func, or_, select, update
+from sqlalchemy.engine import Connection, Row
 
 __all__ = [
     "RECONCILE_LOCK_TIMEOUT_MS",
+    "CancelReport",
     "cancel",
+    "cancel_study",
     "reconcile",
     "recover_orphans",
     "requeue_for_resubmit",
@@ -232,34 +234,103 @@ def recover_orphans(
     )
 
 
-def cancel(connection: Connection, study_id: str) -> int:
-    """Every planned, queued or running run of the study -> ``cancelled``; returns how many.
+CANCELLED_WAITING_MESSAGE = "Cancelled by the user before it started."
+CANCELLED_RUNNING_MESSAGE = "Cancelled by the user while it ran (studyq cancel --terminate)."
 
-    Running ones are cancelled too: their worker's next heartbeat returns False (so it can
-    stop) and its result, if it still arrives, no longer matches the fence.
-    """
-    cancelled = connection.execute(
-        update(RunRow)
-        .where(
-            RunRow.study_id == study_id,
-            RunRow.status.in_(
-                [RunStatus.PLANNED.value, RunStatus.QUEUED.value, RunStatus.RUNNING.value]
-            ),
-        )
-        .values(
-            status=RunStatus.CANCELLED.value,
-            lease_expires_at=None,
-            ended_at=db_now(),
-            error_kind=ErrorKind.CANCELLED.value,
-            error_message="Cancelled by the user before it finished.",
-        )
-    ).rowcount
-    connection.execute(
-        update(AttemptRow)
-        .where(AttemptRow.study_id == study_id, AttemptRow.outcome == AttemptOutcome.RUNNING)
-        .values(ended_at=db_now(), outcome=AttemptOutcome.CANCELLED)
+
+@dataclass(frozen=True, slots=True)
+class CancelReport:
+    """What :func:`cancel_study` changed, and what it left."""
+
+    study_id: str
+    cancelled: int = 0
+    """Runs now ``cancelled``: planned and queued ones, and with ``terminate`` running ones."""
+    terminated: list[tuple[RunSpec, int]] = field(default_factory=list)
+    """``(spec, attempt)`` of the running runs cancelled (``terminate``): the caller revokes
+    their tasks on the broker, after the commit."""
+    running: int = 0
+    """Runs still ``running``, left to finish (without ``terminate``)."""
+    locked: int = 0
+    """Runs it would have cancelled whose row another session holds locked (a worker in the
+    middle of a claim or a result, or frozen there): not cancelled yet; cancel again."""
+
+
+def _cancel_where(
+    connection: Connection, study_id: str, statuses: Sequence[RunStatus], message: str
+) -> list[Row[Any]]:
+    """Unlocked runs of the study in ``statuses`` -> ``cancelled``; returns their spec
+    columns and attempt."""
+    return list(
+        connection.execute(
+            update(RunRow)
+            .where(
+                _where_unlocked(
+                    connection, study_id, RunRow.status.in_([status.value for status in statuses])
+                )
+            )
+            .values(
+                status=RunStatus.CANCELLED.value,
+                lease_expires_at=None,
+                ended_at=db_now(),
+                error_kind=ErrorKind.CANCELLED.value,
+                error_message=message,
+            )
+            .returning(*SPEC_COLUMNS, RunRow.attempt)
+        ).all()
     )
-    return cancelled
+
+
+def cancel_study(connection: Connection, study_id: str, *, terminate: bool) -> CancelReport:
+    """Planned and queued runs -> ``cancelled``: they never start (a delivery finds nothing to
+    claim). Running runs are left to finish and their results are recorded, unless
+    ``terminate``: then they are ``cancelled`` too and their attempts end ``cancelled``, so
+    the worker's next heartbeat is refused (it stops the agent) and a result that still
+    arrives no longer matches the fence.
+
+    Never waits on a row another session holds locked (PostgreSQL): such runs are counted in
+    :attr:`CancelReport.locked` and left for the next call; any other lock wait of the
+    transaction fails after :data:`RECONCILE_LOCK_TIMEOUT_MS`.
+    """
+    _bound_lock_waits(connection)
+    waiting = (RunStatus.PLANNED, RunStatus.QUEUED)
+    cancelled = _cancel_where(connection, study_id, waiting, CANCELLED_WAITING_MESSAGE)
+    terminated: list[Row[Any]] = []
+    if terminate:
+        terminated = _cancel_where(
+            connection, study_id, (RunStatus.RUNNING,), CANCELLED_RUNNING_MESSAGE
+        )
+        close_attempts(
+            connection,
+            study_id,
+            [
+                attempt_end(row.plan_index, row.attempt, AttemptOutcome.CANCELLED)
+                for row in terminated
+            ],
+        )
+    left = dict(
+        connection.execute(
+            select(RunRow.status, func.count())
+            .where(
+                RunRow.study_id == study_id,
+                RunRow.status.in_([RunStatus.RUNNING.value, *(s.value for s in waiting)]),
+            )
+            .group_by(RunRow.status)
+        ).all()
+    )
+    running = left.pop(RunStatus.RUNNING.value, 0)
+    return CancelReport(
+        study_id=study_id,
+        cancelled=len(cancelled) + len(terminated),
+        terminated=_publishable(study_id, terminated),
+        running=0 if terminate else running,
+        locked=sum(left.values()) + (running if terminate else 0),
+    )
+
+
+def cancel(connection: Connection, study_id: str) -> int:
+    """:func:`cancel_study` with ``terminate``: every planned, queued or running run the
+    transaction can lock -> ``cancelled``; returns how many."""
+    return cancel_study(connection, study_id, terminate=True).cancelled
 
 
 _RESUBMITTABLE = {RunStatus.SUCCESS, RunStatus.FAILED, RunStatus.CANCELLED}
