@@ -1,0 +1,191 @@
+"""``studyq cancel`` on a real sweep: real ``celery worker``, real Redis, real PostgreSQL.
+
+Given a worker with two slots and a sweep of slow runs submitted to it, cancelling while two
+runs execute leaves those two to finish (their results are recorded) and cancels the queued
+ones, which never start; ``--terminate`` stops the two that execute: they end ``cancelled``
+and the worker's slots are free again at once, long before the agents would have returned.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from collections.abc import Callable, Iterator
+
+import pytest
+from dist_services import BROKER_URL, WorkerProcess, redis_client
+
+from orchestrator.cli import main as studyq_main
+from orchestrator.distributed import cancel, submit_study, wait_study
+from orchestrator.settings import Settings
+from orchestrator.store import ResultStore
+from orchestrator.study import Study, parse_study
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(90)]
+
+HEARTBEAT_S = 0.2
+"""The worker's heartbeat: a cancelled run's agent is stopped at most this long after."""
+
+
+@pytest.fixture(scope="module")
+def cancel_queue() -> Iterator[str]:
+    name = f"studyq-cancel-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    yield name
+    redis_client().delete(name, f"_kombu.binding.{name}", f"_kombu.binding_permanent.{name}")
+
+
+@pytest.fixture(scope="module")
+def worker(
+    pg_url: str, cancel_queue: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[WorkerProcess]:
+    """One prefork worker, two slots, heartbeating every 0.2 s."""
+    process = WorkerProcess(
+        f"cancel-{os.getpid()}",
+        queue=cancel_queue,
+        database_url=pg_url,
+        log_dir=tmp_path_factory.mktemp("cancel-logs"),
+        env={
+            "STUDYQ_HEARTBEAT_S": str(HEARTBEAT_S),
+            "STUDYQ_LEASE_S": "2",
+            "STUDYQ_SHUTDOWN_GRACE_S": "1",
+            "STUDYQ_TIME_LIMIT_GRACE_S": "1",
+        },
+    )
+    try:
+        process.wait_ready()
+        yield process
+    finally:
+        process.terminate()
+
+
+@pytest.fixture
+def settings(pg_url: str) -> Settings:
+    return Settings(
+        database_url=pg_url,
+        broker_url=BROKER_URL,
+        lease_s=2,
+        heartbeat_s=HEARTBEAT_S,
+        reconcile_interval_s=0.2,
+        queued_timeout_s=30,
+    )
+
+
+def _study(queue: str, *, runs: int, sleep_s: float) -> Study:
+    return parse_study(
+        {
+            "study_id": f"cancel-{uuid.uuid4().hex[:10]}",
+            "title": "cancel test",
+            "agent_specs": ["sleep"],
+            "problem_ids": ["noop"],
+            "run_budget": {"replicates": runs},
+            "factors": [
+                {
+                    "name": "sleep_s",
+                    "kind": "manipulated",
+                    "levels": [{"name": "s", "value": sleep_s}],
+                }
+            ],
+            "design_spec": {"kind": "full_factorial"},
+            "execution": {"queue": queue},
+        }
+    )
+
+
+def _until(
+    store: ResultStore, study_id: str, done: Callable[[dict[str, int]], bool], timeout: float
+) -> dict[str, int]:
+    deadline = time.monotonic() + timeout
+    while True:
+        counts = store.count_by_status(study_id)
+        if done(counts):
+            return counts
+        assert time.monotonic() < deadline, f"study {study_id} stuck at {counts}"
+        time.sleep(0.05)
+
+
+def _running(store: ResultStore, study_id: str) -> set[int]:
+    return {run.index for run in store.iter_runs(study_id, statuses=["running"])}
+
+
+def test_cancel_lets_executing_runs_finish_and_cancels_the_queued_ones(
+    worker: WorkerProcess, cancel_queue: str, settings: Settings, pg_url: str
+) -> None:
+    # Given 6 runs of 1.5 s on a worker with 2 slots, 2 of them executing
+    study = _study(cancel_queue, runs=6, sleep_s=1.5)
+    submit_study(study, settings=settings, show_progress=False)
+    with ResultStore.open(pg_url) as store:
+        _until(store, study.study_id, lambda counts: counts["running"] == 2, timeout=20)
+        executing = _running(store, study.study_id)
+        # When the study is cancelled (no --terminate)
+        report = cancel(study.study_id, settings=settings)
+        assert (report.cancelled, report.running, report.locked) == (4, 2, 0)
+        # Then the 2 executing runs finish and are recorded, the 4 queued ones never start
+        waited = wait_study(study.study_id, settings=settings, show_progress=False, timeout_s=20)
+        assert waited.complete and not waited.timed_out
+        assert waited.counts["success"] == 2 and waited.counts["cancelled"] == 4
+        runs = {run.index: run for run in store.iter_runs(study.study_id)}
+        assert {index for index, run in runs.items() if run.status == "success"} == executing
+        assert all(runs[index].outputs == {"text": "slept 1.5 s"} for index in executing)
+        attempts = sorted((a.index, a.outcome) for a in store.iter_attempts(study.study_id))
+        assert attempts == [(index, "success") for index in sorted(executing)]
+        # and nothing brings the cancelled ones back
+        assert not store.reconcile(study.study_id, queued_timeout_s=0).changed
+        assert store.count_by_status(study.study_id) == waited.counts
+
+
+def test_cancel_terminate_stops_the_executing_runs(
+    worker: WorkerProcess,
+    cancel_queue: str,
+    settings: Settings,
+    pg_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # Given 4 runs of 30 s on a worker with 2 slots, 2 of them executing
+    study = _study(cancel_queue, runs=4, sleep_s=30)
+    submit_study(study, settings=settings, show_progress=False)
+    with ResultStore.open(pg_url) as store:
+        _until(store, study.study_id, lambda counts: counts["running"] == 2, timeout=20)
+        executing = _running(store, study.study_id)
+        # When `studyq cancel --terminate` runs
+        monkeypatch.setenv("STUDYQ_DATABASE_URL", pg_url)
+        monkeypatch.setenv("STUDYQ_BROKER_URL", BROKER_URL)
+        stopped_at = time.monotonic()
+        assert studyq_main(["cancel", study.study_id, "--terminate"]) == 0
+        assert "4 runs cancelled (2 of them stopped while running)" in capsys.readouterr().out
+        # Then every run is cancelled, the executing ones with their attempts
+        runs = {run.index: run for run in store.iter_runs(study.study_id)}
+        assert {run.status for run in runs.values()} == {"cancelled"}
+        assert all(run.outputs is None for run in runs.values())
+        attempts = sorted((a.index, a.outcome) for a in store.iter_attempts(study.study_id))
+        assert attempts == [(index, "cancelled") for index in sorted(executing)]
+        # and the agents stopped: the worker's two slots run a new sweep at once
+        after = _study(cancel_queue, runs=2, sleep_s=0.01)
+        submit_study(after, settings=settings, show_progress=False)
+        _until(store, after.study_id, lambda counts: counts["success"] == 2, timeout=10)
+        assert time.monotonic() - stopped_at < 10, "the 30 s agents kept their slots"
+        # nothing was written for the stopped runs, even late
+        time.sleep(3 * HEARTBEAT_S)
+        assert {run.status for run in store.iter_runs(study.study_id)} == {"cancelled"}
+        assert not list(store.iter_evaluations(study.study_id))
+
+
+def test_a_cancelled_run_stops_through_its_heartbeat_even_without_the_revoke(
+    worker: WorkerProcess, cancel_queue: str, settings: Settings, pg_url: str
+) -> None:
+    """The store's cancel alone (no broker revoke, as when the broker is down): the
+    worker's next heartbeat is refused and it stops the agent."""
+    study = _study(cancel_queue, runs=2, sleep_s=30)
+    submit_study(study, settings=settings, show_progress=False)
+    with ResultStore.open(pg_url) as store:
+        _until(store, study.study_id, lambda counts: counts["running"] == 2, timeout=20)
+        stopped_at = time.monotonic()
+        assert store.cancel(study.study_id) == 2
+        after = _study(cancel_queue, runs=2, sleep_s=0.01)
+        submit_study(after, settings=settings, show_progress=False)
+        _until(store, after.study_id, lambda counts: counts["success"] == 2, timeout=10)
+        assert time.monotonic() - stopped_at < 10, "the 30 s agents kept their slots"
+        run_ids = [run.run_id for run in store.iter_runs(study.study_id)]
+    stopped = [line for line in worker.log.splitlines() if "is no longer this worker's" in line]
+    assert all(any(run_id in line for line in stopped) for run_id in run_ids), stopped
