@@ -152,6 +152,25 @@ def test_check_names_the_broker_schemes_it_supports(
     assert "hunter2" not in out + err
 
 
+def test_check_of_a_missing_sqlite_file_creates_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    db = f"sqlite:///{tmp_path / 'nowhere.db'}"
+    code, out, err = _run_main(["check", "--db", db, "--no-broker"], capsys)
+    assert code == EXIT_USAGE, out + err
+    _one_clear_line(err, f"database {db}: no such file", "studyq db upgrade")
+    assert not list(tmp_path.glob("nowhere.db*"))
+
+
+def test_check_of_a_database_url_it_cannot_parse_is_a_usage_error(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    code, out, err = _run_main(["check", "--db", "not-a-url", "--no-broker"], capsys)
+    assert code == EXIT_USAGE, out + err
+    line = err.strip()
+    assert "\n" not in line and "Cannot parse database URL" in line and "UNREACHABLE" not in line
+
+
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((HOST, 0))

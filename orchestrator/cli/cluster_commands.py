@@ -284,13 +284,30 @@ def _check(args: argparse.Namespace) -> int:
     settings = load_settings()
     db_url = args.db or settings.database_url
     healthy = EXIT_OK
+    from orchestrator.cli.run_commands import missing_sqlite_file
+    from orchestrator.errors import StoreError
+
     try:
+        missing = missing_sqlite_file(db_url)  # connecting would create an empty one
+        if missing:
+            print(
+                f"database {mask_url(db_url)}: no such file {missing}. Fix: `studyq db upgrade` "
+                "creates it, or point --db / STUDYQ_DATABASE_URL at the store.",
+                file=sys.stderr,
+            )
+            return EXIT_USAGE
         engine = create_engine_for(db_url)
         try:
             current = is_current(engine)
         finally:
             engine.dispose()
-    except (StoreUnavailableError, OSError, Exception) as exc:  # any failure to connect
+    except StoreUnavailableError as exc:  # the message is masked
+        print(f"database {mask_url(db_url)}: UNREACHABLE. {exc}", file=sys.stderr)
+        return EXIT_CONNECT
+    except StoreError as exc:  # a URL studyq cannot use, or the database refused (masked)
+        print(f"database {mask_url(db_url)}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except Exception as exc:  # any other failure to connect
         print(f"database {mask_url(db_url)}: UNREACHABLE ({type(exc).__name__})", file=sys.stderr)
         return EXIT_CONNECT
     if current:

@@ -179,10 +179,16 @@ def _run_distributed(args: argparse.Namespace) -> int:
 
 def _export(args: argparse.Namespace) -> int:
     from orchestrator.export import export_artifacts
-    from orchestrator.store import ResultStore
+    from orchestrator.store import ResultStore, mask_url
 
     url = args.db or load_settings().database_url
-    _refuse_a_missing_sqlite_file(url, args.study_id)
+    missing = missing_sqlite_file(url)
+    if missing:  # opening it would create it
+        raise StudyError(
+            f"studyq export: no study '{args.study_id}' in {mask_url(url)}: the file {missing} "
+            "does not exist. Fix: run from the folder the study ran in, or point --db / "
+            "STUDYQ_DATABASE_URL at its store."
+        )
     with ResultStore.open(url) as store:
         if store.find_study(args.study_id) is None:
             raise _no_such_study(
@@ -216,23 +222,21 @@ def _no_such_study(study_id: str, where: str, known: list[str]) -> StudyError:
     return StudyError(f"studyq export: no study '{study_id}' in {where}; {listed}. Fix: {fix}.")
 
 
-def _refuse_a_missing_sqlite_file(url: str, study_id: str) -> None:
-    """Opening a SQLite store creates it; exporting from a file that is not there must not."""
-    from orchestrator.store import mask_url, normalize_url
+def missing_sqlite_file(url: str) -> str | None:
+    """The path of the SQLite file ``url`` names when it does not exist, else None (also for
+    in-memory SQLite and PostgreSQL). Opening a SQLite store creates its file: commands that
+    only read check first.
+
+    Raises:
+        StoreError: the URL cannot be parsed or names an unsupported backend.
+    """
+    from orchestrator.store import normalize_url
 
     parsed = normalize_url(url)
     database = parsed.database
-    if (
-        parsed.get_backend_name() == "sqlite"
-        and database
-        and database != ":memory:"
-        and not Path(database).exists()
-    ):
-        raise StudyError(
-            f"studyq export: no study '{study_id}' in {mask_url(url)}: the file "
-            f"{database} does not exist. Fix: run from the folder the study ran in, or "
-            "point --db / STUDYQ_DATABASE_URL at its store."
-        )
+    if parsed.get_backend_name() != "sqlite" or not database or database == ":memory:":
+        return None
+    return None if Path(database).exists() else database
 
 
 def _db(args: argparse.Namespace) -> int:
