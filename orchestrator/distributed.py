@@ -508,6 +508,8 @@ class StudyStatus:
     cost_usd: float
     by: dict[str, dict[str, dict[str, int]]] = field(default_factory=dict)
     top_errors: list[Any] = field(default_factory=list)
+    queue: str = "studyq"
+    """The study's ``execution.queue`` (its dead letters are kept per queue)."""
 
 
 def study_status(
@@ -550,6 +552,7 @@ def study_status(
                 rate_per_s=rate,
                 eta_s=(remaining / rate) if rate and remaining else None,
                 cost_usd=stats.cost_usd,
+                queue=str((info.definition.get("execution") or {}).get("queue", "studyq")),
             )
             if detail:
                 status.by = {by: store.count_by(info.study_id, by) for by in

@@ -106,14 +106,23 @@ def _loads(text: str) -> Any:
     return _KOMBU_LOADS(text)
 
 
-def _field(mapping: Mapping[str, Any], key: str, kind: type, where: str) -> Any:
+def _field(
+    mapping: Mapping[str, Any], key: str, kind: type, where: str, task_id: str | None
+) -> Any:
     value = mapping.get(key)
     if not isinstance(value, kind) or isinstance(value, bool):
         raise Poison(
             Reason.NOT_ENVELOPE,
             f"{where}{key} is {_kind(value)}, not {kind.__name__}: not a kombu message",
+            task_id,
         )
     return value
+
+
+def _task_id(headers: Any) -> str | None:
+    """The task id of a message, if its headers have a readable one (for the dead letter)."""
+    value = headers.get("id") if isinstance(headers, dict) else None
+    return value[:200] if isinstance(value, str) else None
 
 
 def _kind(value: Any) -> str:
@@ -155,21 +164,23 @@ def check_envelope(payload: Any, *, tasks: Collection[str] | None = None) -> dic
     """:func:`inspect_envelope` for an envelope already decoded (a broadcast)."""
     if not isinstance(payload, dict):
         raise Poison(Reason.NOT_ENVELOPE, f"the message is a JSON {_kind(payload)}, not an object")
-    properties = _field(payload, "properties", dict, "")
-    _field(properties, "delivery_tag", str, "properties.")
-    info = _field(properties, "delivery_info", dict, "properties.")
-    _field(info, "exchange", str, "properties.delivery_info.")
-    _field(info, "routing_key", str, "properties.delivery_info.")
+    headers = payload.get("headers")
+    task_id = _task_id(headers)
+    properties = _field(payload, "properties", dict, "", task_id)
+    _field(properties, "delivery_tag", str, "properties.", task_id)
+    info = _field(properties, "delivery_info", dict, "properties.", task_id)
+    _field(info, "exchange", str, "properties.delivery_info.", task_id)
+    _field(info, "routing_key", str, "properties.delivery_info.", task_id)
     priority = properties.get("priority")
     if priority is not None and not (
         isinstance(priority, int) and not isinstance(priority, bool) and 0 <= priority <= 255
     ):
-        raise Poison(Reason.NOT_ENVELOPE, f"properties.priority is {priority!r}, not 0..255")
-    headers = payload.get("headers")
+        raise Poison(
+            Reason.NOT_ENVELOPE, f"properties.priority is {priority!r:.80}, not 0..255", task_id
+        )
     if headers is not None and not isinstance(headers, dict):
         raise Poison(Reason.NOT_ENVELOPE, f"headers is a {_kind(headers)}, not an object")
     headers = headers or {}
-    task_id = headers.get("id") if isinstance(headers.get("id"), str) else None
     body = _decoded_body(payload, properties, headers, task_id)
     if tasks is not None:
         _check_task_message(headers, body, tasks, task_id)

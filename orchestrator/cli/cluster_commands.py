@@ -1,4 +1,4 @@
-"""Distributed commands: submit, wait, status, resubmit, cancel, check, flower."""
+"""Distributed commands: submit, wait, status, dead-letters, resubmit, cancel, check, flower."""
 
 from __future__ import annotations
 
@@ -8,14 +8,23 @@ import sys
 from datetime import datetime
 from typing import Any
 
-from orchestrator.cli import EXIT_CONNECT, EXIT_FAILED, EXIT_OK, EXIT_USAGE, add_command
+from orchestrator.cli import (
+    EXIT_CONNECT,
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_USAGE,
+    add_command,
+    positive_int,
+)
 from orchestrator.errors import BrokerUnavailableError, StoreUnavailableError
+from orchestrator.extensions import ExecutionPolicy
 from orchestrator.settings import load_settings, secure_broker_url
 
 __all__ = ["register"]
 
 _DB_HELP = "result store URL (default: $STUDYQ_DATABASE_URL)"
 _BROKER_HELP = "Celery broker URL (default: $STUDYQ_BROKER_URL)"
+_DEFAULT_QUEUE = ExecutionPolicy().queue
 
 
 def register(subparsers: Any) -> None:
@@ -57,7 +66,24 @@ def register(subparsers: Any) -> None:
         handler=_status,
     )
     parser.add_argument("study_id", nargs="?", help="one study (default: all)")
-    parser.add_argument("--db", default=None, help=_DB_HELP)
+    _urls(parser)
+
+    parser = add_command(
+        subparsers,
+        "dead-letters",
+        help="List the messages workers quarantined from a queue (not JSON, not a run message, "
+        "too large, ...), newest first, with why, when and which worker; --purge deletes them.",
+        example="studyq dead-letters --queue studyq --limit 5",
+        handler=_dead_letters,
+    )
+    parser.add_argument(
+        "--queue", default=_DEFAULT_QUEUE, help=f"the queue (default: {_DEFAULT_QUEUE})"
+    )
+    parser.add_argument(
+        "--limit", type=positive_int, default=20, help="show at most this many (default: 20)"
+    )
+    parser.add_argument("--purge", action="store_true", help="delete them; prints how many")
+    parser.add_argument("--broker", default=None, help=_BROKER_HELP)
 
     parser = add_command(
         subparsers,
@@ -224,7 +250,71 @@ def _status(args: argparse.Namespace) -> int:
         if status.top_errors:
             print("\n  top errors")
             for error in status.top_errors:
-                print(f"    {error}")
+                print(f"    {_describe_error(error)}")
+        if args.study_id is not None:
+            _print_dead_letter_count(status.queue, args.broker)
+    return EXIT_OK
+
+
+def _describe_error(error: Any) -> str:
+    """One group of failed runs (``ErrorSummary``) as a sentence."""
+    count = int(error.count)
+    kind = f"a {error.error_kind} error" if error.error_kind else "an error"
+    cls = f" ({error.error_type})" if error.error_type else ""
+    example = " ".join(str(error.example or "").split())
+    example = example if len(example) <= 120 else example[:117] + "..."
+    runs = "1 run" if count == 1 else f"{count:,} runs"
+    return f"{runs} failed with {kind}{cls}" + (f", e.g.: {example}" if example else "")
+
+
+def _broker_url(flag: str | None) -> str | None:
+    return secure_broker_url(flag) if flag else load_settings().broker_url
+
+
+def _print_dead_letter_count(queue: str, broker_flag: str | None) -> None:
+    """``dead letters: N`` for the study's queue; nothing for an embedded store (no broker)."""
+    from orchestrator.executors.celery import CeleryTransport
+
+    broker_url = _broker_url(broker_flag)
+    if not broker_url:
+        return
+    try:
+        with CeleryTransport(load_settings(), broker_url) as transport:
+            count = transport.dead_letter_count(queue)
+    except BrokerUnavailableError:
+        print(f"\n  dead letters: unknown (the broker of queue {queue} is unreachable)")
+        return
+    hint = f" (`studyq dead-letters --queue {queue}` shows them)" if count else ""
+    print(f"\n  dead letters: {count:,} on queue {queue}{hint}")
+
+
+def _dead_letters(args: argparse.Namespace) -> int:
+    from orchestrator.executors.celery import CeleryTransport
+
+    broker_url = _broker_url(args.broker)
+    if not broker_url:
+        print("studyq dead-letters: set STUDYQ_BROKER_URL or pass --broker", file=sys.stderr)
+        return EXIT_USAGE
+    with CeleryTransport(load_settings(), broker_url) as transport:
+        if args.purge:
+            purged = transport.purge_dead_letters(args.queue)
+            print(f"queue {args.queue}: purged {purged:,} dead letter(s)")
+            return EXIT_OK
+        total = transport.dead_letter_count(args.queue)
+        letters = transport.dead_letters(args.queue, limit=args.limit)
+    if not letters:
+        print(f"queue {args.queue}: no dead letters")
+        return EXIT_OK
+    shown = f", the newest {len(letters)} shown" if total > len(letters) else ""
+    print(f"queue {args.queue}: {total:,} dead letter(s){shown}, newest first")
+    for letter in letters:
+        when = letter.time[:19].replace("T", " ")
+        print(
+            f"\n{when} UTC  {letter.reason}  worker {letter.worker or '-'}  "
+            f"task {letter.task_id or '-'}  {letter.size:,} bytes"
+        )
+        print(f"  {letter.detail}")
+        print(f"  message: {letter.preview(90)}")
     return EXIT_OK
 
 

@@ -2,18 +2,22 @@
 
 It publishes run messages through the worker package's publisher (one connection, one
 producer, pre-encoded JSON), counts the messages the broker still holds for a queue (so the
-reconcile loop can tell a backlog from lost messages) and revokes running tasks for
-``cancel --terminate``. The store, not Celery, knows what ran: no result backend is used.
+reconcile loop can tell a backlog from lost messages), revokes running tasks for
+``cancel --terminate``, and reads and purges the dead-letter lists workers move poison
+messages to (``studyq dead-letters``; key and format in :mod:`orchestrator.deadletters`).
+The store, not Celery, knows what ran: no result backend is used.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from types import TracebackType
 from typing import Any
 
+from orchestrator.deadletters import DeadLetter, dead_letter_key
 from orchestrator.errors import BrokerUnavailableError, SettingsError, StudyqError
 from orchestrator.runspec import RunSpec
 from orchestrator.settings import Settings
@@ -173,6 +177,64 @@ class CeleryTransport:
         task_ids = [task_id_for(spec, max(attempt - 1, 0)) for spec, attempt in running]
         if task_ids:
             self._app.control.revoke(task_ids, terminate=True, signal="SIGTERM")
+
+    # -- dead letters (orchestrator.deadletters) ---------------------------------------------
+
+    def dead_letters(self, queue: str, *, limit: int | None = None) -> list[DeadLetter]:
+        """The messages workers quarantined from ``queue``, newest first (at most ``limit``).
+
+        Raises:
+            BrokerUnavailableError: the list cannot be read.
+        """
+        stop = -1 if limit is None else max(limit, 1) - 1
+        with self._dead_letter_list(queue) as (client, key):
+            entries = client.lrange(key, 0, stop)
+        return [DeadLetter.from_json(entry) for entry in entries]
+
+    def dead_letter_count(self, queue: str) -> int:
+        """How many messages workers quarantined from ``queue`` (kept: at most
+        ``DEAD_LETTER_LIMIT``).
+
+        Raises:
+            BrokerUnavailableError: the list cannot be read.
+        """
+        with self._dead_letter_list(queue) as (client, key):
+            return int(client.llen(key))
+
+    def purge_dead_letters(self, queue: str) -> int:
+        """Delete ``queue``'s dead letters; returns how many there were.
+
+        Raises:
+            BrokerUnavailableError: the list cannot be changed.
+        """
+        with (
+            self._dead_letter_list(queue) as (client, key),
+            client.pipeline(transaction=True) as pipe,
+        ):
+            pipe.llen(key)
+            pipe.delete(key)
+            count, _ = pipe.execute()
+        return int(count)
+
+    @contextlib.contextmanager
+    def _dead_letter_list(self, queue: str) -> Iterator[tuple[Any, str]]:
+        """A plain Redis client on the broker and the full key of ``queue``'s dead letters
+        (kombu's ``global_keyprefix`` included: see ``dead_letter_key``)."""
+        from redis import Redis
+
+        from orchestrator.store import mask_url
+
+        try:
+            with self._app.connection_for_read() as connection:
+                connection.ensure_connection(max_retries=1, timeout=5)
+                channel = connection.default_channel
+                key = dead_letter_key(queue, prefix=channel.global_keyprefix or "")
+                yield Redis(connection_pool=channel.pool), key
+        except Exception as exc:  # kombu and redis-py raise many types; all mean "unreadable"
+            raise BrokerUnavailableError(
+                f"cannot read the dead letters of queue '{queue}' on broker "
+                f"{mask_url(str(self._settings.broker_url))} ({_describe(exc)})"
+            ) from exc
 
 
 def _routing_key(raw: bytes | str) -> str | None:

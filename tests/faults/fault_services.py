@@ -309,8 +309,8 @@ def _children(pid: int) -> list[int]:
 
 
 class Worker:
-    """A real ``celery -A workers.app worker`` subprocess (prefork, ``-c 2`` by default) in a
-    process group of its own; its log goes to a file."""
+    """A real ``celery -A workers.app worker`` subprocess (prefork, ``-c 2`` by default; or
+    ``pool="threads"``) in a process group of its own; its log goes to a file."""
 
     def __init__(
         self,
@@ -321,6 +321,7 @@ class Worker:
         broker_url: str,
         log_dir: Path,
         concurrency: int = 2,
+        pool: str = "prefork",
         env: dict[str, str] | None = None,
     ) -> None:
         self.name = name
@@ -338,7 +339,7 @@ class Worker:
         command = [
             sys.executable, "-m", "celery", "-A", "workers.app", "worker",
             "--without-gossip", "--without-mingle",
-            "-Q", queue, "-c", str(concurrency), "-P", "prefork", "-l", "INFO",
+            "-Q", queue, "-c", str(concurrency), "-P", pool, "-l", "INFO",
             "-n", self.nodename,
         ]  # fmt: skip
         with self.log_path.open("w", encoding="utf-8") as log:
