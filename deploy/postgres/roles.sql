@@ -33,7 +33,8 @@
 --   ALTER ROLE bob IN DATABASE studyq SET role = 'studyq_coordinator';  -- objects bob creates
 --                                                                       -- belong to the role
 --
--- Why the worker has what it has (orchestrator/store/attempts.py and queries.py):
+-- Why the worker has what it has (orchestrator/store/attempts.py and queries.py; the grants
+-- themselves are in studyq_grant_roles(), orchestrator/store/migrations/versions/v0003_*.py):
 --   claim      UPDATE runs (status, attempt, attempts_used, lease_owner, lease_expires_at,
 --              started_at) ... RETURNING; INSERT run_attempts
 --   heartbeat  UPDATE runs (lease_expires_at)

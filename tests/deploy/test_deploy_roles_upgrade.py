@@ -11,10 +11,12 @@ PostgreSQL paths and the portable ones alike.
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -28,7 +30,7 @@ from orchestrator.cli import main as studyq_main
 from orchestrator.embedded import register
 from orchestrator.plan import prepare
 from orchestrator.results import RunResult, RunStatus
-from orchestrator.store import Claim, ResultStore, create_engine_for, current_revision
+from orchestrator.store import Claim, ResultStore, create_engine_for, current_revision, upgrade
 from orchestrator.store import attempts as store_attempts
 from orchestrator.store.schema import alembic_config, head_revision
 from orchestrator.study import parse_study
@@ -36,6 +38,7 @@ from orchestrator.study import parse_study
 pytestmark = pytest.mark.integration
 
 WORKER = "upgrade-w@node1:7"
+ROLES_BEFORE_0003 = Path(__file__).with_name("upgrade_assets") / "roles_before_0003.sql"
 VIEWS = ("analysis_runs", "analysis_evaluations", "analysis_attempts")
 _ACLS = (
     "SELECT c.relname, c.relkind, pg_get_userbyid(c.relowner), c.relacl::text, "
@@ -177,6 +180,38 @@ def test_downgrade_to_0001_and_upgrade_again_keeps_every_role_working(
     with role_session(roles, "analyst", database) as analyst:
         studies = analyst.execute("SELECT count(DISTINCT study_id) FROM analysis_runs").fetchone()
     assert studies == (2,), "the study from before the downgrade is in the views again"
+
+
+def test_a_deployment_from_before_0003_upgrades_in_place(
+    roles_cluster: RolesCluster, once_db: str
+) -> None:
+    """Given a database set up the way it was before revision 0003 (that roles.sql, upgrade
+    to 0002, that roles.sql again: its own guards and views), ``studyq db upgrade`` alone
+    keeps every role working and adds the insert guards; the current roles.sql then leaves
+    exactly the owners and grants of a new installation."""
+    roles = roles_cluster.roles
+    database = roles_cluster.new_database("old")
+    old_sql = re.sub(
+        r"\bstudyq_(coordinator|worker|analyst)\b",
+        lambda match: roles.group(match.group(1)),
+        ROLES_BEFORE_0003.read_text(),
+    )
+    with admin_connect(database) as admin:
+        admin.execute(old_sql)  # no parameters: the simple query protocol
+    roles.coordinator_owns_what_it_creates(database)
+    upgrade(roles.url("coordinator", database), "0002")
+    with admin_connect(database) as admin:
+        admin.execute(old_sql)
+    _upgrade_with_the_cli(roles, database)
+    _every_role_works(roles, database)
+    study_id, _ = _register(roles, database, replicates=1)
+    with ResultStore.open(roles.url("worker", database)) as worker:
+        done = worker.claim_run(study_id, 0, worker=WORKER, lease_s=60)
+        assert done is not None and worker.finish_run(done, _result(done.run_id))
+    with role_session(roles, "worker", database) as session:
+        _denied(session, _EVENT, [study_id, 0, 5, done.run_id, done.attempt])
+    roles_cluster.apply(database)
+    assert _acls(database) == _acls(once_db)
 
 
 def test_an_upgrade_hands_objects_a_member_created_to_the_coordinator(
