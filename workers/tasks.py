@@ -36,7 +36,7 @@ from celery.worker import state as worker_state
 from celery.worker.request import Request
 
 from orchestrator.deadletters import Reason
-from orchestrator.errors import BrokerUnavailableError, StoreUnavailableError
+from orchestrator.errors import BrokerUnavailableError, StoreUnavailableError, StudyError
 from orchestrator.runspec import RunSpec
 from orchestrator.store import mask_url
 from workers.messages import (
@@ -225,8 +225,11 @@ def publish_runs(
         BrokerUnavailableError: the broker cannot be reached. Runs published before the
             failure stay published; the reconcile loop republishes the others
             (``queued_timeout_s``).
+        StudyError: a message is over ``STUDYQ_MAX_MESSAGE_BYTES``, which workers would
+            quarantine; none of this batch's unsent messages is published.
     """
     settings = app.settings
+    limit = settings.max_message_bytes
     hard_limit = None if time_limit_s is None else time_limit_s + settings.time_limit_grace_s
     if hard_limit is not None and hard_limit >= settings.visibility_timeout_s:
         log.warning(
@@ -249,7 +252,10 @@ def publish_runs(
                 pipe = client.pipeline(transaction=False)
                 for spec, attempt, label in specs_with_attempts:
                     message = builder.build(spec, attempt, label)
-                    pipe.lpush(queue, builder.envelope(message, tags()))
+                    envelope = builder.envelope(message, tags())
+                    if len(envelope) * 4 > limit:  # utf-8 is at most 4 bytes a character
+                        _check_size(envelope, limit, spec)
+                    pipe.lpush(queue, envelope)
                     if events is not None:
                         events.add(message)
                     published += 1
@@ -265,6 +271,18 @@ def publish_runs(
             "queued runs without a message are republished by the reconcile loop."
         ) from error
     return published
+
+
+def _check_size(envelope: str, limit: int, spec: RunSpec) -> None:
+    """Refuse to publish a message every worker would quarantine as too large."""
+    size = len(envelope.encode())
+    if size > limit:
+        raise StudyError(
+            f"the run message of {spec.run_id} (index {spec.index}) is {size:,} bytes, over "
+            f"STUDYQ_MAX_MESSAGE_BYTES ({limit:,}): workers would quarantine it. Fix: make the "
+            "study's factor values smaller, or raise STUDYQ_MAX_MESSAGE_BYTES for the "
+            "coordinator and every worker."
+        )
 
 
 class _SentEvents:

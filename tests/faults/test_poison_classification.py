@@ -8,7 +8,8 @@ from __future__ import annotations
 import base64
 import json
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -17,17 +18,21 @@ import redis
 from fault_services import shared_broker_url, shared_redis
 from fault_study import FAULT_SWEEP, prepared
 from kombu import Connection, Consumer, Exchange, Queue
+from kombu.exceptions import ContentDisallowed
 from poison_catalogue import LARGE_BYTES, Hostile, genuine, hostile_messages
 
 from orchestrator.deadletters import RAW_LIMIT, DeadLetter, Reason, dead_letter_key
+from orchestrator.errors import StudyError
 from orchestrator.runspec import RunSpec
 from orchestrator.settings import Settings
 from workers import quarantine as quarantine_module
+from workers.app import create_app
+from workers.consumer import StudyqConsumer
 from workers.messages import TASK_NAME
 from workers.poison import Poison, inspect_envelope
 from workers.quarantine import KOMBU_CHECKED, TRANSPORT, kombu_drift, quarantine
 from workers.runtask import InvalidRunMessage, parse_delivery
-from workers.tasks import _run_arguments
+from workers.tasks import _run_arguments, publish_runs
 
 MAX_BYTES = Settings().max_message_bytes
 QUEUE = "studyq-poison-unit"
@@ -248,3 +253,79 @@ def test_kombu_is_still_what_the_quarantine_transport_was_checked_against():
         f"{drift}. Re-check the copied _brpop_read and what it relies on, then update "
         "KOMBU_SOURCES."
     )
+
+
+# -- Celery's refusal hooks, and the publisher ---------------------------------------------
+
+
+def _hook_calls() -> list[tuple[str, Callable[[StudyqConsumer, Any], None], Reason]]:
+    return [
+        (
+            "unknown task",
+            lambda c, m: c.on_unknown_task(None, m, KeyError("x")),
+            Reason.UNKNOWN_TASK,
+        ),
+        (
+            "invalid task",
+            lambda c, m: c.on_invalid_task(None, m, ValueError("x")),
+            Reason.INVALID_TASK,
+        ),
+        ("unknown message", lambda c, m: c.on_unknown_message(None, m), Reason.PROTOCOL),
+        (
+            "disallowed content",
+            lambda c, m: c.on_decode_error(m, ContentDisallowed("pickle")),
+            Reason.CONTENT_TYPE,
+        ),
+        ("undecodable", lambda c, m: c.on_decode_error(m, ValueError("x")), Reason.BAD_BODY),
+    ]
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize(
+    "name,hook,reason", _hook_calls(), ids=lambda v: v if isinstance(v, str) else ""
+)
+def test_celerys_refusal_hooks_quarantine_and_acknowledge(
+    client: redis.Redis, queue: str, spec: RunSpec, name: str, hook: Any, reason: Reason
+):
+    # Given a message delivered through kombu's own transport (no check before Celery's
+    # hooks), held unacknowledged
+    received: list[Any] = []
+    with Connection(shared_broker_url()) as connection:
+        channel = connection.default_channel
+        bound = Queue(queue, Exchange(queue, type="direct"), routing_key=queue)(channel)
+        bound.declare()
+        client.lpush(queue, json.dumps(genuine(queue, spec, "hook-1")))
+        with Consumer(channel, [bound], on_message=received.append):
+            connection.drain_events(timeout=2)
+        [message] = received
+        assert client.hexists("unacked", message.delivery_tag)
+        consumer = StudyqConsumer.__new__(StudyqConsumer)  # only the hooks are used
+        consumer.hostname = "hook@test"
+        consumer.connection_errors = connection.connection_errors
+        # When Celery's consumer calls one of its refusal hooks for it
+        hook(consumer, message)
+        # Then it is dead-lettered with the hook's reason and acknowledged
+        assert not client.hexists("unacked", message.delivery_tag)
+    [entry] = [DeadLetter.from_json(e) for e in client.lrange(dead_letter_key(queue), 0, -1)]
+    assert (entry.reason, entry.task_id, entry.queue) == (reason, "hook-1", queue)
+    assert entry.worker.startswith("hook@test:") and '"hook-1"' in entry.raw
+
+
+@pytest.mark.integration
+def test_the_publisher_refuses_a_message_workers_would_quarantine(
+    client: redis.Redis, queue: str, spec: RunSpec
+):
+    # Given a coordinator whose STUDYQ_MAX_MESSAGE_BYTES is 4 KiB, and a run whose factor
+    # value alone is 5,000 characters
+    app = create_app(Settings(broker_url=shared_broker_url(), max_message_bytes=4096))
+    big = replace(spec, factor_assignments={**spec.factor_assignments, "note": "y" * 5000})
+    try:
+        # When it publishes that run, and then an ordinary one
+        with pytest.raises(StudyError) as refused:
+            publish_runs(app, [(big, 0, "")], queue=queue, sent_events=False)
+        published = publish_runs(app, [(spec, 0, "")], queue=queue, sent_events=False)
+    finally:
+        app.close()
+    # Then the large one is refused, naming the setting, and only the ordinary one is queued
+    assert "STUDYQ_MAX_MESSAGE_BYTES" in str(refused.value)
+    assert (published, client.llen(queue)) == (1, 1)
