@@ -432,7 +432,9 @@ def cancel(
     """Cancel a study: planned and queued runs never start (a delivery finds nothing to
     claim); running ones finish and their results are recorded. With ``terminate`` running
     runs are cancelled too: the worker's next heartbeat is refused, so it stops the agent,
-    their tasks are revoked on the broker, and a result that still arrives is refused.
+    their tasks are revoked on the broker (when one is configured: without, as for an
+    embedded study, the heartbeat alone stops them), and a result that still arrives is
+    refused.
 
     Runs whose row another session holds locked are tried again for ``retry_s`` seconds
     (default :data:`CANCEL_RETRY_S`); ``locked`` in the report counts the ones still not
@@ -440,7 +442,8 @@ def cancel(
 
     Raises:
         StudyError: the study is not in the store.
-        BrokerUnavailableError: (``terminate``) the broker is unreachable; nothing changed.
+        BrokerUnavailableError: (``terminate``) the configured broker is unreachable;
+            nothing changed.
     """
     from orchestrator.executors.celery import CeleryTransport
 
@@ -449,7 +452,7 @@ def cancel(
         # The broker first, as submit does: an unreachable broker changes nothing.
         transport = (
             stack.enter_context(CeleryTransport(settings, _broker(settings, broker)))
-            if terminate
+            if terminate and (broker or settings.broker_url)
             else None
         )
         store = stack.enter_context(ResultStore.open(db or settings.database_url))

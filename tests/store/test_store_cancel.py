@@ -20,6 +20,7 @@ from store_factories import STUDY_ID, claim, make_result, queue_all, register
 
 from orchestrator import distributed
 from orchestrator.cli import main as studyq_main
+from orchestrator.settings import Settings
 from orchestrator.store import Claim, ResultStore, create_engine_for
 from orchestrator.store.engine import transaction
 from orchestrator.store.recovery import CancelReport, cancel_study
@@ -97,6 +98,14 @@ def test_terminate_cancels_running_runs_and_refuses_their_results(bed: Bed) -> N
     assert "while it ran" in (run.error_message or "")
     outcomes = sorted((a.index, a.outcome) for a in queued.iter_attempts(STUDY_ID))
     assert outcomes == [(0, "success"), (1, "cancelled"), (2, "cancelled")]
+
+
+def test_terminate_without_a_broker_cancels_in_the_store_alone(bed: Bed, store_url: str) -> None:
+    """An embedded study has no broker to revoke tasks on: the heartbeat stops its runs."""
+    settings = Settings(database_url=store_url, broker_url=None)
+    report = distributed.cancel(STUDY_ID, terminate=True, db=store_url, settings=settings)
+    assert (report.cancelled, len(report.terminated), report.locked) == (9, 2, 0)
+    assert not any(bed.store.heartbeat(claim, 60) for claim in bed.running.values())
 
 
 # -- a frozen worker (PostgreSQL) ---------------------------------------------------------------
