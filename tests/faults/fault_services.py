@@ -223,7 +223,9 @@ class OwnPostgres:
     """A PostgreSQL cluster of the test's own (``initdb`` into a ``mkdtemp`` directory),
     run as the ``postgres`` OS user when the tests run as root, on a free port."""
 
-    def __init__(self) -> None:
+    def __init__(self, *settings: str) -> None:
+        """``settings``: extra ``name=value`` server settings (``-c``)."""
+        self.settings = settings
         self.initdb = _pg_bin("initdb")
         self.pg_ctl = _pg_bin("pg_ctl")
         self.port = free_port()
@@ -272,6 +274,7 @@ class OwnPostgres:
             f"-p {self.port} -k {self.dir} -c listen_addresses={HOST} -c fsync=off "
             "-c full_page_writes=off -c max_connections=100"
         )
+        options += "".join(f" -c {setting}" for setting in self.settings)
         self._run(self.pg_ctl, "-D", str(self.data), "-l", str(self.log), "-o", options,
                   "-w", "-t", "30", "start")  # fmt: skip
 
@@ -286,6 +289,24 @@ class OwnPostgres:
         time.sleep(down_s)
         self.start()
 
+    def kill9(self) -> list[int]:
+        """SIGKILL the postmaster and every server process at once: a crash in which nothing
+        gets to write what it holds in memory (WAL buffers included). Returns the pids."""
+        pid = int((self.data / "postmaster.pid").read_text().split()[0])
+        pids = [pid, *_children(pid)]
+        for each in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(each, signal.SIGKILL)
+        wait_until(
+            lambda: not any(_running(each) for each in pids), 10, "the killed server processes"
+        )
+        # A killed process stays a zombie until its parent (here PID 1) reaps it, and the
+        # postmaster's lock checks count a zombie as alive: remove the stale lock files, as
+        # an operator does once the processes are known dead.
+        (self.data / "postmaster.pid").unlink(missing_ok=True)
+        (self.dir / f".s.PGSQL.{self.port}.lock").unlink(missing_ok=True)
+        return pids
+
     def close(self) -> None:
         with contextlib.suppress(Exception):
             self.stop("immediate")
@@ -293,6 +314,15 @@ class OwnPostgres:
 
 
 # -- celery workers -------------------------------------------------------------------------
+
+
+def _running(pid: int) -> bool:
+    """Whether ``pid`` is a live process (a zombie waiting to be reaped is not)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
 
 
 def _children(pid: int) -> list[int]:
