@@ -55,6 +55,7 @@ class Reason(StrEnum):
     UNKNOWN_TASK = "unknown_task"  # a task this worker does not execute
     INVALID_TASK = "invalid_task"  # Celery refused the task message itself
     INVALID_RUN = "invalid_run"  # the run task's arguments are not a run message
+    MISMATCH = "mismatch"  # a run message that disagrees with the store (forged or stale)
 
 
 def dead_letter_key(queue: str, *, prefix: str = "") -> str:

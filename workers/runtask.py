@@ -12,7 +12,8 @@
   message's spec with the stored ``runs.spec_digest`` and refuses an attempt number ahead of
   the run's claims. So the store, not the broker, decides what runs: a message whose seed,
   assignments, agent, problem, run id, study id or index were changed claims nothing, changes
-  nothing, and is refused as :class:`MessageMismatch` (the task dead-letters it). A run that
+  nothing, and is refused as :class:`MessageMismatch` (the task logs it once and dead-letters
+  it, reason ``mismatch``). A run that
   is finished, cancelled, running under a live lease or out of attempts is not claimable: the
   delivery is a duplicate (a redelivery after a lost worker, a republish by the reconcile
   loop, a second ``submit``). It is acknowledged, logged at INFO and counted, never executed.
@@ -222,16 +223,7 @@ def _refuse_mismatch(
     )
     if reason is None:
         return
-    count = runtime.count(Outcome.MISMATCH)
-    log.error(
-        "refused a message for run %s (index %d) of %s: %s; nothing was executed or written "
-        "[%d so far]",
-        spec.run_id,
-        spec.index,
-        spec.study_id,
-        reason,
-        count,
-    )
+    runtime.count(Outcome.MISMATCH)  # the task logs and dead-letters it, once
     raise MessageMismatch(
         f"message for run {spec.run_id} (index {spec.index}) of study {spec.study_id} "
         f"disagrees with the store: {reason}"

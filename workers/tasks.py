@@ -49,7 +49,13 @@ from workers.messages import (
 )
 from workers.poison import Poison
 from workers.quarantine import quarantine
-from workers.runtask import InvalidRunMessage, Outcome, record_hard_kill, run_delivery
+from workers.runtask import (
+    InvalidRunMessage,
+    MessageMismatch,
+    Outcome,
+    record_hard_kill,
+    run_delivery,
+)
 from workers.runtime import worker_name
 
 if TYPE_CHECKING:
@@ -182,7 +188,8 @@ def register_run_task(app: StudyqCelery) -> Any:
             outcome = run_delivery(app.runtime(self.request.hostname), spec, attempt)
         except InvalidRunMessage as error:
             # The main process dead-letters it (RunRequest.on_failure) and acknowledges it.
-            raise Quarantined(Reason.INVALID_RUN, str(error)) from None
+            reason = Reason.MISMATCH if isinstance(error, MessageMismatch) else Reason.INVALID_RUN
+            raise Quarantined(reason, str(error)) from None
         except StoreUnavailableError as error:
             # Nothing ran (the claim never happened): put the message back for later.
             raise Reject(f"result store unavailable: {error}", requeue=True) from None

@@ -31,7 +31,7 @@ from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC
 from typing import Any
 
-from sqlalchemy import bindparam, case, insert, select, update
+from sqlalchemy import bindparam, case, exists, insert, select, update
 from sqlalchemy.engine import Connection
 
 from orchestrator.canonical import to_jsonable
@@ -46,6 +46,7 @@ from orchestrator.store.models import (
     EvaluationRow,
     EventRow,
     RunRow,
+    StudyRow,
 )
 from orchestrator.store.predicates import FENCE, FINISH_FENCE, fence_params, in_chunks
 from orchestrator.store.records import Claim, spec_from_row
@@ -165,6 +166,9 @@ _CLAIM = (
         RunRow.plan_index.in_(bindparam("c_indices", expanding=True)),
         RunRow.status.in_(bindparam("c_statuses", expanding=True)),
         RunRow.attempts_used < RunRow.max_attempts,
+        ~exists().where(
+            StudyRow.study_id == bindparam("c_study"), StudyRow.cancelled_at.is_not(None)
+        ),
     )
     .values(
         status=RunStatus.RUNNING.value,
@@ -273,6 +277,8 @@ WITH claimed AS (
         started_at = now()
     WHERE study_id = %(study_id)s AND plan_index = ANY(%(indices)s)
         AND status = ANY(%(statuses)s) AND attempts_used < max_attempts{verify}
+        AND NOT EXISTS (SELECT 1 FROM studies
+                        WHERE study_id = %(study_id)s AND cancelled_at IS NOT NULL)
         AND set_config('synchronous_commit', %(commit)s, true) = %(commit)s
     RETURNING plan_index, run_id, attempt, lease_expires_at, started_at
 ), history AS (

@@ -110,6 +110,8 @@ class StudyRow(Base):
     submitted_by: Mapped[str] = mapped_column(String, default="")
     submitted_at: Mapped[datetime] = mapped_column(UTCDateTime)
     allowed_references: Mapped[list[str]] = mapped_column(JSONType)
+    cancelled_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    """Set by ``studyq cancel``: no run of the study is claimed again (a resubmit clears it)."""
 
 
 class ConditionRow(Base):

@@ -11,10 +11,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 from dist_services import WorkerPair
 from dist_studies import Sweep, make_sweep
 from test_celery_workers import finished, wait_for
 
+from orchestrator.deadletters import DeadLetter, dead_letter_key
 from orchestrator.runspec import RunSpec
 from orchestrator.store import ResultStore
 from workers.app import StudyqCelery
@@ -23,7 +25,7 @@ from workers.tasks import publish_runs
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(90)]
 
 JOURNAL = {"agents": {"journal": "dist_agents:journal"}}
-REFUSED = "refused a message for run"
+REFUSED = ": mismatch: message for run"
 
 
 def journal_sweep(store: ResultStore, path: Path, replicates: int = 4) -> Sweep:
@@ -50,7 +52,14 @@ def snapshot(store: ResultStore, study_id: str) -> list[tuple[Any, ...]]:
 
 
 def refusals(pair: WorkerPair) -> int:
+    """Messages the workers quarantined as disagreeing with the store (one log line each)."""
     return pair.log.count(REFUSED)
+
+
+def dead_letters(redis_db: redis.Redis, pair: WorkerPair) -> list[DeadLetter]:
+    return [
+        DeadLetter.from_json(entry) for entry in redis_db.lrange(dead_letter_key(pair.queue), 0, -1)
+    ]
 
 
 def wait_for_refusals(pair: WorkerPair, count: int, timeout: float = 30.0) -> None:
@@ -61,7 +70,11 @@ def wait_for_refusals(pair: WorkerPair, count: int, timeout: float = 30.0) -> No
 
 
 def test_forged_messages_execute_nothing_and_change_no_row(
-    worker_pair: WorkerPair, pg_store: ResultStore, publisher: StudyqCelery, tmp_path: Path
+    worker_pair: WorkerPair,
+    pg_store: ResultStore,
+    publisher: StudyqCelery,
+    tmp_path: Path,
+    redis_db: redis.Redis,
 ):
     # Given study A (4 queued runs of an agent that journals every call), study B whose
     # runs stay queued, and study C, cancelled
@@ -71,6 +84,7 @@ def test_forged_messages_execute_nothing_and_change_no_row(
     assert pg_store.cancel(c.study_id) == 4
     before_b, before_c = snapshot(pg_store, b.study_id), snapshot(pg_store, c.study_id)
     refused_before = refusals(worker_pair)
+    dead_before = len(dead_letters(redis_db, worker_pair))
     first = a.specs[0]
     forged: list[tuple[RunSpec, int, str]] = [
         (replace(first, seed=999), 0, "seed"),
@@ -101,6 +115,15 @@ def test_forged_messages_execute_nothing_and_change_no_row(
     assert len(list(pg_store.iter_attempts(a.study_id))) == 4
     # ...and nothing of B or C ran or changed
     assert calls(tmp_path / "b.jsonl") == calls(tmp_path / "c.jsonl") == []
+    # ...and each forgery is in the dead-letter list, saying what disagreed
+    every = dead_letters(redis_db, worker_pair)
+    assert len(every) == dead_before + len(forged)
+    letters = every[: len(forged)]  # newest first
+    assert {letter.reason for letter in letters} == {"mismatch"}
+    details = " ".join(letter.detail for letter in letters)
+    for field in ("at seed", "factor_assignments.x", "agent_id", "problem_id", "run_id"):
+        assert field in details, details
+    assert "attempt 7" in details and "does not have" in details
     assert snapshot(pg_store, b.study_id) == before_b
     assert snapshot(pg_store, c.study_id) == before_c
 
