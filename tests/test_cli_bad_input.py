@@ -256,11 +256,6 @@ def test_submit_with_a_refused_password_registers_nothing(
         client.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="`submit`'s exit code for StudyConflictError is decided in orchestrator/cli/"
-    "__init__.py main() (StudyqError -> 1), outside this change; `run` already exits 2",
-)
 def test_submitting_a_changed_study_under_the_same_id_exits_2(
     password_redis: int, ran_study: tuple[Path, str], capsys: pytest.CaptureFixture[str]
 ) -> None:

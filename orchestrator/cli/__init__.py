@@ -17,6 +17,7 @@ import pydantic
 from orchestrator.errors import (
     BrokerUnavailableError,
     StoreUnavailableError,
+    StudyConflictError,
     StudyError,
     StudyqError,
     StudyValidationError,
@@ -145,6 +146,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (BrokerUnavailableError, StoreUnavailableError) as exc:
         print(f"studyq: {exc}", file=sys.stderr)
         return EXIT_CONNECT
+    except StudyConflictError as exc:  # a changed study under a registered study_id
+        print(f"studyq: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     except StudyqError as exc:
         print(f"studyq: {exc}", file=sys.stderr)
         return EXIT_FAILED
