@@ -9,6 +9,7 @@
     │   └── SettingsError          a setting, secret file or service password is wrong
     ├── StoreError                 the result store refused or failed an operation
     │   ├── StudyConflictError     a different definition is already registered under a study_id
+    │   ├── StoreURLError          the database URL cannot be parsed or names another backend
     │   └── StoreUnavailableError  the database cannot be reached (retryable)
     ├── BrokerUnavailableError     the broker cannot be reached (retryable)
     └── RunFailure                 a run failed terminally; never retried by the transport
@@ -32,6 +33,7 @@ __all__ = [
     "RunTimeoutError",
     "SettingsError",
     "StoreError",
+    "StoreURLError",
     "StoreUnavailableError",
     "StudyConflictError",
     "StudyError",
@@ -84,6 +86,10 @@ class StoreError(StudyqError):
 
 class StudyConflictError(StoreError):
     """A different study definition is already registered under the same ``study_id``."""
+
+
+class StoreURLError(StoreError):
+    """The database URL cannot be parsed or names a backend studyq does not support."""
 
 
 class StoreUnavailableError(StoreError):

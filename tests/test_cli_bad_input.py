@@ -268,3 +268,16 @@ def test_submitting_a_changed_study_under_the_same_id_exits_2(
     assert "bad-input-demo" in err and "Traceback" not in err, err
     assert _counts(db) == {"success": RUNS}
     assert code == EXIT_USAGE, err
+
+
+@pytest.mark.parametrize("command", [["status", "x"], ["export", "x"], ["db", "upgrade"]])
+@pytest.mark.parametrize("url", ["mysql://user@127.0.0.1/db", "not-a-url"])
+def test_a_database_url_studyq_cannot_use_is_a_usage_error_everywhere(
+    command: list[str], url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Given a --db URL of another backend, or one that does not parse
+    # When a command that opens the store runs, then one line says so, exit 2
+    assert main([*command, "--db", url]) == EXIT_USAGE
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "Traceback" not in err
+    assert "Unsupported database backend" in err or "Cannot parse database URL" in err

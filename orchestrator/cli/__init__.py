@@ -17,6 +17,7 @@ import pydantic
 from orchestrator.errors import (
     BrokerUnavailableError,
     StoreUnavailableError,
+    StoreURLError,
     StudyConflictError,
     StudyError,
     StudyqError,
@@ -146,7 +147,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (BrokerUnavailableError, StoreUnavailableError) as exc:
         print(f"studyq: {exc}", file=sys.stderr)
         return EXIT_CONNECT
-    except StudyConflictError as exc:  # a changed study under a registered study_id
+    except (StudyConflictError, StoreURLError) as exc:  # a changed study, a wrong --db URL
         print(f"studyq: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except StudyqError as exc:

@@ -29,7 +29,7 @@ from sqlalchemy import Engine, create_engine, event, exc
 from sqlalchemy.engine import URL, Connection, make_url
 from sqlalchemy.pool import StaticPool
 
-from orchestrator.errors import StoreError, StoreUnavailableError
+from orchestrator.errors import StoreError, StoreUnavailableError, StoreURLError
 
 __all__ = [
     "DEFAULT_URL",
@@ -60,14 +60,14 @@ def normalize_url(url: str | URL) -> URL:
     ``postgresql+psycopg://``, because psycopg 3 is the only PostgreSQL driver we depend on.
 
     Raises:
-        StoreError: the URL cannot be parsed or names a backend studyq does not support.
+        StoreURLError: the URL cannot be parsed or names a backend studyq does not support.
     """
     if isinstance(url, str) and url.startswith("postgres://"):
         url = "postgresql://" + url[len("postgres://") :]
     try:
         parsed = make_url(url)
     except (exc.ArgumentError, ValueError) as error:
-        raise StoreError(
+        raise StoreURLError(
             f"Cannot parse database URL {mask_url(str(url))!r}: {redact(str(error), url)}. "
             "Use sqlite:///path/to/studyq.db or postgresql://user@host/dbname."
         ) from None
@@ -79,7 +79,7 @@ def normalize_url(url: str | URL) -> URL:
         return parsed
     if backend == "sqlite":
         return parsed
-    raise StoreError(
+    raise StoreURLError(
         f"Unsupported database backend {backend!r} in {mask_url(parsed)!r}. "
         "studyq stores results in SQLite (sqlite:///file.db) or PostgreSQL (postgresql://...)."
     )
