@@ -55,7 +55,7 @@ from orchestrator.settings import Settings
 from orchestrator.store import ResultStore, mask_url
 from workers.config import WorkerSettings, load_worker_settings
 from workers.messages import TASK_NAME
-from workers.redis_clients import reuse_sync_clients
+from workers.redis_clients import patch_redis_channel
 from workers.runtime import WorkerRuntime, worker_name
 from workers.tasks import register_run_task
 
@@ -121,7 +121,7 @@ def create_app(settings: Settings | None = None) -> StudyqCelery:
             "STUDYQ_BROKER_URL is not set: distributed sweeps need a Celery broker. Fix: export "
             "STUDYQ_BROKER_URL=redis://HOST:6379/0 (or run the study embedded with `studyq run`)."
         )
-    reuse_sync_clients()
+    patch_redis_channel()
     app = StudyqCelery(worker_settings)
     app.conf.update(
         broker_url=worker_settings.broker_url,

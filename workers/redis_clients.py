@@ -1,6 +1,6 @@
 """Two patches of kombu's Redis channel that studyq workers and publishers run with.
 
-**One Redis client per channel** (:func:`reuse_sync_clients`). kombu 5.7's Redis channel
+**One Redis client per channel** (``_reuse_sync_clients``). kombu 5.7's Redis channel
 builds a new ``redis.Redis`` object for every synchronous command it sends outside its
 consumer loop: each message acknowledgement (``QoS.ack``), each ``QoS.append`` and each
 event ``PUBLISH``. With redis-py 8 building one costs about as much as a no-op task (it
@@ -32,8 +32,7 @@ visibility timeout; a run that finished meanwhile refuses the duplicate
 real Redis, with and without the patch, and fails when kombu no longer needs it.
 
 :func:`patch_redis_channel` applies both, once per process (:func:`workers.app.create_app`
-calls it through its old name :func:`reuse_sync_clients`); a kombu without a method a patch
-replaces is left unpatched there.
+calls it); a kombu without a method a patch replaces is left unpatched there.
 """
 
 from __future__ import annotations
@@ -43,7 +42,7 @@ from typing import Any
 from kombu.transport import redis as kombu_redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-__all__ = ["patch_redis_channel", "refuse_detached_pools", "reuse_sync_clients"]
+__all__ = ["patch_redis_channel", "refuse_detached_pools"]
 
 _ATTRIBUTE = "_studyq_sync_client"
 
@@ -53,11 +52,6 @@ def patch_redis_channel() -> bool:
     reused = _reuse_sync_clients()
     refused = refuse_detached_pools()
     return reused and refused
-
-
-def reuse_sync_clients() -> bool:
-    """Both patches, under the name ``workers.app`` calls (see :func:`patch_redis_channel`)."""
-    return patch_redis_channel()
 
 
 def _reuse_sync_clients() -> bool:

@@ -20,7 +20,7 @@ from orchestrator.runspec import RunSpec
 from orchestrator.store import ResultStore
 from workers.app import StudyqCelery, create_app
 from workers.messages import TASK_NAME, DeliveryTags, MessageBuilder
-from workers.redis_clients import reuse_sync_clients
+from workers.redis_clients import patch_redis_channel
 from workers.tasks import publish_runs
 
 
@@ -192,7 +192,7 @@ def test_a_kombu_channel_keeps_one_sync_redis_client_until_its_pool_changes(
     publisher: StudyqCelery,
 ):
     # Given the patch create_app applies (one sync client per channel)
-    assert reuse_sync_clients() is True
+    assert patch_redis_channel() is True
     with publisher.connection_for_write() as connection:
         channel = connection.default_channel
         # Then every synchronous command of the channel goes through the same client...
