@@ -6,6 +6,10 @@ batches through the same fenced ``finish`` transition the distributed workers us
 is the source of truth: a run is done when its success is recorded, so Ctrl-C (which releases
 unfinished claims without charging an attempt) or SIGKILL (whose claims a later start
 recognises as orphaned) never loses a recorded result, and the same command resumes.
+
+After a SIGKILL the next start takes the dead coordinator's claims back at once and charges
+an attempt only to the runs its start journal (:mod:`orchestrator.executors.start_journal`)
+says had started; the claimed runs it never reached are handed back uncharged.
 """
 
 from __future__ import annotations
@@ -25,7 +29,9 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from orchestrator.errors import StudyError
-from orchestrator.executors.embedded import EmbeddedExecutor, PoolKind, ResolverSpec
+from orchestrator.executors.embedded import Claimed, EmbeddedExecutor, PoolKind, ResolverSpec
+from orchestrator.executors.embedded_owner import EmbeddedOwner, is_dead_embedded_owner
+from orchestrator.executors.start_journal import StartJournal
 from orchestrator.export import ExportReport, export_artifacts
 from orchestrator.plan import PreparedStudy, prepare
 from orchestrator.progress import Progress
@@ -33,7 +39,7 @@ from orchestrator.results import RunResult, RunStatus
 from orchestrator.runspec import RunSpec
 from orchestrator.settings import Settings, load_settings
 from orchestrator.store import ResultStore
-from orchestrator.store.records import Claim, RegisterReport
+from orchestrator.store.records import Claim, RegisterReport, TakeBackReport
 from orchestrator.study import Study
 
 __all__ = ["StudyRun", "register", "run_embedded"]
@@ -168,7 +174,8 @@ def run_embedded(
                 f"successful runs in {store.url}. Fix: resume (the default) to run only what "
                 "is missing, or use another database / study_id to start over."
             )
-        store.recover_orphans(study.study_id, is_dead=_is_dead_embedded_owner)
+        journal = StartJournal.for_owner(EmbeddedOwner.current(), _store_key(store), study.study_id)
+        _take_back_dead_predecessors(store, study.study_id, journal)
         store.reconcile(study.study_id)  # claims of other hosts whose lease expired
         store.requeue_for_resubmit(
             study.study_id, statuses=[RunStatus.FAILED.value, RunStatus.CANCELLED.value]
@@ -185,11 +192,18 @@ def run_embedded(
         if limit is not None:
             specs = islice(specs, limit)
         total = min(len(pending), limit) if limit is not None else len(pending)
-        with (
-            EmbeddedExecutor(resolver_spec, jobs=jobs, pool=pool, timeout_s=timeout_s) as executor,
-            Progress(total, desc=study.study_id, show=show_progress) as progress,
-        ):
+        journal = _created(journal)  # before the first claim, so a kill leaves one behind
+        executor = EmbeddedExecutor(
+            resolver_spec,
+            jobs=jobs,
+            pool=pool,
+            timeout_s=timeout_s,
+            journal=journal.path if journal is not None else None,
+        )
+        with executor, Progress(total, desc=study.study_id, show=show_progress) as progress:
             _drive(store, executor, specs, outcome, progress, stop_on_failure)
+        if journal is not None:
+            journal.remove()  # every claim is recorded or handed back
         outcome.counts = store.count_by_status(study.study_id)
         if export and not outcome.interrupted:
             outcome.export = export_artifacts(store, study.study_id, out_dir)
@@ -204,26 +218,52 @@ def _default_jobs(study: Study) -> int:
     return os.cpu_count() or 1
 
 
-def _is_dead_embedded_owner(owner: str) -> bool:
-    """An embedded owner on this host whose process is gone (SIGKILL, crash, reboot)."""
-    parts = owner.split(":")
-    if len(parts) != 3 or parts[0] != "embedded" or parts[1] != socket.gethostname():
-        return False
+def _take_back_dead_predecessors(
+    store: ResultStore, study_id: str, journal: StartJournal | None
+) -> TakeBackReport:
+    """Take back at once the claims of embedded coordinators on this host that died (SIGKILL,
+    crash): runs their start journal says had started are charged an attempt, the rest are
+    handed back uncharged. Then remove those journals, and any other of this study left by a
+    process that is gone."""
+    journals: dict[str, StartJournal | None] = {}
+    key = _store_key(store)
+
+    def started_by(owner: str) -> set[tuple[int, int]] | None:
+        parsed = EmbeddedOwner.parse(owner)
+        kept = StartJournal.for_owner(parsed, key, study_id) if parsed is not None else None
+        journals[owner] = kept
+        return kept.read() if kept is not None else None
+
+    report = store.take_back_orphans(
+        study_id, is_dead=is_dead_embedded_owner, started_by=started_by
+    )
+    for kept in journals.values():
+        if kept is not None:
+            kept.remove()
+    if journal is not None:
+        journal.remove_stale()
+    return report
+
+
+def _store_key(store: ResultStore) -> str:
+    """The database, named the same however its URL is spelled where that can be told (a
+    SQLite file by its absolute path), so a rerun finds its predecessor's start journal."""
+    database = store.engine.url.database
+    if store.is_embedded and database and database != ":memory:":
+        return f"sqlite:{Path(database).resolve()}"
+    return store.url
+
+
+def _created(journal: StartJournal | None) -> StartJournal | None:
+    """``journal``, created empty; None if it cannot be (then, after a kill, the next start
+    charges every claim: nothing says which runs had started)."""
+    if journal is None:
+        return None
     try:
-        pid = int(parts[2])
-    except ValueError:
-        return False
-    if pid == os.getpid():
-        # Our own name at start-up is a dead predecessor's (a restarted container reusing
-        # the PID): this process holds no claims yet.
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False
-    return False
+        journal.create()
+    except OSError:
+        return None
+    return journal
 
 
 def _pending_indices(store: ResultStore, study_id: str) -> set[int]:
@@ -329,7 +369,7 @@ def _drive(
     claims: dict[int, Claim] = {}
     recorder = _Recorder(store)
 
-    def claimed() -> Iterator[RunSpec]:
+    def claimed() -> Iterator[Claimed]:
         while batch := list(islice(specs, _CLAIM_BATCH)):
             won = recorder.call(
                 partial(
@@ -345,7 +385,7 @@ def _drive(
                 claims[claim.index] = claim
             for spec in batch:
                 if spec.index in claims:
-                    yield spec
+                    yield spec, claims[spec.index].attempt
 
     try:
         for chunk, results in executor.execute(claimed()):

@@ -1,10 +1,14 @@
 """The embedded executor: runs on this machine, in-process, in processes or in threads.
 
-The coordinator hands it batches of run specs and gets results back in completion order;
-the executor never touches the store. ``jobs=1`` executes in the calling process (no pickling,
-no IPC: the cheapest path, and the ancestor's default); ``pool="process"`` uses a process pool
-whose workers build the study's resolver once and execute chunks of runs; ``pool="thread"``
-uses threads, for I/O-bound agents (API calls) whose cost is waiting.
+The coordinator hands it claimed run specs and gets results back in completion order; the
+executor never touches the store. Right before a run executes, the process executing it notes
+the run in the sweep's start journal (:mod:`.start_journal`), so that when the coordinator is
+killed the next sweep charges an attempt only to the claims that really started.
+
+``jobs=1`` executes in the calling process (no pickling, no IPC: the cheapest path, and the
+ancestor's default); ``pool="process"`` uses a process pool whose workers build the study's
+resolver once and execute chunks of runs; ``pool="thread"`` uses threads, for I/O-bound
+agents (API calls) whose cost is waiting.
 
 Time limits: in-process and process-pool runs get a SIGALRM timer that raises
 :class:`RunTimeoutError` inside the agent (Python code is interrupted between bytecodes).
@@ -18,7 +22,6 @@ from __future__ import annotations
 import multiprocessing
 import os
 import signal
-import socket
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -32,22 +35,29 @@ from concurrent.futures import (
 )
 from dataclasses import dataclass, field
 from functools import partial
+from itertools import islice
 from types import FrameType
 from typing import Any, Literal
 
 from orchestrator.errors import RunTimeoutError, StudyError
+from orchestrator.executors.embedded_owner import EmbeddedOwner, process_alive
+from orchestrator.executors.start_journal import StartLog
 from orchestrator.extensions import Bindings
 from orchestrator.results import RunResult
 from orchestrator.runspec import RunSpec
 
-__all__ = ["EmbeddedExecutor", "PoolKind", "ResolverSpec", "worker_name"]
+__all__ = ["Claimed", "EmbeddedExecutor", "PoolKind", "ResolverSpec", "worker_name"]
 
 PoolKind = Literal["process", "thread"]
 
+Claimed = tuple[RunSpec, int]
+"""A run to execute and the attempt number of its claim (what the start journal records)."""
+
 
 def worker_name() -> str:
-    """``embedded:<host>:<pid>``: lets a restarted coordinator recognise its dead ancestors."""
-    return f"embedded:{socket.gethostname()}:{os.getpid()}"
+    """``embedded:<host>:<pid>:<start>``: lets a restarted coordinator recognise its dead
+    ancestors (:mod:`.embedded_owner`)."""
+    return str(EmbeddedOwner.current())
 
 
 @dataclass(slots=True)
@@ -107,39 +117,52 @@ class _Alarm:
 _process_state: dict[str, Any] = {}
 
 
-def _exit_with(coordinator: int) -> None:
+def _exit_with(coordinator: int, start: int | None) -> None:
     """Pool processes wait on a pipe forever; if the coordinator is killed (SIGKILL) nobody
-    closes it, so each process watches its coordinator and leaves when it is gone."""
+    closes it, so each process watches its coordinator and leaves when it is gone (also
+    while it is an unreaped zombie)."""
     while True:
         time.sleep(1.0)
-        try:
-            os.kill(coordinator, 0)
-        except ProcessLookupError:
+        if not process_alive(coordinator, start):
             os._exit(1)
-        except PermissionError:
-            pass
 
 
-def _init_process(resolver_spec: ResolverSpec, timeout_s: float | None, coordinator: int) -> None:
+def _init_process(
+    resolver_spec: ResolverSpec,
+    timeout_s: float | None,
+    coordinator: tuple[int, int | None],
+    journal: str | None,
+) -> None:
     # Ctrl-C goes to the coordinator, which stops cleanly; children must not die mid-run.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    threading.Thread(target=_exit_with, args=(coordinator,), daemon=True).start()
+    threading.Thread(target=_exit_with, args=coordinator, daemon=True).start()
     _process_state["resolver"] = resolver_spec.build()
     _process_state["timeout_s"] = timeout_s
     _process_state["alarm"] = _Alarm()
-    _process_state["worker"] = f"embedded:{socket.gethostname()}:{os.getpid()}"
+    _process_state["worker"] = worker_name()
+    _process_state["starts"] = StartLog(journal) if journal is not None else None
+    _process_state["parent"] = os.getppid()
 
 
-def _run_chunk(messages: list[dict[str, Any]]) -> list[RunResult]:
+def _run_chunk(items: list[tuple[int, dict[str, Any]]]) -> list[RunResult]:
+    """Execute ``(attempt, message)`` items in order, noting each start in the journal."""
     from workers.execution import execute_run
 
     resolver = _process_state["resolver"]
     timeout_s = _process_state["timeout_s"]
     alarm: _Alarm = _process_state["alarm"]
     worker = _process_state["worker"]
+    starts: StartLog | None = _process_state["starts"]
+    parent: int = _process_state["parent"]
     results = []
-    for message in messages:
+    for attempt, message in items:
+        if os.getppid() != parent:
+            # The forkserver left: the coordinator is dead, and its claims may already be
+            # taken back by a new sweep. Start nothing more (_exit_with would, within 1 s).
+            os._exit(1)
         spec = RunSpec.from_message(message)
+        if starts is not None:
+            starts.started(spec.index, attempt)
         results.append(
             alarm.run(
                 timeout_s,
@@ -156,7 +179,9 @@ class EmbeddedExecutor:
     """Executes batches of specs on this machine and yields results as they complete.
 
     Use as a context manager; :meth:`execute` yields lists of results (one list per finished
-    chunk) and stops submitting as soon as :meth:`stop` is called.
+    chunk) and stops submitting as soon as :meth:`stop` is called. With a ``journal`` (the
+    path of a created :class:`~.start_journal.StartJournal`), every run is noted there right
+    before it executes.
     """
 
     def __init__(
@@ -167,6 +192,7 @@ class EmbeddedExecutor:
         pool: PoolKind = "process",
         timeout_s: float | None = None,
         chunk_size: int | None = None,
+        journal: str | os.PathLike[str] | None = None,
     ) -> None:
         if jobs < 1:
             raise StudyError(f"--jobs must be 1 or more, got {jobs}.")
@@ -179,6 +205,8 @@ class EmbeddedExecutor:
         self._resolver: Any = None
         self._alarm = _Alarm()
         self._stopped = threading.Event()
+        self._journal = os.fspath(journal) if journal is not None else None
+        self._starts: StartLog | None = None
         self.worker = worker_name()
 
     def __enter__(self) -> EmbeddedExecutor:
@@ -190,10 +218,17 @@ class EmbeddedExecutor:
                 max_workers=self.jobs,
                 mp_context=context,
                 initializer=_init_process,
-                initargs=(self._resolver_spec, self.timeout_s, os.getpid()),
+                initargs=(
+                    self._resolver_spec,
+                    self.timeout_s,
+                    (os.getpid(), EmbeddedOwner.current().start),
+                    self._journal,
+                ),
             )
         else:
             self._resolver = self._resolver_spec.build()
+            if self._journal is not None:
+                self._starts = StartLog(self._journal)
             if self.pool == "thread":
                 self._executor = ThreadPoolExecutor(
                     max_workers=self.jobs, thread_name_prefix="studyq-run"
@@ -205,59 +240,72 @@ class EmbeddedExecutor:
         if self._executor is not None:
             self._executor.shutdown(wait=True, cancel_futures=True)
             self._executor = None
+        if self._starts is not None:
+            self._starts.close()
+            self._starts = None
 
     def stop(self) -> None:
         """Submit nothing more; runs already executing finish and are still yielded."""
         self._stopped.set()
 
-    def execute(self, specs: Iterable[RunSpec]) -> Iterator[tuple[list[RunSpec], list[RunResult]]]:
-        """Execute ``specs``; yield ``(chunk, results)`` pairs in completion order.
+    def execute(self, runs: Iterable[Claimed]) -> Iterator[tuple[list[RunSpec], list[RunResult]]]:
+        """Execute ``runs`` (spec, claim attempt); yield ``(specs, results)`` pairs in
+        completion order.
 
         Results line up with their specs (run ids can repeat inside a study, so a result
         alone does not say which run it belongs to).
         """
         if self.pool == "inline":
-            yield from self._inline(specs)
+            yield from self._inline(runs)
             return
         assert self._executor is not None
-        iterator = iter(specs)
+        iterator = iter(runs)
         in_flight: dict[Future[list[RunResult]], list[RunSpec]] = {}
         limit = self.jobs * 2
         exhausted = False
         while True:
             while not exhausted and not self._stopped.is_set() and len(in_flight) < limit:
-                chunk = [spec for _, spec in zip(range(self.chunk_size), iterator, strict=False)]
+                chunk = list(islice(iterator, self.chunk_size))
                 if not chunk:
                     exhausted = True
                     break
-                in_flight[self._submit(chunk)] = chunk
+                in_flight[self._submit(chunk)] = [spec for spec, _ in chunk]
             if not in_flight:
                 return
             done, _ = wait(in_flight, return_when=FIRST_COMPLETED)
             for future in done:
                 yield in_flight.pop(future), future.result()
 
-    def _submit(self, chunk: list[RunSpec]) -> Future[list[RunResult]]:
+    def _submit(self, chunk: list[Claimed]) -> Future[list[RunResult]]:
         assert self._executor is not None
         if self.pool == "process":
-            return self._executor.submit(_run_chunk, [spec.to_message() for spec in chunk])
+            items = [(attempt, spec.to_message()) for spec, attempt in chunk]
+            return self._executor.submit(_run_chunk, items)
         return self._executor.submit(self._run_threaded, chunk)
 
-    def _run_threaded(self, chunk: list[RunSpec]) -> list[RunResult]:
+    def _started(self, spec: RunSpec, attempt: int) -> None:
+        if self._starts is not None:
+            self._starts.started(spec.index, attempt)
+
+    def _run_threaded(self, chunk: list[Claimed]) -> list[RunResult]:
         from workers.execution import execute_run
 
-        return [
-            execute_run(spec, self._resolver, timeout_s=self.timeout_s, worker=self.worker)
-            for spec in chunk
-        ]
+        results = []
+        for spec, attempt in chunk:
+            self._started(spec, attempt)
+            results.append(
+                execute_run(spec, self._resolver, timeout_s=self.timeout_s, worker=self.worker)
+            )
+        return results
 
-    def _inline(self, specs: Iterable[RunSpec]) -> Iterator[tuple[list[RunSpec], list[RunResult]]]:
+    def _inline(self, runs: Iterable[Claimed]) -> Iterator[tuple[list[RunSpec], list[RunResult]]]:
         from workers.execution import execute_run
 
         resolver, timeout_s, worker = self._resolver, self.timeout_s, self.worker
-        for spec in specs:
+        for spec, attempt in runs:
             if self._stopped.is_set():
                 return
+            self._started(spec, attempt)
             result = self._alarm.run(
                 timeout_s, partial(execute_run, spec, resolver, timeout_s=timeout_s, worker=worker)
             )

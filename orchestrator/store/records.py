@@ -24,6 +24,7 @@ __all__ = [
     "RegisterReport",
     "RunRecord",
     "StudyInfo",
+    "TakeBackReport",
     "spec_from_row",
 ]
 
@@ -96,6 +97,28 @@ class ReconcileReport:
     def changed(self) -> bool:
         """Whether the pass did anything worth printing."""
         return bool(self.requeued or self.failed_lost or self.stale_queued)
+
+
+@dataclass(frozen=True, slots=True)
+class TakeBackReport:
+    """What taking back the claims of dead owners changed (``take_back_orphans``)."""
+
+    study_id: str
+    owners: tuple[str, ...] = ()
+    """The dead owners whose running rows were looked at."""
+    released: int = 0
+    """Claims that never started: back to ``queued``, their attempt refunded."""
+    requeued: int = 0
+    """Claims that started and had attempts left: back to ``queued``, charged as ``lost``."""
+    failed_lost: int = 0
+    """Claims that started on their last allowed attempt: now failed (lost)."""
+    to_publish: list[tuple[RunSpec, int]] = field(default_factory=list)
+    """``(spec, attempt)`` of the released and requeued runs, in plan order."""
+
+    @property
+    def changed(self) -> bool:
+        """Whether anything was taken back."""
+        return bool(self.released or self.requeued or self.failed_lost)
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,9 +18,12 @@ the statements stay plain ``UPDATE`` statements.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+from sqlalchemy import ColumnElement, and_, delete, func, or_, select, update
+from sqlalchemy.engine import Connection, Row
 
 from orchestrator.errors import StoreError
 from orchestrator.results import ErrorKind, RunStatus
@@ -34,10 +37,8 @@ from orchestrator.store.models import (
     RunRow,
 )
 from orchestrator.store.predicates import in_chunks, where_filters, where_lease_expired
-from orchestrator.store.records import ReconcileReport, spec_from_row
+from orchestrator.store.records import ReconcileReport, TakeBackReport, spec_from_row
 from orchestrator.store.sqltypes import db_now, db_now_plus
-from sqlalchemy import ColumnElement, and_, delete, func, or_, select, update
-from sqlalchemy.engine import Connection, Row
 
 __all__ = [
     "RECONCILE_LOCK_TIMEOUT_MS",
@@ -47,6 +48,7 @@ __all__ = [
     "reconcile",
     "recover_orphans",
     "requeue_for_resubmit",
+    "take_back_orphans",
 ]
 
 RECONCILE_LOCK_TIMEOUT_MS = 5_000
@@ -232,6 +234,111 @@ def recover_orphans(
         failed_lost=failed_lost,
         to_publish=_publishable(study_id, requeued),
     )
+
+
+NOT_STARTED_MESSAGE = (
+    "Not started: the coordinator holding the claim died before the run began; handed back "
+    "without charging the attempt."
+)
+
+
+def take_back_orphans(
+    connection: Connection,
+    study_id: str,
+    *,
+    is_dead: Callable[[str], bool],
+    started_by: Callable[[str], Collection[tuple[int, int]] | None],
+) -> TakeBackReport:
+    """:func:`recover_orphans` that charges only the claims whose run had started.
+
+    ``started_by(owner)`` names the claims ``(plan_index, attempt)`` whose run the dead
+    ``owner`` started (the embedded start journal), or returns None when nothing says: then
+    every claim counts as started. A started claim lost its worker, as with an expired lease:
+    requeued while attempts are left, else failed as ``lost``; its attempt ends ``lost``. A
+    claim that never started is handed back as a warm shutdown's release is: ``queued``, its
+    attempt refunded and ended ``released``. Rows another session holds locked are left for a
+    later pass, as in :func:`reconcile`.
+    """
+    _bound_lock_waits(connection)
+    owners = connection.execute(
+        select(RunRow.lease_owner)
+        .where(RunRow.study_id == study_id, RunRow.status == RunStatus.RUNNING.value)
+        .distinct()
+    ).scalars()
+    dead = sorted(owner for owner in owners if owner is not None and is_dead(owner))
+    released: list[Row[Any]] = []
+    requeued: list[Row[Any]] = []
+    failed_lost = 0
+    for owner in dead:
+        held = and_(RunRow.status == RunStatus.RUNNING.value, RunRow.lease_owner == owner)
+        started = started_by(owner)
+        if started is not None:
+            rows = connection.execute(
+                select(RunRow.plan_index, RunRow.attempt).where(
+                    _where_unlocked(connection, study_id, held)
+                )
+            ).all()
+            unstarted = [
+                row.plan_index for row in rows if (row.plan_index, row.attempt) not in started
+            ]
+            released.extend(_refund(connection, study_id, owner, unstarted))
+        # What the owner still holds started (or nothing says otherwise): charged.
+        lost_rows, lost_failed = _expire(connection, study_id, held)
+        requeued.extend(lost_rows)
+        failed_lost += lost_failed
+    return TakeBackReport(
+        study_id=study_id,
+        owners=tuple(dead),
+        released=len(released),
+        requeued=len(requeued),
+        failed_lost=failed_lost,
+        to_publish=_publishable(study_id, [*released, *requeued]),
+    )
+
+
+def _refund(
+    connection: Connection, study_id: str, owner: str, indices: Sequence[int]
+) -> list[Row[Any]]:
+    """Running rows of ``owner`` at ``indices`` -> ``queued`` with the attempt refunded and
+    ended ``released``; returns the rows moved (spec columns and attempt). The caller read
+    and, on PostgreSQL, locked these rows in this transaction, so their attempt is the one it
+    judged."""
+    moved: list[Row[Any]] = []
+    for chunk in in_chunks(indices):
+        moved.extend(
+            connection.execute(
+                update(RunRow)
+                .where(
+                    RunRow.study_id == study_id,
+                    RunRow.plan_index.in_(chunk),
+                    RunRow.status == RunStatus.RUNNING.value,
+                    RunRow.lease_owner == owner,
+                )
+                .values(
+                    status=RunStatus.QUEUED.value,
+                    attempts_used=RunRow.attempts_used - 1,
+                    lease_owner=None,
+                    lease_expires_at=None,
+                    started_at=None,
+                    queued_at=db_now(),
+                )
+                .returning(*SPEC_COLUMNS, RunRow.attempt)
+            ).all()
+        )
+    close_attempts(
+        connection,
+        study_id,
+        [
+            attempt_end(
+                row.plan_index,
+                row.attempt,
+                AttemptOutcome.RELEASED,
+                error_message=NOT_STARTED_MESSAGE,
+            )
+            for row in moved
+        ],
+    )
+    return moved
 
 
 CANCELLED_WAITING_MESSAGE = "Cancelled by the user before it started."

@@ -9,7 +9,7 @@ and two actors can never both win.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -41,6 +41,7 @@ from orchestrator.store.records import (
     RegisterReport,
     RunRecord,
     StudyInfo,
+    TakeBackReport,
 )
 from orchestrator.store.schema import ensure_current, upgrade
 
@@ -339,6 +340,22 @@ class ResultStore:
         without waiting for their leases to expire (a restarted embedded coordinator)."""
         with transaction(self.engine) as connection:
             return recovery.recover_orphans(connection, study_id, is_dead=is_dead)
+
+    def take_back_orphans(
+        self,
+        study_id: str,
+        *,
+        is_dead: Callable[[str], bool],
+        started_by: Callable[[str], Collection[tuple[int, int]] | None],
+    ) -> TakeBackReport:
+        """:meth:`recover_orphans` charging only claims that started: ``started_by(owner)``
+        names a dead owner's started claims as ``(index, attempt)`` (None: it cannot tell,
+        all are charged); the others go back to ``queued`` uncharged, as :meth:`release_run`
+        hands a run back."""
+        with transaction(self.engine) as connection:
+            return recovery.take_back_orphans(
+                connection, study_id, is_dead=is_dead, started_by=started_by
+            )
 
     def cancel(self, study_id: str) -> int:
         """Cancel every run that has not finished; returns how many."""

@@ -196,9 +196,14 @@ def test_ctrl_c_exits_130_keeps_results_and_the_same_command_completes(
 
 
 @pytest.mark.timeout(60)
-def test_pool_workers_exit_when_the_coordinator_is_killed(tmp_path: Path, db_url: str) -> None:
+@pytest.mark.parametrize("reaped", [True, False], ids=["reaped", "zombie"])
+def test_pool_workers_exit_when_the_coordinator_is_killed(
+    tmp_path: Path, db_url: str, reaped: bool
+) -> None:
     """Given a sweep on the process pool,
-    when its coordinator is killed with SIGKILL (the OOM killer, `kill -9`),
+    when its coordinator alone is killed with SIGKILL (the OOM killer, `kill -9 PID`),
+    whether or not its parent has reaped it yet (unreaped, it is a zombie, which
+    `kill(pid, 0)` still finds),
     then its pool workers, forkserver and resource tracker exit on their own within a few
     seconds instead of lingering as orphans (each holds the agent code and NumPy in memory)."""
     study_id = "orphans"
@@ -209,7 +214,8 @@ def test_pool_workers_exit_when_the_coordinator_is_killed(tmp_path: Path, db_url
             lambda: store_counts(db_url, study_id).get("success", 0) >= 10, timeout=60
         ), "the sweep never recorded 10 runs"
         os.kill(child.pid, signal.SIGKILL)
-        child.wait(timeout=10)
+        if reaped:
+            child.wait(timeout=10)
         left = wait_until(lambda: not group_alive(child.pid), timeout=2, interval=0.1)
         survivors = _group_members(child.pid)
     finally:
