@@ -35,6 +35,7 @@ from orchestrator.store.models import (
     EvaluationRow,
     EventRow,
     RunRow,
+    StudyRow,
 )
 from orchestrator.store.predicates import in_chunks, where_filters, where_lease_expired
 from orchestrator.store.records import ReconcileReport, TakeBackReport, spec_from_row
@@ -177,6 +178,17 @@ def reconcile(
     """
     _bound_lock_waits(connection)
     requeued, failed_lost = _expire(connection, study_id, where_lease_expired(study_id))
+    if _is_cancelled(connection, study_id):
+        # A run a cancel left running came back (its worker died, or handed it back): it is
+        # cancelled now instead of published again.
+        _cancel_where(connection, study_id, (RunStatus.QUEUED,), CANCELLED_WAITING_MESSAGE)
+        return ReconcileReport(
+            study_id=study_id,
+            requeued=0,
+            failed_lost=failed_lost,
+            stale_queued=0,
+            to_publish=[],
+        )
     stale: Sequence[Row[Any]] = []
     if queued_timeout_s is not None:
         stale = connection.execute(
@@ -387,6 +399,25 @@ def _cancel_where(
     )
 
 
+def _mark_cancelled(connection: Connection, study_id: str, cancelled: bool) -> None:
+    """Set (cancel) or clear (resubmit) ``studies.cancelled_at``: while it is set no run of
+    the study is claimed, and reconcile cancels the runs that come back to ``queued``."""
+    connection.execute(
+        update(StudyRow)
+        .where(StudyRow.study_id == study_id)
+        .values(cancelled_at=db_now() if cancelled else None)
+    )
+
+
+def _is_cancelled(connection: Connection, study_id: str) -> bool:
+    return (
+        connection.execute(
+            select(StudyRow.cancelled_at).where(StudyRow.study_id == study_id)
+        ).scalar_one_or_none()
+        is not None
+    )
+
+
 def cancel_study(connection: Connection, study_id: str, *, terminate: bool) -> CancelReport:
     """Planned and queued runs -> ``cancelled``: they never start (a delivery finds nothing to
     claim). Running runs are left to finish and their results are recorded, unless
@@ -399,6 +430,7 @@ def cancel_study(connection: Connection, study_id: str, *, terminate: bool) -> C
     transaction fails after :data:`RECONCILE_LOCK_TIMEOUT_MS`.
     """
     _bound_lock_waits(connection)
+    _mark_cancelled(connection, study_id, True)
     waiting = (RunStatus.PLANNED, RunStatus.QUEUED)
     cancelled = _cancel_where(connection, study_id, waiting, CANCELLED_WAITING_MESSAGE)
     terminated: list[Row[Any]] = []
@@ -463,6 +495,7 @@ def requeue_for_resubmit(
             "Only finished runs can be resubmitted (success, failed, cancelled); got "
             f"{sorted(status.value for status in wanted)}."
         )
+    _mark_cancelled(connection, study_id, False)  # runs of the study may be claimed again
     clauses: list[ColumnElement[bool]] = [
         RunRow.study_id == study_id,
         RunRow.status.in_([status.value for status in wanted]),

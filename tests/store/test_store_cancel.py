@@ -183,3 +183,31 @@ def test_studyq_cancel_says_what_a_frozen_worker_holds_and_outlasts_a_short_lock
     threading.Timer(0.7, worker.rollback).start()
     assert studyq_main(["cancel", STUDY_ID, "--db", store_url]) == 0
     assert "1 runs cancelled; 2 running, left to finish" in capsys.readouterr().out
+
+
+def test_a_run_a_cancel_left_running_is_cancelled_when_it_comes_back_not_run_again(
+    bed: Bed,
+) -> None:
+    # Given a cancel that left runs 1 and 2 running
+    _cancel(bed.store, terminate=False)
+    # When run 1's worker hands it back (a warm shutdown) and run 2's worker vanishes
+    assert bed.store.release_run(bed.running[1])
+    with transaction(bed.store.engine) as connection:
+        connection.execute(
+            text(
+                "UPDATE runs SET lease_expires_at = :past WHERE study_id = :s AND plan_index = 2"
+            ),
+            {"past": "2000-01-01 00:00:00+00:00", "s": STUDY_ID},
+        )
+    # Then no delivery can claim run 1 again, and reconcile cancels both instead of
+    # publishing them
+    assert bed.store.claim_run(STUDY_ID, 1, worker="w9", lease_s=60) is None
+    report = bed.store.reconcile(STUDY_ID, queued_timeout_s=0.0)
+    assert report.to_publish == []
+    statuses = {run.index: run.status for run in bed.store.iter_runs(STUDY_ID)}
+    assert (statuses[1], statuses[2]) == ("cancelled", "cancelled")
+    assert bed.store.count_by_status(STUDY_ID)["queued"] == 0
+    # ...until a resubmit, after which the study's runs are claimed again
+    assert bed.store.requeue_for_resubmit(STUDY_ID, statuses=["cancelled"]) == 9
+    queue_all(bed.store)
+    assert bed.store.claim_run(STUDY_ID, 1, worker="w9", lease_s=60) is not None
