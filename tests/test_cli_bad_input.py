@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 import redis
+from cli_support import _no_studyq_environment, one_clear_line, run_main  # noqa: F401
 
 from orchestrator.cli import EXIT_OK, EXIT_USAGE, main
 from orchestrator.store import ResultStore
@@ -42,32 +43,6 @@ problem_ids: [noop]
 RUNS = 2
 
 
-@pytest.fixture(autouse=True)
-def _no_studyq_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """Each test sets exactly the variables it is about, and runs in its own folder."""
-    for name in [name for name in os.environ if name.startswith("STUDYQ_")]:
-        monkeypatch.delenv(name)
-    monkeypatch.chdir(tmp_path)
-
-
-def _run_main(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    capsys.readouterr()
-    code = main(argv)
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def _one_clear_line(err: str, *parts: str) -> str:
-    """stderr is exactly one line, with every part and a fix, and no traceback."""
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, f"expected one line on stderr, got:\n{err}"
-    assert "Traceback" not in err
-    for part in parts:
-        assert part in lines[0], f"{part!r} missing from:\n{err}"
-    assert "Fix:" in lines[0], err
-    return lines[0]
-
-
 def _study_file(folder: Path, text: str = STUDY) -> Path:
     path = folder / "study.yaml"
     path.write_text(text, encoding="utf-8")
@@ -82,7 +57,7 @@ def ran_study(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> tuple[Path,
     """A study run to completion in a SQLite store (in this process, one job)."""
     db = f"sqlite:///{tmp_path / 'store.db'}"
     study = _study_file(tmp_path)
-    code, _, err = _run_main(
+    code, _, err = run_main(
         ["run", str(study), "--db", db, "--jobs", "1", "--no-export", "--no-progress"], capsys
     )
     assert code == EXIT_OK, err
@@ -93,9 +68,9 @@ def test_export_of_an_unknown_study_names_the_store_and_its_studies(
     ran_study: tuple[Path, str], capsys: pytest.CaptureFixture[str]
 ) -> None:
     _, db = ran_study
-    code, out, err = _run_main(["export", "NO-SUCH-STUDY", "--db", db], capsys)
+    code, out, err = run_main(["export", "NO-SUCH-STUDY", "--db", db], capsys)
     assert code == EXIT_USAGE, err
-    _one_clear_line(err, f"no study 'NO-SUCH-STUDY' in {db}", "studies: bad-input-demo")
+    one_clear_line(err, f"no study 'NO-SUCH-STUDY' in {db}", "studies: bad-input-demo")
     assert not Path("artifacts").exists() and not out
 
 
@@ -103,9 +78,9 @@ def test_export_from_a_store_that_does_not_exist_creates_nothing(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     db = f"sqlite:///{tmp_path / 'nowhere.db'}"
-    code, _, err = _run_main(["export", "x", "--db", db], capsys)
+    code, _, err = run_main(["export", "x", "--db", db], capsys)
     assert code == EXIT_USAGE, err
-    _one_clear_line(err, "no study 'x'", "does not exist")
+    one_clear_line(err, "no study 'x'", "does not exist")
     assert not (tmp_path / "nowhere.db").exists()
 
 
@@ -123,7 +98,7 @@ def test_running_a_changed_study_under_the_same_id_exits_2(
 ) -> None:
     study, db = ran_study
     _changed(study)
-    code, _, err = _run_main(["run", str(study), "--db", db, "--jobs", "1"], capsys)
+    code, _, err = run_main(["run", str(study), "--db", db, "--jobs", "1"], capsys)
     assert code == EXIT_USAGE, err
     assert "Traceback" not in err and "bad-input-demo" in err, err
     assert _counts(db) == {"success": RUNS}  # nothing registered, reset or run
@@ -135,7 +110,7 @@ def test_running_a_changed_study_under_the_same_id_exits_2(
 @pytest.fixture
 def upgraded_db(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> str:
     db = f"sqlite:///{tmp_path / 'check.db'}"
-    assert _run_main(["db", "upgrade", "--db", db], capsys)[0] == EXIT_OK
+    assert run_main(["db", "upgrade", "--db", db], capsys)[0] == EXIT_OK
     return db
 
 
@@ -145,9 +120,9 @@ def upgraded_db(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> str:
 def test_check_names_the_broker_schemes_it_supports(
     broker: str, upgraded_db: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    code, out, err = _run_main(["check", "--db", upgraded_db, "--broker", broker], capsys)
+    code, out, err = run_main(["check", "--db", upgraded_db, "--broker", broker], capsys)
     assert code == EXIT_USAGE, out + err
-    line = _one_clear_line(err, "not support", "redis://", "rediss://", "--broker")
+    line = one_clear_line(err, "not support", "redis://", "rediss://", "--broker")
     assert "KeyError" not in line and "UNREACHABLE" not in line
     assert "hunter2" not in out + err
 
@@ -156,16 +131,16 @@ def test_check_of_a_missing_sqlite_file_creates_nothing(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     db = f"sqlite:///{tmp_path / 'nowhere.db'}"
-    code, out, err = _run_main(["check", "--db", db, "--no-broker"], capsys)
+    code, out, err = run_main(["check", "--db", db, "--no-broker"], capsys)
     assert code == EXIT_USAGE, out + err
-    _one_clear_line(err, f"database {db}: no such file", "studyq db upgrade")
+    one_clear_line(err, f"database {db}: no such file", "studyq db upgrade")
     assert not list(tmp_path.glob("nowhere.db*"))
 
 
 def test_check_of_a_database_url_it_cannot_parse_is_a_usage_error(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    code, out, err = _run_main(["check", "--db", "not-a-url", "--no-broker"], capsys)
+    code, out, err = run_main(["check", "--db", "not-a-url", "--no-broker"], capsys)
     assert code == EXIT_USAGE, out + err
     line = err.strip()
     assert "\n" not in line and "Cannot parse database URL" in line and "UNREACHABLE" not in line
@@ -218,7 +193,7 @@ def test_check_passes_with_the_right_password(
     password_redis: int, upgraded_db: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     broker = f"redis://:{PASSWORD}@{HOST}:{password_redis}/0"
-    code, out, err = _run_main(["check", "--db", upgraded_db, "--broker", broker], capsys)
+    code, out, err = run_main(["check", "--db", upgraded_db, "--broker", broker], capsys)
     assert code == EXIT_OK, out + err
     assert f"broker redis://:***@{HOST}:{password_redis}/0: ok" in out
 
@@ -228,9 +203,9 @@ def test_check_says_the_broker_refused_the_password(
     auth: str, password_redis: int, upgraded_db: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     broker = f"redis://{auth}{HOST}:{password_redis}/0"
-    code, out, err = _run_main(["check", "--db", upgraded_db, "--broker", broker], capsys)
+    code, out, err = run_main(["check", "--db", upgraded_db, "--broker", broker], capsys)
     assert code == EXIT_USAGE, out + err
-    line = _one_clear_line(err, "authentication failed", "password", "STUDYQ_BROKER_URL")
+    line = one_clear_line(err, "authentication failed", "password", "STUDYQ_BROKER_URL")
     assert "unreachable" not in line.lower() and "start Redis" not in line
     assert "wrong-password-xyz" not in out + err
 
@@ -241,12 +216,12 @@ def test_submit_with_a_refused_password_registers_nothing(
     store = tmp_path / "submit.db"
     broker = f"redis://:wrong-password-xyz@{HOST}:{password_redis}/0"
     study = _study_file(tmp_path)
-    code, out, err = _run_main(
+    code, out, err = run_main(
         ["submit", str(study), "--db", f"sqlite:///{store}", "--broker", broker, "--no-progress"],
         capsys,
     )
     assert code == EXIT_USAGE, out + err
-    _one_clear_line(err, "authentication failed", "STUDYQ_BROKER_URL", "nothing was registered")
+    one_clear_line(err, "authentication failed", "STUDYQ_BROKER_URL", "nothing was registered")
     assert "wrong-password-xyz" not in out + err
     assert not store.exists()
     client = redis.Redis(host=HOST, port=password_redis, password=PASSWORD)
@@ -262,7 +237,7 @@ def test_submitting_a_changed_study_under_the_same_id_exits_2(
     study, db = ran_study
     _changed(study)
     broker = f"redis://:{PASSWORD}@{HOST}:{password_redis}/0"
-    code, _, err = _run_main(
+    code, _, err = run_main(
         ["submit", str(study), "--db", db, "--broker", broker, "--no-progress"], capsys
     )
     assert "bad-input-demo" in err and "Traceback" not in err, err

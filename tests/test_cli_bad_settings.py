@@ -14,37 +14,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from cli_support import _no_studyq_environment, one_clear_line, run_main  # noqa: F401
 
-from orchestrator.cli import EXIT_USAGE, main
+from orchestrator.cli import EXIT_USAGE
 from orchestrator.errors import SettingsError
 from workers.config import WorkerSettings, load_worker_settings
-
-
-@pytest.fixture(autouse=True)
-def _no_studyq_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """Each test sets exactly the variables it is about, and runs in its own folder."""
-    for name in [name for name in os.environ if name.startswith("STUDYQ_")]:
-        monkeypatch.delenv(name)
-    monkeypatch.chdir(tmp_path)
-
-
-def _run_main(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    capsys.readouterr()
-    code = main(argv)
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def _one_clear_line(err: str, *parts: str) -> str:
-    """stderr is exactly one line, with every part and a fix, and no traceback."""
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, f"expected one line on stderr, got:\n{err}"
-    assert "Traceback" not in err
-    for part in parts:
-        assert part in lines[0], f"{part!r} missing from:\n{err}"
-    assert "Fix:" in lines[0], err
-    return lines[0]
-
 
 # --- *_FILE secrets -------------------------------------------------------------------------
 
@@ -103,10 +77,10 @@ def test_a_secret_file_that_cannot_be_used_is_one_line_naming_it(
     monkeypatch.setenv("STUDYQ_DATABASE_URL", f"sqlite:///{store}")
     monkeypatch.setenv(f"{variable}_FILE", str(path))
     # When a command reads its settings
-    code, _, err = _run_main(["status", "some-study"], capsys)
+    code, _, err = run_main(["status", "some-study"], capsys)
     # Then one line names the variable, the path and the fix; exit 2; no store was created
     assert code == EXIT_USAGE, err
-    _one_clear_line(err, f"{variable}_FILE={path}", says)
+    one_clear_line(err, f"{variable}_FILE={path}", says)
     assert not store.exists()
 
 
@@ -129,7 +103,7 @@ def test_a_missing_secret_file_is_no_traceback_end_to_end(tmp_path: Path) -> Non
     )
 
     assert done.returncode == EXIT_USAGE, done.stderr
-    _one_clear_line(done.stderr, "STUDYQ_DATABASE_URL_FILE=/nonexistent/file", "no such file")
+    one_clear_line(done.stderr, "STUDYQ_DATABASE_URL_FILE=/nonexistent/file", "no such file")
     assert not list(tmp_path.iterdir()), "the command wrote into its working directory"
 
 
@@ -163,9 +137,9 @@ def test_an_infinite_lease_is_one_line_and_exit_2(
     value: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.setenv("STUDYQ_LEASE_S", value)
-    code, _, err = _run_main(["status"], capsys)
+    code, _, err = run_main(["status"], capsys)
     assert code == EXIT_USAGE, err
-    _one_clear_line(err, "STUDYQ_LEASE_S", "finite")
+    one_clear_line(err, "STUDYQ_LEASE_S", "finite")
     assert not Path("studyq.db").exists()
 
 
