@@ -11,15 +11,15 @@ from __future__ import annotations
 import pytest
 from security_services import find_canary, make_canary
 
-from orchestrator.cli import EXIT_CONNECT, EXIT_FAILED, main
+from orchestrator.cli import EXIT_CONNECT, EXIT_USAGE, main
 from orchestrator.store.engine import redact
 
 # {head}@{tail} is the password; psycopg reports "failed to resolve host '{tail}@127.0.0.1'"
 # for the first and SQLAlchemy "invalid literal for int() ... '{tail}@127.0.0.1'" for the
-# second (the tail lands in the port).
+# second (the tail lands in the port: a URL that does not parse, a usage error).
 URLS = {
     "tail-in-host": ("postgresql://studyq:{head}@{tail}@127.0.0.1:5432/studyq", EXIT_CONNECT),
-    "tail-in-port": ("postgresql://studyq:{head}@127.0.0.1:{tail}@127.0.0.1/studyq", EXIT_FAILED),
+    "tail-in-port": ("postgresql://studyq:{head}@127.0.0.1:{tail}@127.0.0.1/studyq", EXIT_USAGE),
 }
 
 
