@@ -65,6 +65,8 @@ class StudyRun:
     skipped_done: int = 0
     held_elsewhere: int = 0
     """Runs another live process holds (``running`` with a live lease): not run here."""
+    taken_back: TakeBackReport | None = None
+    """The claims of a killed predecessor on this host this call took back, if any."""
     interrupted: bool = False
     stopped_by_fail_fast: bool = False
     counts: dict[str, int] = field(default_factory=dict)
@@ -175,7 +177,9 @@ def run_embedded(
                 "is missing, or use another database / study_id to start over."
             )
         journal = StartJournal.for_owner(EmbeddedOwner.current(), _store_key(store), study.study_id)
-        _take_back_dead_predecessors(store, study.study_id, journal)
+        taken_back = _take_back_dead_predecessors(store, study.study_id, journal)
+        if taken_back.owners:
+            outcome.taken_back = taken_back
         store.reconcile(study.study_id)  # claims of other hosts whose lease expired
         store.requeue_for_resubmit(
             study.study_id, statuses=[RunStatus.FAILED.value, RunStatus.CANCELLED.value]

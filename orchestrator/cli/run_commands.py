@@ -125,6 +125,14 @@ def _run_embedded(args: argparse.Namespace) -> int:
         out_dir=args.out,
     )
     counts = outcome.counts
+    back = outcome.taken_back
+    if back is not None and (back.released or back.requeued or back.failed_lost):
+        print(
+            f"took back the claims of a killed run of this study: {back.released} had not "
+            f"started (not charged), {back.requeued} had started (charged an attempt), "
+            f"{back.failed_lost} failed as lost (no attempts left)",
+            file=sys.stderr,
+        )
     print(
         f"{outcome.study_id}: executed {outcome.executed} runs now "
         f"({outcome.succeeded} succeeded, {outcome.failed} failed); "

@@ -263,6 +263,8 @@ def test_three_kill_9s_then_an_immediate_rerun_completes_charging_only_started_r
 
     assert done.returncode == 0, explain(done)
     assert "held by another" not in done.stdout + done.stderr, explain(done)
+    assert "took back the claims of a killed run of this study" in done.stderr, explain(done)
+    assert "had not started (not charged)" in done.stderr, explain(done)
     assert store_counts(db_url, study_id) == {"success": RUNS}
     calls = count_calls(calls_file)
     charged: Counter[str] = Counter()
