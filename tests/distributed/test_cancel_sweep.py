@@ -11,10 +11,11 @@ from __future__ import annotations
 import os
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import pytest
 from dist_services import BROKER_URL, WorkerProcess, redis_client
+from test_celery_workers import wait_for
 
 from orchestrator.cli import main as studyq_main
 from orchestrator.distributed import cancel, submit_study, wait_study
@@ -92,18 +93,6 @@ def _study(queue: str, *, runs: int, sleep_s: float) -> Study:
     )
 
 
-def _until(
-    store: ResultStore, study_id: str, done: Callable[[dict[str, int]], bool], timeout: float
-) -> dict[str, int]:
-    deadline = time.monotonic() + timeout
-    while True:
-        counts = store.count_by_status(study_id)
-        if done(counts):
-            return counts
-        assert time.monotonic() < deadline, f"study {study_id} stuck at {counts}"
-        time.sleep(0.05)
-
-
 def _running(store: ResultStore, study_id: str) -> set[int]:
     return {run.index for run in store.iter_runs(study_id, statuses=["running"])}
 
@@ -115,7 +104,7 @@ def test_cancel_lets_executing_runs_finish_and_cancels_the_queued_ones(
     study = _study(cancel_queue, runs=6, sleep_s=1.5)
     submit_study(study, settings=settings, show_progress=False)
     with ResultStore.open(pg_url) as store:
-        _until(store, study.study_id, lambda counts: counts["running"] == 2, timeout=20)
+        wait_for(store, study.study_id, lambda counts: counts["running"] == 2, timeout=20)
         executing = _running(store, study.study_id)
         # When the study is cancelled (no --terminate)
         report = cancel(study.study_id, settings=settings)
@@ -146,7 +135,7 @@ def test_cancel_terminate_stops_the_executing_runs(
     study = _study(cancel_queue, runs=4, sleep_s=30)
     submit_study(study, settings=settings, show_progress=False)
     with ResultStore.open(pg_url) as store:
-        _until(store, study.study_id, lambda counts: counts["running"] == 2, timeout=20)
+        wait_for(store, study.study_id, lambda counts: counts["running"] == 2, timeout=20)
         executing = _running(store, study.study_id)
         # When `studyq cancel --terminate` runs
         monkeypatch.setenv("STUDYQ_DATABASE_URL", pg_url)
@@ -163,7 +152,7 @@ def test_cancel_terminate_stops_the_executing_runs(
         # and the agents stopped: the worker's two slots run a new sweep at once
         after = _study(cancel_queue, runs=2, sleep_s=0.01)
         submit_study(after, settings=settings, show_progress=False)
-        _until(store, after.study_id, lambda counts: counts["success"] == 2, timeout=10)
+        wait_for(store, after.study_id, lambda counts: counts["success"] == 2, timeout=10)
         assert time.monotonic() - stopped_at < 10, "the 30 s agents kept their slots"
         # nothing was written for the stopped runs, even late
         time.sleep(3 * HEARTBEAT_S)
@@ -179,12 +168,12 @@ def test_a_cancelled_run_stops_through_its_heartbeat_even_without_the_revoke(
     study = _study(cancel_queue, runs=2, sleep_s=30)
     submit_study(study, settings=settings, show_progress=False)
     with ResultStore.open(pg_url) as store:
-        _until(store, study.study_id, lambda counts: counts["running"] == 2, timeout=20)
+        wait_for(store, study.study_id, lambda counts: counts["running"] == 2, timeout=20)
         stopped_at = time.monotonic()
         assert store.cancel(study.study_id) == 2
         after = _study(cancel_queue, runs=2, sleep_s=0.01)
         submit_study(after, settings=settings, show_progress=False)
-        _until(store, after.study_id, lambda counts: counts["success"] == 2, timeout=10)
+        wait_for(store, after.study_id, lambda counts: counts["success"] == 2, timeout=10)
         assert time.monotonic() - stopped_at < 10, "the 30 s agents kept their slots"
         run_ids = [run.run_id for run in store.iter_runs(study.study_id)]
     stopped = [line for line in worker.log.splitlines() if "is no longer this worker's" in line]
