@@ -10,6 +10,7 @@ from types import FrameType
 
 import pytest
 
+from orchestrator.canonical import canonical_json, sha256_hex
 from orchestrator.errors import StoreError, StoreUnavailableError
 from orchestrator.runspec import RunSpec, spec_digest
 from orchestrator.store import StudyInfo
@@ -133,6 +134,8 @@ def test_a_message_that_agrees_with_the_store_has_no_mismatch_reason() -> None:
     assert "seed" in str(mismatch_reason(spec, forged, spec_digest(forged), 0, 0))
     assert "attempt 3" in str(mismatch_reason(spec, message, digest, 3, 2))
     assert "does not have" in str(mismatch_reason(None, message, digest, 0, 0))
-    # ...and the digest sees a float that became an int, or an extra key
+    # ...the digest is the SHA-256 of the canonical JSON ids and seeds are hashed from
+    assert digest == sha256_hex(canonical_json(message))
+    # ...and it sees a float that became an int, or an extra key
     assert spec_digest({**message, "factor_assignments": {"x": 1}}) != digest
     assert spec_digest({**message, "extra": None}) != digest
