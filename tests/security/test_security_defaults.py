@@ -22,7 +22,6 @@ import ssl
 import sys
 import textwrap
 import urllib.parse
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -39,7 +38,6 @@ from orchestrator.runspec import RunSpec
 from orchestrator.settings import Settings, load_settings
 from orchestrator.store import mask_url
 from orchestrator.store.records import StudyInfo
-from workers import bindings
 from workers.app import create_app
 from workers.config import load_worker_settings
 from workers.execution import execute_run
@@ -407,22 +405,6 @@ def test_mask_url_hides_every_form_of_password(url: str, canary: str) -> None:
 
 
 # --- the worker's import allow-list --------------------------------------------------------
-
-
-@pytest.fixture
-def marker_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[str, Path]]:
-    """A module whose import writes a marker file: proof that it was (not) imported."""
-    name = f"studyq_security_marker_{tmp_path.name.replace('-', '_')}"
-    marker = tmp_path / "imported.marker"
-    (tmp_path / f"{name}.py").write_text(
-        f"from pathlib import Path\nPath({str(marker)!r}).write_text('imported')\n\n"
-        "def agent(seed):\n    return {'output': {'text': 'ran'}}\n",
-        encoding="utf-8",
-    )
-    monkeypatch.syspath_prepend(str(tmp_path))
-    yield name, marker
-    sys.modules.pop(name, None)
-    bindings._imported.pop(f"{name}:agent", None)
 
 
 def _registered(reference: str, allowed: list[str]) -> StudyInfo:

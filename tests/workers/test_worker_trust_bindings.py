@@ -21,7 +21,6 @@ from orchestrator.plan import prepare
 from orchestrator.results import ErrorKind, RunStatus
 from orchestrator.runspec import RunSpec
 from orchestrator.store import ResultStore
-from workers import bindings
 from workers.config import WorkerSettings, load_worker_settings
 from workers.execution import execute_run
 from workers.runtime import StudyContext, WorkerRuntime
@@ -35,22 +34,6 @@ def _clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.delenv(name, raising=False)
     monkeypatch.delenv("STUDYQ_DATABASE_URL_FILE", raising=False)
     monkeypatch.delenv("STUDYQ_BROKER_URL_FILE", raising=False)
-
-
-@pytest.fixture
-def marker_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[str, Path]]:
-    """A module whose import writes a marker file: proof that it was (not) imported."""
-    name = f"studyq_trust_marker_{tmp_path.name.replace('-', '_')}"
-    marker = tmp_path / "imported.marker"
-    (tmp_path / f"{name}.py").write_text(
-        f"from pathlib import Path\nPath({str(marker)!r}).write_text('imported')\n\n"
-        "def agent(seed):\n    return {'output': {'text': 'ran'}}\n",
-        encoding="utf-8",
-    )
-    monkeypatch.syspath_prepend(str(tmp_path))
-    yield name, marker
-    sys.modules.pop(name, None)
-    bindings._imported.pop(f"{name}:agent", None)
 
 
 @pytest.fixture
