@@ -57,6 +57,7 @@ __all__ = [
     "EVENT_COLUMNS",
     "MAX_MESSAGE_CHARS",
     "MAX_TRACEBACK_CHARS",
+    "RELEASED_VALUES",
     "Execute",
     "Verify",
     "attempt_end",
@@ -726,18 +727,18 @@ def _still_holding(connection: Connection, claims: Sequence[Claim]) -> set[Claim
     return held
 
 
-_RELEASE = (
-    update(RunRow)
-    .where(FENCE)
-    .values(
-        status=RunStatus.QUEUED.value,
-        attempts_used=RunRow.attempts_used - 1,
-        lease_owner=None,
-        lease_expires_at=None,
-        started_at=None,
-        queued_at=db_now(),
-    )
-)
+RELEASED_VALUES: dict[str, Any] = {
+    "status": RunStatus.QUEUED.value,
+    "attempts_used": RunRow.attempts_used - 1,
+    "lease_owner": None,
+    "lease_expires_at": None,
+    "started_at": None,
+    "queued_at": db_now(),
+}
+"""What a running row becomes when its claim is handed back uncharged: a warm shutdown's
+:func:`release`, and the take-back of a dead coordinator's claim that never started."""
+
+_RELEASE = update(RunRow).where(FENCE).values(RELEASED_VALUES)
 
 
 def release(connection: Connection, claim: Claim) -> bool:

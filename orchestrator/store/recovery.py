@@ -28,7 +28,7 @@ from sqlalchemy.engine import Connection, Row
 from orchestrator.errors import StoreError
 from orchestrator.results import ErrorKind, RunStatus
 from orchestrator.runspec import RunSpec
-from orchestrator.store.attempts import attempt_end, close_attempts
+from orchestrator.store.attempts import RELEASED_VALUES, attempt_end, close_attempts
 from orchestrator.store.models import (
     SPEC_COLUMNS,
     AttemptOutcome,
@@ -326,14 +326,7 @@ def _refund(
                     RunRow.status == RunStatus.RUNNING.value,
                     RunRow.lease_owner == owner,
                 )
-                .values(
-                    status=RunStatus.QUEUED.value,
-                    attempts_used=RunRow.attempts_used - 1,
-                    lease_owner=None,
-                    lease_expires_at=None,
-                    started_at=None,
-                    queued_at=db_now(),
-                )
+                .values(RELEASED_VALUES)
                 .returning(*SPEC_COLUMNS, RunRow.attempt)
             ).all()
         )
