@@ -8,7 +8,7 @@ stale-trial fail).
 On PostgreSQL the coordinator's passes never wait on a row another session holds locked: a
 worker frozen (SIGSTOP, a paused VM, a network partition) between its ``UPDATE`` and its
 ``COMMIT`` keeps its run's row lock for as long as the server keeps its session, hours with
-default TCP keepalives. :func:`reconcile`, :func:`recover_orphans` and :func:`cancel_study`
+default TCP keepalives. :func:`reconcile`, :func:`take_back_orphans` and :func:`cancel_study`
 therefore select the rows they change with ``FOR UPDATE SKIP LOCKED`` and leave a locked run
 to a later pass (cancel reports how many it left), and bound
 every other lock wait of their transaction with ``lock_timeout``
@@ -47,7 +47,6 @@ __all__ = [
     "cancel",
     "cancel_study",
     "reconcile",
-    "recover_orphans",
     "requeue_for_resubmit",
     "take_back_orphans",
 ]
@@ -218,36 +217,6 @@ def reconcile(
     )
 
 
-def recover_orphans(
-    connection: Connection, study_id: str, *, is_dead: Callable[[str], bool]
-) -> ReconcileReport:
-    """Treat running rows whose holder is known dead as lost now, without waiting for the
-    lease: ``is_dead(lease_owner)`` decides (the embedded coordinator checks whether the
-    process named in the owner still exists on this host). Same outcome as an expired lease:
-    requeued while attempts are left, else failed as ``lost``; rows another session holds
-    locked are left for a later pass, as in :func:`reconcile`."""
-    _bound_lock_waits(connection)
-    owners = connection.execute(
-        select(RunRow.lease_owner)
-        .where(RunRow.study_id == study_id, RunRow.status == RunStatus.RUNNING.value)
-        .distinct()
-    ).scalars()
-    dead = sorted(owner for owner in owners if owner is not None and is_dead(owner))
-    if not dead:
-        return ReconcileReport(study_id=study_id)
-    requeued, failed_lost = _expire(
-        connection,
-        study_id,
-        and_(RunRow.status == RunStatus.RUNNING.value, RunRow.lease_owner.in_(dead)),
-    )
-    return ReconcileReport(
-        study_id=study_id,
-        requeued=len(requeued),
-        failed_lost=failed_lost,
-        to_publish=_publishable(study_id, requeued),
-    )
-
-
 NOT_STARTED_MESSAGE = (
     "Not started: the coordinator holding the claim died before the run began; handed back "
     "without charging the attempt."
@@ -261,7 +230,10 @@ def take_back_orphans(
     is_dead: Callable[[str], bool],
     started_by: Callable[[str], Collection[tuple[int, int]] | None],
 ) -> TakeBackReport:
-    """:func:`recover_orphans` that charges only the claims whose run had started.
+    """Take back now, without waiting for their leases, the claims of running rows whose
+    holder is known dead: ``is_dead(lease_owner)`` decides (the embedded coordinator checks
+    whether the process named in the owner still exists on this host). Only the claims whose
+    run had started are charged.
 
     ``started_by(owner)`` names the claims ``(plan_index, attempt)`` whose run the dead
     ``owner`` started (the embedded start journal), or returns None when nothing says: then

@@ -335,12 +335,6 @@ class ResultStore:
         with transaction(self.engine) as connection:
             return recovery.reconcile(connection, study_id, queued_timeout_s=queued_timeout_s)
 
-    def recover_orphans(self, study_id: str, *, is_dead: Callable[[str], bool]) -> ReconcileReport:
-        """Requeue (or fail as lost) running runs whose lease owner ``is_dead`` says is gone,
-        without waiting for their leases to expire (a restarted embedded coordinator)."""
-        with transaction(self.engine) as connection:
-            return recovery.recover_orphans(connection, study_id, is_dead=is_dead)
-
     def take_back_orphans(
         self,
         study_id: str,
@@ -348,7 +342,8 @@ class ResultStore:
         is_dead: Callable[[str], bool],
         started_by: Callable[[str], Collection[tuple[int, int]] | None],
     ) -> TakeBackReport:
-        """:meth:`recover_orphans` charging only claims that started: ``started_by(owner)``
+        """Take back the claims of dead lease owners (``is_dead``) at once, charging only
+        claims that started: ``started_by(owner)``
         names a dead owner's started claims as ``(index, attempt)`` (None: it cannot tell,
         all are charged); the others go back to ``queued`` uncharged, as :meth:`release_run`
         hands a run back."""

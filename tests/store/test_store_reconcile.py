@@ -119,7 +119,9 @@ def test_queued_runs_nobody_claims_are_republished_once_per_timeout(queued: Resu
     assert queued.reconcile(STUDY_ID).stale_queued == 0  # off unless asked for
 
 
-def test_recover_orphans_requeues_runs_of_dead_holders_at_once(store: ResultStore) -> None:
+def test_take_back_without_a_journal_requeues_runs_of_dead_holders_at_once(
+    store: ResultStore,
+) -> None:
     # Given runs held by a crashed process, a live one, and one on its last attempt
     register(store, 4)
     queue_all(store)
@@ -133,7 +135,9 @@ def test_recover_orphans_requeues_runs_of_dead_holders_at_once(store: ResultStor
         )
 
     # When the restarted coordinator recovers orphans (leases still far from expiring)
-    report = store.recover_orphans(STUDY_ID, is_dead=lambda owner: owner.endswith(":111"))
+    report = store.take_back_orphans(
+        STUDY_ID, is_dead=lambda owner: owner.endswith(":111"), started_by=_no_journal
+    )
 
     # Then the dead holder's runs are requeued or failed as lost; the live one is untouched
     assert (report.requeued, report.failed_lost) == (1, 1)
@@ -150,8 +154,22 @@ def test_recover_orphans_requeues_runs_of_dead_holders_at_once(store: ResultStor
     assert store.finish_run(dead[0], make_result(dead[0])) is True
     assert store.find_run(STUDY_ID, 0).status == "success"  # type: ignore[union-attr]
     assert store.heartbeat(live, 60) is True
-    assert store.recover_orphans(STUDY_ID, is_dead=lambda owner: True).requeued == 1
-    assert store.recover_orphans(STUDY_ID, is_dead=lambda owner: False).changed is False
+    assert store.take_back_orphans(STUDY_ID, is_dead=_any, started_by=_no_journal).requeued == 1
+    nothing = store.take_back_orphans(STUDY_ID, is_dead=_none, started_by=_no_journal)
+    assert (nothing.released, nothing.requeued, nothing.failed_lost) == (0, 0, 0)
+    assert nothing.to_publish == []
+
+
+def _no_journal(owner: str) -> None:
+    """No start journal: every claim of a dead owner counts as started."""
+
+
+def _any(owner: str) -> bool:
+    return True
+
+
+def _none(owner: str) -> bool:
+    return False
 
 
 def test_cancel_stops_everything_unfinished(queued: ResultStore) -> None:
