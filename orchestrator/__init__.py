@@ -1,7 +1,7 @@
 """studyq's coordinator: study files, designs, run plans, the result store, executors, export.
 
-The public API is loaded lazily so that ``import orchestrator.runspec`` (which every worker
-does) stays cheap.
+The public API is loaded lazily so that ``import orchestrator.contracts.runspec`` (which every
+worker does) stays cheap.
 """
 
 from __future__ import annotations
@@ -20,10 +20,10 @@ __all__ = [
 ]
 
 _LAZY = {
-    "Study": "orchestrator.study",
-    "load_study": "orchestrator.study",
-    "iter_run_specs": "orchestrator.plan",
-    "prepare": "orchestrator.plan",
+    "Study": "orchestrator.study.model",
+    "load_study": "orchestrator.study.model",
+    "iter_run_specs": "orchestrator.study.plan",
+    "prepare": "orchestrator.study.plan",
     "StudyRun": "orchestrator.embedded",
     "run_study": "orchestrator.api",
     "resume_study": "orchestrator.api",

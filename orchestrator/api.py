@@ -1,6 +1,6 @@
 """studyq's Python API, mirroring the ancestor's so its users can switch by changing an import.
 
-``run_study`` / ``resume_study`` take a :class:`~orchestrator.study.Study` or a path and
+``run_study`` / ``resume_study`` take a :class:`~orchestrator.study.model.Study` or a path and
 return a :class:`~orchestrator.embedded.StudyRun`: counts, and ``results()`` streaming the
 runs from the store. The CLI is a thin shell over these functions.
 """
@@ -11,11 +11,11 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from orchestrator.contracts.settings import load_settings
 from orchestrator.embedded import StudyRun, run_embedded
 from orchestrator.export import ExportReport, export_artifacts
-from orchestrator.settings import load_settings
 from orchestrator.store import ResultStore
-from orchestrator.study import Study
+from orchestrator.study.model import Study
 
 __all__ = ["export_study", "resume_study", "run_study"]
 

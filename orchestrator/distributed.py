@@ -23,18 +23,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from orchestrator.designs import condition_label
+from orchestrator.contracts.errors import BrokerUnavailableError, StoreUnavailableError, StudyError
+from orchestrator.contracts.results import RunStatus
+from orchestrator.contracts.runspec import RunSpec
+from orchestrator.contracts.settings import Settings, load_settings, secure_broker_url
 from orchestrator.embedded import register
-from orchestrator.errors import BrokerUnavailableError, StoreUnavailableError, StudyError
-from orchestrator.plan import prepare
 from orchestrator.progress import Progress
-from orchestrator.results import RunStatus
-from orchestrator.runspec import RunSpec
-from orchestrator.settings import Settings, load_settings, secure_broker_url
 from orchestrator.store import ResultStore
 from orchestrator.store.engine import transaction
 from orchestrator.store.recovery import CancelReport, cancel_study
-from orchestrator.study import Study
+from orchestrator.study.designs import condition_label
+from orchestrator.study.model import Study
+from orchestrator.study.plan import prepare
 
 __all__ = [
     "CANCEL_RETRY_S",

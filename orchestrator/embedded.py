@@ -28,19 +28,19 @@ from itertools import islice
 from pathlib import Path
 from typing import Any, TypeVar
 
-from orchestrator.errors import StudyError
+from orchestrator.contracts.errors import StudyError
+from orchestrator.contracts.results import RunResult, RunStatus
+from orchestrator.contracts.runspec import RunSpec
+from orchestrator.contracts.settings import Settings, load_settings
 from orchestrator.executors.embedded import Claimed, EmbeddedExecutor, PoolKind, ResolverSpec
 from orchestrator.executors.embedded_owner import EmbeddedOwner, is_dead_embedded_owner
 from orchestrator.executors.start_journal import StartJournal
 from orchestrator.export import ExportReport, export_artifacts
-from orchestrator.plan import PreparedStudy, prepare
 from orchestrator.progress import Progress
-from orchestrator.results import RunResult, RunStatus
-from orchestrator.runspec import RunSpec
-from orchestrator.settings import Settings, load_settings
 from orchestrator.store import ResultStore
 from orchestrator.store.records import Claim, RegisterReport, TakeBackReport
-from orchestrator.study import Study
+from orchestrator.study.model import Study
+from orchestrator.study.plan import PreparedStudy, prepare
 
 __all__ = ["StudyRun", "register", "run_embedded"]
 

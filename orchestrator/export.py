@@ -29,9 +29,9 @@ from typing import Any
 
 import yaml
 
-from orchestrator.canonical import canonical_json
-from orchestrator.errors import StoreError, StudyqError
-from orchestrator.results import RunStatus
+from orchestrator.contracts.canonical import canonical_json
+from orchestrator.contracts.errors import StoreError, StudyqError
+from orchestrator.contracts.results import RunStatus
 
 __all__ = [
     "CONDITION_COLUMNS",

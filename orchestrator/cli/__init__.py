@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 
 import pydantic
 
-from orchestrator.errors import (
+from orchestrator.contracts.errors import (
     BrokerUnavailableError,
     StoreUnavailableError,
     StoreURLError,

@@ -16,9 +16,9 @@ from orchestrator.cli import (
     add_command,
     positive_int,
 )
-from orchestrator.errors import BrokerUnavailableError, StoreUnavailableError
-from orchestrator.extensions import ExecutionPolicy
-from orchestrator.settings import load_settings, secure_broker_url
+from orchestrator.contracts.errors import BrokerUnavailableError, StoreUnavailableError
+from orchestrator.contracts.extensions import ExecutionPolicy
+from orchestrator.contracts.settings import load_settings, secure_broker_url
 
 __all__ = ["register"]
 
@@ -375,7 +375,7 @@ def _check(args: argparse.Namespace) -> int:
     db_url = args.db or settings.database_url
     healthy = EXIT_OK
     from orchestrator.cli.run_commands import missing_sqlite_file
-    from orchestrator.errors import StoreError
+    from orchestrator.contracts.errors import StoreError
 
     try:
         missing = missing_sqlite_file(db_url)  # connecting would create an empty one
@@ -414,9 +414,9 @@ def _check(args: argparse.Namespace) -> int:
     if not broker_url:
         print("broker: not configured (set STUDYQ_BROKER_URL or pass --broker)", file=sys.stderr)
         return EXIT_USAGE
-    from orchestrator.errors import SettingsError
+    from orchestrator.contracts.errors import SettingsError
+    from orchestrator.contracts.settings import require_supported_broker
     from orchestrator.executors.celery import check_broker
-    from orchestrator.settings import require_supported_broker
 
     try:
         source = "--broker" if args.broker else "STUDYQ_BROKER_URL"

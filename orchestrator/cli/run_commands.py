@@ -16,9 +16,9 @@ from orchestrator.cli import (
     positive_float,
     positive_int,
 )
-from orchestrator.errors import StudyConflictError, StudyError
-from orchestrator.plan import DISPATCH_ORDERS
-from orchestrator.settings import load_settings
+from orchestrator.contracts.errors import StudyConflictError, StudyError
+from orchestrator.contracts.settings import load_settings
+from orchestrator.study.plan import DISPATCH_ORDERS
 
 __all__ = ["register"]
 

@@ -10,11 +10,11 @@ from collections.abc import Iterable, Iterator
 from itertools import islice
 from typing import IO, Any
 
-from orchestrator.canonical import to_jsonable
 from orchestrator.cli import EXIT_OK, add_command, positive_int
-from orchestrator.plan import DISPATCH_ORDERS, PlanRow, PreparedStudy, iter_plan_rows, prepare
-from orchestrator.runspec import RunSpec
-from orchestrator.study import Study
+from orchestrator.contracts.canonical import to_jsonable
+from orchestrator.contracts.runspec import RunSpec
+from orchestrator.study.model import Study
+from orchestrator.study.plan import DISPATCH_ORDERS, PlanRow, PreparedStudy, iter_plan_rows, prepare
 
 __all__ = ["register"]
 

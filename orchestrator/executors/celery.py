@@ -4,7 +4,7 @@ It publishes run messages through the worker package's publisher (one connection
 producer, pre-encoded JSON), counts the messages the broker still holds for a queue (so the
 reconcile loop can tell a backlog from lost messages), revokes running tasks for
 ``cancel --terminate``, and reads and purges the dead-letter lists workers move poison
-messages to (``studyq dead-letters``; key and format in :mod:`orchestrator.deadletters`).
+messages to (``studyq dead-letters``; key and format in :mod:`orchestrator.contracts.deadletters`).
 The store, not Celery, knows what ran: no result backend is used.
 """
 
@@ -17,10 +17,10 @@ from collections.abc import Iterable, Iterator, Sequence
 from types import TracebackType
 from typing import Any
 
-from orchestrator.deadletters import DeadLetter, dead_letter_key
-from orchestrator.errors import BrokerUnavailableError, SettingsError, StudyqError
-from orchestrator.runspec import RunSpec
-from orchestrator.settings import Settings
+from orchestrator.contracts.deadletters import DeadLetter, dead_letter_key
+from orchestrator.contracts.errors import BrokerUnavailableError, SettingsError, StudyqError
+from orchestrator.contracts.runspec import RunSpec
+from orchestrator.contracts.settings import Settings
 
 __all__ = ["CeleryTransport", "check_broker"]
 
@@ -178,7 +178,7 @@ class CeleryTransport:
         if task_ids:
             self._app.control.revoke(task_ids, terminate=True, signal="SIGTERM")
 
-    # -- dead letters (orchestrator.deadletters) ---------------------------------------------
+    # -- dead letters (orchestrator.contracts.deadletters) ---------------------------------
 
     def dead_letters(self, queue: str, *, limit: int | None = None) -> list[DeadLetter]:
         """The messages workers quarantined from ``queue``, newest first (at most ``limit``).

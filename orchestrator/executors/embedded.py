@@ -39,12 +39,12 @@ from itertools import islice
 from types import FrameType
 from typing import Any, Literal
 
-from orchestrator.errors import RunTimeoutError, StudyError
+from orchestrator.contracts.errors import RunTimeoutError, StudyError
+from orchestrator.contracts.extensions import Bindings
+from orchestrator.contracts.results import RunResult
+from orchestrator.contracts.runspec import RunSpec
 from orchestrator.executors.embedded_owner import EmbeddedOwner, process_alive
 from orchestrator.executors.start_journal import StartLog
-from orchestrator.extensions import Bindings
-from orchestrator.results import RunResult
-from orchestrator.runspec import RunSpec
 
 __all__ = ["Claimed", "EmbeddedExecutor", "PoolKind", "ResolverSpec", "worker_name"]
 

@@ -34,10 +34,10 @@ from typing import Any
 from sqlalchemy import bindparam, case, exists, insert, select, update
 from sqlalchemy.engine import Connection
 
-from orchestrator.canonical import to_jsonable
-from orchestrator.errors import StoreError
-from orchestrator.results import ErrorKind, RunResult, RunStatus
-from orchestrator.runspec import RunSpec
+from orchestrator.contracts.canonical import to_jsonable
+from orchestrator.contracts.errors import StoreError
+from orchestrator.contracts.results import ErrorKind, RunResult, RunStatus
+from orchestrator.contracts.runspec import RunSpec
 from orchestrator.store.engine import json_dumps
 from orchestrator.store.models import (
     SPEC_COLUMNS,

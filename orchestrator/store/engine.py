@@ -29,7 +29,7 @@ from sqlalchemy import Engine, create_engine, event, exc
 from sqlalchemy.engine import URL, Connection, make_url
 from sqlalchemy.pool import StaticPool
 
-from orchestrator.errors import StoreError, StoreUnavailableError, StoreURLError
+from orchestrator.contracts.errors import StoreError, StoreUnavailableError, StoreURLError
 
 __all__ = [
     "DEFAULT_URL",

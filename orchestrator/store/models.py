@@ -51,7 +51,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from orchestrator.results import RunStatus
+from orchestrator.contracts.results import RunStatus
 from orchestrator.store.sqltypes import JSONType, OrderedJSONType, UTCDateTime
 
 __all__ = [

@@ -11,8 +11,8 @@ from typing import Any
 
 from sqlalchemy import ColumnElement, and_, bindparam, literal_column, or_
 
-from orchestrator.canonical import to_jsonable
-from orchestrator.results import RunStatus
+from orchestrator.contracts.canonical import to_jsonable
+from orchestrator.contracts.results import RunStatus
 from orchestrator.store.models import RunRow
 from orchestrator.store.records import Claim
 from orchestrator.store.sqltypes import db_now, json_field_equals

@@ -15,7 +15,7 @@ from typing import Any
 from sqlalchemy import Engine, Select, func, select, tuple_
 from sqlalchemy.engine import Connection, Row
 
-from orchestrator.results import RunStatus
+from orchestrator.contracts.results import RunStatus
 from orchestrator.store.engine import transaction
 from orchestrator.store.models import (
     AttemptOutcome,

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from orchestrator.runspec import RunSpec
+from orchestrator.contracts.runspec import RunSpec
 
 __all__ = [
     "AttemptRecord",

@@ -25,9 +25,9 @@ from typing import Any
 from sqlalchemy import ColumnElement, and_, delete, func, or_, select, update
 from sqlalchemy.engine import Connection, Row
 
-from orchestrator.errors import StoreError
-from orchestrator.results import ErrorKind, RunStatus
-from orchestrator.runspec import RunSpec
+from orchestrator.contracts.errors import StoreError
+from orchestrator.contracts.results import ErrorKind, RunStatus
+from orchestrator.contracts.runspec import RunSpec
 from orchestrator.store.attempts import RELEASED_VALUES, attempt_end, close_attempts
 from orchestrator.store.models import (
     SPEC_COLUMNS,
@@ -56,8 +56,8 @@ RECONCILE_LOCK_TIMEOUT_MS = 5_000
 
 Row locks held by workers are skipped, not waited for, so only an unexpected lock (a schema
 migration, a manual ``LOCK TABLE``) can reach this; the pass then fails with
-:class:`~orchestrator.errors.StoreUnavailableError` and ``studyq wait`` retries it on the next
-pass instead of hanging."""
+:class:`~orchestrator.contracts.errors.StoreUnavailableError` and ``studyq wait`` retries it on the
+next pass instead of hanging."""
 
 LOST_TYPE = "LeaseExpired"
 LOST_RUN_MESSAGE = (

@@ -20,10 +20,10 @@ from sqlalchemy import insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 
-from orchestrator.canonical import to_jsonable
-from orchestrator.errors import StoreError, StudyConflictError
-from orchestrator.results import RunStatus
-from orchestrator.runspec import RunSpec, spec_digest
+from orchestrator.contracts.canonical import to_jsonable
+from orchestrator.contracts.errors import StoreError, StudyConflictError
+from orchestrator.contracts.results import RunStatus
+from orchestrator.contracts.runspec import RunSpec, spec_digest
 from orchestrator.store.models import ConditionRow, RunRow, StudyRow
 from orchestrator.store.records import RegisterReport
 from orchestrator.store.sqltypes import db_now

@@ -21,7 +21,7 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import Engine, text
 from sqlalchemy.engine import URL, Connection
 
-from orchestrator.errors import StoreError
+from orchestrator.contracts.errors import StoreError
 from orchestrator.store.engine import create_engine_for, mask_url, transaction
 
 __all__ = [

@@ -17,8 +17,8 @@ from typing import Any
 from sqlalchemy import Engine, delete, text
 from sqlalchemy.engine import URL
 
-from orchestrator.results import RunResult, RunStatus
-from orchestrator.runspec import RunSpec
+from orchestrator.contracts.results import RunResult, RunStatus
+from orchestrator.contracts.runspec import RunSpec
 from orchestrator.store import attempts, queries, recovery, registration
 from orchestrator.store.engine import (
     DEFAULT_URL,

@@ -5,7 +5,7 @@ Revises: 0001
 Create Date: 2026-12-06
 
 A worker claims a run only when the digest of the message it received equals
-``runs.spec_digest`` (see ``orchestrator.runspec.spec_digest``): a message whose seed,
+``runs.spec_digest`` (see ``orchestrator.contracts.runspec.spec_digest``): a message whose seed,
 assignments, agent, problem or ids were changed on the broker claims nothing. Runs registered
 before this revision get the digest of their stored spec, computed here the way the
 publisher builds its messages from the stored columns.

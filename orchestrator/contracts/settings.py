@@ -3,8 +3,8 @@
 Built once per process from ``STUDYQ_*`` environment variables (and ``*_FILE`` variants for
 secrets, so passwords can come from Docker or Kubernetes secret files) and passed
 explicitly; nothing reads the environment behind its back. A wrong value, or a secret file
-that is missing, unreadable or empty, is a :class:`~orchestrator.errors.SettingsError` whose
-message names the variable and the fix.
+that is missing, unreadable or empty, is a :class:`~orchestrator.contracts.errors.SettingsError`
+whose message names the variable and the fix.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Annotated, TypeVar
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from orchestrator.errors import SettingsError
+from orchestrator.contracts.errors import SettingsError
 
 __all__ = [
     "BROKER_SCHEMES",

@@ -27,8 +27,8 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from orchestrator.canonical import canonical_json, sha256_hex, to_jsonable
-from orchestrator.extensions import Bindings, ExecutionPolicy
+from orchestrator.contracts.canonical import canonical_json, sha256_hex, to_jsonable
+from orchestrator.contracts.extensions import Bindings, ExecutionPolicy
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -562,8 +562,8 @@ def parse_study(payload: dict[str, Any], source: str | None = None) -> Study:
     """Build a :class:`Study` from a mapping, or raise every problem in it at once."""
     import pydantic
 
-    from orchestrator.errors import StudyValidationError
-    from orchestrator.validation import (
+    from orchestrator.contracts.errors import StudyValidationError
+    from orchestrator.study.validation import (
         apply_legacy_outcome_roles,
         flatten,
         reference_problems,
@@ -602,8 +602,8 @@ def load_study(path: str | Path, *, max_bytes: int | None = None) -> Study:
 
     ``max_bytes`` defaults to ``STUDYQ_MAX_STUDY_BYTES`` (10 MiB).
     """
-    from orchestrator.settings import load_settings
-    from orchestrator.studyfile import read_study_mapping
+    from orchestrator.contracts.settings import load_settings
+    from orchestrator.study.studyfile import read_study_mapping
 
     limit = max_bytes if max_bytes is not None else load_settings().max_study_bytes
     return parse_study(read_study_mapping(path, max_bytes=limit), source=str(path))

@@ -56,7 +56,7 @@ from functools import lru_cache
 from itertools import compress, repeat
 from typing import Any, Final
 
-from orchestrator.errors import StudyError
+from orchestrator.contracts.errors import StudyError
 
 __all__ = [
     "ConstraintExpressionError",

@@ -5,7 +5,7 @@ Plan order is the upstream's (UPSTREAM.md 6.1): admissible condition -> replicat
 1,000,000-run plan never sits in memory. ``run_id`` and ``seed`` are the upstream's hashes;
 the canonical JSON of their payloads is assembled from pre-serialized parts (the payload's
 keys are fixed and sort the same way every time), which is what makes planning fast. A unit
-test pins the fast path to :func:`orchestrator.canonical.hash_identifier`.
+test pins the fast path to :func:`orchestrator.contracts.canonical.hash_identifier`.
 
 Dispatch order never changes ids or seeds; ``balanced`` runs replicate 1 of every cell
 before replicate 2, shuffled inside each replicate, so a sweep cut short by a budget or a
@@ -23,11 +23,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from orchestrator.canonical import canonical_json
-from orchestrator.designs import Condition, build_conditions
-from orchestrator.runspec import RunSpec
-from orchestrator.study import Study
-from orchestrator.validation import AGENT_FACTORS, PROBLEM_FACTORS
+from orchestrator.contracts.canonical import canonical_json
+from orchestrator.contracts.runspec import RunSpec
+from orchestrator.study.designs import Condition, build_conditions
+from orchestrator.study.model import Study
+from orchestrator.study.validation import AGENT_FACTORS, PROBLEM_FACTORS
 
 __all__ = [
     "DISPATCH_ORDERS",
@@ -357,9 +357,9 @@ def prepare(
     ``runnable`` adds the upstream's dry-run checks (a problem to run, an admissible
     condition, at least one run); planning alone does not need them.
     """
-    from orchestrator.errors import StudyValidationError
-    from orchestrator.study import load_study
-    from orchestrator.validation import runnable_problems
+    from orchestrator.contracts.errors import StudyValidationError
+    from orchestrator.study.model import load_study
+    from orchestrator.study.validation import runnable_problems
 
     source = None
     if not isinstance(study, Study):

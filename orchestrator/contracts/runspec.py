@@ -12,7 +12,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from orchestrator.canonical import to_jsonable
+from orchestrator.contracts.canonical import to_jsonable
 
 __all__ = ["RunSpec", "spec_digest"]
 
@@ -99,7 +99,7 @@ def spec_digest(message: dict[str, Any]) -> str:
     changes the digest, and the run is neither claimed nor executed).
 
     ``message`` holds JSON values only (``to_message()`` output, or a decoded message), so
-    the conversion pass of :func:`~orchestrator.canonical.canonical_json` is skipped: it
+    the conversion pass of :func:`~orchestrator.contracts.canonical.canonical_json` is skipped: it
     cost two thirds of the digest, computed once per run at registration and per delivery.
     """
     return hashlib.sha256(_encode_canonical(message).encode("utf-8")).hexdigest()

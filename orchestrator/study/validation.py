@@ -19,11 +19,11 @@ from typing import TYPE_CHECKING, Any
 
 import pydantic
 
-from orchestrator.errors import Problem
+from orchestrator.contracts.errors import Problem
 
 if TYPE_CHECKING:
-    from orchestrator.designs import Condition
-    from orchestrator.study import Factor, Study
+    from orchestrator.study.designs import Condition
+    from orchestrator.study.model import Factor, Study
 
 __all__ = [
     "apply_legacy_outcome_roles",
@@ -365,7 +365,7 @@ def _reference_problems(study: Study, payload: Mapping[str, Any]) -> list[Proble
     problems += _latin_square_problems(study)
     for index, constraint in enumerate(study.constraints):
         if constraint.expression is not None:
-            from orchestrator.constraints import check_expression
+            from orchestrator.study.constraints import check_expression
 
             reason = check_expression(constraint.expression)
             if reason is not None:
@@ -390,7 +390,7 @@ def _latin_square_problems(study: Study) -> list[Problem]:
     roles and lets the later role overwrite the earlier one's assignment, so the square's
     ``latin_square_row`` / ``latin_square_col`` metadata no longer matches the condition;
     studyq refuses it (docs/studies.md, "Stricter than upstream")."""
-    from orchestrator.study import DesignKind
+    from orchestrator.study.model import DesignKind
 
     spec = study.design_spec
     if spec.kind != DesignKind.LATIN_SQUARE:

@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from orchestrator.errors import Problem, StudyValidationError
+from orchestrator.contracts.errors import Problem, StudyValidationError
 
 __all__ = ["DEFAULT_MAX_STUDY_BYTES", "MAX_EXPANDED_NODES", "read_study_mapping"]
 

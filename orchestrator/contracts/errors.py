@@ -5,8 +5,8 @@
     StudyqError
     ├── StudyError                 a study file or reference is wrong (CLI exit 2, nothing written)
     │   ├── StudyValidationError   carries every problem found, each with file, field and fix
-    │   ├── ConstraintExpressionError   (orchestrator.constraints) a constraint cannot be evaluated
-    │   └── SettingsError          a setting, secret file or service password is wrong
+    │   ├── ConstraintExpressionError   (orchestrator.study.constraints) a constraint cannot be
+    evaluated │   └── SettingsError          a setting, secret file or service password is wrong
     ├── StoreError                 the result store refused or failed an operation
     │   ├── StudyConflictError     a different definition is already registered under a study_id
     │   ├── StoreURLError          the database URL cannot be parsed or names another backend
