@@ -274,7 +274,7 @@ import json, sys, time
 import orchestrator.distributed as d
 import orchestrator.executors.celery as transport_module
 import workers.app, workers.tasks  # imports before the clock
-from orchestrator.settings import load_settings
+from orchestrator.contracts.settings import load_settings
 
 path, db, broker, quiet_queue = sys.argv[1:5]
 marks = {"broker_s": 0.0}
@@ -556,8 +556,8 @@ def measure_studyq_drain(
     settings), time ready -> last run."""
     from sqlalchemy import text
 
+    from orchestrator.contracts.settings import load_settings
     from orchestrator.distributed import submit_study
-    from orchestrator.settings import load_settings
     from orchestrator.store import ResultStore
 
     queue = svc.queue(f"{agent}")
@@ -1044,8 +1044,8 @@ def phase_breakdown(svc: Services, n: int) -> str:
     from sqlalchemy import event
 
     import workers.runtask as runtask
+    from orchestrator.contracts.settings import load_settings
     from orchestrator.distributed import submit_study
-    from orchestrator.settings import load_settings
     from orchestrator.store import ResultStore
     from workers.config import WorkerSettings
     from workers.runtime import WorkerRuntime

@@ -306,8 +306,8 @@ def fill_store(study: Path, url: str) -> tuple[str, int, float]:
     batches of 2,000; returns (study_id, runs, seconds). Set-up, not the measured export."""
     from orchestrator.embedded import register
     from orchestrator.executors.embedded import ResolverSpec
-    from orchestrator.plan import prepare
     from orchestrator.store import ResultStore
+    from orchestrator.study.plan import prepare
     from workers.execution import execute_run
 
     started = time.perf_counter()

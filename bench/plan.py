@@ -183,9 +183,9 @@ def bench_studyq_cli(study: Path) -> Sample:
 
 def bench_studyq_inprocess(study: Path) -> Sample:
     """Iterate every run spec in this process, after loading and building the design."""
-    from orchestrator.designs import build_conditions
-    from orchestrator.plan import iter_run_specs
-    from orchestrator.study import load_study
+    from orchestrator.study.designs import build_conditions
+    from orchestrator.study.model import load_study
+    from orchestrator.study.plan import iter_run_specs
 
     loaded = load_study(study)
     conditions = build_conditions(loaded)
@@ -242,7 +242,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--check", action="store_true", help="exit 1 if a goal is missed")
     args = parser.parse_args(argv)
 
-    from orchestrator.plan import prepare
+    from orchestrator.study.plan import prepare
 
     with tempfile.TemporaryDirectory(prefix="studyq-bench-") as folder:
         million = write_study(Path(folder) / "million.yaml", "bench-million", replicates=50)

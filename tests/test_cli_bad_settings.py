@@ -17,7 +17,7 @@ import pytest
 from cli_support import _no_studyq_environment, one_clear_line, run_main  # noqa: F401
 
 from orchestrator.cli import EXIT_USAGE
-from orchestrator.errors import SettingsError
+from orchestrator.contracts.errors import SettingsError
 from workers.config import WorkerSettings, load_worker_settings
 
 # --- *_FILE secrets -------------------------------------------------------------------------

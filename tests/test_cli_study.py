@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 from orchestrator.cli import EXIT_OK, EXIT_USAGE, build_parser, main
-from orchestrator.plan import iter_run_specs
-from orchestrator.study import load_study
+from orchestrator.study.model import load_study
+from orchestrator.study.plan import iter_run_specs
 
 STUDY = """\
 study_id: cli-study

@@ -20,13 +20,13 @@ import types
 import pytest
 
 from orchestrator import constraints
-from orchestrator.constraints import (
+from orchestrator.contracts.errors import StudyError
+from orchestrator.study.constraints import (
     ConstraintExpressionError,
     build_context,
     check_expression,
     evaluate_expression,
 )
-from orchestrator.errors import StudyError
 
 CONTEXT_FACTORS = {
     "n": 2,

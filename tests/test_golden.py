@@ -31,7 +31,7 @@ from compat.harness import (
     studyq_records,
 )
 
-from orchestrator.canonical import canonical_json, sha256_hex
+from orchestrator.contracts.canonical import canonical_json, sha256_hex
 
 STUDIES = corpus_studies()
 

@@ -1,8 +1,8 @@
 """The run plan: fast ids equal the reference hashes, dispatch orders, counts and streaming.
 
-``orchestrator.plan`` assembles the canonical JSON of the run-id and seed payloads from
-pre-serialized parts instead of calling :func:`orchestrator.canonical.hash_identifier` and
-:func:`orchestrator.canonical.derive_seed` per run. These tests pin that shortcut to the
+``orchestrator.study.plan`` assembles the canonical JSON of the run-id and seed payloads from
+pre-serialized parts instead of calling :func:`orchestrator.contracts.canonical.hash_identifier` and
+:func:`orchestrator.contracts.canonical.derive_seed` per run. These tests pin that shortcut to the
 reference functions over thousands of randomized studies, and re-derive the upstream plan
 order (UPSTREAM.md 6.1) with plain nested loops.
 
@@ -27,11 +27,11 @@ from typing import Any
 
 import pytest
 
-from orchestrator.canonical import canonical_json, derive_seed, hash_identifier
-from orchestrator.designs import Condition, build_conditions
-from orchestrator.plan import iter_run_specs, plan_cells, summarize
-from orchestrator.runspec import RunSpec
-from orchestrator.study import Study, parse_study
+from orchestrator.contracts.canonical import canonical_json, derive_seed, hash_identifier
+from orchestrator.contracts.runspec import RunSpec
+from orchestrator.study.designs import Condition, build_conditions
+from orchestrator.study.model import Study, parse_study
+from orchestrator.study.plan import iter_run_specs, plan_cells, summarize
 
 # --- helpers ---------------------------------------------------------------------------------
 

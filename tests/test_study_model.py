@@ -16,9 +16,9 @@ from typing import Any
 
 import pytest
 
-from orchestrator.canonical import canonical_json
-from orchestrator.errors import StudyValidationError
-from orchestrator.study import DesignKind, Study, load_study, parse_study
+from orchestrator.contracts.canonical import canonical_json
+from orchestrator.contracts.errors import StudyValidationError
+from orchestrator.study.model import DesignKind, Study, load_study, parse_study
 
 BASE: dict[str, Any] = {"study_id": "model-test", "title": "Model test"}
 

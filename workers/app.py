@@ -49,9 +49,9 @@ from typing import Any
 from celery import Celery, signals
 from celery.worker import state as worker_state
 
-from orchestrator.errors import StoreError, StoreUnavailableError, StudyError
-from orchestrator.extensions import ExecutionPolicy
-from orchestrator.settings import Settings
+from orchestrator.contracts.errors import StoreError, StoreUnavailableError, StudyError
+from orchestrator.contracts.extensions import ExecutionPolicy
+from orchestrator.contracts.settings import Settings
 from orchestrator.store import ResultStore, mask_url
 from workers.config import WorkerSettings, load_worker_settings
 from workers.messages import TASK_NAME

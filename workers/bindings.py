@@ -30,8 +30,8 @@ from functools import cache
 from importlib.metadata import EntryPoint, entry_points
 from typing import Any
 
-from orchestrator.errors import BindingError
-from orchestrator.extensions import Bindings, check_reference
+from orchestrator.contracts.errors import BindingError
+from orchestrator.contracts.extensions import Bindings, check_reference
 
 __all__ = ["AGENT_GROUP", "PROBLEM_GROUP", "ProblemPacket", "Resolver"]
 

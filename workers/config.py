@@ -1,4 +1,5 @@
-"""The worker's knobs: the one :class:`~orchestrator.settings.Settings` plus what only workers
+"""The worker's knobs: the one :class:`~orchestrator.contracts.settings.Settings` plus what only
+workers
 read.
 
 :class:`WorkerSettings` *is* a ``Settings`` (a subclass reading the same ``STUDYQ_*``
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from orchestrator.settings import Settings, build_settings, load_settings
+from orchestrator.contracts.settings import Settings, build_settings, load_settings
 
 __all__ = ["WorkerSettings", "load_worker_settings"]
 
@@ -72,6 +73,6 @@ class WorkerSettings(Settings):
 
 
 def load_worker_settings(**overrides: object) -> WorkerSettings:
-    """:func:`~orchestrator.settings.load_settings` (environment, ``*_FILE`` secrets,
+    """:func:`~orchestrator.contracts.settings.load_settings` (environment, ``*_FILE`` secrets,
     overrides), extended with the worker-only fields from the environment."""
     return WorkerSettings.from_settings(load_settings(**overrides))

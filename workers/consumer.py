@@ -33,8 +33,8 @@ from urllib.parse import urlparse
 from celery.worker.consumer import Consumer
 from kombu.exceptions import ContentDisallowed
 
-from orchestrator.deadletters import Reason
-from orchestrator.settings import Settings
+from orchestrator.contracts.deadletters import Reason
+from orchestrator.contracts.settings import Settings
 from workers.messages import TASK_NAME
 from workers.poison import Poison
 from workers.quarantine import TRANSPORT, quarantine

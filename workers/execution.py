@@ -5,7 +5,7 @@ calls the agent under the run's seed (:mod:`workers.seeding`), evaluates its out
 problem's evaluator, and composes metrics, evaluation rows, event rows and provenance the way
 design-research-experiments' ``_execute_single_run`` does, so a run's outputs are the same
 whichever executor ran it, and the same as upstream's. A failing run is a
-:class:`~orchestrator.results.RunResult` with status ``failed``, never an exception.
+:class:`~orchestrator.contracts.results.RunResult` with status ``failed``, never an exception.
 
 The call contract (docs/agents.md): agents and runners receive keyword arguments by
 parameter name, exactly the names below that their signature declares (all of them when it
@@ -15,7 +15,7 @@ takes ``**kwargs``):
 ``problem_packet``  the :class:`~workers.bindings.ProblemPacket`
 ``problem``         ``packet.payload["problem_object"]`` when present, else the packet
 ``brief``           ``packet.brief``
-``run_spec``        the :class:`~orchestrator.runspec.RunSpec`
+``run_spec``        the :class:`~orchestrator.contracts.runspec.RunSpec`
 ``condition``       a :class:`RunCondition` (``condition_id``, ``factor_assignments``, ...)
 ``factors``         the condition's factor assignments (studyq addition)
 ``seed``            the run seed (``int``)
@@ -50,10 +50,10 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from orchestrator.canonical import canonical_json, hash_identifier, to_jsonable
-from orchestrator.errors import BindingError, RunTimeoutError
-from orchestrator.results import ErrorKind, RunResult, RunStatus
-from orchestrator.runspec import RunSpec
+from orchestrator.contracts.canonical import canonical_json, hash_identifier, to_jsonable
+from orchestrator.contracts.errors import BindingError, RunTimeoutError
+from orchestrator.contracts.results import ErrorKind, RunResult, RunStatus
+from orchestrator.contracts.runspec import RunSpec
 from workers.bindings import ProblemPacket, Resolver
 from workers.seeding import global_seed, make_rng
 

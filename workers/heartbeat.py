@@ -32,9 +32,9 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from enum import StrEnum
 
-from orchestrator.errors import StoreError, StoreUnavailableError
-from orchestrator.results import ErrorKind, RunResult, RunStatus
-from orchestrator.runspec import RunSpec
+from orchestrator.contracts.errors import StoreError, StoreUnavailableError
+from orchestrator.contracts.results import ErrorKind, RunResult, RunStatus
+from orchestrator.contracts.runspec import RunSpec
 from orchestrator.store import Claim, ResultStore
 from workers.interrupt import MainThreadInterrupt
 from workers.retrying import retry_unavailable

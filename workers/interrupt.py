@@ -4,7 +4,7 @@ Python code can only be interrupted from outside by a signal, and only on the ma
 prefork pool's children and the solo pool execute runs there, so a worker can:
 
 * enforce the soft time limit: ``SIGALRM`` from an interval timer raises
-  :class:`~orchestrator.errors.RunTimeoutError` inside the agent, which
+  :class:`~orchestrator.contracts.errors.RunTimeoutError` inside the agent, which
   :func:`~workers.execution.execute_run` records as a failed run of kind ``timeout``;
 * stop a run whose lease is gone (:class:`LeaseLost`) or that a warm shutdown hands back
   (:class:`HandBack`): the supervisor thread sends ``SIGALRM`` to the main thread with a
@@ -30,7 +30,7 @@ from contextlib import contextmanager
 from types import FrameType
 from typing import Any
 
-from orchestrator.errors import RunTimeoutError
+from orchestrator.contracts.errors import RunTimeoutError
 
 __all__ = ["HandBack", "LeaseLost", "MainThreadInterrupt", "deferred_termination", "on_main_thread"]
 

@@ -32,7 +32,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from orchestrator.runspec import RunSpec
+from orchestrator.contracts.runspec import RunSpec
 
 __all__ = [
     "CONTENT_ENCODING",

@@ -2,7 +2,7 @@
 
 :func:`inspect_envelope` takes one item exactly as it came off a Redis list and either returns
 the decoded kombu envelope, which kombu and Celery can then handle without an exception, or
-raises :class:`Poison` with a :class:`~orchestrator.deadletters.Reason` and a readable
+raises :class:`Poison` with a :class:`~orchestrator.contracts.deadletters.Reason` and a readable
 detail. It is a plain function, tested without Redis or Celery; the transport
 (:mod:`workers.quarantine`) moves poison to the dead-letter list. A message is accepted only
 if it is what studyq's publisher (:mod:`workers.messages`) or Celery's ``send_task`` with
@@ -30,7 +30,7 @@ from typing import Any
 
 from kombu.utils import json as _kombu_json
 
-from orchestrator.deadletters import Reason
+from orchestrator.contracts.deadletters import Reason
 
 __all__ = ["Poison", "inspect_envelope"]
 

@@ -15,8 +15,8 @@ So the worker's consumer connects through :class:`QuarantineTransport` (kombu's 
 transport with :class:`QuarantineChannel`), whose channel checks each popped item with
 :func:`workers.poison.inspect_envelope` *before* kombu decodes it. An item that fails is
 logged once at ERROR, pushed onto the queue's dead-letter list
-(:mod:`orchestrator.deadletters`) and dropped: BRPOP already took it off the queue, it never
-entered kombu's ``unacked`` hash, so nothing else is restored or redelivered because of it.
+(:mod:`orchestrator.contracts.deadletters`) and dropped: BRPOP already took it off the queue, it
+never entered kombu's ``unacked`` hash, so nothing else is restored or redelivered because of it.
 Broadcasts (remote control, events) are checked as envelopes and dropped when bad.
 
 Only the consuming connection of a worker uses this transport; publishers and the
@@ -39,8 +39,8 @@ import redis
 from kombu.transport import redis as _kombu_redis
 from kombu.utils import encoding as _kombu_encoding
 
-from orchestrator.deadletters import DEAD_LETTER_LIMIT, DeadLetter, dead_letter_key
-from orchestrator.settings import Settings
+from orchestrator.contracts.deadletters import DEAD_LETTER_LIMIT, DeadLetter, dead_letter_key
+from orchestrator.contracts.settings import Settings
 from workers.messages import TASK_NAME
 from workers.poison import Poison, check_envelope, inspect_envelope
 
@@ -96,7 +96,7 @@ def quarantine(
     channel: Any, poison: Poison, *, queue: str, raw: bytes | str, worker: str
 ) -> DeadLetter:
     """Log ``poison`` once at ERROR and push it onto ``queue``'s dead-letter list (trimmed to
-    :data:`~orchestrator.deadletters.DEAD_LETTER_LIMIT`), through ``channel``'s connection
+    :data:`~orchestrator.contracts.deadletters.DEAD_LETTER_LIMIT`), through ``channel``'s connection
     pool. The caller acknowledges or drops the message itself.
 
     Raises:

@@ -1,7 +1,7 @@
 """Retrying a store call through a database outage, with capped exponential backoff.
 
-Only :class:`~orchestrator.errors.StoreUnavailableError` is retried: the store raises it when
-the database cannot be reached, is locked or aborted the transaction, i.e. when the same call
+Only :class:`~orchestrator.contracts.errors.StoreUnavailableError` is retried: the store raises it
+when the database cannot be reached, is locked or aborted the transaction, i.e. when the same call
 can succeed later. Every other error is a bug or a refusal and is raised at once. Each retry is
 logged with what was being done, the try number, the wait and the time left, so an operator
 watching the worker log sees an outage and its end.
@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from typing import TypeVar
 
-from orchestrator.errors import StoreUnavailableError
+from orchestrator.contracts.errors import StoreUnavailableError
 
 __all__ = ["FIRST_DELAY_S", "MAX_DELAY_S", "retry_unavailable"]
 

@@ -46,9 +46,9 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
-from orchestrator.errors import RunTimeoutError, StoreError, StudyqError
-from orchestrator.results import ErrorKind, RunResult, RunStatus
-from orchestrator.runspec import RunSpec, spec_digest
+from orchestrator.contracts.errors import RunTimeoutError, StoreError, StudyqError
+from orchestrator.contracts.results import ErrorKind, RunResult, RunStatus
+from orchestrator.contracts.runspec import RunSpec, spec_digest
 from orchestrator.store import Claim
 from orchestrator.store.registration import describe_difference
 from workers.execution import execute_run

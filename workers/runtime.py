@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from pydantic import ValidationError
 
-from orchestrator.extensions import Bindings, ExecutionPolicy
+from orchestrator.contracts.extensions import Bindings, ExecutionPolicy
 from orchestrator.store import ResultStore, StudyInfo, create_engine_for
 from workers.bindings import Resolver
 from workers.claims import ClaimBatcher

@@ -35,9 +35,9 @@ from celery.utils.time import utcoffset
 from celery.worker import state as worker_state
 from celery.worker.request import Request
 
-from orchestrator.deadletters import Reason
-from orchestrator.errors import BrokerUnavailableError, StoreUnavailableError, StudyError
-from orchestrator.runspec import RunSpec
+from orchestrator.contracts.deadletters import Reason
+from orchestrator.contracts.errors import BrokerUnavailableError, StoreUnavailableError, StudyError
+from orchestrator.contracts.runspec import RunSpec
 from orchestrator.store import mask_url
 from workers.messages import (
     CONTENT_ENCODING,

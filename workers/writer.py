@@ -36,8 +36,8 @@ import time
 from collections import deque
 from collections.abc import Callable
 
-from orchestrator.errors import StoreError, StoreUnavailableError
-from orchestrator.results import RunResult
+from orchestrator.contracts.errors import StoreError, StoreUnavailableError
+from orchestrator.contracts.results import RunResult
 from orchestrator.store import Claim, ResultStore
 from workers.retrying import retry_unavailable
 

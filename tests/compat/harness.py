@@ -18,11 +18,11 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from orchestrator.canonical import canonical_json, to_jsonable
-from orchestrator.designs import build_conditions
-from orchestrator.errors import StudyError
-from orchestrator.plan import iter_run_specs
-from orchestrator.study import load_study
+from orchestrator.contracts.canonical import canonical_json, to_jsonable
+from orchestrator.contracts.errors import StudyError
+from orchestrator.study.designs import build_conditions
+from orchestrator.study.model import load_study
+from orchestrator.study.plan import iter_run_specs
 
 __all__ = [
     "CORPUS_DIR",

@@ -28,12 +28,12 @@ from deploy_pg import HOST, KINDS, PG_PORT, Roles, RolesCluster, admin_connect, 
 from psycopg import errors
 
 from orchestrator.cli import main as studyq_main
+from orchestrator.contracts.results import ErrorKind, RunResult, RunStatus
 from orchestrator.embedded import register
 from orchestrator.export import export_artifacts
-from orchestrator.plan import prepare
-from orchestrator.results import ErrorKind, RunResult, RunStatus
 from orchestrator.store import Claim, ResultStore
-from orchestrator.study import parse_study
+from orchestrator.study.model import parse_study
+from orchestrator.study.plan import prepare
 
 pytestmark = pytest.mark.integration
 

@@ -27,13 +27,13 @@ from psycopg import errors
 from sqlalchemy import text
 
 from orchestrator.cli import main as studyq_main
+from orchestrator.contracts.results import RunResult, RunStatus
 from orchestrator.embedded import register
-from orchestrator.plan import prepare
-from orchestrator.results import RunResult, RunStatus
 from orchestrator.store import Claim, ResultStore, create_engine_for, current_revision, upgrade
 from orchestrator.store import attempts as store_attempts
 from orchestrator.store.schema import alembic_config, head_revision
-from orchestrator.study import parse_study
+from orchestrator.study.model import parse_study
+from orchestrator.study.plan import prepare
 
 pytestmark = pytest.mark.integration
 

@@ -309,8 +309,8 @@ def redis_broker() -> Iterator[tuple[str, str]]:
 def test_array_tasks_run_a_sweep_as_the_worker_role_and_stop_warmly_on_sigterm(
     roles_cluster: RolesCluster, redis_broker: tuple[str, str], tmp_path: Path
 ) -> None:
+    from orchestrator.contracts.settings import Settings
     from orchestrator.distributed import submit_study, wait_study
-    from orchestrator.settings import Settings
     from orchestrator.store import ResultStore
 
     roles = roles_cluster.roles

@@ -9,11 +9,11 @@ from typing import Any
 
 from dist_services import BROKER_URL
 
+from orchestrator.contracts.runspec import RunSpec
 from orchestrator.embedded import register
-from orchestrator.plan import prepare
-from orchestrator.runspec import RunSpec
 from orchestrator.store import ResultStore
-from orchestrator.study import parse_study
+from orchestrator.study.model import parse_study
+from orchestrator.study.plan import prepare
 from workers.config import WorkerSettings
 
 TEST_GRACE_S = 1.0

@@ -18,10 +18,10 @@ from dist_services import BROKER_URL, WorkerProcess, redis_client
 from test_celery_workers import wait_for
 
 from orchestrator.cli import main as studyq_main
+from orchestrator.contracts.settings import Settings
 from orchestrator.distributed import cancel, submit_study, wait_study
-from orchestrator.settings import Settings
 from orchestrator.store import ResultStore
-from orchestrator.study import Study, parse_study
+from orchestrator.study.model import Study, parse_study
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(90)]
 

@@ -16,8 +16,8 @@ from dist_services import WorkerPair
 from dist_studies import Sweep, make_sweep
 from test_celery_workers import finished, wait_for
 
-from orchestrator.deadletters import DeadLetter, dead_letter_key
-from orchestrator.runspec import RunSpec
+from orchestrator.contracts.deadletters import DeadLetter, dead_letter_key
+from orchestrator.contracts.runspec import RunSpec
 from orchestrator.store import ResultStore
 from workers.app import StudyqCelery
 from workers.tasks import publish_runs

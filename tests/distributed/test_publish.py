@@ -15,8 +15,8 @@ import redis
 from dist_studies import make_sweep, worker_settings
 
 from orchestrator.cli import build_parser, worker_commands
-from orchestrator.errors import StudyError
-from orchestrator.runspec import RunSpec
+from orchestrator.contracts.errors import StudyError
+from orchestrator.contracts.runspec import RunSpec
 from orchestrator.store import ResultStore
 from workers.app import StudyqCelery, create_app
 from workers.messages import TASK_NAME, DeliveryTags, MessageBuilder

@@ -22,11 +22,11 @@ from dist_studies import make_sweep
 from sqlalchemy import update
 
 from orchestrator import distributed
-from orchestrator.errors import BrokerUnavailableError
+from orchestrator.contracts.errors import BrokerUnavailableError
+from orchestrator.contracts.runspec import RunSpec
+from orchestrator.contracts.settings import Settings
 from orchestrator.executors import celery as celery_executor
 from orchestrator.executors.celery import CeleryTransport
-from orchestrator.runspec import RunSpec
-from orchestrator.settings import Settings
 from orchestrator.store import ResultStore
 from orchestrator.store.models import RunRow
 from orchestrator.store.sqltypes import db_now_plus

@@ -7,8 +7,8 @@ import threading
 
 import pytest
 
+from orchestrator.contracts.errors import StoreUnavailableError
 from orchestrator.distributed import _pages_ahead
-from orchestrator.errors import StoreUnavailableError
 
 pytestmark = pytest.mark.timeout(20)
 

@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 from dist_studies import make_sweep
 
-from orchestrator.errors import StoreUnavailableError
-from orchestrator.results import RunResult, RunStatus
+from orchestrator.contracts.errors import StoreUnavailableError
+from orchestrator.contracts.results import RunResult, RunStatus
 from orchestrator.store import Claim, ResultStore, create_engine_for
 from workers.claims import ClaimBatcher
 from workers.runtask import Outcome, run_delivery

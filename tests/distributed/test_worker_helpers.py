@@ -10,9 +10,9 @@ from types import FrameType
 
 import pytest
 
-from orchestrator.canonical import canonical_json, sha256_hex
-from orchestrator.errors import StoreError, StoreUnavailableError
-from orchestrator.runspec import RunSpec, spec_digest
+from orchestrator.contracts.canonical import canonical_json, sha256_hex
+from orchestrator.contracts.errors import StoreError, StoreUnavailableError
+from orchestrator.contracts.runspec import RunSpec, spec_digest
 from orchestrator.store import StudyInfo
 from workers.interrupt import deferred_termination
 from workers.retrying import MAX_DELAY_S, retry_unavailable

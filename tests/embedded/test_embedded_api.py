@@ -10,7 +10,7 @@ from embedded_agents import doubling
 from embedded_support import factor, write_study
 
 from orchestrator.api import export_study, resume_study, run_study
-from orchestrator.errors import StudyError
+from orchestrator.contracts.errors import StudyError
 
 RUNS = 2 * 4
 

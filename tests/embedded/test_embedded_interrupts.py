@@ -33,8 +33,8 @@ from embedded_support import (
 
 from orchestrator.api import run_study
 from orchestrator.embedded import register
-from orchestrator.plan import prepare
 from orchestrator.store import ResultStore
+from orchestrator.study.plan import prepare
 
 EXIT_INTERRUPTED = 130
 RUNS = 400

@@ -35,9 +35,9 @@ from embedded_support import (
 )
 
 from orchestrator.embedded import register
-from orchestrator.plan import prepare
 from orchestrator.store import ResultStore
 from orchestrator.store.models import AttemptOutcome
+from orchestrator.study.plan import prepare
 
 DEAD = "embedded:ghost-host:101:7"
 ALSO_DEAD = "embedded:ghost-host:102:7"

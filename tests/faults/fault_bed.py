@@ -24,8 +24,8 @@ from fault_services import Worker, Workers, wait_until
 from fault_study import Shape, prepared, write_study_file
 from sqlalchemy import text
 
+from orchestrator.contracts.settings import Settings
 from orchestrator.distributed import SubmitReport, WaitReport, submit_study, wait_study
-from orchestrator.settings import Settings
 from orchestrator.store import ResultStore
 
 SETTLE_S = 0.3

@@ -17,8 +17,8 @@ from typing import Any
 import yaml
 
 from orchestrator.api import run_study
-from orchestrator.plan import PreparedStudy, prepare
-from orchestrator.study import Study, parse_study
+from orchestrator.study.model import Study, parse_study
+from orchestrator.study.plan import PreparedStudy, prepare
 
 AGENT_REFERENCE = "fault_agents:counted_sleep"
 

@@ -11,8 +11,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from orchestrator.deadletters import Reason
-from orchestrator.runspec import RunSpec
+from orchestrator.contracts.deadletters import Reason
+from orchestrator.contracts.runspec import RunSpec
 from workers.messages import MessageBuilder
 
 LARGE_BYTES = 1024 * 1024 + 4096

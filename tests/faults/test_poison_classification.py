@@ -1,6 +1,6 @@
 """The check every popped broker item goes through (``workers.poison``), the dead-letter entry
-(``orchestrator.deadletters``) and the quarantine transport (``workers.quarantine``), without
-Celery: the classification is a plain function; the transport runs on kombu and the real
+(``orchestrator.contracts.deadletters``) and the quarantine transport (``workers.quarantine``),
+without Celery: the classification is a plain function; the transport runs on kombu and the real
 Redis. ``test_poison_messages.py`` sends the same messages to real workers."""
 
 from __future__ import annotations
@@ -21,10 +21,10 @@ from kombu import Connection, Consumer, Exchange, Queue
 from kombu.exceptions import ContentDisallowed
 from poison_catalogue import LARGE_BYTES, Hostile, genuine, hostile_messages
 
-from orchestrator.deadletters import RAW_LIMIT, DeadLetter, Reason, dead_letter_key
-from orchestrator.errors import StudyError
-from orchestrator.runspec import RunSpec
-from orchestrator.settings import Settings
+from orchestrator.contracts.deadletters import RAW_LIMIT, DeadLetter, Reason, dead_letter_key
+from orchestrator.contracts.errors import StudyError
+from orchestrator.contracts.runspec import RunSpec
+from orchestrator.contracts.settings import Settings
 from workers import quarantine as quarantine_module
 from workers.app import create_app
 from workers.consumer import StudyqConsumer

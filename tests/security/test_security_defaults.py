@@ -32,10 +32,10 @@ from kombu.serialization import dumps, loads, prepare_accept_content
 from security_services import MASK, find_canary, free_port, make_canary
 
 from orchestrator.cli import EXIT_CONNECT, EXIT_USAGE, main
-from orchestrator.errors import SettingsError
-from orchestrator.results import ErrorKind, RunStatus
-from orchestrator.runspec import RunSpec
-from orchestrator.settings import Settings, load_settings
+from orchestrator.contracts.errors import SettingsError
+from orchestrator.contracts.results import ErrorKind, RunStatus
+from orchestrator.contracts.runspec import RunSpec
+from orchestrator.contracts.settings import Settings, load_settings
 from orchestrator.store import mask_url
 from orchestrator.store.records import StudyInfo
 from workers.app import create_app

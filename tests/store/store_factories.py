@@ -8,8 +8,8 @@ from typing import Any
 
 from sqlalchemy import update
 
-from orchestrator.results import ErrorKind, RunResult, RunStatus
-from orchestrator.runspec import RunSpec
+from orchestrator.contracts.results import ErrorKind, RunResult, RunStatus
+from orchestrator.contracts.runspec import RunSpec
 from orchestrator.store import Claim, RegisterReport, ResultStore
 from orchestrator.store.models import RunRow
 from orchestrator.store.sqltypes import db_now_plus

@@ -20,7 +20,7 @@ from store_factories import STUDY_ID, claim, make_result, queue_all, register
 
 from orchestrator import distributed
 from orchestrator.cli import main as studyq_main
-from orchestrator.settings import Settings
+from orchestrator.contracts.settings import Settings
 from orchestrator.store import Claim, ResultStore, create_engine_for
 from orchestrator.store.engine import transaction
 from orchestrator.store.recovery import CancelReport, cancel_study
@@ -194,9 +194,7 @@ def test_a_run_a_cancel_left_running_is_cancelled_when_it_comes_back_not_run_aga
     assert bed.store.release_run(bed.running[1])
     with transaction(bed.store.engine) as connection:
         connection.execute(
-            text(
-                "UPDATE runs SET lease_expires_at = :past WHERE study_id = :s AND plan_index = 2"
-            ),
+            text("UPDATE runs SET lease_expires_at = :past WHERE study_id = :s AND plan_index = 2"),
             {"past": "2000-01-01 00:00:00+00:00", "s": STUDY_ID},
         )
     # Then no delivery can claim run 1 again, and reconcile cancels both instead of

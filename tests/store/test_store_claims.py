@@ -9,8 +9,8 @@ import pytest
 from sqlalchemy import update
 from store_factories import STUDY_ID, claim, expire_lease, make_result, queue_all, register
 
-from orchestrator.errors import StoreError
-from orchestrator.results import ErrorKind, RunStatus
+from orchestrator.contracts.errors import StoreError
+from orchestrator.contracts.results import ErrorKind, RunStatus
 from orchestrator.store import Claim, ResultStore
 from orchestrator.store.attempts import MAX_MESSAGE_CHARS, MAX_TRACEBACK_CHARS
 from orchestrator.store.models import RunRow

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select, text
 
-from orchestrator.errors import StoreError, StoreUnavailableError
+from orchestrator.contracts.errors import StoreError, StoreUnavailableError
 from orchestrator.store import ResultStore, create_engine_for, mask_url, normalize_url
 from orchestrator.store.engine import _json_safe, is_sqlite, transaction
 from orchestrator.store.sqltypes import db_now, db_now_plus

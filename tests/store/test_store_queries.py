@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from store_factories import STUDY_ID, claim, make_result, queue_all, register
 
-from orchestrator.results import RunStatus
+from orchestrator.contracts.results import RunStatus
 from orchestrator.store import ResultStore
 
 

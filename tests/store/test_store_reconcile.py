@@ -11,8 +11,8 @@ from sqlalchemy import text, update
 from sqlalchemy.engine import Connection
 from store_factories import STUDY_ID, claim, expire_lease, make_result, queue_all, register
 
-from orchestrator.errors import StoreError, StoreUnavailableError
-from orchestrator.results import ErrorKind, RunStatus
+from orchestrator.contracts.errors import StoreError, StoreUnavailableError
+from orchestrator.contracts.results import ErrorKind, RunStatus
 from orchestrator.store import ReconcileReport, ResultStore, recovery
 from orchestrator.store.models import RunRow
 from orchestrator.store.sqltypes import db_now_plus

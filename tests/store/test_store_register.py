@@ -11,12 +11,12 @@ import pytest
 from store_factories import DEFINITION, STUDY_ID, make_conditions, make_specs, register
 
 from orchestrator import embedded
-from orchestrator.errors import StoreError, StudyConflictError
-from orchestrator.plan import prepare
-from orchestrator.runspec import RunSpec
+from orchestrator.contracts.errors import StoreError, StudyConflictError
+from orchestrator.contracts.runspec import RunSpec
 from orchestrator.store import RegisterReport, ResultStore
 from orchestrator.store.registration import describe_difference
-from orchestrator.study import parse_study
+from orchestrator.study.model import parse_study
+from orchestrator.study.plan import prepare
 
 
 def test_register_creates_study_conditions_and_runs(store: ResultStore) -> None:

@@ -13,7 +13,7 @@ from alembic.runtime.migration import MigrationContext
 from sqlalchemy import inspect, text
 from store_pg import create_pg_database, drop_pg_database
 
-from orchestrator.errors import StoreError
+from orchestrator.contracts.errors import StoreError
 from orchestrator.store import (
     ResultStore,
     create_engine_for,

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from orchestrator.runspec import RunSpec
+from orchestrator.contracts.runspec import RunSpec
 from workers import bindings
 
 

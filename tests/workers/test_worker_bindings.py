@@ -14,10 +14,10 @@ from typing import Any
 
 import pytest
 
-from orchestrator.errors import BindingError
-from orchestrator.extensions import Bindings
-from orchestrator.results import RunStatus
-from orchestrator.runspec import RunSpec
+from orchestrator.contracts.errors import BindingError
+from orchestrator.contracts.extensions import Bindings
+from orchestrator.contracts.results import RunStatus
+from orchestrator.contracts.runspec import RunSpec
 from workers import bindings
 from workers.bindings import ProblemPacket, Resolver
 from workers.demo import agents as demo_agents

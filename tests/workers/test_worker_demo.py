@@ -13,8 +13,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from orchestrator.results import ErrorKind, RunStatus
-from orchestrator.runspec import RunSpec
+from orchestrator.contracts.results import ErrorKind, RunStatus
+from orchestrator.contracts.runspec import RunSpec
 from workers.bindings import Resolver
 from workers.demo import agents
 from workers.demo.problems import DesignProblem, beam_design, spring_design

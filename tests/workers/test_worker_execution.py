@@ -14,11 +14,11 @@ from typing import Any
 import numpy as np
 import pytest
 
-from orchestrator.canonical import hash_identifier
-from orchestrator.errors import BindingError, RunTimeoutError
-from orchestrator.extensions import Bindings
-from orchestrator.results import ErrorKind, RunResult, RunStatus
-from orchestrator.runspec import RunSpec
+from orchestrator.contracts.canonical import hash_identifier
+from orchestrator.contracts.errors import BindingError, RunTimeoutError
+from orchestrator.contracts.extensions import Bindings
+from orchestrator.contracts.results import ErrorKind, RunResult, RunStatus
+from orchestrator.contracts.runspec import RunSpec
 from workers.bindings import ProblemPacket, Resolver
 from workers.execution import RunCondition, RunOutput, agent_result, execute_run
 

@@ -15,12 +15,12 @@ from pathlib import Path
 
 import pytest
 
+from orchestrator.contracts.errors import SettingsError
+from orchestrator.contracts.results import ErrorKind, RunStatus
+from orchestrator.contracts.runspec import RunSpec
 from orchestrator.embedded import register
-from orchestrator.errors import SettingsError
-from orchestrator.plan import prepare
-from orchestrator.results import ErrorKind, RunStatus
-from orchestrator.runspec import RunSpec
 from orchestrator.store import ResultStore
+from orchestrator.study.plan import prepare
 from workers.config import WorkerSettings, load_worker_settings
 from workers.execution import execute_run
 from workers.runtime import StudyContext, WorkerRuntime
