@@ -51,6 +51,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from orchestrator.contracts.canonical import canonical_json, hash_identifier, to_jsonable
+from orchestrator.contracts.conditions import Condition
 from orchestrator.contracts.errors import BindingError, RunTimeoutError
 from orchestrator.contracts.results import ErrorKind, RunResult, RunStatus
 from orchestrator.contracts.runspec import RunSpec
@@ -86,16 +87,8 @@ _AUTO_EVENT_META = canonical_json({"auto_generated": True})
 _TIMEOUT_TYPE_NAMES = frozenset({"RunTimeoutError", "SoftTimeLimitExceeded"})
 
 
-@dataclass(slots=True)
-class RunCondition:
-    """The condition a run belongs to, shaped like the upstream ``Condition``."""
-
-    condition_id: str
-    factor_assignments: dict[str, Any]
-    block_assignments: dict[str, Any]
-    metadata: dict[str, Any] = field(default_factory=dict)
-    admissible: bool = True
-    constraint_messages: list[str] = field(default_factory=list)
+RunCondition = Condition
+"""The condition a run belongs to: the planner's own type, under the name agents import."""
 
 
 @dataclass(slots=True)

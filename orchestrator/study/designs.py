@@ -15,12 +15,12 @@ import json
 import random
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 from importlib import import_module
 from pathlib import Path
 from typing import Any, TypeGuard
 
 from orchestrator.contracts.canonical import canonical_json, hash_identifier
+from orchestrator.contracts.conditions import Condition, condition_label
 from orchestrator.contracts.errors import Problem, StudyValidationError
 from orchestrator.study.model import Constraint, DesignKind, Factor, Study
 
@@ -32,37 +32,6 @@ _ROW_KINDS = {
     DesignKind.LATIN_HYPERCUBE,
     DesignKind.FRACTIONAL_FACTORIAL_2LEVEL,
 }
-
-
-@dataclass(slots=True)
-class Condition:
-    """One realized treatment combination; inadmissible ones stay listed but get no runs."""
-
-    condition_id: str
-    factor_assignments: dict[str, Any]
-    block_assignments: dict[str, Any]
-    metadata: dict[str, Any] = field(default_factory=dict)
-    admissible: bool = True
-    constraint_messages: list[str] = field(default_factory=list)
-
-    @property
-    def fingerprint(self) -> str:
-        return str(self.metadata.get("fingerprint", ""))
-
-    @property
-    def label(self) -> str:
-        """A short readable name for progress output and Flower."""
-        return condition_label(self)
-
-
-def condition_label(condition: Any) -> str:
-    """The readable name of a condition, planned or stored (anything with ``metadata``,
-    ``factor_assignments``, ``block_assignments`` and ``condition_id``)."""
-    if condition.metadata.get("condition_label"):
-        return str(condition.metadata["condition_label"])
-    parts = [f"{key}={value}" for key, value in condition.factor_assignments.items()]
-    parts += [f"{key}={value}" for key, value in condition.block_assignments.items()]
-    return ", ".join(parts) or str(condition.condition_id)
 
 
 def _rng(seed: Any) -> random.Random:
