@@ -19,10 +19,10 @@ import types
 
 import pytest
 
-from orchestrator import constraints
 from orchestrator.contracts.errors import StudyError
 from orchestrator.study.constraints import (
     ConstraintExpressionError,
+    _compiler,
     build_context,
     check_expression,
     evaluate_expression,
@@ -253,10 +253,10 @@ def test_error_is_a_study_error() -> None:
 def test_same_expression_is_compiled_once() -> None:
     # The same text is evaluated for every condition of a design; it is parsed only once.
     expression = "n * 3 == 6 and tag != 'cache-probe'"
-    before = constraints._program.cache_info()
+    before = _compiler.program.cache_info()
     for _ in range(50):
         assert evaluate_expression(expression, CONTEXT) is True
-    after = constraints._program.cache_info()
+    after = _compiler.program.cache_info()
     assert after.misses - before.misses == 1
     assert after.hits - before.hits == 49
 
