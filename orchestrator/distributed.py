@@ -15,20 +15,21 @@ holds fewer messages for the study's queue than the study has queued runs (see
 from __future__ import annotations
 
 import contextlib
-import queue
-import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
-from orchestrator.contracts.errors import BrokerUnavailableError, StoreUnavailableError, StudyError
+from orchestrator.contracts.broker import supported_broker_url
+from orchestrator.contracts.errors import StoreUnavailableError, StudyError
 from orchestrator.contracts.results import RunStatus
 from orchestrator.contracts.runspec import RunSpec
-from orchestrator.contracts.settings import Settings, load_settings, secure_broker_url
+from orchestrator.contracts.settings import Settings, load_settings
 from orchestrator.embedded import register
+from orchestrator.executors.transport import open_transport
 from orchestrator.progress import Progress
+from orchestrator.reconcile import Reconciler, done_count, enqueue_planned
 from orchestrator.store import ResultStore
 from orchestrator.store.engine import transaction
 from orchestrator.store.recovery import CancelReport, cancel_study
@@ -57,12 +58,7 @@ def _broker(settings: Settings, broker: str | None) -> str:
             "no broker: pass --broker redis://HOST:6379/0 or set STUDYQ_BROKER_URL "
             "(or use `studyq run` without a broker to run on this machine)."
         )
-    if not url.startswith(("redis://", "rediss://", "unix://")):
-        raise StudyError(
-            f"broker URL must start with redis:// or rediss:// (got '{url.split('://')[0]}://'). "
-            "Fix: e.g. --broker redis://127.0.0.1:6379/0"
-        )
-    return secure_broker_url(url)
+    return supported_broker_url(url, source="--broker" if broker else "STUDYQ_BROKER_URL")
 
 
 @dataclass(slots=True)
@@ -77,84 +73,8 @@ class SubmitReport:
     seconds: float
 
 
-_Item = TypeVar("_Item")
-
-
 def _labels(conditions: Iterable[Any]) -> dict[str, str]:
     return {condition.condition_id: condition_label(condition) for condition in conditions}
-
-
-def _pages_ahead(next_page: Callable[[], list[_Item]]) -> Iterator[list[_Item]]:
-    """The pages ``next_page`` returns until the first empty one, each fetched on a thread
-    while the caller works on the one before: marking page n+1 queued (the database) waits
-    while page n is published (the broker). An error of ``next_page`` is raised here, in the
-    caller's thread; a caller that stops early (its publish failed) never waits for the
-    fetcher, whatever it is doing."""
-    ready: queue.Queue[tuple[list[_Item] | None, BaseException | None]] = queue.Queue(1)
-    stop = threading.Event()
-
-    def hand_over(item: tuple[list[_Item] | None, BaseException | None]) -> None:
-        while not stop.is_set():
-            try:
-                ready.put(item, timeout=0.1)
-                return
-            except queue.Full:
-                continue
-
-    def fetch() -> None:
-        while not stop.is_set():
-            try:
-                page = next_page()
-            except BaseException as error:  # handed to the caller, raised there
-                hand_over((None, error))
-                return
-            hand_over((page, None))
-            if not page:
-                return
-
-    fetcher = threading.Thread(target=fetch, name="studyq-queue-pages", daemon=True)
-    fetcher.start()
-    try:
-        while True:
-            page, error = ready.get()
-            if error is not None:
-                raise error
-            if not page:
-                return
-            yield page
-    finally:
-        stop.set()
-        fetcher.join()
-
-
-def _enqueue_planned(
-    store: ResultStore,
-    transport: Any,
-    study_id: str,
-    *,
-    labels: Mapping[str, str],
-    queue: str,
-    timeout_s: float | None,
-    batch: int,
-    progress: Progress | None = None,
-) -> int:
-    """Mark every ``planned`` run queued, page by page, and publish the ones this call won.
-
-    Marking first means a message always names a claimable run; a crash between the two
-    leaves queued runs without a message (at most two pages: the next page is marked while
-    this one is published), which reconcile re-publishes after ``queued_timeout_s``. Only
-    the coordinator whose update won a run publishes it.
-    """
-    published = 0
-    for page in _pages_ahead(lambda: store.queue_next(study_id, batch=batch)):
-        published += transport.publish(
-            [(spec, attempt, labels.get(spec.condition_id, "")) for spec, attempt in page],
-            queue=queue,
-            timeout_s=timeout_s,
-        )
-        if progress is not None:
-            progress.update(len(page))
-    return published
 
 
 def submit_study(
@@ -166,8 +86,6 @@ def submit_study(
     show_progress: bool | None = None,
 ) -> SubmitReport:
     """Register ``study`` and publish every run that still needs running, idempotently."""
-    from orchestrator.executors.celery import CeleryTransport
-
     settings = settings or load_settings()
     broker_url = _broker(settings, broker)
     prepared = prepare(study, max_bytes=settings.max_study_bytes)
@@ -176,13 +94,13 @@ def submit_study(
     # The broker is checked before anything is registered: an unreachable broker changes
     # nothing in the store.
     with (
-        CeleryTransport(settings, broker_url) as transport,
+        open_transport(settings, broker_url) as transport,
         ResultStore.open(db or settings.database_url) as store,
     ):
         report = register(store, prepared)
         labels = _labels(prepared.conditions)
         with Progress(prepared.summary.planned, desc="publish", show=show_progress) as progress:
-            published = _enqueue_planned(
+            published = enqueue_planned(
                 store,
                 transport,
                 study.study_id,
@@ -228,19 +146,14 @@ def wait_study(
     show_progress: bool | None = None,
     timeout_s: float | None = None,
 ) -> WaitReport:
-    """Watch the store until every run is terminal, reconciling as it goes.
+    """Watch the store until every run is terminal, reconciling as it goes
+    (:class:`orchestrator.reconcile.Reconciler`: planned runs published, expired leases
+    requeued or failed as lost, runs whose message was lost re-published, progress redrawn).
 
-    Each pass sends expired leases back to the queue (or fails them as lost after
-    ``max_attempts``), re-publishes queued runs nobody claimed for ``queued_timeout_s`` (their
-    message was lost: a broker restarted without persistence), and redraws the progress bar.
-    Stale queued runs are re-published only while the broker holds fewer messages for the
-    queue (waiting plus delivered but unacknowledged) than the study has queued runs; a
-    backlog that merely waits is left alone. When that count cannot be read, the pass says
-    so once and re-publishes stale runs as if their messages were lost.
-    Killing the coordinator loses nothing: the next ``wait`` picks up from the store.
+    A database restart does not end the wait: workers retry their writes, and the next pass
+    picks up where this one stopped. Killing the coordinator loses nothing: the next
+    ``wait`` picks up from the store.
     """
-    from orchestrator.executors.celery import CeleryTransport
-
     settings = settings or load_settings()
     broker_url = _broker(settings, broker)
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
@@ -251,125 +164,41 @@ def wait_study(
                 f"study '{study_id}' is not in the store. Fix: `studyq submit STUDY` first; "
                 "`studyq status` lists the studies there."
             )
-        definition: Mapping[str, Any] = info.definition
-        execution = definition.get("execution") or {}
-        queue = str(execution.get("queue", "studyq"))
-        run_timeout = execution.get("timeout_s")
-        labels = _labels(store.iter_conditions(study_id))
-        report = WaitReport(study_id, store.count_by_status(study_id))
-        done = _done(report.counts)
+        execution: Mapping[str, Any] = info.definition.get("execution") or {}
+        counts = store.count_by_status(study_id)
         with (
-            CeleryTransport(settings, broker_url) as transport,
-            Progress(info.run_count, desc=study_id, show=show_progress, initial=done) as progress,
+            open_transport(settings, broker_url) as transport,
+            Progress(
+                info.run_count, desc=study_id, show=show_progress, initial=done_count(counts)
+            ) as progress,
         ):
-            backlog_unreadable = False
+            reconciler = Reconciler(
+                store,
+                transport,
+                study_id,
+                queue=str(execution.get("queue", "studyq")),
+                run_timeout_s=execution.get("timeout_s"),
+                labels=_labels(store.iter_conditions(study_id)),
+                settings=settings,
+                progress=progress,
+            )
             while True:
                 try:
-                    if report.counts.get(RunStatus.PLANNED.value, 0):
-                        # A submit that died half way, or a resubmit from another machine.
-                        report.republished += _enqueue_planned(
-                            store,
-                            transport,
-                            study_id,
-                            labels=labels,
-                            queue=queue,
-                            timeout_s=run_timeout,
-                            batch=settings.publish_batch,
-                        )
-                    try:
-                        queued_timeout = _stale_queued_timeout(
-                            store, transport, study_id, queue, settings.queued_timeout_s
-                        )
-                        backlog_unreadable = False
-                    except BrokerUnavailableError as exc:
-                        # Conservative: without the count, a stale run may have lost its
-                        # message, so it is re-published as before (a duplicate is a no-op).
-                        queued_timeout = settings.queued_timeout_s
-                        if not backlog_unreadable:
-                            progress.write(
-                                f"broker backlog unknown, re-publishing runs queued longer than "
-                                f"{settings.queued_timeout_s:g} s: {exc}"
-                            )
-                        backlog_unreadable = True
-                    pass_report = store.reconcile(study_id, queued_timeout_s=queued_timeout)
-                    report.requeued += pass_report.requeued
-                    report.failed_lost += pass_report.failed_lost
-                    if pass_report.to_publish:
-                        report.republished += transport.publish(
-                            [
-                                (spec, attempt, labels.get(spec.condition_id, ""))
-                                for spec, attempt in pass_report.to_publish
-                            ],
-                            queue=queue,
-                            timeout_s=run_timeout,
-                        )
-                    if pass_report.changed:
-                        progress.write(
-                            f"reconcile: {pass_report.requeued} requeued (lease expired), "
-                            f"{pass_report.failed_lost} failed as lost, "
-                            f"{pass_report.stale_queued} re-published (never claimed)"
-                        )
-                    report.counts = store.count_by_status(study_id)
-                    progress.set_counts(
-                        _done(report.counts),
-                        report.counts.get(RunStatus.SUCCESS.value, 0),
-                        report.counts.get(RunStatus.FAILED.value, 0),
-                    )
+                    reconciler.tick()
                 except StoreUnavailableError as exc:
-                    # A database restart must not end the wait: workers retry their
-                    # writes, and the next pass picks up where this one stopped.
                     progress.write(f"store unavailable, retrying: {exc}")
                     time.sleep(settings.reconcile_interval_s)
                     continue
+                ticks = reconciler.report
+                report = WaitReport(
+                    study_id, ticks.counts, ticks.requeued, ticks.failed_lost, ticks.republished
+                )
                 if report.complete:
                     return report
                 if deadline is not None and time.monotonic() >= deadline:
                     report.timed_out = True
                     return report
                 time.sleep(settings.reconcile_interval_s)
-
-
-def _stale_queued_timeout(
-    store: ResultStore, transport: Any, study_id: str, queue: str, timeout_s: float
-) -> float | None:
-    """The ``queued_timeout_s`` for this reconcile pass: ``timeout_s`` when some queued run of
-    the study may have lost its message, None (search no stale runs) when not.
-
-    A message may be lost only when the broker holds fewer messages for ``queue`` than the
-    study has queued runs (:meth:`CeleryTransport.queue_backlog`): the messages waiting in
-    the queue, plus those delivered to a worker in the last ``timeout_s`` and not
-    acknowledged yet. Otherwise every stale run is presumed to be waiting behind the others,
-    and publishing it again would only add a duplicate to the backlog on every timeout.
-
-    A delivery older than ``timeout_s`` that is still not acknowledged does not count: it is
-    the message of a run executing for that long (which is not queued), or one that a worker
-    killed or frozen since holds (it returns only after the broker's visibility timeout,
-    hours later), so counting it could keep a queued run without a message waiting for hours.
-
-    Otherwise the count errs towards "not lost": the broker is read before the store, so a
-    message taken between the two reads counts while its run is no longer queued; messages of
-    other studies sharing the queue, and of running runs, count too (a lost message is then
-    re-published once the backlog has drained below the queued runs). A shortfall is checked
-    with a second read, because a message being handed to a worker is, for a moment, in
-    neither the queue nor the unacknowledged set.
-
-    Raises:
-        BrokerUnavailableError: the broker's count cannot be read.
-    """
-
-    def backlog() -> int:
-        return int(transport.queue_backlog(queue, delivered_within_s=timeout_s))
-
-    first = backlog()
-    queued = store.count_by_status(study_id).get(RunStatus.QUEUED.value, 0)
-    if first >= queued or backlog() >= queued:
-        return None
-    return timeout_s
-
-
-def _done(counts: Mapping[str, int]) -> int:
-    terminal = (RunStatus.SUCCESS, RunStatus.FAILED, RunStatus.CANCELLED)
-    return sum(counts.get(status.value, 0) for status in terminal)
 
 
 def resubmit(
@@ -383,8 +212,6 @@ def resubmit(
     settings: Settings | None = None,
 ) -> SubmitReport:
     """Put matching finished runs back with a fresh attempt budget, and publish them."""
-    from orchestrator.executors.celery import CeleryTransport
-
     settings = settings or load_settings()
     broker_url = _broker(settings, broker)
     started = time.perf_counter()
@@ -399,8 +226,8 @@ def resubmit(
         labels = _labels(store.iter_conditions(study_id))
         published = 0
         if moved:
-            with CeleryTransport(settings, broker_url) as transport:
-                published = _enqueue_planned(
+            with open_transport(settings, broker_url) as transport:
+                published = enqueue_planned(
                     store,
                     transport,
                     study_id,
@@ -445,13 +272,11 @@ def cancel(
         BrokerUnavailableError: (``terminate``) the configured broker is unreachable;
             nothing changed.
     """
-    from orchestrator.executors.celery import CeleryTransport
-
     settings = settings or load_settings()
     with contextlib.ExitStack() as stack:
         # The broker first, as submit does: an unreachable broker changes nothing.
         transport = (
-            stack.enter_context(CeleryTransport(settings, _broker(settings, broker)))
+            stack.enter_context(open_transport(settings, _broker(settings, broker)))
             if terminate and (broker or settings.broker_url)
             else None
         )

@@ -1,8 +1,9 @@
 """The Celery app of studyq workers, built from the settings.
 
-``create_app(settings)`` is what the coordinator (to publish) and ``studyq worker`` (to
-consume) call; the module attribute ``app`` is built from the environment on first use, so
-``celery -A workers.app worker`` works too.
+``create_app(settings)`` is what ``studyq worker`` calls (the coordinator has an app of its
+own, :mod:`orchestrator.executors.celery.app`, configured from the same
+:func:`~orchestrator.contracts.broker.celery_broker_conf`); the module attribute ``app``
+is built from the environment on first use, so ``celery -A workers.app worker`` works too.
 
 Configuration, and why:
 
@@ -13,7 +14,9 @@ Configuration, and why:
   requeued, and a worker holds no more messages than it has processes. Duplicates this
   produces are refused by the claim (see :mod:`workers.runtask`).
 * ``visibility_timeout`` (``STUDYQ_VISIBILITY_TIMEOUT_S``, 2 h): Redis redelivers a message
-  nobody acknowledged after this long; it must exceed the longest run's hard limit.
+  nobody acknowledged after this long; it must exceed the longest run's hard limit. On
+  RabbitMQ, queues are quorum queues and a message of a closed connection comes back at once;
+  the broker's ``consumer_timeout`` (30 min by default) must exceed the longest run instead.
 * Task events on, ``task-sent`` included: Flower sees every run by its readable name. The
   worker sends them in batches (:mod:`workers.consumer`), at most 0.1 s late.
 * ``task_ignore_result``: results live in the store, not in a result backend.
@@ -49,12 +52,13 @@ from typing import Any
 from celery import Celery, signals
 from celery.worker import state as worker_state
 
+from orchestrator.contracts.broker import celery_broker_conf
 from orchestrator.contracts.errors import StoreError, StoreUnavailableError, StudyError
 from orchestrator.contracts.extensions import ExecutionPolicy
 from orchestrator.contracts.settings import Settings
+from orchestrator.contracts.wire import TASK_NAME
 from orchestrator.store import ResultStore, mask_url
 from workers.config import WorkerSettings, load_worker_settings
-from workers.messages import TASK_NAME
 from workers.redis_clients import patch_redis_channel
 from workers.runtime import WorkerRuntime, worker_name
 from workers.tasks import register_run_task
@@ -124,8 +128,9 @@ def create_app(settings: Settings | None = None) -> StudyqCelery:
     patch_redis_channel()
     app = StudyqCelery(worker_settings)
     app.conf.update(
-        broker_url=worker_settings.broker_url,
-        broker_transport_options={"visibility_timeout": worker_settings.visibility_timeout_s},
+        celery_broker_conf(
+            worker_settings.broker_url, visibility_timeout_s=worker_settings.visibility_timeout_s
+        ),
         broker_connection_retry_on_startup=True,
         task_serializer="json",
         accept_content=["json"],

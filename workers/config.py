@@ -1,10 +1,9 @@
-"""The worker's knobs: the one :class:`~orchestrator.contracts.settings.Settings` plus what only
-workers
-read.
+"""The worker's knobs: the one :class:`~orchestrator.contracts.settings.Settings` plus what
+only workers read.
 
 :class:`WorkerSettings` *is* a ``Settings`` (a subclass reading the same ``STUDYQ_*``
 environment), so there is still one settings object per process, built once and passed
-explicitly; it only adds the four values that matter on the worker side of a distributed
+explicitly; it only adds the values that matter on the worker side of a distributed
 sweep. They can move into ``Settings`` itself without changing a caller.
 """
 
@@ -28,20 +27,6 @@ class WorkerSettings(Settings):
         "released without charging an attempt and their message is requeued. Keep it below "
         "the platform's kill timeout (Kubernetes terminationGracePeriodSeconds, 30 s by "
         "default; Slurm KillWait).",
-    )
-    time_limit_grace_s: float = Field(
-        default=10.0,
-        gt=0,
-        description="How long a run may keep going after its soft time limit "
-        "(execution.timeout_s) before it is killed (prefork) or abandoned, and recorded as "
-        "failed with error_kind 'timeout'.",
-    )
-    visibility_timeout_s: float = Field(
-        default=7200.0,
-        gt=0,
-        description="Redis redelivers a message nobody acknowledged after this long. It must "
-        "exceed the longest run's time limit plus time_limit_grace_s, or a run that is still "
-        "executing gets a second delivery (which its claim refuses: noise, not a rerun).",
     )
     at_most_once: bool = Field(
         default=False,

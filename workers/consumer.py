@@ -35,7 +35,7 @@ from kombu.exceptions import ContentDisallowed
 
 from orchestrator.contracts.deadletters import Reason
 from orchestrator.contracts.settings import Settings
-from workers.messages import TASK_NAME
+from orchestrator.contracts.wire import TASK_NAME
 from workers.poison import Poison
 from workers.quarantine import TRANSPORT, quarantine
 from workers.runtime import worker_name
@@ -52,7 +52,18 @@ EVENT_FLUSH_S = 0.1
 
 
 class StudyqConsumer(Consumer):  # type: ignore[misc]  # Celery ships no type hints
-    """Celery's consumer with a delayed (batched) flush of buffered task events."""
+    """Celery's consumer with a delayed (batched) flush of buffered task events, the
+    quarantine of poison messages, and without native delayed delivery."""
+
+    class Blueprint(Consumer.Blueprint):  # type: ignore[misc]
+        """Celery's consumer steps minus ``DelayedDelivery``: on quorum queues it declares
+        28 exchanges and queues for ETA/countdown tasks, which studyq never sends."""
+
+        default_steps = [
+            step
+            for step in Consumer.Blueprint.default_steps
+            if not step.endswith(":DelayedDelivery")
+        ]
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

@@ -5,7 +5,7 @@ the decoded kombu envelope, which kombu and Celery can then handle without an ex
 raises :class:`Poison` with a :class:`~orchestrator.contracts.deadletters.Reason` and a readable
 detail. It is a plain function, tested without Redis or Celery; the transport
 (:mod:`workers.quarantine`) moves poison to the dead-letter list. A message is accepted only
-if it is what studyq's publisher (:mod:`workers.messages`) or Celery's ``send_task`` with
+if it is what studyq's publisher (:mod:`orchestrator.contracts.wire`) or Celery's ``send_task`` with
 the JSON serializer sends:
 
 * at most ``max_bytes``, JSON, a kombu envelope whose fields have kombu's types

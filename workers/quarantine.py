@@ -35,13 +35,19 @@ import os
 import socket
 from typing import Any
 
+import amqp
 import redis
 from kombu.transport import redis as _kombu_redis
 from kombu.utils import encoding as _kombu_encoding
 
-from orchestrator.contracts.deadletters import DEAD_LETTER_LIMIT, DeadLetter, dead_letter_key
+from orchestrator.contracts.deadletters import (
+    DEAD_LETTER_LIMIT,
+    DEAD_LETTER_QUEUE_ARGUMENTS,
+    DeadLetter,
+    dead_letter_key,
+)
 from orchestrator.contracts.settings import Settings
-from workers.messages import TASK_NAME
+from orchestrator.contracts.wire import TASK_NAME
 from workers.poison import Poison, check_envelope, inspect_envelope
 
 __all__ = [
@@ -95,12 +101,13 @@ def kombu_drift() -> list[str]:
 def quarantine(
     channel: Any, poison: Poison, *, queue: str, raw: bytes | str, worker: str
 ) -> DeadLetter:
-    """Log ``poison`` once at ERROR and push it onto ``queue``'s dead-letter list (trimmed to
-    :data:`~orchestrator.contracts.deadletters.DEAD_LETTER_LIMIT`), through ``channel``'s connection
-    pool. The caller acknowledges or drops the message itself.
+    """Log ``poison`` once at ERROR and push it onto ``queue``'s dead letters (trimmed to
+    :data:`~orchestrator.contracts.deadletters.DEAD_LETTER_LIMIT`) through ``channel``: the
+    Redis list, through the channel's connection pool, or on RabbitMQ the dead-letter queue.
+    The caller acknowledges or drops the message itself.
 
     Raises:
-        redis.RedisError: the broker failed; the message is lost with it (it was poison).
+        Exception: the broker failed; the message is lost with it (it was poison).
     """
     letter = DeadLetter.new(
         poison.reason, poison.detail, queue=queue, worker=worker, raw=raw, task_id=poison.task_id
@@ -116,13 +123,25 @@ def quarantine(
         letter.size,
         key,
     )
-    # A plain client on the channel's pool: kombu's prefixing client prefixes LPUSH but not
-    # LTRIM, so the key carries the prefix itself (see dead_letter_key).
-    client = redis.Redis(connection_pool=channel.pool)
-    with client.pipeline(transaction=True) as pipe:
-        pipe.lpush(key, letter.to_json())
-        pipe.ltrim(key, 0, DEAD_LETTER_LIMIT - 1)
-        pipe.execute()
+    if hasattr(channel, "pool"):  # kombu's Redis channel
+        # A plain client on the channel's pool: kombu's prefixing client prefixes LPUSH but
+        # not LTRIM, so the key carries the prefix itself (see dead_letter_key).
+        client = redis.Redis(connection_pool=channel.pool)
+        with client.pipeline(transaction=True) as pipe:
+            pipe.lpush(key, letter.to_json())
+            pipe.ltrim(key, 0, DEAD_LETTER_LIMIT - 1)
+            pipe.execute()
+    else:  # py-amqp's channel (RabbitMQ): a bounded durable queue of that name
+        channel.queue_declare(
+            queue=key, durable=True, auto_delete=False, arguments=DEAD_LETTER_QUEUE_ARGUMENTS
+        )
+        channel.basic_publish(
+            amqp.Message(
+                letter.to_json().encode(), content_type="application/json", delivery_mode=2
+            ),
+            exchange="",
+            routing_key=key,
+        )
     return letter
 
 

@@ -1,4 +1,7 @@
-"""The run task (thin: it calls :func:`~workers.runtask.run_delivery`) and its publisher.
+"""The run task (thin: it calls :func:`~workers.runtask.run_delivery`).
+
+The message format is :mod:`orchestrator.contracts.wire`; the coordinator publishes it
+(:mod:`orchestrator.executors.celery`).
 
 Task ``studyq.run`` receives ``spec`` (``RunSpec.to_message()``) and ``attempt`` (the
 attempt the run was published for). It is ``acks_late`` with ``reject_on_worker_lost``: a
@@ -22,31 +25,16 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import socket
 import threading
-from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
-from celery.events.event import get_exchange
 from celery.exceptions import Ignore, Reject
-from celery.utils.nodenames import anon_nodename
-from celery.utils.time import utcoffset
 from celery.worker import state as worker_state
 from celery.worker.request import Request
 
 from orchestrator.contracts.deadletters import Reason
-from orchestrator.contracts.errors import BrokerUnavailableError, StoreUnavailableError, StudyError
-from orchestrator.contracts.runspec import RunSpec
-from orchestrator.store import mask_url
-from workers.messages import (
-    CONTENT_ENCODING,
-    CONTENT_TYPE,
-    TASK_NAME,
-    DeliveryTags,
-    MessageBuilder,
-    RunMessage,
-)
+from orchestrator.contracts.errors import StoreUnavailableError
+from orchestrator.contracts.wire import RUN_ARGUMENTS, TASK_NAME, WIRE_HEADER, WIRE_VERSION
 from workers.poison import Poison
 from workers.quarantine import quarantine
 from workers.runtask import (
@@ -61,15 +49,9 @@ from workers.runtime import worker_name
 if TYPE_CHECKING:
     from workers.app import StudyqCelery
 
-__all__ = ["TASK_NAME", "Quarantined", "RunRequest", "publish_runs", "register_run_task"]
+__all__ = ["TASK_NAME", "Quarantined", "RunRequest", "register_run_task"]
 
 log = logging.getLogger("studyq.worker")
-
-PUBLISH_BATCH = 500
-"""Messages per Redis pipeline round trip when publishing."""
-
-SENT_EVENTS_PER_MESSAGE = 100
-"""``task-sent`` events per ``task.multi`` event message."""
 
 
 class RunRequest(Request):  # type: ignore[misc]  # Celery ships no type hints
@@ -139,20 +121,26 @@ class Quarantined(Ignore):  # type: ignore[misc]  # Celery ships no type hints
         self.detail = detail
 
 
-_RUN_KWARGS = frozenset({"spec", "attempt"})
-
-
-def _run_arguments(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, Any]:
-    """``(spec, attempt)`` of a run message: ``[[], {"spec": ..., "attempt": ...}]``.
+def _run_arguments(
+    args: tuple[Any, ...], kwargs: dict[str, Any], wire: Any = None
+) -> tuple[Any, Any]:
+    """``(spec, attempt)`` of a run message: ``[[], {"spec": ..., "attempt": ...}]``, of wire
+    version ``wire`` (the message's ``studyq_wire`` header; None: version 1).
 
     Raises:
-        InvalidRunMessage: other arguments (positional ones, unknown or missing keywords).
+        InvalidRunMessage: other arguments (positional ones, unknown or missing keywords),
+            or a wire version this worker does not know.
     """
+    if wire is not None and (not isinstance(wire, int) or not 1 <= wire <= WIRE_VERSION):
+        raise InvalidRunMessage(
+            f"run message of wire version {str(wire)[:20]}; this worker reads versions 1 to "
+            f"{WIRE_VERSION}: upgrade the worker"
+        )
     if args:
         raise InvalidRunMessage(
             f"run message has {len(args)} positional argument(s); expected none"
         )
-    unknown = sorted(set(kwargs) - _RUN_KWARGS)
+    unknown = sorted(set(kwargs) - RUN_ARGUMENTS)
     if unknown:
         raise InvalidRunMessage(f"run message has unknown argument(s) {', '.join(unknown)[:200]}")
     if "spec" not in kwargs:
@@ -184,7 +172,8 @@ def register_run_task(app: StudyqCelery) -> Any:
     def run(self: Any, *args: Any, **kwargs: Any) -> str:
         """Claim, execute and record one run (workers.runtask.run_delivery)."""
         try:
-            spec, attempt = _run_arguments(args, kwargs)
+            wire = getattr(self.request, WIRE_HEADER, None)
+            spec, attempt = _run_arguments(args, kwargs, wire)
             outcome = run_delivery(app.runtime(self.request.hostname), spec, attempt)
         except InvalidRunMessage as error:
             # The main process dead-letters it (RunRequest.on_failure) and acknowledges it.
@@ -198,142 +187,3 @@ def register_run_task(app: StudyqCelery) -> Any:
         return outcome.value
 
     return run
-
-
-def publish_runs(
-    app: StudyqCelery,
-    specs_with_attempts: Iterable[tuple[RunSpec, int, str]],
-    *,
-    queue: str,
-    time_limit_s: float | None = None,
-    sent_events: bool | None = None,
-) -> int:
-    """Publish one ``studyq.run`` message per run, through one connection and producer.
-
-    Messages are pre-encoded JSON in kombu's Redis envelope (see :mod:`workers.messages`),
-    pushed through a Redis pipeline of :data:`PUBLISH_BATCH` per round trip, on the
-    connection of the app's producer; no ETA or countdown is ever set. Mark the runs queued
-    in the store first: a worker refuses a run that is not queued.
-
-    Args:
-        app: From :func:`workers.app.create_app`.
-        specs_with_attempts: ``(spec, attempt, condition label)`` per run; ``attempt`` is the
-            run's attempt count at publish time (it only makes the task id unique).
-        queue: The study's ``execution.queue``.
-        time_limit_s: The study's ``execution.timeout_s``; the prefork parent kills a run
-            still going ``time_limit_grace_s`` after it and records a timeout.
-        sent_events: Send a ``task-sent`` event per run (Flower then lists queued runs);
-            defaults to the app's ``task_send_sent_event``.
-
-    Returns:
-        How many messages were published.
-
-    Raises:
-        BrokerUnavailableError: the broker cannot be reached. Runs published before the
-            failure stay published; the reconcile loop republishes the others
-            (``queued_timeout_s``).
-        StudyError: a message is over ``STUDYQ_MAX_MESSAGE_BYTES``, which workers would
-            quarantine; none of this batch's unsent messages is published.
-    """
-    settings = app.settings
-    limit = settings.max_message_bytes
-    hard_limit = None if time_limit_s is None else time_limit_s + settings.time_limit_grace_s
-    if hard_limit is not None and hard_limit >= settings.visibility_timeout_s:
-        log.warning(
-            "runs may take up to %.0f s but the broker redelivers unacknowledged messages "
-            "after %.0f s (STUDYQ_VISIBILITY_TIMEOUT_S); long runs will get duplicate "
-            "deliveries, which workers acknowledge without executing",
-            hard_limit,
-            settings.visibility_timeout_s,
-        )
-    builder = MessageBuilder(
-        queue=queue, origin=f"{os.getpid()}@{socket.gethostname()}", hard_limit_s=hard_limit
-    )
-    with_events = app.conf.task_send_sent_event if sent_events is None else sent_events
-    published = 0
-    tags = DeliveryTags()
-    try:
-        with app.producer_or_acquire() as producer:
-            events = _SentEvents(app, producer) if with_events else None
-            with producer.channel.conn_or_acquire() as client:
-                pipe = client.pipeline(transaction=False)
-                for spec, attempt, label in specs_with_attempts:
-                    message = builder.build(spec, attempt, label)
-                    envelope = builder.envelope(message, tags())
-                    if len(envelope) * 4 > limit:  # utf-8 is at most 4 bytes a character
-                        _check_size(envelope, limit, spec)
-                    pipe.lpush(queue, envelope)
-                    if events is not None:
-                        events.add(message)
-                    published += 1
-                    if len(pipe) >= PUBLISH_BATCH:
-                        pipe.execute()
-                pipe.execute()
-            if events is not None:
-                events.flush()
-    except app.connection_for_write().connection_errors as error:
-        raise BrokerUnavailableError(
-            f"broker {mask_url(str(app.conf.broker_url))} failed while publishing run "
-            f"messages (at most {published} were sent): {error}. Check that Redis is running; "
-            "queued runs without a message are republished by the reconcile loop."
-        ) from error
-    return published
-
-
-def _check_size(envelope: str, limit: int, spec: RunSpec) -> None:
-    """Refuse to publish a message every worker would quarantine as too large."""
-    size = len(envelope.encode())
-    if size > limit:
-        raise StudyError(
-            f"the run message of {spec.run_id} (index {spec.index}) is {size:,} bytes, over "
-            f"STUDYQ_MAX_MESSAGE_BYTES ({limit:,}): workers would quarantine it. Fix: make the "
-            "study's factor values smaller, or raise STUDYQ_MAX_MESSAGE_BYTES for the "
-            "coordinator and every worker."
-        )
-
-
-class _SentEvents:
-    """``task-sent`` events, as Celery's ``EventDispatcher`` fills them, sent in batches of
-    :data:`SENT_EVENTS_PER_MESSAGE` per ``task.multi`` message: the form Celery's own worker
-    uses for buffered task events, which Flower and ``celery events`` read like single
-    events. One event message per run would cost as much as the run message itself."""
-
-    def __init__(self, app: StudyqCelery, producer: Any) -> None:
-        self.producer = producer
-        self.exchange = get_exchange(producer.connection, name=app.conf.event_exchange)
-        self.hostname = anon_nodename()
-        self.headers = {"hostname": self.hostname}
-        self.pid = os.getpid()
-        self.clock = app.clock
-        self.utcoffset = utcoffset()
-        self.declare: list[Any] | None = [self.exchange]
-        self.buffer: list[dict[str, Any]] = []
-
-    def add(self, message: RunMessage) -> None:
-        self.buffer.append(
-            MessageBuilder.sent_event(
-                message,
-                hostname=self.hostname,
-                pid=self.pid,
-                clock=self.clock.forward(),
-                utcoffset=self.utcoffset,
-            )
-        )
-        if len(self.buffer) >= SENT_EVENTS_PER_MESSAGE:
-            self.flush()
-
-    def flush(self) -> None:
-        if not self.buffer:
-            return
-        self.producer.publish(
-            MessageBuilder.encode(self.buffer),
-            exchange=self.exchange.name,
-            routing_key="task.multi",
-            headers=self.headers,
-            content_type=CONTENT_TYPE,
-            content_encoding=CONTENT_ENCODING,
-            delivery_mode=1,
-            declare=self.declare,
-        )
-        self.declare = None  # declared once per publish call
-        self.buffer = []

@@ -16,9 +16,10 @@ from orchestrator.cli import (
     add_command,
     positive_int,
 )
+from orchestrator.contracts.broker import secure_broker_url, supported_broker_url
 from orchestrator.contracts.errors import BrokerUnavailableError, StoreUnavailableError
 from orchestrator.contracts.extensions import ExecutionPolicy
-from orchestrator.contracts.settings import load_settings, secure_broker_url
+from orchestrator.contracts.settings import load_settings
 
 __all__ = ["register"]
 
@@ -273,13 +274,13 @@ def _broker_url(flag: str | None) -> str | None:
 
 def _print_dead_letter_count(queue: str, broker_flag: str | None) -> None:
     """``dead letters: N`` for the study's queue; nothing for an embedded store (no broker)."""
-    from orchestrator.executors.celery import CeleryTransport
+    from orchestrator.executors.transport import open_transport
 
     broker_url = _broker_url(broker_flag)
     if not broker_url:
         return
     try:
-        with CeleryTransport(load_settings(), broker_url) as transport:
+        with open_transport(load_settings(), broker_url) as transport:
             count = transport.dead_letter_count(queue)
     except BrokerUnavailableError:
         print(f"\n  dead letters: unknown (the broker of queue {queue} is unreachable)")
@@ -289,13 +290,13 @@ def _print_dead_letter_count(queue: str, broker_flag: str | None) -> None:
 
 
 def _dead_letters(args: argparse.Namespace) -> int:
-    from orchestrator.executors.celery import CeleryTransport
+    from orchestrator.executors.transport import open_transport
 
     broker_url = _broker_url(args.broker)
     if not broker_url:
         print("studyq dead-letters: set STUDYQ_BROKER_URL or pass --broker", file=sys.stderr)
         return EXIT_USAGE
-    with CeleryTransport(load_settings(), broker_url) as transport:
+    with open_transport(load_settings(), broker_url) as transport:
         if args.purge:
             purged = transport.purge_dead_letters(args.queue)
             print(f"queue {args.queue}: purged {purged:,} dead letter(s)")
@@ -415,12 +416,11 @@ def _check(args: argparse.Namespace) -> int:
         print("broker: not configured (set STUDYQ_BROKER_URL or pass --broker)", file=sys.stderr)
         return EXIT_USAGE
     from orchestrator.contracts.errors import SettingsError
-    from orchestrator.contracts.settings import require_supported_broker
     from orchestrator.executors.celery import check_broker
 
     try:
         source = "--broker" if args.broker else "STUDYQ_BROKER_URL"
-        broker_url = require_supported_broker(broker_url, source=source)
+        broker_url = supported_broker_url(broker_url, source=source)
     except SettingsError as exc:  # kombu would say KeyError
         print(f"broker {mask_url(broker_url)}: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -429,8 +429,8 @@ def _check(args: argparse.Namespace) -> int:
     except SettingsError as exc:  # a refused password; the message names the broker
         print(exc, file=sys.stderr)
         return EXIT_USAGE
-    except BrokerUnavailableError:
-        print(f"broker {mask_url(broker_url)}: UNREACHABLE (start Redis?)", file=sys.stderr)
+    except BrokerUnavailableError as exc:
+        print(f"broker {mask_url(broker_url)}: UNREACHABLE. {exc}", file=sys.stderr)
         return EXIT_CONNECT
     print(f"broker {mask_url(broker_url)}: ok")
     return healthy
@@ -475,13 +475,9 @@ def _flower(args: argparse.Namespace) -> int:
     if auth:
         argv.append(f"--basic-auth={auth}")
     print(f"flower on http://{args.address}:{args.port} for broker {mask_url(broker_url)}")
-    from celery.bin.celery import main as celery_main
+    from orchestrator.executors.celery import run_flower
 
-    sys.argv = argv
     try:
-        celery_main()
-    except SystemExit as exc:
-        return int(exc.code or 0)
+        return run_flower(argv)
     except BrokerUnavailableError:
         return EXIT_CONNECT
-    return EXIT_OK

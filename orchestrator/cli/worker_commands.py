@@ -1,6 +1,7 @@
 """``studyq worker``: start a Celery worker that executes the runs of distributed sweeps.
 
-The worker runs in this process (``app.Worker(...).start()``), configured from the settings
+The worker runs in this process (:func:`workers.serve.serve`, reached through the entry point
+``serve`` of :mod:`orchestrator.contracts.worker_api`), configured from the settings
 (``STUDYQ_BROKER_URL``, ``STUDYQ_DATABASE_URL``, ...) with the flags below on top; it is the
 same worker as ``celery -A workers.app worker``, with studyq's defaults (no gossip or
 mingle: workers share nothing but the broker and the database). Celery is imported only when
@@ -13,7 +14,7 @@ import argparse
 import os
 from typing import Any
 
-from orchestrator.cli import EXIT_OK, add_command, positive_int
+from orchestrator.cli import add_command, positive_int
 
 __all__ = ["POOLS", "register"]
 
@@ -85,43 +86,18 @@ def register(subparsers: Any) -> None:
     )
 
 
-def describe(settings: Any, *, pool: str, concurrency: int, queues: list[str]) -> str:
-    """The start-up banner, with every password masked."""
-    from orchestrator.store import mask_url
-
-    broker = mask_url(str(settings.broker_url)) if settings.broker_url else "(not set)"
-    return (
-        f"studyq worker: broker {broker}\n"
-        f"               database {mask_url(settings.database_url)}\n"
-        f"               queues {', '.join(queues)}; pool {pool} x {concurrency}; lease "
-        f"{settings.lease_s:g} s (heartbeat {settings.heartbeat_s:g} s); shutdown grace "
-        f"{settings.shutdown_grace_s:g} s"
-    )
-
-
 def _worker(args: argparse.Namespace) -> int:
-    from celery.utils.nodenames import default_nodename, host_format
+    from orchestrator.contracts.worker_api import worker_entry
 
-    from workers.app import DEFAULT_QUEUE, create_app
-    from workers.config import load_worker_settings
-
-    settings = load_worker_settings(broker_url=args.broker, database_url=args.db)
-    app = create_app(settings)
-    queues = args.queues or [DEFAULT_QUEUE]
-    concurrency = args.concurrency or os.cpu_count() or 1
-    if args.pool == "solo":
-        concurrency = 1
-    print(describe(settings, pool=args.pool, concurrency=concurrency, queues=queues), flush=True)
-    # Building the worker checks the store (workers.app): a schema of another version stops
-    # it with exit code 2; an unreachable database only warns (runs wait for it).
-    worker = app.Worker(
-        hostname=host_format(default_nodename(args.hostname)),
-        pool_cls=args.pool,
-        concurrency=concurrency,
-        queues=queues,
-        loglevel=args.loglevel,
-        without_gossip=True,
-        without_mingle=True,
+    serve = worker_entry("serve")
+    return int(
+        serve(
+            broker=args.broker,
+            db=args.db,
+            pool=args.pool,
+            concurrency=args.concurrency or os.cpu_count() or 1,
+            queues=args.queues,
+            loglevel=args.loglevel,
+            hostname=args.hostname,
+        )
     )
-    worker.start()
-    return int(worker.exitcode or EXIT_OK)

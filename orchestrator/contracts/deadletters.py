@@ -1,11 +1,13 @@
-"""The dead-letter list of a queue: its Redis key, its bound, and the format of one entry.
+"""The dead letters of a queue: where they are kept, their bound, and the format of one entry.
 
 A message a worker cannot decode or does not recognise (see :mod:`workers.poison`) is not
 executed and not redelivered: the worker pushes one :class:`DeadLetter` onto the list
 ``studyq.dead.<queue>`` in the broker (newest first, trimmed to :data:`DEAD_LETTER_LIMIT`)
-and acknowledges the message. ``studyq dead-letters`` reads and purges that list through the
-Celery transport (:mod:`orchestrator.executors.celery`). Both sides take the key, the bounds
-and the entry format from here, and nothing here touches Redis, Celery or kombu.
+and acknowledges the message; on RabbitMQ ``studyq.dead.<queue>`` is a queue of that name,
+bounded the same way (:data:`DEAD_LETTER_QUEUE_ARGUMENTS`). ``studyq dead-letters`` reads
+and purges them through the Celery transport (:mod:`orchestrator.executors.celery`). Both
+sides take the key, the bounds and the entry format from here, and nothing here touches
+Redis, Celery or kombu.
 
 One entry is a JSON object::
 
@@ -25,6 +27,7 @@ from typing import Any
 __all__ = [
     "DEAD_LETTER_LIMIT",
     "DEAD_LETTER_PREFIX",
+    "DEAD_LETTER_QUEUE_ARGUMENTS",
     "RAW_LIMIT",
     "DeadLetter",
     "Reason",
@@ -36,6 +39,10 @@ DEAD_LETTER_PREFIX = "studyq.dead."
 
 DEAD_LETTER_LIMIT = 10_000
 """Entries kept per queue (older ones are trimmed): a flood of junk cannot fill Redis."""
+
+DEAD_LETTER_QUEUE_ARGUMENTS = {"x-max-length": DEAD_LETTER_LIMIT, "x-overflow": "drop-head"}
+"""Arguments of a RabbitMQ dead-letter queue (durable, classic): the oldest letters go first
+when it is full, as the Redis list is trimmed."""
 
 RAW_LIMIT = 4096
 """Characters of the raw message kept in an entry: enough to see what it was."""
@@ -59,7 +66,7 @@ class Reason(StrEnum):
 
 
 def dead_letter_key(queue: str, *, prefix: str = "") -> str:
-    """The Redis list of ``queue``'s dead letters. ``prefix`` is kombu's
+    """The Redis list (or RabbitMQ queue) of ``queue``'s dead letters. ``prefix`` is kombu's
     ``global_keyprefix``: read and write the list with a client that does not add it itself
     (kombu's prefixing client prefixes ``LPUSH`` but not ``LTRIM`` or ``LRANGE``)."""
     return f"{prefix}{DEAD_LETTER_PREFIX}{queue}"

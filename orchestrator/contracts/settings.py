@@ -16,22 +16,17 @@ from typing import Annotated, TypeVar
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from orchestrator.contracts.broker import secure_broker_url
 from orchestrator.contracts.errors import SettingsError
 
 __all__ = [
-    "BROKER_SCHEMES",
     "DEFAULT_DATABASE_URL",
     "Settings",
     "build_settings",
     "load_settings",
-    "require_supported_broker",
-    "secure_broker_url",
 ]
 
 DEFAULT_DATABASE_URL = "sqlite:///studyq.db"
-
-BROKER_SCHEMES = ("redis", "rediss", "unix")
-"""Broker URL schemes studyq works with: the transport reads Redis' own structures."""
 
 
 class Settings(BaseSettings):
@@ -53,7 +48,7 @@ class Settings(BaseSettings):
     )
     broker_url: str | None = Field(
         default=None,
-        description="Celery broker (redis:// or rediss://). Unset means embedded execution.",
+        description="Celery broker: redis://, rediss:// or amqp://. Unset: embedded execution.",
     )
     allowed_imports: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
@@ -86,6 +81,20 @@ class Settings(BaseSettings):
         "moved to the queue's dead-letter list (`studyq dead-letters`). A run message is a "
         "few KiB; raise it only for studies whose factor values are very large.",
     )
+    time_limit_grace_s: float = Field(
+        default=10.0,
+        gt=0,
+        description="How long a run may keep going after its soft time limit "
+        "(execution.timeout_s) before it is killed (prefork) or abandoned, and recorded as "
+        "failed with error_kind 'timeout'.",
+    )
+    visibility_timeout_s: float = Field(
+        default=7200.0,
+        gt=0,
+        description="Redis redelivers a message nobody acknowledged after this long. It must "
+        "exceed the longest run's time limit plus time_limit_grace_s, or a run that is still "
+        "executing gets a second delivery (which its claim refuses: noise, not a rerun).",
+    )
     publish_batch: int = Field(
         default=1000, gt=0, description="Runs marked queued and published per transaction."
     )
@@ -111,33 +120,6 @@ class Settings(BaseSettings):
                 "STUDYQ_LEASE_S or lower STUDYQ_HEARTBEAT_S."
             )
         return self
-
-
-def secure_broker_url(url: str) -> str:
-    """``rediss://`` verifies the server's certificate unless the URL says otherwise; kombu
-    would silently skip verification when ``ssl_cert_reqs`` is missing."""
-    if url.startswith("rediss://") and "ssl_cert_reqs=" not in url:
-        return url + ("&" if "?" in url else "?") + "ssl_cert_reqs=required"
-    return url
-
-
-def require_supported_broker(url: str, *, source: str = "STUDYQ_BROKER_URL") -> str:
-    """``url`` made secure (:func:`secure_broker_url`) if its scheme is one of
-    :data:`BROKER_SCHEMES`.
-
-    Raises:
-        SettingsError: another scheme (kombu would fail with a bare ``KeyError``); the
-            message names ``source`` and the schemes that work, never the URL's password.
-    """
-    scheme, sep, _ = url.partition("://")
-    if not sep or scheme.lower() not in BROKER_SCHEMES:
-        shown = f"'{scheme}://'" if sep else "no scheme"
-        raise SettingsError(
-            f"{source}: the broker URL has {shown}, which studyq does not support; the "
-            f"broker is Redis ({', '.join(name + '://' for name in BROKER_SCHEMES)}). Fix: "
-            f"set {source} to a Redis URL such as redis://127.0.0.1:6379/0."
-        )
-    return secure_broker_url(url)
 
 
 def _from_file(name: str) -> str | None:

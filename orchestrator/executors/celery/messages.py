@@ -1,20 +1,10 @@
-"""The run message on the wire: one Celery protocol-2 task message per run, JSON only.
-
-::
-
-    headers  task="studyq.run", id="<run_id>.<index>.<attempt>", argsrepr (readable in Flower),
-             timelimit=[hard, None] (the prefork parent kills a run still going then)
-    body     [[], {"spec": RunSpec.to_message(), "attempt": <attempt at publish>}, embed]
+"""The publisher's half of the run message (:mod:`orchestrator.contracts.wire`): build it.
 
 The body is serialized here, once per run, with the standard library's JSON encoder, and
 published as a pre-encoded ``application/json`` string; Celery's ``send_task`` builds the
 same message through several layers of option merging, which costs most of its ~0.5 ms per
-message. The worker side is plain Celery: the message is decoded with the app's
-``accept_content=["json"]``, so anything else (pickle above all) is refused before it is
-deserialized.
-
-The task id names the run and the attempt it was published for, so Flower shows one row per
-delivery and a republished run gets a new row instead of overwriting the old one.
+message. On Redis the message is pushed as kombu's envelope (:meth:`MessageBuilder.envelope`);
+on RabbitMQ its body, headers and properties are an AMQP message of their own.
 
 The ``task-sent`` event Celery sends per message when ``task_send_sent_event`` is on (so
 Flower lists queued runs) has the fields of Celery's event reference, plus the sender's
@@ -33,27 +23,20 @@ from dataclasses import dataclass
 from typing import Any
 
 from orchestrator.contracts.runspec import RunSpec
+from orchestrator.contracts.wire import (
+    CONTENT_ENCODING,
+    CONTENT_TYPE,
+    TASK_NAME,
+    WIRE_HEADER,
+    WIRE_VERSION,
+    describe_run,
+    task_id_for,
+)
 
-__all__ = [
-    "CONTENT_ENCODING",
-    "CONTENT_TYPE",
-    "TASK_NAME",
-    "DeliveryTags",
-    "MessageBuilder",
-    "RunMessage",
-    "describe_run",
-    "task_id_for",
-]
-
-TASK_NAME = "studyq.run"
-"""The one task a studyq worker executes."""
-
-CONTENT_TYPE = "application/json"
-CONTENT_ENCODING = "utf-8"
+__all__ = ["DeliveryTags", "MessageBuilder", "RunMessage"]
 
 _EMBED: dict[str, Any] = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
 _encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
-_REPR_LIMIT = 200
 
 
 class DeliveryTags:
@@ -67,27 +50,6 @@ class DeliveryTags:
     def __call__(self) -> str:
         self._next = (self._next + 1) & ((1 << 128) - 1)
         return str(uuid.UUID(int=self._next))
-
-
-def task_id_for(spec: RunSpec, attempt: int) -> str:
-    """``<run_id>.<index>.<attempt>``: unique per delivery, and says which run it is.
-
-    The plan index is part of it because designs that repeat a level repeat run ids.
-    """
-    return f"{spec.run_id}.{spec.index}.{attempt}"
-
-
-def _clip(text: str) -> str:
-    return text if len(text) <= _REPR_LIMIT else text[: _REPR_LIMIT - 3] + "..."
-
-
-def describe_run(spec: RunSpec, label: str) -> str:
-    """What Flower shows as the task's arguments, e.g.
-    ``study=quickstart cond=random | small agent=random-search problem=beam-design rep=3``."""
-    return _clip(
-        f"study={spec.study_id} cond={label or spec.condition_id} agent={spec.agent_key or '-'} "
-        f"problem={spec.problem_key or '-'} rep={spec.replicate}"
-    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,6 +147,7 @@ class MessageBuilder:
             "replaced_task_nesting": 0,
             "stamped_headers": None,
             "stamps": {},
+            WIRE_HEADER: WIRE_VERSION,
         }
         sent_event = {
             "uuid": task_id,

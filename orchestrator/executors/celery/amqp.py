@@ -1,0 +1,211 @@
+"""Celery on RabbitMQ: publish with confirms, count a queue's messages, keep dead letters.
+
+Run queues are quorum queues (:data:`orchestrator.contracts.broker.QUEUE_TYPE`), declared
+here before the first publish exactly as the workers' Celery declares them (RabbitMQ drops a
+message routed to no queue). Publishing uses publisher confirms, pipelined: the messages of
+a page are sent, then the broker's acknowledgements are awaited, so a published run is on a
+majority of the queue's replicas, on disk, when ``publish`` returns; a refused (nacked)
+message fails the call.
+
+The backlog is the ``message_count`` a passive ``queue.declare`` returns, the messages ready
+for delivery: AMQP has no management-free way to read the unacknowledged ones, so a message
+a worker holds and has not claimed yet is not counted (at most one per worker slot with
+``worker_prefetch_multiplier=1``). Reconcile may then publish such a run once more after
+``queued_timeout_s``; its claim refuses the duplicate.
+
+Dead letters are the classic durable queue ``studyq.dead.<queue>``, bounded by
+``x-max-length`` with ``drop-head`` (the oldest go first, as the Redis list is trimmed).
+Listing reads them with ``basic.get`` without acknowledging and closes the channel, which
+returns them to the queue in their order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from amqp import Message
+
+from orchestrator.contracts.deadletters import (
+    DEAD_LETTER_LIMIT,
+    DeadLetter,
+    dead_letter_key,
+)
+from orchestrator.contracts.errors import BrokerUnavailableError
+from orchestrator.contracts.settings import Settings
+from orchestrator.contracts.wire import CONTENT_ENCODING, CONTENT_TYPE
+from orchestrator.executors.celery.events import SentEvents
+from orchestrator.executors.celery.messages import MessageBuilder
+from orchestrator.executors.transport import Publication
+
+__all__ = ["CONFIRM_WINDOW", "RabbitBroker"]
+
+CONFIRM_WINDOW = 1000
+"""Messages published before waiting for the broker to confirm them."""
+
+_CONFIRM_TIMEOUT_S = 30.0
+
+
+class _Confirms:
+    """Counts the broker's confirms of one channel's publishes (delivery tags 1, 2, ...)."""
+
+    def __init__(self, channel: Any) -> None:
+        self.sent = 0
+        self.upto = 0  # every tag <= upto is confirmed
+        self.singles: set[int] = set()
+        self.nacked = 0
+        channel.events["basic_ack"].add(self._ack)
+        channel.events["basic_nack"].add(self._nack)
+
+    def _ack(self, delivery_tag: int, multiple: bool) -> None:
+        if multiple:
+            self.upto = max(self.upto, delivery_tag)
+        else:
+            self.singles.add(delivery_tag)
+        while self.upto + 1 in self.singles:
+            self.upto += 1
+            self.singles.discard(self.upto)
+        self.singles = (
+            {tag for tag in self.singles if tag > self.upto} if multiple else self.singles
+        )
+
+    def _nack(self, delivery_tag: int, multiple: bool) -> None:
+        self.nacked += 1
+        self._ack(delivery_tag, multiple)
+
+    def wait(self, connection: Any) -> None:
+        """Until every message sent so far is confirmed.
+
+        Raises:
+            BrokerUnavailableError: the broker refused one, or did not answer in time.
+        """
+        while self.upto < self.sent:
+            try:
+                connection.drain_events(timeout=_CONFIRM_TIMEOUT_S)
+            except TimeoutError:
+                raise BrokerUnavailableError(
+                    f"RabbitMQ confirmed {self.upto} of {self.sent} run messages and then "
+                    f"nothing for {_CONFIRM_TIMEOUT_S:g} s"
+                ) from None
+        if self.nacked:
+            raise BrokerUnavailableError(
+                f"RabbitMQ refused {self.nacked} of {self.sent} run messages (nack)"
+            )
+
+
+class RabbitBroker:
+    """The RabbitMQ half of :class:`~orchestrator.executors.celery.CeleryTransport`."""
+
+    def __init__(self, app: Any, settings: Settings) -> None:
+        self.app = app
+        self.settings = settings
+
+    def publish(
+        self,
+        builder: MessageBuilder,
+        items: Iterable[Publication],
+        *,
+        events: bool,
+        check_size: Any,
+    ) -> int:
+        limit = self.settings.max_message_bytes
+        queue = builder.queue
+        published = 0
+        with self.app.connection_for_write() as connection:
+            connection.ensure_connection(max_retries=1, timeout=5)
+            channel = connection.channel()
+            try:
+                self.app.amqp.queues[queue].bind(channel).declare()
+                channel.confirm_select()
+                confirms = _Confirms(channel)
+                producer = connection.Producer() if events else None
+                sent = SentEvents(self.app, producer) if producer is not None else None
+                for spec, attempt, label in items:
+                    message = builder.build(spec, attempt, label)
+                    body = message.body.encode()
+                    if len(body) > limit:
+                        check_size(message.body, spec)
+                    channel.basic_publish(
+                        Message(
+                            body,
+                            content_type=CONTENT_TYPE,
+                            content_encoding=CONTENT_ENCODING,
+                            application_headers=message.headers,
+                            delivery_mode=2,
+                            correlation_id=message.task_id,
+                            reply_to="",
+                            priority=0,
+                        ),
+                        exchange="",
+                        routing_key=queue,
+                    )
+                    confirms.sent += 1
+                    published += 1
+                    if sent is not None:
+                        sent.add(message)
+                    if confirms.sent - confirms.upto >= CONFIRM_WINDOW:
+                        confirms.wait(connection)
+                confirms.wait(connection)
+                if sent is not None:
+                    sent.flush()
+            finally:
+                channel.close()
+        return published
+
+    def backlog(self, queue: str, *, delivered_within_s: float | None) -> int:
+        """The messages ready in ``queue`` (a passive declare; 0 if it does not exist yet)."""
+        with self.app.connection_for_read() as connection:
+            connection.ensure_connection(max_retries=1, timeout=5)
+            return self._message_count(connection, queue)
+
+    def dead_letters(self, queue: str, *, limit: int | None) -> list[DeadLetter]:
+        name = dead_letter_key(queue)
+        letters: list[DeadLetter] = []
+        with self.app.connection_for_read() as connection:
+            connection.ensure_connection(max_retries=1, timeout=5)
+            if not self._message_count(connection, name):
+                return []
+            channel = connection.channel()
+            try:
+                while len(letters) < DEAD_LETTER_LIMIT:
+                    message = channel.basic_get(queue=name, no_ack=False)
+                    if message is None:
+                        break
+                    letters.append(DeadLetter.from_json(message.body))
+            finally:
+                channel.close()  # returns every message got, unacknowledged, to the queue
+        letters.reverse()  # the queue is oldest first
+        return letters if limit is None else letters[: max(limit, 1)]
+
+    def dead_letter_count(self, queue: str) -> int:
+        with self.app.connection_for_read() as connection:
+            connection.ensure_connection(max_retries=1, timeout=5)
+            return self._message_count(connection, dead_letter_key(queue))
+
+    def purge_dead_letters(self, queue: str) -> int:
+        name = dead_letter_key(queue)
+        with self.app.connection_for_write() as connection:
+            connection.ensure_connection(max_retries=1, timeout=5)
+            if not self._message_count(connection, name):
+                return 0
+            channel = connection.channel()
+            try:
+                return int(channel.queue_purge(queue=name) or 0)
+            finally:
+                channel.close()
+
+    @staticmethod
+    def _message_count(connection: Any, queue: str) -> int:
+        """``queue``'s ready messages, 0 when it does not exist (on a channel of its own: a
+        passive declare of a missing queue closes the channel)."""
+        from amqp.exceptions import NotFound
+
+        channel = connection.channel()
+        try:
+            _, count, _ = channel.queue_declare(queue=queue, passive=True)
+            return int(count)
+        except NotFound:
+            return 0
+        finally:
+            if channel.is_open:
+                channel.close()
