@@ -32,6 +32,9 @@ import yaml
 from orchestrator.contracts.canonical import canonical_json
 from orchestrator.contracts.errors import StoreError, StudyqError
 from orchestrator.contracts.results import RunStatus
+from orchestrator.store.columns import EVALUATION_COLUMNS as STORED_EVALUATIONS
+from orchestrator.store.columns import EVENT_COLUMNS as STORED_EVENTS
+from orchestrator.store.columns import RESULT_COLUMNS
 
 __all__ = [
     "CONDITION_COLUMNS",
@@ -44,15 +47,7 @@ __all__ = [
 ]
 
 SCHEMA_VERSION = "0.2.0"
-EVENT_COLUMNS = (
-    "timestamp",
-    "record_id",
-    "text",
-    "session_id",
-    "actor_id",
-    "event_type",
-    "meta_json",
-)
+EVENT_COLUMNS = STORED_EVENTS.csv_columns
 RUN_COLUMNS = (
     "study_id", "condition_id", "run_id", "problem_id", "problem_family", "agent_id",
     "agent_kind", "pattern_name", "model_name", "seed", "replicate", "status", "start_time",
@@ -66,15 +61,11 @@ CONDITION_COLUMNS = (
     "constraint_messages",
     "assignment_meta_json",
 )
-EVALUATION_COLUMNS = (
-    "run_id",
-    "evaluator_id",
-    "metric_name",
-    "metric_value",
-    "metric_unit",
-    "aggregation_level",
-    "notes_json",
-)
+EVALUATION_COLUMNS = STORED_EVALUATIONS.csv_columns
+_RESULT_CELLS = tuple((spec.export, spec.cell) for spec in RESULT_COLUMNS if spec.export)
+"""runs.csv cells of the declared result columns (``orchestrator.store.columns``)."""
+RUN_CSV_COLUMNS = (*RUN_COLUMNS, *(name for name, _ in _RESULT_CELLS if name not in RUN_COLUMNS))
+"""runs.csv: the upstream's required columns, then the declared result columns it lacks."""
 _STUDY_KEYS = ("schema_version", "study_id", "title", "description")
 _MANIFEST_KEYS = (
     "schema_version",
@@ -233,7 +224,7 @@ def export_artifacts(store: Any, study_id: str, out_dir: str | Path | None = Non
     model_ids: set[str] = set()
     runs = _write_csv(
         files["runs.csv"],
-        [*RUN_COLUMNS, "error_info"],
+        RUN_CSV_COLUMNS,
         _run_rows(
             study_id,
             store.iter_runs(study_id, statuses=_TERMINAL),
@@ -299,12 +290,10 @@ def _run_rows(
         status = _UPSTREAM_STATUS.get(run.status, run.status)
         status_counts[status] = status_counts.get(status, 0) + 1
         provenance = run.provenance or {}
-        metrics = run.metrics or {}
         model_name = provenance.get("model_name")
         if model_name:
             model_ids.add(str(model_name))
-        error_info = f"{run.error_type}: {run.error_message or ''}" if run.error_type else None
-        yield {
+        row: dict[str, Any] = {
             "study_id": study_id,
             "condition_id": run.condition_id,
             "run_id": run.run_id,
@@ -319,22 +308,20 @@ def _run_rows(
             "status": status,
             "start_time": _iso(run.started_at),
             "end_time": _iso(run.ended_at),
-            "latency_s": run.latency_s if run.latency_s is not None else 0.0,
-            "input_tokens": metrics.get("input_tokens", 0),
-            "output_tokens": metrics.get("output_tokens", 0),
-            "cost_usd": run.cost_usd if run.cost_usd is not None else 0.0,
-            "primary_outcome": metrics.get("primary_outcome"),
-            "trace_path": (run.trace_refs or [""])[0],
             "manifest_path": str(manifest_path),
-            "error_info": error_info,
         }
+        row.update((name, cell(run)) for name, cell in _RESULT_CELLS)
+        yield row
+
+
+_JSON_CELLS = (*STORED_EVALUATIONS.csv_json, *STORED_EVENTS.csv_json)
 
 
 def _table_row(row: Mapping[str, Any]) -> dict[str, Any]:
-    """Mappings in ``notes_json`` / ``meta_json`` as ``json.dumps(sort_keys=True)``, as the
-    upstream writes raw mappings."""
+    """Mappings in the declared JSON cells (``notes_json``, ``meta_json``) as
+    ``json.dumps(sort_keys=True)``, as the upstream writes raw mappings."""
     out = dict(row)
-    for key in ("notes_json", "meta_json"):
+    for key in _JSON_CELLS:
         if isinstance(out.get(key), Mapping):
             out[key] = json.dumps(out[key], sort_keys=True)
     return out

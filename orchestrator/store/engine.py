@@ -21,7 +21,7 @@ import math
 import re
 import threading
 import urllib.parse
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -34,7 +34,9 @@ from orchestrator.contracts.errors import StoreError, StoreUnavailableError, Sto
 __all__ = [
     "DEFAULT_URL",
     "AutocommitLane",
+    "Execute",
     "create_engine_for",
+    "cursor_executor",
     "is_sqlite",
     "json_dumps",
     "mask_url",
@@ -286,6 +288,20 @@ def transaction(engine: Engine, *, readonly: bool = False) -> Iterator[Connectio
         raise _store_error(engine, error, unavailable=_is_unavailable(engine, error)) from error
     except exc.SQLAlchemyError as error:
         raise _store_error(engine, error, unavailable=False) from error
+
+
+Execute = Callable[[str, dict[str, Any]], list[Any]]
+"""Runs one statement with driver (``%(name)s``) parameters and returns its rows."""
+
+
+def cursor_executor(cursor: Any) -> Execute:
+    """:data:`Execute` on a driver cursor (``AutocommitLane.cursor``)."""
+
+    def execute(sql: str, params: dict[str, Any]) -> list[Any]:
+        cursor.execute(sql, params)
+        return list(cursor.fetchall())
+
+    return execute
 
 
 class AutocommitLane:

@@ -30,6 +30,7 @@ over running rows serves lease expiry, and ``(study_id, run_id)`` serves lookups
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from datetime import datetime
 from typing import Any
 
@@ -37,7 +38,6 @@ from sqlalchemy import (
     BigInteger,
     Boolean,
     CheckConstraint,
-    Float,
     ForeignKey,
     ForeignKeyConstraint,
     Index,
@@ -49,9 +49,15 @@ from sqlalchemy import (
 from sqlalchemy import (
     text as sql_text,
 )
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.orm import DeclarativeBase, Mapped, MappedColumn, mapped_column
 
 from orchestrator.contracts.results import RunStatus
+from orchestrator.store.columns import (
+    EVALUATION_COLUMNS,
+    EVENT_COLUMNS,
+    RESULT_COLUMNS,
+    ColumnSpec,
+)
 from orchestrator.store.sqltypes import JSONType, OrderedJSONType, UTCDateTime
 
 __all__ = [
@@ -90,6 +96,12 @@ class AttemptOutcome:
     LOST = "lost"  # the lease expired: the worker vanished or stopped heartbeating
     RELEASED = "released"  # warm shutdown handed the run back; not charged
     CANCELLED = "cancelled"
+
+
+def _mapped(specs: Iterable[ColumnSpec]) -> dict[str, MappedColumn[Any]]:
+    """Nullable columns for the declared ``specs``, to add to a model's class body in their
+    order (``vars().update(...)``: the class namespace is the mapping being built)."""
+    return {spec.name: mapped_column(spec.sql_type, nullable=True) for spec in specs}
 
 
 _STATUSES = ", ".join(f"'{status.value}'" for status in RunStatus)
@@ -133,7 +145,8 @@ class ConditionRow(Base):
 
 
 class RunRow(Base):
-    """One run: its spec (immutable), its lifecycle state, and its terminal result."""
+    """One run: its spec (immutable), its lifecycle state, and its terminal result (the
+    declared result columns; name them in SQL as ``RunRow.__table__.c.<name>``)."""
 
     __tablename__ = "runs"
     __table_args__ = (
@@ -178,20 +191,8 @@ class RunRow(Base):
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     ended_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
 
-    # -- the result ----------------------------------------------------------------------
-    outputs: Mapped[dict[str, Any] | None] = mapped_column(JSONType, nullable=True)
-    metrics: Mapped[dict[str, Any] | None] = mapped_column(JSONType, nullable=True)
-    latency_s: Mapped[float | None] = mapped_column(Float, nullable=True)
-    cost_usd: Mapped[float | None] = mapped_column(Float, nullable=True)
-    input_tokens: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
-    output_tokens: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
-    primary_outcome: Mapped[Any] = mapped_column(JSONType, nullable=True)
-    trace_refs: Mapped[list[str] | None] = mapped_column(JSONType, nullable=True)
-    provenance: Mapped[dict[str, Any] | None] = mapped_column(JSONType, nullable=True)
-    error_kind: Mapped[str | None] = mapped_column(String, nullable=True)
-    error_type: Mapped[str | None] = mapped_column(String, nullable=True)
-    error_message: Mapped[str | None] = mapped_column(Text, nullable=True)
-    traceback: Mapped[str | None] = mapped_column(Text, nullable=True)
+    # -- the result: one column per declared field (columns.RESULT_COLUMNS) ---------------
+    vars().update(_mapped(RESULT_COLUMNS))
 
 
 SPEC_COLUMNS = (
@@ -243,12 +244,7 @@ class EvaluationRow(Base):
     seq: Mapped[int] = mapped_column(Integer, primary_key=True)
     run_id: Mapped[str] = mapped_column(String)
     attempt: Mapped[int] = mapped_column(Integer)
-    evaluator_id: Mapped[str | None] = mapped_column(String, nullable=True)
-    metric_name: Mapped[str | None] = mapped_column(String, nullable=True)
-    metric_value: Mapped[Any] = mapped_column(JSONType, nullable=True)
-    metric_unit: Mapped[str | None] = mapped_column(String, nullable=True)
-    aggregation_level: Mapped[str | None] = mapped_column(String, nullable=True)
-    notes_json: Mapped[Any] = mapped_column(JSONType, nullable=True)
+    vars().update(_mapped(EVALUATION_COLUMNS.columns))
     extra: Mapped[dict[str, Any]] = mapped_column(OrderedJSONType)
 
 
@@ -263,11 +259,5 @@ class EventRow(Base):
     seq: Mapped[int] = mapped_column(Integer, primary_key=True)
     run_id: Mapped[str] = mapped_column(String)
     attempt: Mapped[int] = mapped_column(Integer)
-    timestamp: Mapped[str | None] = mapped_column(Text, nullable=True)
-    record_id: Mapped[str | None] = mapped_column(Text, nullable=True)
-    text: Mapped[str | None] = mapped_column(Text, nullable=True)
-    session_id: Mapped[str | None] = mapped_column(Text, nullable=True)
-    actor_id: Mapped[str | None] = mapped_column(Text, nullable=True)
-    event_type: Mapped[str | None] = mapped_column(Text, nullable=True)
-    meta_json: Mapped[Any] = mapped_column(JSONType, nullable=True)
+    vars().update(_mapped(EVENT_COLUMNS.columns))
     extra: Mapped[dict[str, Any]] = mapped_column(OrderedJSONType)

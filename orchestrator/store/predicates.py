@@ -95,8 +95,8 @@ _FILTER_COLUMNS: dict[str, Any] = {
     "problem": RunRow.problem_key,
     "replicate": RunRow.replicate,
     "index": RunRow.plan_index,
-    "error_kind": RunRow.error_kind,
-    "error_type": RunRow.error_type,
+    "error_kind": RunRow.__table__.c.error_kind,
+    "error_type": RunRow.__table__.c.error_type,
 }
 
 

@@ -10,7 +10,8 @@ vacuum). Rows written while iterating may or may not be seen; rows are never see
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from dataclasses import fields
+from typing import Any, TypeVar
 
 from sqlalchemy import Engine, Select, func, select, tuple_
 from sqlalchemy.engine import Connection, Row
@@ -63,6 +64,9 @@ GROUP_COLUMNS: dict[str, Any] = {
     "problem": RunRow.problem_key,
 }
 """What ``count_by`` can group runs by."""
+
+_RESULT = RunRow.__table__.c
+"""The columns of ``runs``, for the declared result columns (no typed ORM attributes)."""
 
 
 def _study(row: Row[Any]) -> StudyInfo:
@@ -131,7 +135,7 @@ def progress_stats(
     """Cost so far and the finishing rate over the last ``window_s`` seconds (database
     clock; shortened to the time since the first claim early in a sweep)."""
     cost = connection.execute(
-        select(func.coalesce(func.sum(RunRow.cost_usd), 0.0)).where(RunRow.study_id == study_id)
+        select(func.coalesce(func.sum(_RESULT.cost_usd), 0.0)).where(RunRow.study_id == study_id)
     ).scalar_one()
     since = db_now_plus(-window_s)
     now, first, recent = connection.execute(
@@ -157,16 +161,12 @@ def progress_stats(
 
 def top_errors(connection: Connection, study_id: str, *, limit: int = 10) -> list[ErrorSummary]:
     """Failed runs grouped by error kind and type, largest group first."""
+    kind, kind_type = _RESULT.error_kind, _RESULT.error_type
     rows = connection.execute(
-        select(
-            RunRow.error_kind,
-            RunRow.error_type,
-            func.count().label("n"),
-            func.min(RunRow.error_message),
-        )
+        select(kind, kind_type, func.count().label("n"), func.min(_RESULT.error_message))
         .where(RunRow.study_id == study_id, RunRow.status == RunStatus.FAILED.value)
-        .group_by(RunRow.error_kind, RunRow.error_type)
-        .order_by(func.count().desc(), RunRow.error_kind, RunRow.error_type)
+        .group_by(kind, kind_type)
+        .order_by(func.count().desc(), kind, kind_type)
         .limit(limit)
     )
     return [ErrorSummary(kind, kind_type, n, example) for kind, kind_type, n, example in rows]
@@ -275,63 +275,42 @@ def iter_evaluations(
     engine: Engine, study_id: str, *, batch: int = PAGE_SIZE
 ) -> Iterator[EvaluationRecord]:
     """Evaluation rows of finished runs, in plan order then as the evaluator produced them."""
-    for page in _pages(
-        engine,
-        lambda last: _child_query(EvaluationRow, study_id, last, batch),
-        lambda row: (row.plan_index, row.seq),
-    ):
-        for row in page:
-            yield EvaluationRecord(
-                study_id=row.study_id,
-                index=row.plan_index,
-                seq=row.seq,
-                run_id=row.run_id,
-                attempt=row.attempt,
-                evaluator_id=row.evaluator_id,
-                metric_name=row.metric_name,
-                metric_value=row.metric_value,
-                metric_unit=row.metric_unit,
-                aggregation_level=row.aggregation_level,
-                notes_json=row.notes_json,
-                extra=dict(row.extra),
-            )
+    return _iter_children(engine, EvaluationRow, EvaluationRecord, study_id, batch)
 
 
 def iter_events(engine: Engine, study_id: str, *, batch: int = PAGE_SIZE) -> Iterator[EventRecord]:
     """Event rows of finished runs, in plan order then as the run emitted them."""
-    for page in _pages(
-        engine,
-        lambda last: _child_query(EventRow, study_id, last, batch),
-        lambda row: (row.plan_index, row.seq),
-    ):
-        for row in page:
-            yield EventRecord(
-                study_id=row.study_id,
-                index=row.plan_index,
-                seq=row.seq,
-                run_id=row.run_id,
-                attempt=row.attempt,
-                timestamp=row.timestamp,
-                record_id=row.record_id,
-                text=row.text,
-                session_id=row.session_id,
-                actor_id=row.actor_id,
-                event_type=row.event_type,
-                meta_json=row.meta_json,
-                extra=dict(row.extra),
-            )
+    return _iter_children(engine, EventRow, EventRecord, study_id, batch)
 
 
-def _child_query(
+_Child = TypeVar("_Child", EvaluationRecord, EventRecord)
+
+
+def _iter_children(
+    engine: Engine,
     table: type[EvaluationRow] | type[EventRow],
+    record: type[_Child],
     study_id: str,
-    last: tuple[Any, ...] | None,
     batch: int,
-) -> Select[Any]:
-    query = select(table).where(table.study_id == study_id)
-    if last is not None:
-        query = query.where(tuple_(table.plan_index, table.seq) > tuple_(*last))
-    return query.order_by(table.plan_index, table.seq).limit(batch)
+) -> Iterator[_Child]:
+    """Rows of a child table as records: the keys, the declared columns (the record's own
+    fields, :mod:`.columns`), and ``extra``."""
+    names = [f.name for f in fields(record) if f.name not in ("index", "extra")]
+
+    def build(last: tuple[Any, ...] | None) -> Select[Any]:
+        query = select(table).where(table.study_id == study_id)
+        if last is not None:
+            query = query.where(tuple_(table.plan_index, table.seq) > tuple_(*last))
+        return query.order_by(table.plan_index, table.seq).limit(batch)
+
+    for page in _pages(engine, build, lambda row: (row.plan_index, row.seq)):
+        for row in page:
+            values = row._mapping
+            yield record(
+                index=row.plan_index,
+                extra=dict(row.extra),
+                **{name: values[name] for name in names},
+            )
 
 
 def iter_attempts(

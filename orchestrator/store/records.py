@@ -6,11 +6,19 @@ transaction that produced them has closed and pass them between threads and proc
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
 from orchestrator.contracts.runspec import RunSpec
+from orchestrator.store.columns import (
+    EVALUATION_COLUMNS,
+    EVENT_COLUMNS,
+    EvaluationFields,
+    EventFields,
+    RunResultFields,
+)
 
 __all__ = [
     "AttemptRecord",
@@ -25,6 +33,7 @@ __all__ = [
     "RunRecord",
     "StudyInfo",
     "TakeBackReport",
+    "publishable",
     "spec_from_row",
 ]
 
@@ -43,6 +52,14 @@ def spec_from_row(study_id: str, row: Any) -> RunSpec:
         block_assignments=dict(row.block_assignments),
         index=row.plan_index,
         condition_fingerprint=row.condition_fingerprint,
+    )
+
+
+def publishable(study_id: str, rows: Iterable[Any]) -> list[tuple[RunSpec, int]]:
+    """``(spec, attempt)`` of rows with the ``SPEC_COLUMNS`` and ``attempt``, in plan order:
+    what a caller publishes (or revokes) after the commit."""
+    return sorted(
+        ((spec_from_row(study_id, row), row.attempt) for row in rows), key=lambda p: p[0].index
     )
 
 
@@ -153,44 +170,9 @@ class ConditionRecord:
 
 
 @dataclass(frozen=True, slots=True)
-class RunRecord:
-    """One stored run: its spec, lifecycle state and result, as the exporter reads it."""
-
-    study_id: str
-    index: int
-    run_id: str
-    condition_id: str
-    replicate: int
-    seed: int
-    agent_id: Any
-    problem_id: Any
-    agent_key: str
-    problem_key: str
-    factor_assignments: dict[str, Any]
-    block_assignments: dict[str, Any]
-    condition_fingerprint: str
-    status: str
-    attempt: int
-    attempts_used: int
-    max_attempts: int
-    lease_owner: str | None
-    lease_expires_at: datetime | None
-    queued_at: datetime | None
-    started_at: datetime | None
-    ended_at: datetime | None
-    outputs: dict[str, Any] | None
-    metrics: dict[str, Any] | None
-    latency_s: float | None
-    cost_usd: float | None
-    input_tokens: int | None
-    output_tokens: int | None
-    primary_outcome: Any
-    trace_refs: list[str] | None
-    provenance: dict[str, Any] | None
-    error_kind: str | None
-    error_type: str | None
-    error_message: str | None
-    traceback: str | None
+class RunRecord(RunResultFields):
+    """One stored run: its spec, lifecycle state and result (the declared
+    :class:`~orchestrator.store.columns.RunResultFields`), as the exporter reads it."""
 
     @property
     def spec(self) -> RunSpec:
@@ -228,72 +210,29 @@ class AttemptRecord:
 
 
 @dataclass(frozen=True, slots=True)
-class EvaluationRecord:
+class EvaluationRecord(EvaluationFields):
     """One evaluations.csv row of a finished run; ``extra`` holds the producer's other keys
     in the order it wrote them."""
 
-    study_id: str
-    index: int
-    seq: int
-    run_id: str
-    attempt: int
-    evaluator_id: str | None
-    metric_name: str | None
-    metric_value: Any
-    metric_unit: str | None
-    aggregation_level: str | None
-    notes_json: Any
     extra: dict[str, Any]
 
     @property
     def row(self) -> dict[str, Any]:
         """The evaluations.csv row: ``run_id`` and the required columns, then the extras."""
-        row: dict[str, Any] = {
-            "run_id": self.run_id,
-            "evaluator_id": self.evaluator_id,
-            "metric_name": self.metric_name,
-            "metric_value": self.metric_value,
-            "metric_unit": self.metric_unit,
-            "aggregation_level": self.aggregation_level,
-            "notes_json": self.notes_json,
-        }
-        row.update((key, value) for key, value in self.extra.items() if key not in row)
-        return row
+        return EVALUATION_COLUMNS.csv_row(self)
 
 
 @dataclass(frozen=True, slots=True)
-class EventRecord:
+class EventRecord(EventFields):
     """One events.csv row of a finished run; ``extra`` holds the producer's other keys
     (``level``, ``trial_id``, ...) in the order it wrote them."""
 
-    study_id: str
-    index: int
-    seq: int
-    run_id: str
-    attempt: int
-    timestamp: str | None
-    record_id: str | None
-    text: str | None
-    session_id: str | None
-    actor_id: str | None
-    event_type: str | None
-    meta_json: Any
     extra: dict[str, Any]
 
     @property
     def row(self) -> dict[str, Any]:
         """The events.csv row: the required columns, then the extras in their order."""
-        row: dict[str, Any] = {
-            "timestamp": self.timestamp,
-            "record_id": self.record_id,
-            "text": self.text,
-            "session_id": self.session_id,
-            "actor_id": self.actor_id,
-            "event_type": self.event_type,
-            "meta_json": self.meta_json,
-        }
-        row.update((key, value) for key, value in self.extra.items() if key not in row)
-        return row
+        return EVENT_COLUMNS.csv_row(self)
 
 
 @dataclass(frozen=True, slots=True)
