@@ -25,7 +25,12 @@ def test_every_declared_column_is_a_table_column_and_a_record_field() -> None:
 def test_the_csv_columns_come_from_the_declaration() -> None:
     assert ("run_id", *EVALUATION_COLUMNS.names) == export.EVALUATION_COLUMNS
     assert EVENT_COLUMNS.names == export.EVENT_COLUMNS
-    assert (*export.RUN_COLUMNS, "error_info") == export.RUN_CSV_COLUMNS
+    # runs.csv: the upstream's columns, then the declared ones it lacks (error_info first)
+    declared = [spec.export for spec in RESULT_COLUMNS if spec.export]
+    added = export.RUN_CSV_COLUMNS[len(export.RUN_COLUMNS) :]
+    assert export.RUN_CSV_COLUMNS[: len(export.RUN_COLUMNS)] == export.RUN_COLUMNS
+    assert list(added) == [name for name in declared if name not in export.RUN_COLUMNS]
+    assert added[0] == "error_info"
 
 
 def test_a_finished_run_reads_back_every_declared_column(store: ResultStore) -> None:
