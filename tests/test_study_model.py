@@ -18,7 +18,8 @@ import pytest
 
 from orchestrator.contracts.canonical import canonical_json
 from orchestrator.contracts.errors import StudyValidationError
-from orchestrator.study.model import DesignKind, Study, load_study, parse_study
+from orchestrator.study.design_spec import DesignKind
+from orchestrator.study.model import Study, load_study, parse_study
 
 BASE: dict[str, Any] = {"study_id": "model-test", "title": "Model test"}
 

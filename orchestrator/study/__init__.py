@@ -3,7 +3,10 @@
 Reading order, as a study flows through it::
 
     studyfile    the file on disk -> a mapping (YAML or JSON, size-limited, clear errors)
-    model        the mapping -> a validated ``Study`` (upstream 0.4.0's schema, exactly)
+    model        the mapping -> a validated ``Study`` (upstream 0.4.0's schema, exactly), of
+      factors      factors and levels, blocks, constraints
+      design_spec  the design kind and options, the run budget, the seed policy
+      analysis     outcomes, hypotheses, analysis plans
     validation   cross-field checks that name the field and the fix
     constraints  the safe expression language of ``constraints:``
     designs      factors and levels -> conditions (full, fractional, latin square, LHS, custom)
@@ -13,22 +16,10 @@ Nothing here touches the store, a broker or a worker: a plan is a pure function 
 ``from orchestrator.study import Study`` is the public path of the model.
 """
 
-from orchestrator.study.model import (
-    SCHEMA_VERSION,
-    AnalysisPlan,
-    Block,
-    Constraint,
-    DesignKind,
-    DesignSpec,
-    Factor,
-    FactorKind,
-    Hypothesis,
-    Level,
-    OutcomeSpec,
-    RunBudget,
-    SeedPolicy,
-    Study,
-)
+from orchestrator.study.analysis import AnalysisPlan, Hypothesis, OutcomeSpec
+from orchestrator.study.design_spec import DesignKind, DesignSpec, RunBudget, SeedPolicy
+from orchestrator.study.factors import Block, Constraint, Factor, FactorKind, Level
+from orchestrator.study.model import SCHEMA_VERSION, Study
 
 __all__ = [
     "SCHEMA_VERSION",

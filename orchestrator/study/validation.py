@@ -23,7 +23,8 @@ from orchestrator.contracts.errors import Problem
 
 if TYPE_CHECKING:
     from orchestrator.study.designs import Condition
-    from orchestrator.study.model import Factor, Study
+    from orchestrator.study.factors import Factor
+    from orchestrator.study.model import Study
 
 __all__ = [
     "apply_legacy_outcome_roles",
@@ -390,7 +391,7 @@ def _latin_square_problems(study: Study) -> list[Problem]:
     roles and lets the later role overwrite the earlier one's assignment, so the square's
     ``latin_square_row`` / ``latin_square_col`` metadata no longer matches the condition;
     studyq refuses it (docs/studies.md, "Stricter than upstream")."""
-    from orchestrator.study.model import DesignKind
+    from orchestrator.study.design_spec import DesignKind
 
     spec = study.design_spec
     if spec.kind != DesignKind.LATIN_SQUARE:

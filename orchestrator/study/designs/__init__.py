@@ -23,13 +23,14 @@ from collections.abc import Callable
 from typing import Final
 
 from orchestrator.contracts.conditions import Condition, condition_label
+from orchestrator.study.design_spec import DesignKind
 from orchestrator.study.designs._checker import ConstraintChecker
 from orchestrator.study.designs._custom_matrix import custom_matrix_conditions
 from orchestrator.study.designs._factorial import factorial_conditions
 from orchestrator.study.designs._fractional import fractional_conditions
 from orchestrator.study.designs._latin_hypercube import latin_hypercube_conditions
 from orchestrator.study.designs._latin_square import latin_square_conditions
-from orchestrator.study.model import DesignKind, Study
+from orchestrator.study.model import Study
 
 __all__ = ["Condition", "build_conditions", "condition_label"]
 

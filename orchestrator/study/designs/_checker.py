@@ -7,7 +7,7 @@ from importlib import import_module
 from typing import Any
 
 from orchestrator.study.designs._common import fail
-from orchestrator.study.model import Constraint
+from orchestrator.study.factors import Constraint
 
 
 class ConstraintChecker:

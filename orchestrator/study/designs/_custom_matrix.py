@@ -8,9 +8,10 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.contracts.conditions import Condition
+from orchestrator.study.design_spec import DesignKind
 from orchestrator.study.designs._checker import ConstraintChecker
 from orchestrator.study.designs._common import fail, row_condition
-from orchestrator.study.model import DesignKind, Study
+from orchestrator.study.model import Study
 
 
 def custom_matrix_conditions(study: Study, checker: ConstraintChecker) -> list[Condition]:

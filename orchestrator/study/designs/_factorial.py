@@ -11,9 +11,11 @@ from typing import Any
 
 from orchestrator.contracts.canonical import canonical_json, hash_identifier
 from orchestrator.contracts.conditions import Condition
+from orchestrator.study.design_spec import DesignKind
 from orchestrator.study.designs._checker import ConstraintChecker
 from orchestrator.study.designs._common import block_assignments, counterbalance, seeded_rng
-from orchestrator.study.model import DesignKind, Factor, Study
+from orchestrator.study.factors import Factor
+from orchestrator.study.model import Study
 
 
 def factorial_conditions(study: Study, checker: ConstraintChecker) -> list[Condition]:

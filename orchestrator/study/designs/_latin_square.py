@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from orchestrator.contracts.conditions import Condition
+from orchestrator.study.design_spec import DesignKind
 from orchestrator.study.designs._checker import ConstraintChecker
 from orchestrator.study.designs._common import fail, row_condition
-from orchestrator.study.model import DesignKind, Study
+from orchestrator.study.model import Study
 
 
 def latin_square_conditions(study: Study, checker: ConstraintChecker) -> list[Condition]:
