@@ -27,7 +27,7 @@ import json
 import logging
 import threading
 import time
-from typing import Any
+from typing import Any, ClassVar
 from urllib.parse import urlparse
 
 from celery.worker.consumer import Consumer
@@ -59,7 +59,7 @@ class StudyqConsumer(Consumer):  # type: ignore[misc]  # Celery ships no type hi
         """Celery's consumer steps minus ``DelayedDelivery``: on quorum queues it declares
         28 exchanges and queues for ETA/countdown tasks, which studyq never sends."""
 
-        default_steps = [
+        default_steps: ClassVar[list[str]] = [
             step
             for step in Consumer.Blueprint.default_steps
             if not step.endswith(":DelayedDelivery")

@@ -430,7 +430,7 @@ def _check(args: argparse.Namespace) -> int:
         print(exc, file=sys.stderr)
         return EXIT_USAGE
     except BrokerUnavailableError as exc:
-        print(f"broker {mask_url(broker_url)}: UNREACHABLE. {exc}", file=sys.stderr)
+        print(exc, file=sys.stderr)
         return EXIT_CONNECT
     print(f"broker {mask_url(broker_url)}: ok")
     return healthy

@@ -74,7 +74,7 @@ def _connect_error(broker_url: str, exc: BaseException, *, consequence: str) -> 
             f"vhost in STUDYQ_BROKER_URL (or --broker), as in {example}{consequence}."
         )
     return BrokerUnavailableError(
-        f"{where} is unreachable ({type(exc).__name__}). Fix: start "
+        f"{where}: UNREACHABLE ({type(exc).__name__}). Fix: start "
         f"{'RabbitMQ' if rabbit else 'Redis'} or check STUDYQ_BROKER_URL{consequence}."
     )
 

@@ -16,7 +16,7 @@ a worker holds and has not claimed yet is not counted (at most one per worker sl
 Dead letters are the classic durable queue ``studyq.dead.<queue>``, bounded by
 ``x-max-length`` with ``drop-head`` (the oldest go first, as the Redis list is trimmed).
 Listing reads them with ``basic.get`` without acknowledging and closes the channel, which
-returns them to the queue in their order.
+returns them to the queue.
 """
 
 from __future__ import annotations
@@ -174,7 +174,7 @@ class RabbitBroker:
                     letters.append(DeadLetter.from_json(message.body))
             finally:
                 channel.close()  # returns every message got, unacknowledged, to the queue
-        letters.reverse()  # the queue is oldest first
+        letters.sort(key=lambda letter: letter.time, reverse=True)  # newest first, as on Redis
         return letters if limit is None else letters[: max(limit, 1)]
 
     def dead_letter_count(self, queue: str) -> int:
