@@ -30,6 +30,7 @@ from orchestrator.contracts.settings import Settings
 from orchestrator.contracts.wire import task_id_for
 from orchestrator.executors.celery.amqp import RabbitBroker
 from orchestrator.executors.celery.app import coordinator_app
+from orchestrator.executors.celery.driver import BrokerDriver
 from orchestrator.executors.celery.messages import MessageBuilder
 from orchestrator.executors.celery.redis import RedisBroker, authentication_failure
 from orchestrator.executors.transport import Publication
@@ -105,7 +106,7 @@ class CeleryTransport:
         self._url = broker_url
         self._kind = broker_kind(broker_url)
         self._app: Any = None
-        self._broker: RedisBroker | RabbitBroker | None = None
+        self._broker: BrokerDriver | None = None
 
     def __enter__(self) -> CeleryTransport:
         self._app = coordinator_app(self._settings, self._url)
@@ -117,8 +118,8 @@ class CeleryTransport:
             raise _connect_error(
                 self._url, exc, consequence="; nothing was registered or enqueued"
             ) from None
-        broker = RedisBroker if self._kind is BrokerKind.REDIS else RabbitBroker
-        self._broker = broker(self._app, self._settings)
+        driver = RedisBroker if self._kind is BrokerKind.REDIS else RabbitBroker
+        self._broker = driver(self._app, self._settings)
         return self
 
     def __exit__(
@@ -137,7 +138,7 @@ class CeleryTransport:
         """The broker this transport publishes to."""
         return self._kind
 
-    def _active(self) -> RedisBroker | RabbitBroker:
+    def _active(self) -> BrokerDriver:
         if self._broker is None:
             raise RuntimeError("CeleryTransport used outside its `with` block")
         return self._broker

@@ -32,8 +32,8 @@ from orchestrator.contracts.deadletters import (
     dead_letter_key,
 )
 from orchestrator.contracts.errors import BrokerUnavailableError
-from orchestrator.contracts.settings import Settings
 from orchestrator.contracts.wire import CONTENT_ENCODING, CONTENT_TYPE
+from orchestrator.executors.celery.driver import BrokerDriver, SizeCheck
 from orchestrator.executors.celery.events import SentEvents
 from orchestrator.executors.celery.messages import MessageBuilder
 from orchestrator.executors.transport import Publication
@@ -93,12 +93,8 @@ class _Confirms:
             )
 
 
-class RabbitBroker:
+class RabbitBroker(BrokerDriver):
     """The RabbitMQ half of :class:`~orchestrator.executors.celery.CeleryTransport`."""
-
-    def __init__(self, app: Any, settings: Settings) -> None:
-        self.app = app
-        self.settings = settings
 
     def publish(
         self,
@@ -106,7 +102,7 @@ class RabbitBroker:
         items: Iterable[Publication],
         *,
         events: bool,
-        check_size: Any,
+        check_size: SizeCheck,
     ) -> int:
         limit = self.settings.max_message_bytes
         queue = builder.queue

@@ -21,7 +21,7 @@ from typing import Any
 from redis import Redis
 
 from orchestrator.contracts.deadletters import DeadLetter, dead_letter_key
-from orchestrator.contracts.settings import Settings
+from orchestrator.executors.celery.driver import BrokerDriver, SizeCheck
 from orchestrator.executors.celery.events import SentEvents
 from orchestrator.executors.celery.messages import DeliveryTags, MessageBuilder
 from orchestrator.executors.transport import Publication
@@ -34,12 +34,8 @@ PUBLISH_BATCH = 500
 """Messages per Redis pipeline round trip when publishing."""
 
 
-class RedisBroker:
+class RedisBroker(BrokerDriver):
     """The Redis half of :class:`~orchestrator.executors.celery.CeleryTransport`."""
-
-    def __init__(self, app: Any, settings: Settings) -> None:
-        self.app = app
-        self.settings = settings
 
     def publish(
         self,
@@ -47,7 +43,7 @@ class RedisBroker:
         items: Iterable[Publication],
         *,
         events: bool,
-        check_size: Any,
+        check_size: SizeCheck,
     ) -> int:
         """LPUSH each run's envelope (kombu's, pre-encoded: see
         :meth:`MessageBuilder.envelope`), :data:`PUBLISH_BATCH` per round trip."""
