@@ -33,13 +33,13 @@ from datetime import UTC, datetime
 from enum import StrEnum
 
 from orchestrator.contracts.errors import StoreError, StoreUnavailableError
-from orchestrator.contracts.results import ErrorKind, RunResult, RunStatus
+from orchestrator.contracts.results import ErrorKind, failed_result
 from orchestrator.contracts.runspec import RunSpec
 from orchestrator.store import Claim, ResultStore
-from workers.interrupt import MainThreadInterrupt
+from workers.interrupt import HandBack, LeaseLost, MainThreadInterrupt
 from workers.retrying import retry_unavailable
 
-__all__ = ["RELEASE_RETRY_S", "Ending", "LeaseKeeper", "RunSupervisor", "timeout_result"]
+__all__ = ["RELEASE_RETRY_S", "Ending", "LeaseKeeper", "RunSupervisor"]
 
 log = logging.getLogger("studyq.worker")
 
@@ -59,24 +59,6 @@ class Ending(StrEnum):
     TIMED_OUT = "timed_out"  # over the hard limit; a timeout was written for it
     HANDED_BACK = "handed_back"  # warm shutdown; lease released, attempt refunded
     LEASE_LOST = "lease_lost"  # cancelled or re-queued elsewhere; nothing written
-
-
-def timeout_result(
-    spec: RunSpec, started_at: datetime, *, worker: str, message: str, error_type: str
-) -> RunResult:
-    """A failed ``timeout`` result for a run that never returned its own."""
-    ended_at = datetime.now(UTC)
-    return RunResult(
-        run_id=spec.run_id,
-        status=RunStatus.FAILED,
-        started_at=started_at,
-        ended_at=ended_at,
-        metrics={"latency_s": (ended_at - started_at).total_seconds()},
-        provenance={"worker": worker, "agent_id": spec.agent_key, "problem_id": spec.problem_key},
-        error_kind=ErrorKind.TIMEOUT,
-        error_type=error_type,
-        error_message=message,
-    )
 
 
 class LeaseKeeper:
@@ -286,7 +268,7 @@ class RunSupervisor:
 
     def _hand_back_and_interrupt(self) -> None:
         if self.hand_back() is Ending.HANDED_BACK and self.interrupt is not None:
-            self.interrupt.interrupt("hand_back")
+            self.interrupt.interrupt(HandBack)
 
     def _decide(self, ending: Ending) -> bool:
         with self._lock:
@@ -319,17 +301,18 @@ class RunSupervisor:
             self.claim.study_id,
         )
         if self.interrupt is not None:
-            self.interrupt.interrupt("lease_lost")
+            self.interrupt.interrupt(LeaseLost)
 
     def _time_out(self, message: str) -> None:
         if not self._decide(Ending.TIMED_OUT):
             return
-        result = timeout_result(
+        result = failed_result(
             self.spec,
-            self.started_at,
-            worker=self.claim.worker,
-            message=message,
+            ErrorKind.TIMEOUT,
             error_type="RunTimeoutError",
+            message=message,
+            started_at=self.started_at,
+            worker=self.claim.worker,
         )
         log.warning(
             "run %s (index %d) of %s timed out: %s",

@@ -47,12 +47,12 @@ from enum import StrEnum
 from typing import Any
 
 from orchestrator.contracts.errors import RunTimeoutError, StoreError, StudyqError
-from orchestrator.contracts.results import ErrorKind, RunResult, RunStatus
+from orchestrator.contracts.results import ErrorKind, RunResult, RunStatus, failed_result
 from orchestrator.contracts.runspec import RunSpec, spec_digest
 from orchestrator.store import Claim
 from orchestrator.store.registration import describe_difference
 from workers.execution import execute_run
-from workers.heartbeat import Ending, RunSupervisor, timeout_result
+from workers.heartbeat import Ending, RunSupervisor
 from workers.interrupt import HandBack, LeaseLost, deferred_termination
 from workers.retrying import retry_unavailable
 from workers.runtime import StudyContext, WorkerRuntime
@@ -173,7 +173,16 @@ def run_delivery(runtime: WorkerRuntime, message: Mapping[str, Any], attempt: in
         )
         return Outcome.DUPLICATE
     if study.problem is not None:
-        return _record(runtime, claim, _unrunnable(spec, claim, study.problem))
+        # Cannot be executed as registered: a failed ``binding`` result, attempt charged.
+        unrunnable = failed_result(
+            spec,
+            ErrorKind.BINDING,
+            error_type="InvalidRunMessage",
+            message=study.problem,
+            started_at=datetime.now(UTC),
+            worker=claim.worker,
+        )
+        return _record(runtime, claim, unrunnable)
     return _execute(runtime, study, spec, claim)
 
 
@@ -254,12 +263,14 @@ def _execute(runtime: WorkerRuntime, study: StudyContext, spec: RunSpec, claim: 
                 spec, study.resolver, timeout_s=study.timeout_s, worker=runtime.worker
             )
     except RunTimeoutError as error:  # the alarm fired between the run's return and disarm
-        result = timeout_result(
+        result = failed_result(
             spec,
-            supervisor.started_at,
-            worker=runtime.worker,
+            ErrorKind.TIMEOUT,
+            error_type=type(error).__name__,
             message=str(error),
-            error_type="RunTimeoutError",
+            started_at=supervisor.started_at,
+            worker=runtime.worker,
+            execution_mode=_execution_mode(study),
         )
     except (HandBack, LeaseLost):
         pass  # the supervisor decided and acted; see its ending below
@@ -298,19 +309,8 @@ def _record(runtime: WorkerRuntime, claim: Claim, result: RunResult) -> Outcome:
     return Outcome(outcome)
 
 
-def _unrunnable(spec: RunSpec, claim: Claim, problem: str) -> RunResult:
-    """A failed ``binding`` result for a run that cannot be executed as registered."""
-    now = datetime.now(UTC)
-    return RunResult(
-        run_id=claim.run_id,
-        status=RunStatus.FAILED,
-        started_at=now,
-        ended_at=now,
-        provenance={"worker": claim.worker, "message_run_id": spec.run_id},
-        error_kind=ErrorKind.BINDING,
-        error_type="InvalidRunMessage",
-        error_message=problem,
-    )
+def _execution_mode(study: StudyContext) -> str:
+    return "condition_runner" if study.resolver.uses_runner else "agent"
 
 
 def record_hard_kill(
@@ -339,13 +339,14 @@ def record_hard_kill(
         expires = row.lease_expires_at or now
         claim = Claim(row.study_id, row.index, row.run_id, row.attempt, worker, expires)
         started_at = row.started_at or now
-        result = timeout_result(
+        result = failed_result(
             spec,
-            started_at,
-            worker=worker,
+            ErrorKind.TIMEOUT,
+            error_type="TimeLimitExceeded",
             message=f"killed at its hard time limit of {limit_s} s (the run did not stop at "
             "its soft limit)",
-            error_type="TimeLimitExceeded",
+            started_at=started_at,
+            worker=worker,
         )
         won = retry_unavailable(
             lambda: runtime.store.finish_run(claim, result), what=what, budget_s=budget, log=log

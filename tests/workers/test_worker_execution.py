@@ -17,7 +17,15 @@ import pytest
 from orchestrator.contracts.canonical import hash_identifier
 from orchestrator.contracts.errors import BindingError, RunTimeoutError
 from orchestrator.contracts.extensions import Bindings
-from orchestrator.contracts.results import ErrorKind, RunResult, RunStatus
+from orchestrator.contracts.results import (
+    FAILED_PROVENANCE_KEYS,
+    MESSAGE_LIMIT,
+    TRACEBACK_LIMIT,
+    ErrorKind,
+    RunResult,
+    RunStatus,
+    failed_result,
+)
 from orchestrator.contracts.runspec import RunSpec
 from workers.bindings import ProblemPacket, Resolver
 from workers.execution import RunCondition, RunOutput, agent_result, execute_run
@@ -463,8 +471,8 @@ def test_huge_errors_are_bounded(make_spec: SpecFactory) -> None:
 
     result = _run(make_spec("a", "p"), agent)
     assert result.traceback is not None and result.error_message is not None
-    assert len(result.traceback) <= 8192
-    assert len(result.error_message) <= 2048
+    assert len(result.traceback) <= TRACEBACK_LIMIT
+    assert len(result.error_message) <= MESSAGE_LIMIT
     assert "characters cut" in result.traceback
     assert result.traceback.startswith("Traceback")
     assert result.traceback.rstrip().endswith("x")
@@ -577,3 +585,38 @@ def test_runner_is_seeded(make_spec: SpecFactory) -> None:
     random.seed(21)
     np.random.seed(21)
     assert first.outputs == second.outputs == {"draw": random.random(), "np": np.random.random()}
+
+
+def test_every_failed_result_has_the_same_provenance_keys(make_spec: SpecFactory) -> None:
+    """Given a run that raises and a timeout built outside the run (the lease keeper's hard
+    limit), when both are failed results, then they carry the same provenance keys."""
+
+    def agent(seed: int) -> None:
+        raise RuntimeError("boom")
+
+    spec = make_spec("a", "p")
+    raised = _run(spec, agent)
+    timed_out = failed_result(
+        spec,
+        ErrorKind.TIMEOUT,
+        error_type="RunTimeoutError",
+        message="abandoned",
+        started_at=raised.started_at,
+        worker="w1",
+    )
+    assert tuple(raised.provenance) == FAILED_PROVENANCE_KEYS
+    assert tuple(timed_out.provenance) == FAILED_PROVENANCE_KEYS
+    assert raised.provenance["execution_mode"] == "agent"
+    assert timed_out.provenance["execution_mode"] is None
+    assert timed_out.provenance["agent_id"] == raised.provenance["agent_id"] == spec.agent_key
+    assert timed_out.provenance["worker"] == "w1"
+    assert timed_out.metrics["latency_s"] >= 0
+
+
+def test_the_coordinators_entry_points_are_these_functions() -> None:
+    """Given the installed metadata, when the embedded executor asks for the worker's entry
+    points, then it gets the functions tested here (orchestrator/ never imports them)."""
+    from orchestrator.contracts.worker_api import worker_entry
+
+    assert worker_entry("execute_run") is execute_run
+    assert worker_entry("resolver") is Resolver
