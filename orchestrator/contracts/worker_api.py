@@ -10,18 +10,24 @@ own processes; ``studyq worker`` starts a worker), it asks for an entry point of
     serve         workers.serve:serve             the `studyq worker` command's body
 
 So the dependency is one-way and named: another worker implementation installed under the
-same names replaces this one, and a reader finds every crossing in this table.
+same names replaces this one, and a reader finds every crossing in this table. The first two
+are typed here (:class:`ExecuteRun`, :class:`ResolverFactory`); the coordinator holds a
+resolver only to hand it back to ``execute_run`` (:class:`RunResolver`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Mapping
 from functools import cache
 from importlib.metadata import entry_points
-from typing import Any
+from typing import Any, Literal, Protocol, overload
 
 from orchestrator.contracts.errors import SettingsError
+from orchestrator.contracts.extensions import Bindings
+from orchestrator.contracts.results import RunResult
+from orchestrator.contracts.runspec import RunSpec
 
-__all__ = ["GROUP", "NAMES", "worker_entry"]
+__all__ = ["GROUP", "NAMES", "ExecuteRun", "ResolverFactory", "RunResolver", "worker_entry"]
 
 GROUP = "studyq.worker"
 """The entry-point group of the worker's functions."""
@@ -30,7 +36,49 @@ NAMES = ("execute_run", "resolver", "serve")
 """The entry points the coordinator calls."""
 
 
-@cache
+class RunResolver(Protocol):
+    """A study's agent, problem and runner ids resolved to code (``workers.bindings``)."""
+
+    @property
+    def uses_runner(self) -> bool:
+        """Whether the study runs a condition runner instead of agents on problems."""
+        ...
+
+
+class ResolverFactory(Protocol):
+    """Entry point ``resolver``: builds a study's :class:`RunResolver`."""
+
+    def __call__(
+        self,
+        bindings: Bindings | None = None,
+        *,
+        agents: Mapping[Any, Any] | None = None,
+        problems: Mapping[Any, Any] | None = None,
+        runner: Callable[..., Any] | None = None,
+        allowed_imports: Iterable[str] = (),
+    ) -> RunResolver: ...
+
+
+class ExecuteRun(Protocol):
+    """Entry point ``execute_run``: one run, with seed and failure isolation; a run's failure
+    is a failed :class:`RunResult`, never an exception."""
+
+    def __call__(
+        self,
+        spec: RunSpec,
+        resolver: RunResolver,
+        *,
+        timeout_s: float | None = None,
+        worker: str = "",
+    ) -> RunResult: ...
+
+
+@overload
+def worker_entry(name: Literal["execute_run"]) -> ExecuteRun: ...
+@overload
+def worker_entry(name: Literal["resolver"]) -> ResolverFactory: ...
+@overload
+def worker_entry(name: str) -> Any: ...
 def worker_entry(name: str) -> Any:
     """The object behind entry point ``name`` of :data:`GROUP`, imported on first use.
 
@@ -38,6 +86,11 @@ def worker_entry(name: str) -> Any:
         SettingsError: no installed distribution declares it (studyq's own metadata is
             missing: reinstall it).
     """
+    return _load(name)
+
+
+@cache
+def _load(name: str) -> Any:
     found = entry_points(group=GROUP, name=name)
     for entry in found:
         return entry.load()

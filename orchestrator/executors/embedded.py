@@ -1,20 +1,25 @@
 """The embedded executor: runs on this machine, in-process, in processes or in threads.
 
 The coordinator hands it claimed run specs and gets results back in completion order; the
-executor never touches the store. Right before a run executes, the process executing it notes
-the run in the sweep's start journal (:mod:`.start_journal`), so that when the coordinator is
-killed the next sweep charges an attempt only to the claims that really started.
+executor never touches the store. The run itself is the worker's ``execute_run`` and the
+study's resolver the worker's ``Resolver``, reached through their entry points
+(:mod:`orchestrator.contracts.worker_api`): ``orchestrator/`` never imports ``workers/``.
+Right before a run executes, the process executing it notes the run in the sweep's start
+journal (:mod:`.start_journal`), so that when the coordinator is killed the next sweep
+charges an attempt only to the claims that really started.
 
 ``jobs=1`` executes in the calling process (no pickling, no IPC: the cheapest path, and the
 ancestor's default); ``pool="process"`` uses a process pool whose workers build the study's
 resolver once and execute chunks of runs; ``pool="thread"`` uses threads, for I/O-bound
 agents (API calls) whose cost is waiting.
 
-Time limits: in-process and process-pool runs get a SIGALRM timer that raises
-:class:`RunTimeoutError` inside the agent (Python code is interrupted between bytecodes).
-Threads cannot be interrupted; there a run over its limit is recorded as a timeout when it
-returns. Global RNG isolation holds per process, so with threads only agents that use the
-``seed``/``rng`` they are handed are deterministic (docs/determinism.md).
+Time limits: in-process and process-pool runs execute on their process's main thread under
+the timer the workers use too (:class:`~orchestrator.contracts.interrupt.MainThreadInterrupt`),
+which raises :class:`~orchestrator.contracts.errors.RunTimeoutError` inside the agent (Python
+code is interrupted between bytecodes). Threads cannot be interrupted; there a run over its
+limit is recorded as a timeout when it returns. Global RNG isolation holds per process, so
+with threads only agents that use the ``seed``/``rng`` they are handed are deterministic
+(docs/determinism.md).
 """
 
 from __future__ import annotations
@@ -33,16 +38,17 @@ from concurrent.futures import (
     ThreadPoolExecutor,
     wait,
 )
+from contextlib import nullcontext
 from dataclasses import dataclass, field
-from functools import partial
 from itertools import islice
-from types import FrameType
 from typing import Any, Literal
 
-from orchestrator.contracts.errors import RunTimeoutError, StudyError
+from orchestrator.contracts.errors import StudyError
 from orchestrator.contracts.extensions import Bindings
+from orchestrator.contracts.interrupt import MainThreadInterrupt
 from orchestrator.contracts.results import RunResult
 from orchestrator.contracts.runspec import RunSpec
+from orchestrator.contracts.worker_api import RunResolver, worker_entry
 from orchestrator.executors.embedded_owner import EmbeddedOwner, process_alive
 from orchestrator.executors.start_journal import StartLog
 
@@ -70,10 +76,8 @@ class ResolverSpec:
     problems: Mapping[str, Any] = field(default_factory=dict)
     runner: Callable[..., Any] | None = None
 
-    def build(self) -> Any:
-        from workers.bindings import Resolver
-
-        return Resolver(
+    def build(self) -> RunResolver:
+        return worker_entry("resolver")(
             self.bindings,
             agents=self.agents,
             problems=self.problems,
@@ -82,34 +86,23 @@ class ResolverSpec:
         )
 
 
-class _Alarm:
-    """A per-run SIGALRM timer; only usable in a process's main thread."""
+def _execute(
+    spec: RunSpec,
+    resolver: RunResolver,
+    timeout_s: float | None,
+    worker: str,
+    interrupt: MainThreadInterrupt | None,
+) -> RunResult:
+    """One run; under ``interrupt``'s timer when the caller is a process's main thread."""
+    timer = interrupt.armed(timeout_s) if interrupt is not None else nullcontext()
+    with timer:
+        return worker_entry("execute_run")(spec, resolver, timeout_s=timeout_s, worker=worker)
 
-    def __init__(self) -> None:
-        self.armed = False
 
-    def _fire(self, signum: int, frame: FrameType | None) -> None:
-        if self.armed:
-            self.armed = False
-            raise RunTimeoutError("run exceeded execution.timeout_s")
-
-    def run(self, timeout_s: float | None, call: Callable[[], RunResult]) -> RunResult:
-        usable = (
-            timeout_s is not None
-            and hasattr(signal, "setitimer")
-            and threading.current_thread() is threading.main_thread()
-        )
-        if not usable:
-            return call()
-        previous = signal.signal(signal.SIGALRM, self._fire)
-        self.armed = True
-        signal.setitimer(signal.ITIMER_REAL, float(timeout_s))  # type: ignore[arg-type]
-        try:
-            return call()
-        finally:
-            self.armed = False
-            signal.setitimer(signal.ITIMER_REAL, 0)
-            signal.signal(signal.SIGALRM, previous)
+def _main_thread_interrupt(timeout_s: float | None) -> MainThreadInterrupt | None:
+    """The timer for runs on the calling thread, or None where none is needed or possible."""
+    interrupt = MainThreadInterrupt()
+    return interrupt if timeout_s is not None and interrupt.usable else None
 
 
 # --- process-pool side -----------------------------------------------------------------
@@ -138,7 +131,7 @@ def _init_process(
     threading.Thread(target=_exit_with, args=coordinator, daemon=True).start()
     _process_state["resolver"] = resolver_spec.build()
     _process_state["timeout_s"] = timeout_s
-    _process_state["alarm"] = _Alarm()
+    _process_state["interrupt"] = _main_thread_interrupt(timeout_s)
     _process_state["worker"] = worker_name()
     _process_state["starts"] = StartLog(journal) if journal is not None else None
     _process_state["parent"] = os.getppid()
@@ -146,11 +139,9 @@ def _init_process(
 
 def _run_chunk(items: list[tuple[int, dict[str, Any]]]) -> list[RunResult]:
     """Execute ``(attempt, message)`` items in order, noting each start in the journal."""
-    from workers.execution import execute_run
-
-    resolver = _process_state["resolver"]
-    timeout_s = _process_state["timeout_s"]
-    alarm: _Alarm = _process_state["alarm"]
+    resolver: RunResolver = _process_state["resolver"]
+    timeout_s: float | None = _process_state["timeout_s"]
+    interrupt: MainThreadInterrupt | None = _process_state["interrupt"]
     worker = _process_state["worker"]
     starts: StartLog | None = _process_state["starts"]
     parent: int = _process_state["parent"]
@@ -163,12 +154,7 @@ def _run_chunk(items: list[tuple[int, dict[str, Any]]]) -> list[RunResult]:
         spec = RunSpec.from_message(message)
         if starts is not None:
             starts.started(spec.index, attempt)
-        results.append(
-            alarm.run(
-                timeout_s,
-                partial(execute_run, spec, resolver, timeout_s=timeout_s, worker=worker),
-            )
-        )
+        results.append(_execute(spec, resolver, timeout_s, worker, interrupt))
     return results
 
 
@@ -202,8 +188,8 @@ class EmbeddedExecutor:
         self.chunk_size = chunk_size or (8 if self.pool == "process" else 1)
         self._resolver_spec = resolver_spec
         self._executor: Executor | None = None
-        self._resolver: Any = None
-        self._alarm = _Alarm()
+        self._resolver: RunResolver | None = None
+        self._interrupt: MainThreadInterrupt | None = None
         self._stopped = threading.Event()
         self._journal = os.fspath(journal) if journal is not None else None
         self._starts: StartLog | None = None
@@ -227,6 +213,8 @@ class EmbeddedExecutor:
             )
         else:
             self._resolver = self._resolver_spec.build()
+            if self.pool == "inline":
+                self._interrupt = _main_thread_interrupt(self.timeout_s)
             if self._journal is not None:
                 self._starts = StartLog(self._journal)
             if self.pool == "thread":
@@ -243,6 +231,9 @@ class EmbeddedExecutor:
         if self._starts is not None:
             self._starts.close()
             self._starts = None
+        if self._interrupt is not None:
+            self._interrupt.close()  # the calling program's SIGALRM handler, as it was
+            self._interrupt = None
 
     def stop(self) -> None:
         """Submit nothing more; runs already executing finish and are still yielded."""
@@ -288,28 +279,21 @@ class EmbeddedExecutor:
             self._starts.started(spec.index, attempt)
 
     def _run_threaded(self, chunk: list[Claimed]) -> list[RunResult]:
-        from workers.execution import execute_run
-
+        assert self._resolver is not None
         results = []
         for spec, attempt in chunk:
             self._started(spec, attempt)
-            results.append(
-                execute_run(spec, self._resolver, timeout_s=self.timeout_s, worker=self.worker)
-            )
+            results.append(_execute(spec, self._resolver, self.timeout_s, self.worker, None))
         return results
 
     def _inline(self, runs: Iterable[Claimed]) -> Iterator[tuple[list[RunSpec], list[RunResult]]]:
-        from workers.execution import execute_run
-
+        assert self._resolver is not None
         resolver, timeout_s, worker = self._resolver, self.timeout_s, self.worker
         for spec, attempt in runs:
             if self._stopped.is_set():
                 return
             self._started(spec, attempt)
-            result = self._alarm.run(
-                timeout_s, partial(execute_run, spec, resolver, timeout_s=timeout_s, worker=worker)
-            )
-            yield [spec], [result]
+            yield [spec], [_execute(spec, resolver, timeout_s, worker, self._interrupt)]
 
 
 def _check_picklable(resolver_spec: ResolverSpec) -> None:
