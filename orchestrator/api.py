@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.contracts.settings import load_settings
-from orchestrator.embedded import StudyRun, run_embedded
+from orchestrator.embedded import StudyRun, SweepOptions, run_embedded
 from orchestrator.export import ExportReport, export_artifacts
 from orchestrator.store import ResultStore
 from orchestrator.study.model import Study
@@ -46,10 +46,10 @@ def run_study(
     ``problem_registry`` and ``condition_runner`` are in-process objects, as the ancestor
     accepts; with process workers they must be importable module-level objects (picklable),
     or pass ``threads=True`` / ``jobs=1``. ``resume=False`` refuses a study that already has
-    results instead of silently re-running them.
+    results instead of silently re-running them. Each keyword is the
+    :class:`~orchestrator.embedded.SweepOptions` field of its name.
     """
-    return run_embedded(
-        study,
+    options = SweepOptions(
         jobs=jobs or parallelism,
         pool="thread" if threads else "process",
         db=db,
@@ -61,11 +61,12 @@ def run_study(
         fail_fast=fail_fast,
         timeout_s=timeout_s,
         export=export,
-        out_dir=output_dir,
+        output_dir=output_dir,
         agent_bindings=agent_bindings,
         problem_registry=problem_registry,
         condition_runner=condition_runner,
     )
+    return run_embedded(study, options)
 
 
 def resume_study(study: Study | str | Path, **options: Any) -> StudyRun:

@@ -22,7 +22,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from itertools import islice
 from pathlib import Path
@@ -42,7 +42,7 @@ from orchestrator.store.records import Claim, RegisterReport, TakeBackReport
 from orchestrator.study.model import Study
 from orchestrator.study.plan import PreparedStudy, prepare
 
-__all__ = ["StudyRun", "register", "run_embedded"]
+__all__ = ["StudyRun", "SweepOptions", "register", "run_embedded"]
 
 _T = TypeVar("_T")
 
@@ -50,6 +50,44 @@ _CLAIM_BATCH = 256
 _FLUSH_EVERY = 256
 _FLUSH_SECONDS = 0.25
 _EMBEDDED_LEASE_S = 24 * 3600.0  # the coordinator owns its runs; orphans are found by PID
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SweepOptions:
+    """How one embedded sweep runs: the knobs of ``run_study`` and ``studyq run``, declared
+    once. Unset knobs fall back to the study file, then to the settings."""
+
+    jobs: int | None = None
+    """Runs at a time; default ``run_budget.parallelism`` if the study sets it, else the CPU
+    count. 1 runs in the calling process."""
+    pool: PoolKind = "process"
+    """Where ``jobs > 1`` runs execute: processes, or threads for I/O-bound agents."""
+    db: str | None = None
+    """Result store URL; default the settings' ``database_url``."""
+    resume: bool = True
+    """False refuses a study that already has successful runs instead of running the rest."""
+    dry_run: bool = False
+    """Plan and count only: nothing is registered or executed."""
+    show_progress: bool | None = None
+    """Show a progress bar; default when stderr is a terminal."""
+    limit: int | None = None
+    """Run at most this many runs."""
+    order: str | None = None
+    """Dispatch order (``plan`` or ``balanced``); default the study's ``execution.order``."""
+    fail_fast: bool | None = None
+    """Stop after the first failure; default the study's ``run_budget.fail_fast``."""
+    timeout_s: float | None = None
+    """Per-run time limit in seconds; default the study's ``execution.timeout_s``."""
+    export: bool = True
+    """Export the canonical artifacts when the sweep ends (not after an interrupt)."""
+    output_dir: str | Path | None = None
+    """Where artifacts go; default the study's ``output_dir`` (``artifacts/<study_id>``)."""
+    agent_bindings: Mapping[str, Any] | None = None
+    """In-process agents by id (picklable with the process pool)."""
+    problem_registry: Mapping[str, Any] | None = None
+    """In-process problems by id (picklable with the process pool)."""
+    condition_runner: Callable[..., Any] | None = None
+    """An in-process condition runner: the study runs it instead of agents on problems."""
 
 
 @dataclass(slots=True)
@@ -125,52 +163,48 @@ def register(
 
 def run_embedded(
     study: Study | str | Path,
+    options: SweepOptions | None = None,
     *,
-    jobs: int | None = None,
-    pool: PoolKind = "process",
-    db: str | None = None,
-    resume: bool = True,
-    dry_run: bool = False,
-    show_progress: bool | None = None,
-    limit: int | None = None,
-    order: str | None = None,
-    fail_fast: bool | None = None,
-    timeout_s: float | None = None,
-    export: bool = True,
-    out_dir: str | Path | None = None,
-    agent_bindings: Mapping[str, Any] | None = None,
-    problem_registry: Mapping[str, Any] | None = None,
-    condition_runner: Callable[..., Any] | None = None,
     settings: Settings | None = None,
+    **changes: Any,
 ) -> StudyRun:
-    """Run every run of ``study`` that has no recorded success, on this machine."""
+    """Run every run of ``study`` that has no recorded success, on this machine.
+
+    ``changes`` set :class:`SweepOptions` fields over ``options`` (``out_dir`` is the CLI's
+    spelling of ``output_dir``).
+    """
+    if "out_dir" in changes:
+        changes["output_dir"] = changes.pop("out_dir")
+    options = replace(options or SweepOptions(), **changes)
     settings = settings or load_settings()
+    condition_runner = options.condition_runner
     prepared = prepare(
         study,
         max_bytes=settings.max_study_bytes,
         standalone=True if condition_runner is not None else None,
     )
     study = prepared.study
-    url = db or settings.database_url
+    url = options.db or settings.database_url
     outcome = StudyRun(study.study_id, url, prepared.summary.planned)
-    if dry_run:
+    if options.dry_run:
         return outcome
-    jobs = jobs or _default_jobs(study)
+    jobs = options.jobs or _default_jobs(study)
     execution = study.execution
-    timeout_s = timeout_s if timeout_s is not None else execution.timeout_s
+    timeout_s = options.timeout_s if options.timeout_s is not None else execution.timeout_s
+    fail_fast = options.fail_fast
     stop_on_failure = study.run_budget.fail_fast if fail_fast is None else fail_fast
     resolver_spec = ResolverSpec(
         bindings=study.bindings,
         allowed_imports=tuple(settings.allowed_imports),
-        agents=dict(agent_bindings or {}),
-        problems=dict(problem_registry or {}),
+        agents=dict(options.agent_bindings or {}),
+        problems=dict(options.problem_registry or {}),
         runner=condition_runner,
     )
     store = ResultStore.open(url)
     try:
         register(store, prepared)
         counts = store.count_by_status(study.study_id)
-        if not resume and counts.get(RunStatus.SUCCESS.value, 0):
+        if not options.resume and counts.get(RunStatus.SUCCESS.value, 0):
             raise StudyError(
                 f"study '{study.study_id}' already has {counts[RunStatus.SUCCESS.value]} "
                 f"successful runs in {store.url}. Fix: resume (the default) to run only what "
@@ -190,9 +224,10 @@ def run_embedded(
         outcome.held_elsewhere = counts.get(RunStatus.RUNNING.value, 0)
         specs: Iterator[RunSpec] = (
             spec
-            for spec in prepared.run_specs(order=order or execution.order)
+            for spec in prepared.run_specs(order=options.order or execution.order)
             if spec.index in pending
         )
+        limit = options.limit
         if limit is not None:
             specs = islice(specs, limit)
         total = min(len(pending), limit) if limit is not None else len(pending)
@@ -200,17 +235,17 @@ def run_embedded(
         executor = EmbeddedExecutor(
             resolver_spec,
             jobs=jobs,
-            pool=pool,
+            pool=options.pool,
             timeout_s=timeout_s,
             journal=journal.path if journal is not None else None,
         )
-        with executor, Progress(total, desc=study.study_id, show=show_progress) as progress:
+        with executor, Progress(total, desc=study.study_id, show=options.show_progress) as progress:
             _drive(store, executor, specs, outcome, progress, stop_on_failure)
         if journal is not None:
             journal.remove()  # every claim is recorded or handed back
         outcome.counts = store.count_by_status(study.study_id)
-        if export and not outcome.interrupted:
-            outcome.export = export_artifacts(store, study.study_id, out_dir)
+        if options.export and not outcome.interrupted:
+            outcome.export = export_artifacts(store, study.study_id, options.output_dir)
     finally:
         store.close()
     return outcome
