@@ -3,7 +3,11 @@ call it (``agent_bindings`` maps agent ids to callables)."""
 
 from __future__ import annotations
 
+import inspect
+import signal
+from dataclasses import fields
 from pathlib import Path
+from types import FrameType
 
 import pytest
 from embedded_agents import doubling
@@ -11,6 +15,7 @@ from embedded_support import factor, write_study
 
 from orchestrator.api import export_study, resume_study, run_study
 from orchestrator.contracts.errors import StudyError
+from orchestrator.embedded import SweepOptions
 
 RUNS = 2 * 4
 
@@ -99,3 +104,41 @@ def test_resume_false_refuses_a_study_that_has_results(tmp_path: Path, db_url: s
     results = list(first.results())
     assert len(results) == RUNS
     assert all(run.attempts_used == 1 for run in results)
+
+
+def test_run_study_keywords_are_the_sweep_options() -> None:
+    """Given run_study's documented keywords (README.md, docs/embedded.md),
+    then each is a SweepOptions field of the same name, except the ancestor's aliases
+    (``parallelism`` for ``jobs``, ``threads`` for ``pool``): one declaration, no renames."""
+    keywords = set(inspect.signature(run_study).parameters) - {"study"}
+    options = {field.name for field in fields(SweepOptions)}
+    assert keywords - options == {"parallelism", "threads"}
+    assert options - keywords == {"pool"}
+
+
+@pytest.mark.timeout(60, method="thread")
+def test_an_in_process_sweep_puts_back_the_callers_alarm_handler(
+    tmp_path: Path, db_url: str
+) -> None:
+    """Given a program with its own SIGALRM handler,
+    when it runs a study in its own process with a time limit (the runs are timed by SIGALRM),
+    then its handler is installed again when run_study returns."""
+
+    def mine(signum: int, frame: FrameType | None) -> None:
+        raise AssertionError("the program's own alarm fired")
+
+    previous = signal.signal(signal.SIGALRM, mine)
+    try:
+        outcome = run_study(
+            _study(tmp_path / "study.yaml", "api-alarm"),
+            jobs=1,
+            db=db_url,
+            timeout_s=30,
+            agent_bindings={"doubler": doubling},
+            export=False,
+            show_progress=False,
+        )
+        assert outcome.complete
+        assert signal.getsignal(signal.SIGALRM) is mine
+    finally:
+        signal.signal(signal.SIGALRM, previous)
