@@ -68,6 +68,17 @@ def at_least(field: str, minimum: int, message: str, fix: str) -> Any:
     return field_validator(field)(classmethod(check))
 
 
+def non_empty(field: str, message: str, fix: str) -> Any:
+    """A validator refusing an empty list with upstream's message."""
+
+    def check(cls: type[BaseModel], value: list[Any]) -> list[Any]:
+        if not value:
+            raise problem(message, fix)
+        return value
+
+    return field_validator(field)(classmethod(check))
+
+
 class StudyModel(BaseModel):
     """Upstream ignores unknown keys almost everywhere; so do we (``validate`` warns)."""
 

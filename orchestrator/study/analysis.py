@@ -5,9 +5,16 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import Annotated, Any
 
-from pydantic import Field, field_validator
+from pydantic import Field
 
-from orchestrator.study._fields import Flag, StudyModel, Text, enum_field, non_blank_fields, problem
+from orchestrator.study._fields import (
+    Flag,
+    StudyModel,
+    Text,
+    enum_field,
+    non_blank_fields,
+    non_empty,
+)
 
 __all__ = ["AnalysisPlan", "Hypothesis", "OutcomeSpec"]
 
@@ -95,22 +102,13 @@ class AnalysisPlan(StudyModel):
 
     _non_blank = non_blank_fields("analysis_plan_id")
 
-    @field_validator("hypothesis_ids")
-    @classmethod
-    def _hypotheses(cls, value: list[Any]) -> list[Any]:
-        if not value:
-            raise problem(
-                "AnalysisPlan.hypothesis_ids must contain at least one hypothesis ID.",
-                "list the hypotheses this plan tests.",
-            )
-        return value
-
-    @field_validator("tests")
-    @classmethod
-    def _tests(cls, value: list[Any]) -> list[Any]:
-        if not value:
-            raise problem(
-                "AnalysisPlan.tests must contain at least one test family.",
-                "name at least one test, e.g. `tests: [anova]`.",
-            )
-        return value
+    _hypotheses = non_empty(
+        "hypothesis_ids",
+        "AnalysisPlan.hypothesis_ids must contain at least one hypothesis ID.",
+        "list the hypotheses this plan tests.",
+    )
+    _tests = non_empty(
+        "tests",
+        "AnalysisPlan.tests must contain at least one test family.",
+        "name at least one test, e.g. `tests: [anova]`.",
+    )

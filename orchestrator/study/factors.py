@@ -7,7 +7,14 @@ from typing import Annotated, Any
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
-from orchestrator.study._fields import StudyModel, Text, enum_field, non_blank_fields, problem
+from orchestrator.study._fields import (
+    StudyModel,
+    Text,
+    enum_field,
+    non_blank_fields,
+    non_empty,
+    problem,
+)
 
 __all__ = ["Block", "Constraint", "Factor", "FactorKind", "Level"]
 
@@ -85,15 +92,11 @@ class Block(StudyModel):
 
     _non_blank = non_blank_fields("name")
 
-    @field_validator("levels")
-    @classmethod
-    def _levels(cls, levels: list[Any]) -> list[Any]:
-        if not levels:
-            raise problem(
-                "Block must contain at least one level.",
-                "list the block's levels, e.g. `levels: [morning, evening]`.",
-            )
-        return levels
+    _levels = non_empty(
+        "levels",
+        "Block must contain at least one level.",
+        "list the block's levels, e.g. `levels: [morning, evening]`.",
+    )
 
 
 class Constraint(StudyModel):

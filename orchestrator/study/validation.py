@@ -243,6 +243,21 @@ def _duplicates(label: str, field: str, names: Sequence[Any]) -> list[Problem]:
     return problems
 
 
+def _unknown(
+    field: str,
+    values: Sequence[Any],
+    known: Collection[Any],
+    unknown: str,
+    fix: str,
+) -> list[Problem]:
+    """One problem for each of ``values`` that is not ``known``: ``<unknown> '<value>'.``"""
+    return [
+        Problem(f"{field}[{index}]", f"{unknown} '{value}'.", fix)
+        for index, value in enumerate(values)
+        if value not in known
+    ]
+
+
 def _binding_factor(study: Study, names: Sequence[str]) -> Factor | None:
     for factor in study.factors:
         if factor.name in names:
@@ -305,47 +320,37 @@ def _reference_problems(study: Study, payload: Mapping[str, Any]) -> list[Proble
         set(hypothesis_ids),
     )
     for h_index, hypothesis in enumerate(study.hypotheses):
-        for v_index, variable in enumerate(hypothesis.independent_vars):
-            if variable not in factor_set:
-                problems.append(
-                    Problem(
-                        f"hypotheses[{h_index}].independent_vars[{v_index}]",
-                        f"Hypothesis '{hypothesis.hypothesis_id}' references unknown "
-                        f"independent variable '{variable}'.",
-                        f"name a factor ({', '.join(factor_names) or 'none declared'}).",
-                    )
-                )
-        for v_index, variable in enumerate(hypothesis.dependent_vars):
-            if variable not in outcome_set:
-                problems.append(
-                    Problem(
-                        f"hypotheses[{h_index}].dependent_vars[{v_index}]",
-                        f"Hypothesis '{hypothesis.hypothesis_id}' references unknown "
-                        f"dependent variable '{variable}'.",
-                        f"name an outcome ({', '.join(outcome_names) or 'none declared'}).",
-                    )
-                )
+        named = f"Hypothesis '{hypothesis.hypothesis_id}' references unknown"
+        problems += _unknown(
+            f"hypotheses[{h_index}].independent_vars",
+            hypothesis.independent_vars,
+            factor_set,
+            f"{named} independent variable",
+            f"name a factor ({', '.join(factor_names) or 'none declared'}).",
+        )
+        problems += _unknown(
+            f"hypotheses[{h_index}].dependent_vars",
+            hypothesis.dependent_vars,
+            outcome_set,
+            f"{named} dependent variable",
+            f"name an outcome ({', '.join(outcome_names) or 'none declared'}).",
+        )
     for p_index, plan in enumerate(study.analysis_plans):
-        for index, hypothesis_id in enumerate(plan.hypothesis_ids):
-            if hypothesis_id not in hypothesis_set:
-                problems.append(
-                    Problem(
-                        f"analysis_plans[{p_index}].hypothesis_ids[{index}]",
-                        f"Analysis plan '{plan.analysis_plan_id}' references unknown hypothesis "
-                        f"'{hypothesis_id}'.",
-                        f"name a declared hypothesis ({', '.join(hypothesis_ids) or 'none'}).",
-                    )
-                )
-        for index, outcome in enumerate(plan.outcomes):
-            if outcome not in outcome_set:
-                problems.append(
-                    Problem(
-                        f"analysis_plans[{p_index}].outcomes[{index}]",
-                        f"Analysis plan '{plan.analysis_plan_id}' references unknown outcome "
-                        f"'{outcome}'.",
-                        f"name a declared outcome ({', '.join(outcome_names) or 'none'}).",
-                    )
-                )
+        named = f"Analysis plan '{plan.analysis_plan_id}' references unknown"
+        problems += _unknown(
+            f"analysis_plans[{p_index}].hypothesis_ids",
+            plan.hypothesis_ids,
+            hypothesis_set,
+            f"{named} hypothesis",
+            f"name a declared hypothesis ({', '.join(hypothesis_ids) or 'none'}).",
+        )
+        problems += _unknown(
+            f"analysis_plans[{p_index}].outcomes",
+            plan.outcomes,
+            outcome_set,
+            f"{named} outcome",
+            f"name a declared outcome ({', '.join(outcome_names) or 'none'}).",
+        )
     budget = study.run_budget
     if budget.max_runs is not None:
         requested = (

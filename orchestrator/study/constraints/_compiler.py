@@ -32,29 +32,10 @@ def program(expression: str) -> Eval | Problem:
 
 def compile_node(node: ast.expr) -> Eval:
     """Compile one node; unsupported nodes become closures raising upstream's message."""
-    if isinstance(node, ast.Constant):
-        return _constant(node.value)
-    if isinstance(node, ast.Name):
-        return _compile_name(node.id)
-    if isinstance(node, ast.List | ast.Tuple):
-        return _compile_sequence(node)
-    if isinstance(node, ast.Dict):
-        return _compile_dict(node)
-    if isinstance(node, ast.Attribute):
-        return _compile_attribute(node)
-    if isinstance(node, ast.Subscript):
-        return _compile_subscript(node)
-    if isinstance(node, ast.BoolOp):
-        return _compile_boolop(node)
-    if isinstance(node, ast.UnaryOp):
-        return _compile_unaryop(node)
-    if isinstance(node, ast.BinOp):
-        return _compile_binop(node)
-    if isinstance(node, ast.Compare):
-        return _compile_compare(node)
-    if isinstance(node, ast.Call):
-        return _compile_call(node)
-    return _raiser(f"Unsupported expression node: {type(node).__name__}")
+    compile_kind = _COMPILERS.get(type(node))
+    if compile_kind is None:
+        return _raiser(f"Unsupported expression node: {type(node).__name__}")
+    return compile_kind(node)
 
 
 def _raiser(message: str, *before: Eval) -> Eval:
@@ -230,3 +211,19 @@ def _compile_call(node: ast.Call) -> Eval:
         return function([arg(ctx, budget) for arg in args], budget)
 
     return run
+
+
+_COMPILERS: Final[dict[type[ast.expr], Callable[[Any], Eval]]] = {
+    ast.Constant: lambda node: _constant(node.value),
+    ast.Name: lambda node: _compile_name(node.id),
+    ast.List: _compile_sequence,
+    ast.Tuple: _compile_sequence,
+    ast.Dict: _compile_dict,
+    ast.Attribute: _compile_attribute,
+    ast.Subscript: _compile_subscript,
+    ast.BoolOp: _compile_boolop,
+    ast.UnaryOp: _compile_unaryop,
+    ast.BinOp: _compile_binop,
+    ast.Compare: _compile_compare,
+    ast.Call: _compile_call,
+}
