@@ -15,8 +15,12 @@ given:
 * ``<key>:first`` -- ``time.time()`` of the first completion (SET NX)
 * ``<key>:last``  -- ``time.time()`` of the latest completion
 
-The broker is ``BENCH_BROKER`` (the bench's own Redis database); the recording client uses the
-same database, created once per process (after the prefork fork).
+The broker is ``BENCH_BROKER``: the bench's own Redis database or its RabbitMQ vhost. On
+RabbitMQ the queues Celery creates are of type ``BENCH_QUEUE_TYPE`` (default ``quorum``, as
+studyq's run queues, so the baseline is like for like; ``classic`` for comparison). The
+completion records always go to Redis, ``BENCH_RECORD`` (default: ``BENCH_BROKER`` when that
+is Redis), through one client per process (created after the prefork fork), so the record
+costs the same round trip whichever broker carries the tasks.
 
 Not part of studyq: only the benchmark imports it.
 """
@@ -31,22 +35,41 @@ import redis
 from celery import Celery
 
 BROKER = os.environ.get("BENCH_BROKER", "redis://127.0.0.1:6379/12")
-
-app = Celery("bench_raw", broker=BROKER)
-app.conf.update(
-    task_serializer="json",
-    accept_content=["json"],
-    result_serializer="json",
-    task_ignore_result=True,
-    result_backend=None,
-    worker_prefetch_multiplier=int(os.environ.get("BENCH_PREFETCH", "1")),
-    task_acks_late=os.environ.get("BENCH_ACKS_LATE", "1") == "1",
-    worker_send_task_events=os.environ.get("BENCH_EVENTS", "0") == "1",
-    task_send_sent_event=False,
-    broker_connection_retry_on_startup=True,
-    enable_utc=True,
-    timezone="UTC",
+RECORD = os.environ.get(
+    "BENCH_RECORD", BROKER if BROKER.startswith("redis") else "redis://127.0.0.1:6379/12"
 )
+
+
+def create_app(broker: str) -> Celery:
+    """The raw app on ``broker``, configured from the ``BENCH_*`` environment (the bench
+    publishes through one of its own per broker; the workers import :data:`app`)."""
+    raw = Celery("bench_raw", broker=broker, set_as_current=False)
+    raw.conf.update(
+        task_serializer="json",
+        accept_content=["json"],
+        result_serializer="json",
+        task_ignore_result=True,
+        result_backend=None,
+        worker_prefetch_multiplier=int(os.environ.get("BENCH_PREFETCH", "1")),
+        task_acks_late=os.environ.get("BENCH_ACKS_LATE", "1") == "1",
+        worker_send_task_events=os.environ.get("BENCH_EVENTS", "0") == "1",
+        task_send_sent_event=False,
+        broker_connection_retry_on_startup=True,
+        enable_utc=True,
+        timezone="UTC",
+    )
+    if broker.startswith(("amqp", "pyamqp")):
+        queue_type = os.environ.get("BENCH_QUEUE_TYPE", "quorum")
+        raw.conf.update(
+            task_default_queue_type=queue_type,
+            task_create_missing_queue_type=queue_type,
+            worker_detect_quorum_queues=True,
+        )
+    return raw
+
+
+app = create_app(BROKER)
+app.set_current()
 
 _client: redis.Redis | None = None
 _client_pid = 0
@@ -55,7 +78,7 @@ _client_pid = 0
 def _redis() -> redis.Redis:
     global _client, _client_pid
     if _client is None or _client_pid != os.getpid():
-        _client = redis.Redis.from_url(BROKER)
+        _client = redis.Redis.from_url(RECORD)
         _client_pid = os.getpid()
     return _client
 

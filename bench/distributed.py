@@ -1,46 +1,64 @@
 """Benchmark: distributed sweeps (``studyq submit`` + Celery workers) against raw Celery,
-side by side in one invocation. Results and analysis: docs/benchmarks.md.
+on Redis and on RabbitMQ side by side in one invocation, each broker against raw Celery on
+that same broker. Results and analysis: docs/benchmarks.md.
 
-Run from the repository root (Redis on 127.0.0.1:6379 and PostgreSQL on 127.0.0.1:5432)::
+Run from the repository root (Redis on 127.0.0.1:6379, PostgreSQL on 127.0.0.1:5432,
+RabbitMQ on 127.0.0.1:5672 with a vhost ``studyq_bench`` for guest: ``rabbitmqctl add_vhost
+studyq_bench && rabbitmqctl set_permissions -p studyq_bench guest ".*" ".*" ".*"``)::
 
-    .venv/bin/python bench/distributed.py --repeats 3 --save run.json  # everything (~20 min)
-    .venv/bin/python bench/distributed.py --quick       # smaller sizes, 1 repeat (~4 min)
+    .venv/bin/python bench/distributed.py --save run.json   # both brokers, 3 repeats (~10 min)
+    .venv/bin/python bench/distributed.py --broker redis    # one broker (redis or rabbitmq)
+    .venv/bin/python bench/distributed.py --broker redis --sizes 100000,5000,2000 --extras
+                                                        # the 2026-11-29 tables (~20 min)
+    .venv/bin/python bench/distributed.py --quick       # smaller sizes, 1 repeat
     .venv/bin/python bench/distributed.py --only b      # one part (a, b or c; repeatable)
     .venv/bin/python bench/distributed.py --from run.json   # print a saved run's tables
     .venv/bin/python bench/distributed.py --profile DIR     # where studyq's time per run goes
     .venv/bin/python bench/distributed.py --profile DIR --only c --gil  # who holds the GIL
 
 What it measures (ANCHORS.md section 2's method; the machine is shared and noisy, so each
-baseline is measured in the same repeat as studyq's figure, back to back, the order
-alternating between repeats; every figure is the median of ``--repeats`` with [min-max];
-ratios are medians of the per-repeat ratios):
+baseline is measured in the same repeat as studyq's figure, back to back, on the same
+broker, the order alternating between repeats; in each part the brokers go back to back,
+their order alternating too; every figure is the median of ``--repeats`` with [min-max];
+ratios are medians of the per-repeat ratios). ``--broker`` (default ``both``) picks the
+brokers; the first table puts them side by side, then come each broker's own tables.
 
-(a) **Publishing 100,000 runs.** studyq: ``orchestrator.distributed.submit_study`` (what
-    ``studyq submit`` calls) on a study file of 100,000 ``noop`` runs, in a fresh child
+On RabbitMQ studyq's run queues are quorum queues (``orchestrator.contracts.broker``) and
+its publisher waits for pipelined publisher confirms; raw Celery's queues are quorum queues
+too by default (``task_create_missing_queue_type``; ``--raw-queue-type classic`` for
+comparison), and its ``apply_async`` publishes without confirms, as stock Celery does. The
+raw tasks record their completions in Redis on either broker (``bench/_raw_app.py``).
+
+(a) **Publishing N runs** (``--sizes``; default 20,000; the goal was set at 100,000).
+    studyq: ``orchestrator.distributed.submit_study`` (what
+    ``studyq submit`` calls) on a study file of N ``noop`` runs, in a fresh child
     process with the modules imported before the clock starts. Its time is split by
     wrapping ``prepare``, ``register`` and ``CeleryTransport.publish`` in the child (product
     code is not changed): *publish* is everything after registration, i.e. the loop that
     marks pages of runs ``queued`` in PostgreSQL (the next page on a second thread) and
     publishes them (run message + ``task-sent`` event per run, the events in batches), split
-    into the time spent in ``publish_runs`` and the rest (waiting for the next page);
-    *total* is prepare + register + publish. For reference the child then publishes the same
-    runs again with ``sent_events=False``. Baseline: a plain
-    ``task.apply_async(args=[key], queue=q)`` loop of 100,000 trivial tasks on the same
-    broker, in a fresh child (ANCHORS: ~2,000 tasks/s). Queue lengths are checked.
-(b) **5,000 no-op runs end to end** on one ``celery -A workers.app worker -P prefork -c 2
-    --without-gossip --without-mingle --without-heartbeat -l WARNING`` with the runs
+    into the time spent in ``CeleryTransport.publish`` and the rest (waiting for the next
+    page); *total* is prepare + register + publish. For reference the child then publishes
+    the same runs again through a second ``CeleryTransport`` with ``sent_events=False``.
+    Baseline: a plain ``task.apply_async(args=[key], queue=q)`` loop of N trivial tasks on
+    the same broker, in a fresh child (ANCHORS: ~2,000 tasks/s on Redis). Queue lengths are
+    checked.
+(b) **N no-op runs end to end** (default 3,000; the goal was set at 5,000) on one
+    ``celery -A workers.app worker -P prefork -c 2 --without-gossip --without-mingle
+    --without-heartbeat -l WARNING`` with the runs
     pre-enqueued (``submit_study``; set-up, not timed). The clock starts at the worker's
     ``worker_ready`` signal (worker boot excluded) and stops at the last run recorded in the
-    store (``max(ended_at)`` once every run is ``success``). Baselines, same flags, same
+    store (``max(ended_at)`` once every run is ``success``). Baseline, same flags, same
     pre-enqueued count: raw Celery no-op tasks (``bench/_raw_app.py``: JSON,
     ``task_ignore_result``, each task records its completion with one pipelined Redis round
-    trip, as in ANCHORS) with studyq's delivery settings (``acks_late``, prefetch 1) and
-    with Celery's defaults (prefetch 4, ``acks_late`` off); for context, the ANCHORS "stack
-    floor" (raw tasks that each UPSERT one row into PostgreSQL in their own transaction);
-    and, as a diagnostic, raw no-op tasks with task events on (flushed as stock Celery does).
+    trip, as in ANCHORS) with studyq's delivery settings (``acks_late``, prefetch 1).
+    ``--extras`` adds: studyq with durable claims; raw Celery with Celery's defaults
+    (prefetch 4, ``acks_late`` off); the ANCHORS "stack floor" (raw tasks that each UPSERT
+    one row into PostgreSQL in their own transaction); raw no-op tasks with task events on
+    (flushed as stock Celery does).
 (c) **2,000 runs that sleep 20 ms** (the ``sleep`` demo agent, factor ``sleep_s``) on
     ``-P threads -c 32``, same clock, against raw Celery 20 ms sleep tasks on the same pool
-    (and with task events on, as a diagnostic) and the ideal ``2000 * 0.02 / 32 = 1.25 s``.
+    (``--extras``: and with task events on) and the ideal ``2000 * 0.02 / 32 = 1.25 s``.
 
 For every drain it also reports CPU per task of the worker's main process and pool children
 (``/proc``), and of the PostgreSQL backends the worker opened (found by ``PGAPPNAME``).
@@ -58,9 +76,11 @@ and prints wall/CPU/statements per phase (claim, execute, finish, other), then r
 studyq side once under ``py-spy record`` (``.venv/bin/pip install py-spy``), stacks to DIR.
 
 Isolation: Redis database ``--redis-db`` (default 12) with unique queue names, only this
-run's keys deleted; a throwaway PostgreSQL database ``studyq_bench_dist_<pid>_<hex>``,
-dropped at the end; worker logs in a fresh temporary directory (kept with ``--keep``). Only
-processes this script started are signalled, by PID.
+run's keys deleted; RabbitMQ vhost of ``--amqp-url`` (default ``studyq_bench``), only the
+queues this run named deleted (with their dead-letter queues); a throwaway PostgreSQL
+database ``studyq_bench_dist_<pid>_<hex>``, dropped at the end; worker logs in a fresh
+temporary directory (kept with ``--keep``). Only processes this script started are
+signalled, by PID.
 """
 
 from __future__ import annotations
@@ -78,7 +98,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -117,9 +137,14 @@ _LAUNCHER = (
 
 @dataclass(frozen=True)
 class Sizes:
-    publish: int = 100_000
-    noop: int = 5_000
+    publish: int = 20_000
+    noop: int = 3_000
     sleep: int = 2_000
+
+
+ISSUE = Sizes(publish=100_000, noop=5_000, sleep=2_000)
+"""The sizes the goals were set at (``--sizes 100000,5000,2000``); the defaults are smaller
+so that both brokers x 3 repeats fit in about 10 minutes on the 2-core machine."""
 
 
 QUICK = Sizes(publish=20_000, noop=2_000, sleep=2_000)
@@ -149,9 +174,11 @@ class Services:
         default_factory=lambda: f"studyq_bench_dist_{os.getpid()}_{uuid.uuid4().hex[:6]}"
     )
     keys: set[str] = field(default_factory=set)
+    brokers: dict[str, Broker] = field(default_factory=dict)
 
     @property
     def broker(self) -> str:
+        """The Redis broker URL (this run's database)."""
         return f"redis://{HOST}:6379/{self.redis_db}"
 
     @property
@@ -211,18 +238,122 @@ class Services:
         admin.dispose()
 
 
+BROKERS = ("redis", "rabbitmq")
+LABELS = {"redis": "Redis", "rabbitmq": "RabbitMQ"}
+AMQP_URL = f"amqp://guest:guest@{HOST}:5672/studyq_bench"
+
+
+@dataclass
+class Broker:
+    """One broker the bench measures on: its URL, the queues this run named on it, their
+    lengths. Redis queues are lists in :class:`Services`' database; RabbitMQ queues live in
+    the bench's vhost and are deleted by name (with their dead-letter queue)."""
+
+    kind: str  # "redis" | "rabbitmq"
+    url: str
+    svc: Services
+    queues: set[str] = field(default_factory=set)
+
+    @property
+    def label(self) -> str:
+        return LABELS[self.kind]
+
+    def queue(self, what: str) -> str:
+        if self.kind == "redis":
+            return self.svc.queue(what)
+        name = f"studyq-bench-{what}-{uuid.uuid4().hex[:8]}"
+        self.queues.add(name)
+        return name
+
+    @contextmanager
+    def _channel(self) -> Iterator[Any]:
+        from kombu import Connection  # type: ignore[attr-defined]
+
+        with Connection(self.url, connect_timeout=5) as connection:  # type: ignore[no-untyped-call]
+            channel = connection.channel()
+            try:
+                yield channel
+            finally:
+                if channel.is_open:
+                    channel.close()
+
+    def length(self, queue: str) -> int:
+        """Messages in ``queue`` (RabbitMQ: ready messages, a passive declare; 0 if absent)."""
+        if self.kind == "redis":
+            return int(self.svc.redis().llen(queue))
+        from amqp.exceptions import NotFound
+
+        try:
+            with self._channel() as channel:
+                return int(channel.queue_declare(queue=queue, passive=True)[1])
+        except NotFound:
+            return 0
+
+    def wait_length(self, queue: str, n: int, what: str) -> None:
+        """Until ``queue`` holds ``n`` messages (RabbitMQ may still be enqueueing what an
+        unconfirmed publisher sent just before it closed its connection)."""
+        deadline = time.monotonic() + (0 if self.kind == "redis" else 30)
+        while (length := self.length(queue)) != n:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{what}: queue holds {length}, want {n}")
+            time.sleep(0.1)
+
+    def drop(self, *queues: str) -> None:
+        """Delete the given queues (or all of this run's) -- only queues this run named."""
+        if self.kind == "redis":
+            self.svc.drop_keys(*queues)
+            return
+        from orchestrator.contracts.deadletters import dead_letter_key
+
+        targets = [q for q in (queues or tuple(self.queues)) if q in self.queues]
+        if not targets:
+            return
+        with self._channel() as channel:
+            for name in targets:
+                channel.queue_delete(queue=name)  # RabbitMQ: deleting a missing queue is ok
+                channel.queue_delete(queue=dead_letter_key(name))
+                self.queues.discard(name)
+
+    def check(self) -> None:
+        """Connect once; a missing vhost or a refused login says how to fix it."""
+        if self.kind == "redis":
+            self.svc.redis().ping()
+            return
+        try:
+            with self._channel():
+                pass
+        except Exception as exc:
+            vhost = self.url.rpartition("/")[2]
+            raise SystemExit(
+                f"RabbitMQ at {self.url.rpartition('@')[2]} refused the bench "
+                f"({type(exc).__name__}: {exc}). Create its vhost: rabbitmqctl add_vhost "
+                f"{vhost} && rabbitmqctl set_permissions -p {vhost} guest '.*' '.*' '.*' "
+                "(or pass --amqp-url, or --broker redis)"
+            ) from exc
+
+
 @contextmanager
-def services(redis_db: int, keep: bool) -> Iterator[Services]:
+def services(
+    redis_db: int, keep: bool, brokers: tuple[str, ...] = ("redis",), amqp_url: str = AMQP_URL
+) -> Iterator[Services]:
     tmp = Path(tempfile.mkdtemp(prefix="studyq-bench-dist-"))
     svc = Services(redis_db, tmp)
     # The binding tables the workers' event exchange leaves in this (dedicated) database.
     svc.keys.update({"_kombu.binding.celeryev", "_kombu.binding_deadlines"})
-    svc.redis().ping()
+    svc.redis().ping()  # the raw tasks record their completions in Redis on either broker
+    svc.brokers = {
+        kind: Broker(kind, svc.broker if kind == "redis" else amqp_url, svc) for kind in brokers
+    }
+    for broker in svc.brokers.values():
+        broker.check()
     svc.create_db()
     try:
         yield svc
     finally:
         try:
+            for broker in svc.brokers.values():
+                if broker.kind != "redis":
+                    broker.drop()
             svc.drop_keys()
         finally:
             svc.drop_db()
@@ -273,7 +404,7 @@ _SUBMIT_CHILD = """\
 import json, sys, time
 import orchestrator.distributed as d
 import orchestrator.executors.celery as transport_module
-import workers.app, workers.tasks  # imports before the clock
+import workers.app, workers.tasks  # imports before the clock (as a worker host would)
 from orchestrator.contracts.settings import load_settings
 
 path, db, broker, quiet_queue = sys.argv[1:5]
@@ -305,7 +436,6 @@ def publish(self, batch, **kwargs):
     finally:
         marks["broker_s"] += time.perf_counter() - start
         items.extend(batch)
-        marks["app"] = self._app
 
 d.prepare, d.register = prepare, register
 transport_module.CeleryTransport.publish = publish
@@ -314,12 +444,13 @@ start = time.perf_counter()
 report = d.submit_study(path, settings=settings, show_progress=False)
 end = time.perf_counter()
 
-# The same messages again, without task-sent events (informative; not what submit does).
-app = workers.app.create_app(settings)
-quiet_start = time.perf_counter()
-quiet = workers.tasks.publish_runs(app, items, queue=quiet_queue, sent_events=False)
-quiet_s = time.perf_counter() - quiet_start
-app.close()
+# The same messages again, without task-sent events (informative; not what submit does),
+# through the transport submit uses (connected before the clock, as submit's is).
+with transport_module.CeleryTransport(settings, broker) as quiet_transport:
+    quiet_start = time.perf_counter()
+    quiet = _publish(quiet_transport, items, queue=quiet_queue, timeout_s=None,
+                     sent_events=False)
+    quiet_s = time.perf_counter() - quiet_start
 print(json.dumps({
     "published": report.published, "planned": report.planned, "quiet_published": quiet,
     "prepare_s": marks["prepare"], "register_s": marks["register"],
@@ -357,24 +488,23 @@ def _child_json(code: str, *args: str, env: dict[str, str]) -> dict[str, Any]:
     return result
 
 
-def measure_publish_studyq(svc: Services, n: int) -> dict[str, float]:
-    queue = svc.queue("pub")
-    quiet_queue = svc.queue("pubquiet")
+def measure_publish_studyq(svc: Services, broker: Broker, n: int) -> dict[str, float]:
+    queue = broker.queue("pub")
+    quiet_queue = broker.queue("pubquiet")
     study_id = f"bench-pub-{uuid.uuid4().hex[:8]}"
     path = write_study(svc.tmp / f"{study_id}.yaml", study_id, agent="noop", runs=n, queue=queue)
     try:
         out = _child_json(
-            _SUBMIT_CHILD, str(path), svc.db_url, svc.broker, quiet_queue, env=_clean_env()
+            _SUBMIT_CHILD, str(path), svc.db_url, broker.url, quiet_queue, env=_clean_env()
         )
-        client = svc.redis()
-        length, quiet_length = client.llen(queue), client.llen(quiet_queue)
+        length, quiet_length = broker.length(queue), broker.length(quiet_queue)
         if out["published"] != n or length != n or quiet_length != n:
             raise RuntimeError(
                 f"studyq published {out['published']}, queues hold {length} and "
                 f"{quiet_length}, want {n}"
             )
     finally:
-        svc.drop_keys(queue, quiet_queue)
+        broker.drop(queue, quiet_queue)
         _delete_study(svc, study_id)
     return {
         "publish_rate": n / out["publish_s"],
@@ -390,17 +520,17 @@ def measure_publish_studyq(svc: Services, n: int) -> dict[str, float]:
     }
 
 
-def measure_publish_loop(svc: Services, n: int) -> dict[str, float]:
-    queue = svc.queue("loop")
+def measure_publish_loop(
+    svc: Services, broker: Broker, n: int, queue_type: str = "quorum"
+) -> dict[str, float]:
+    queue = broker.queue("loop")
     key = svc.key("loop")
-    env = _clean_env(BENCH_BROKER=svc.broker)
+    env = _clean_env(BENCH_BROKER=broker.url, BENCH_QUEUE_TYPE=queue_type)
     try:
         out = _child_json(_LOOP_CHILD, str(n), queue, key, env=env)
-        length = svc.redis().llen(queue)
-        if length != n:
-            raise RuntimeError(f"apply_async loop: queue holds {length}, want {n}")
+        broker.wait_length(queue, n, "apply_async loop")
     finally:
-        svc.drop_keys(queue)
+        broker.drop(queue)
     return {"rate": n / out["seconds"], "seconds": out["seconds"]}
 
 
@@ -544,6 +674,7 @@ def _wait_until(done: Callable[[], bool], timeout: float, what: str, interval: f
 
 def measure_studyq_drain(
     svc: Services,
+    broker: Broker,
     *,
     agent: str,
     n: int,
@@ -560,10 +691,10 @@ def measure_studyq_drain(
     from orchestrator.distributed import submit_study
     from orchestrator.store import ResultStore
 
-    queue = svc.queue(f"{agent}")
+    queue = broker.queue(f"{agent}")
     study_id = f"bench-{agent}-{uuid.uuid4().hex[:8]}"
     path = write_study(svc.tmp / f"{study_id}.yaml", study_id, agent=agent, runs=n, queue=queue)
-    settings = load_settings(database_url=svc.db_url, broker_url=svc.broker)
+    settings = load_settings(database_url=svc.db_url, broker_url=broker.url)
     report = submit_study(path, settings=settings, show_progress=False)
     assert report.published == n, report
     worker = Worker(
@@ -572,7 +703,7 @@ def measure_studyq_drain(
         queue=queue,
         pool=pool,
         concurrency=concurrency,
-        env={"STUDYQ_BROKER_URL": svc.broker, "STUDYQ_DATABASE_URL": svc.db_url, **(env or {})},
+        env={"STUDYQ_BROKER_URL": broker.url, "STUDYQ_DATABASE_URL": svc.db_url, **(env or {})},
         name=f"studyq-{agent}-{pool}-{uuid.uuid4().hex[:6]}",
     )
     try:
@@ -598,7 +729,7 @@ def measure_studyq_drain(
             pg_cpu = _pg_backend_cpu_s(svc)
     finally:
         worker.stop()
-        svc.drop_keys(queue)
+        broker.drop(queue)
     seconds = last.timestamp() - ready
     _delete_study(svc, study_id)
     return {
@@ -611,6 +742,7 @@ def measure_studyq_drain(
 
 def measure_raw_drain(
     svc: Services,
+    broker: Broker,
     *,
     task: str,
     n: int,
@@ -619,25 +751,33 @@ def measure_raw_drain(
     prefetch: int,
     acks_late: bool,
     events: bool = False,
+    queue_type: str = "quorum",
 ) -> dict[str, float]:
-    """Pre-enqueue ``n`` raw tasks, start a worker, time ready -> last completion recorded."""
-    os.environ["BENCH_BROKER"] = svc.broker
-    from _raw_app import app
+    """Pre-enqueue ``n`` raw tasks, start a worker, time ready -> last completion recorded
+    (in Redis, whichever broker carries the tasks)."""
+    os.environ["BENCH_QUEUE_TYPE"] = queue_type
+    from _raw_app import create_app
 
-    queue = svc.queue(f"raw-{task}")
+    queue = broker.queue(f"raw-{task}")
     key = svc.key(f"raw-{task}")
     client = svc.redis()
-    with app.producer_or_acquire() as producer:
-        for i in range(n):
-            args: list[Any] = [key]
-            if task == "sleep":
-                args.append(SLEEP_S)
-            elif task == "upsert":
-                args.append(i)
-            app.send_task(f"bench.{task}", args=args, queue=queue, producer=producer)
-    assert client.llen(queue) == n
+    app = create_app(broker.url)
+    try:
+        with app.producer_or_acquire() as producer:
+            for i in range(n):
+                args: list[Any] = [key]
+                if task == "sleep":
+                    args.append(SLEEP_S)
+                elif task == "upsert":
+                    args.append(i)
+                app.send_task(f"bench.{task}", args=args, queue=queue, producer=producer)
+    finally:
+        app.close()
+    broker.wait_length(queue, n, f"raw {task} set-up")
     env = {
-        "BENCH_BROKER": svc.broker,
+        "BENCH_BROKER": broker.url,
+        "BENCH_RECORD": svc.broker,
+        "BENCH_QUEUE_TYPE": queue_type,
         "BENCH_PREFETCH": str(prefetch),
         "BENCH_ACKS_LATE": "1" if acks_late else "0",
         "BENCH_PG": svc.db_url,
@@ -665,7 +805,8 @@ def measure_raw_drain(
         pg_cpu = _pg_backend_cpu_s(svc)
     finally:
         worker.stop()
-        svc.drop_keys(queue, f"{key}:done", f"{key}:first", f"{key}:last")
+        broker.drop(queue)
+        svc.drop_keys(f"{key}:done", f"{key}:first", f"{key}:last")
     seconds = last - ready
     return {
         "rate": n / seconds,
@@ -704,145 +845,211 @@ class Step:
     measure: Callable[[], dict[str, float]]
 
 
+def _split(s: dict[str, Series], kind: str) -> dict[str, Series]:
+    """The series of one broker (keys ``<broker>:<part>.<step>.<quantity>``), unprefixed."""
+    prefix = f"{kind}:"
+    return {k[len(prefix) :]: v for k, v in s.items() if k.startswith(prefix)}
+
+
 def rerender(path: str) -> int:
     """Print the tables of a run saved with ``--save``."""
     saved = json.loads(Path(path).read_text(encoding="utf-8"))
+    brokers = tuple(saved.get("brokers", ["redis"]))
     series = {k: Series(list(v)) for k, v in saved["series"].items()}
-    only = set(saved["only"])
-    print(report(series, QUICK if saved["quick"] else Sizes(), saved["repeats"], only))
+    if "brokers" not in saved:  # saved before --broker: Redis only, keys unprefixed
+        series = {f"redis:{k}": v for k, v in series.items()}
+    sizes = Sizes(**saved["sizes"]) if "sizes" in saved else QUICK if saved["quick"] else Sizes()
+    print(full_report(series, sizes, saved["repeats"], set(saved["only"]), brokers))
     return 0
 
 
+def parse_sizes(text: str) -> Sizes:
+    """``PUBLISH,NOOP,SLEEP`` (even numbers; the study has two conditions)."""
+    try:
+        publish, noop, sleep = (int(part.replace("_", "")) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError("want PUBLISH,NOOP,SLEEP, e.g. 30000,4000,2000") from None
+    if any(n <= 0 or n % 2 for n in (publish, noop, sleep)):
+        raise argparse.ArgumentTypeError("sizes must be positive even numbers")
+    return Sizes(publish, noop, sleep)
+
+
 def run(args: argparse.Namespace) -> int:
-    sizes = QUICK if args.quick else Sizes()
+    sizes = args.sizes or (QUICK if args.quick else Sizes())
     repeats = args.repeats if args.repeats is not None else (1 if args.quick else 3)
     only = set(args.only or ["a", "b", "c"])
+    kinds = BROKERS if args.broker == "both" else (args.broker,)
+    queue_type = args.raw_queue_type
     s: dict[str, Series] = {}
 
     def add(name: str, value: float) -> None:
         s.setdefault(name, Series()).add(value)
 
-    def last(name: str) -> float:
-        return s[name].values[-1]
-
     def log(text: str) -> None:
         print(f"# {text}", file=sys.stderr, flush=True)
 
-    with services(args.redis_db, args.keep) as svc:
-        log(f"redis db {args.redis_db}, postgres {svc.db_name}, tmp {svc.tmp}")
+    began = time.monotonic()
+    with services(args.redis_db, args.keep, kinds, args.amqp_url) as svc:
+        where = args.amqp_url.rpartition("@")[2]
+        log(
+            f"brokers {', '.join(kinds)} (redis db {args.redis_db}, amqp {where}), "
+            f"postgres {svc.db_name}, tmp {svc.tmp}, {sizes}, repeats {repeats}"
+        )
 
-        def studyq(
-            agent: str, n: int, pool: str, c: int, env: dict[str, str] | None = None
-        ) -> Callable[[], dict[str, float]]:
-            return lambda: measure_studyq_drain(
-                svc, agent=agent, n=n, pool=pool, concurrency=c, env=env
-            )
+        def steps_of(broker: Broker) -> dict[str, list[Step]]:
+            def studyq(
+                agent: str, n: int, pool: str, c: int, env: dict[str, str] | None = None
+            ) -> Callable[[], dict[str, float]]:
+                return lambda: measure_studyq_drain(
+                    svc, broker, agent=agent, n=n, pool=pool, concurrency=c, env=env
+                )
 
-        def raw(
-            task: str,
-            n: int,
-            pool: str,
-            c: int,
-            prefetch: int,
-            acks_late: bool,
-            events: bool = False,
-        ) -> Callable[[], dict[str, float]]:
-            return lambda: measure_raw_drain(
-                svc,
-                task=task,
-                n=n,
-                pool=pool,
-                concurrency=c,
-                prefetch=prefetch,
-                acks_late=acks_late,
-                events=events,
-            )
+            def raw(
+                task: str,
+                n: int,
+                pool: str,
+                c: int,
+                prefetch: int,
+                acks_late: bool,
+                events: bool = False,
+            ) -> Callable[[], dict[str, float]]:
+                return lambda: measure_raw_drain(
+                    svc,
+                    broker,
+                    task=task,
+                    n=n,
+                    pool=pool,
+                    concurrency=c,
+                    prefetch=prefetch,
+                    acks_late=acks_late,
+                    events=events,
+                    queue_type=queue_type,
+                )
 
-        parts: dict[str, list[Step]] = {
-            "a": [
-                Step(
-                    "a.loop", "apply_async loop", lambda: measure_publish_loop(svc, sizes.publish)
-                ),
-                Step(
-                    "a.studyq", "studyq submit", lambda: measure_publish_studyq(svc, sizes.publish)
-                ),
-            ],
-            "b": [
-                Step(
-                    "b.raw_same",
-                    "raw no-op (acks_late, prefetch 1)",
-                    raw("noop", sizes.noop, "prefork", PREFORK, 1, True),
-                ),
-                Step("b.studyq", "studyq noop", studyq("noop", sizes.noop, "prefork", PREFORK)),
-                Step(
-                    "b.at_most_once",
-                    "studyq noop, durable claims (STUDYQ_AT_MOST_ONCE)",
-                    studyq("noop", sizes.noop, "prefork", PREFORK, {"STUDYQ_AT_MOST_ONCE": "true"}),
-                ),
-                Step(
-                    "b.raw_default",
-                    "raw no-op (prefetch 4, acks_late off)",
-                    raw("noop", sizes.noop, "prefork", PREFORK, 4, False),
-                ),
-                Step(
-                    "b.floor",
-                    "raw + PG upsert (acks_late, prefetch 1)",
-                    raw("upsert", sizes.noop, "prefork", PREFORK, 1, True),
-                ),
-                Step(
-                    "b.raw_events",
-                    "raw no-op + task events (acks_late, prefetch 1)",
-                    raw("noop", sizes.noop, "prefork", PREFORK, 1, True, events=True),
-                ),
-            ],
-            "c": [
-                Step(
-                    "c.raw",
-                    "raw 20 ms sleep",
-                    raw("sleep", sizes.sleep, "threads", THREADS, 1, True),
-                ),
-                Step("c.studyq", "studyq sleep", studyq("sleep", sizes.sleep, "threads", THREADS)),
-                Step(
-                    "c.raw_events",
-                    "raw 20 ms sleep + task events",
-                    raw("sleep", sizes.sleep, "threads", THREADS, 1, True, events=True),
-                ),
-            ],
-        }
+            parts: dict[str, list[Step]] = {
+                "a": [
+                    Step(
+                        "a.loop",
+                        "apply_async loop",
+                        lambda: measure_publish_loop(svc, broker, sizes.publish, queue_type),
+                    ),
+                    Step(
+                        "a.studyq",
+                        "studyq submit",
+                        lambda: measure_publish_studyq(svc, broker, sizes.publish),
+                    ),
+                ],
+                "b": [
+                    Step(
+                        "b.raw_same",
+                        "raw no-op (acks_late, prefetch 1)",
+                        raw("noop", sizes.noop, "prefork", PREFORK, 1, True),
+                    ),
+                    Step("b.studyq", "studyq noop", studyq("noop", sizes.noop, "prefork", PREFORK)),
+                ],
+                "c": [
+                    Step(
+                        "c.raw",
+                        "raw 20 ms sleep",
+                        raw("sleep", sizes.sleep, "threads", THREADS, 1, True),
+                    ),
+                    Step(
+                        "c.studyq", "studyq sleep", studyq("sleep", sizes.sleep, "threads", THREADS)
+                    ),
+                ],
+            }
+            if args.extras:  # the diagnostics of earlier sessions (docs/benchmarks.md)
+                parts["b"] += [
+                    Step(
+                        "b.at_most_once",
+                        "studyq noop, durable claims (STUDYQ_AT_MOST_ONCE)",
+                        studyq(
+                            "noop", sizes.noop, "prefork", PREFORK, {"STUDYQ_AT_MOST_ONCE": "true"}
+                        ),
+                    ),
+                    Step(
+                        "b.raw_default",
+                        "raw no-op (prefetch 4, acks_late off)",
+                        raw("noop", sizes.noop, "prefork", PREFORK, 4, False),
+                    ),
+                    Step(
+                        "b.floor",
+                        "raw + PG upsert (acks_late, prefetch 1)",
+                        raw("upsert", sizes.noop, "prefork", PREFORK, 1, True),
+                    ),
+                    Step(
+                        "b.raw_events",
+                        "raw no-op + task events (acks_late, prefetch 1)",
+                        raw("noop", sizes.noop, "prefork", PREFORK, 1, True, events=True),
+                    ),
+                ]
+                parts["c"].append(
+                    Step(
+                        "c.raw_events",
+                        "raw 20 ms sleep + task events",
+                        raw("sleep", sizes.sleep, "threads", THREADS, 1, True, events=True),
+                    )
+                )
+            return parts
+
+        plan = {kind: steps_of(broker) for kind, broker in svc.brokers.items()}
         for rep in range(repeats):
             for part in ("a", "b", "c"):
                 if part not in only:
                     continue
-                steps = parts[part]
-                for step in reversed(steps) if rep % 2 else steps:  # alternate who goes first
-                    out = step.measure()
-                    for name, value in out.items():
-                        add(f"{step.key}.{name}", value)
-                    shown = ", ".join(f"{k} {v:,.2f}" for k, v in out.items())
-                    log(f"[{rep}] ({part}) {step.label}: {shown}")
-            if "a" in only:
-                add("a.ratio.publish", last("a.studyq.publish_rate") / last("a.loop.rate"))
-                add("a.ratio.total", last("a.studyq.total_rate") / last("a.loop.rate"))
-                add("a.ratio.quiet", last("a.studyq.quiet_rate") / last("a.loop.rate"))
-            if "b" in only:
-                for base in ("raw_same", "raw_default", "floor", "raw_events"):
-                    add(f"b.ratio.{base}", last("b.studyq.rate") / last(f"b.{base}.rate"))
-                add("b.ratio.at_most_once", last("b.at_most_once.rate") / last("b.studyq.rate"))
-            if "c" in only:
-                add("c.ratio", last("c.studyq.rate") / last("c.raw.rate"))
-                add("c.ratio_events", last("c.studyq.rate") / last("c.raw_events.rate"))
+                # Both brokers back to back in each part, so they see the same machine; who
+                # goes first (broker, and side within a broker) alternates between repeats.
+                for kind in reversed(kinds) if rep % 2 else kinds:
+                    steps = plan[kind][part]
+                    for step in reversed(steps) if rep % 2 else steps:
+                        out = step.measure()
+                        for name, value in out.items():
+                            add(f"{kind}:{step.key}.{name}", value)
+                        shown = ", ".join(f"{k} {v:,.2f}" for k, v in out.items())
+                        log(f"[{rep}] ({part}) {LABELS[kind]}: {step.label}: {shown}")
+            for kind in kinds:
+                add_ratios(s, kind, only)
+            log(f"repeat {rep} done after {time.monotonic() - began:,.0f} s")
 
     if args.save:
         Path(args.save).write_text(
             json.dumps({"quick": args.quick, "repeats": repeats, "only": sorted(only),
+                        "brokers": list(kinds), "sizes": asdict(sizes),
+                        "raw_queue_type": queue_type,
                         "series": {k: v.values for k, v in s.items()}}, indent=1),
             encoding="utf-8",
         )  # fmt: skip
-    print(report(s, sizes, repeats, only))
-    missed = goals_missed(s, only)
+    print(full_report(s, sizes, repeats, only, kinds, queue_type))
+    print(f"\n(measured in {time.monotonic() - began:,.0f} s)")
+    missed = [
+        f"{LABELS[kind]} {goal}" for kind in kinds for goal in goals_missed(_split(s, kind), only)
+    ]
     if missed:
         print(f"\ngoals missed: {', '.join(missed)}", file=sys.stderr)
     return 1 if (args.check and missed) else 0
+
+
+def add_ratios(s: dict[str, Series], kind: str, only: set[str]) -> None:
+    """The ratios of the latest repeat of broker ``kind``, each against its own baseline."""
+
+    def last(name: str) -> float:
+        return s[f"{kind}:{name}"].values[-1]
+
+    def add(name: str, num: str, den: str) -> None:
+        if f"{kind}:{num}" in s and f"{kind}:{den}" in s:
+            s.setdefault(f"{kind}:{name}", Series()).add(last(num) / last(den))
+
+    if "a" in only:
+        add("a.ratio.publish", "a.studyq.publish_rate", "a.loop.rate")
+        add("a.ratio.total", "a.studyq.total_rate", "a.loop.rate")
+        add("a.ratio.quiet", "a.studyq.quiet_rate", "a.loop.rate")
+    if "b" in only:
+        for base in ("raw_same", "raw_default", "floor", "raw_events"):
+            add(f"b.ratio.{base}", "b.studyq.rate", f"b.{base}.rate")
+        add("b.ratio.at_most_once", "b.at_most_once.rate", "b.studyq.rate")
+    if "c" in only:
+        add("c.ratio", "c.studyq.rate", "c.raw.rate")
+        add("c.ratio_events", "c.studyq.rate", "c.raw_events.rate")
 
 
 def goals_missed(s: dict[str, Series], only: set[str]) -> list[str]:
@@ -865,8 +1072,12 @@ def _row(*cells: str) -> str:
     return "| " + " | ".join(cells) + " |"
 
 
-def report(s: dict[str, Series], sizes: Sizes, repeats: int, only: set[str]) -> str:
-    """The markdown tables of a run."""
+def report(s: dict[str, Series], sizes: Sizes, only: set[str], label: str = "Redis") -> str:
+    """The markdown tables of one broker's figures (``s`` unprefixed: :func:`_split`)."""
+
+    def opt(key: str, make: Callable[[], str]) -> list[str]:
+        """A row of a step measured only with ``--extras``: none when it was not."""
+        return [make()] if f"{key}.rate" in s else []
 
     def med(name: str, fmt: str) -> str:
         return format(s[name].median, fmt)
@@ -894,17 +1105,12 @@ def report(s: dict[str, Series], sizes: Sizes, repeats: int, only: set[str]) -> 
             text += f"{'' if pct else X}: {verdict})"
         return text
 
-    lines = [
-        f"Medians of {repeats} repeat(s) with [min{TO}max]; a ratio is the median of the "
-        "per-repeat ratios (both sides measured back to back in the same repeat, the order "
-        "alternating between repeats).",
-        "",
-    ]
+    lines: list[str] = []
     if "a" in only:
         n = sizes.publish
         loop_s = f"{n / s['a.loop.rate'].median:.2f}"
         lines += [
-            f"**(a) Publishing {n:,} runs** to one Redis queue (no consumer attached)",
+            f"**(a) {label}: publishing {n:,} runs** to one queue (no consumer attached)",
             "",
             _row("what", "rate", f"min{TO}max", f"seconds [min{TO}max]", "vs `apply_async` loop"),
             _row(*["---"] * 5),
@@ -924,7 +1130,8 @@ def report(s: dict[str, Series], sizes: Sizes, repeats: int, only: set[str]) -> 
                 "", "", secs("a.studyq.db_s"), "",
             ),
             _row(
-                "\u21b3 of which `publish_runs` (build and push messages, batch events)",
+                "\u21b3 of which `CeleryTransport.publish` (build and push messages, batch "
+                "events; RabbitMQ: wait for the publisher confirms)",
                 "", "", secs("a.studyq.broker_s"), "",
             ),
             _row(
@@ -939,7 +1146,7 @@ def report(s: dict[str, Series], sizes: Sizes, repeats: int, only: set[str]) -> 
                 secs("a.studyq.total_s"), ratio("a.ratio.total"),
             ),
             _row(
-                "for reference: `publish_runs` of the same runs, `sent_events=False` "
+                "for reference: `CeleryTransport.publish` of the same runs, `sent_events=False` "
                 "(not what submit does)",
                 rate("a.studyq.quiet_rate"), span("a.studyq.quiet_rate"),
                 secs("a.studyq.quiet_s"), ratio("a.ratio.quiet"),
@@ -949,7 +1156,7 @@ def report(s: dict[str, Series], sizes: Sizes, repeats: int, only: set[str]) -> 
     if "b" in only:
         n = sizes.noop
         lines += [
-            f"**(b) {n:,} no-op runs end to end**: one worker `-P prefork -c {PREFORK}`, "
+            f"**(b) {label}: {n:,} no-op runs end to end**: one worker `-P prefork -c {PREFORK}`, "
             "runs pre-enqueued, clock from `worker_ready` to the last run recorded",
             "",
             _row(
@@ -962,35 +1169,35 @@ def report(s: dict[str, Series], sizes: Sizes, repeats: int, only: set[str]) -> 
                 rate("b.studyq.rate"), span("b.studyq.rate"), "", cpu("b.studyq"),
                 med("b.studyq.pg_cpu_ms", ".2f"),
             ),
-            _row(
+            *opt("b.at_most_once", lambda: _row(
                 "studyq with durable claims (`STUDYQ_AT_MOST_ONCE` / `execution.at_most_once`: "
                 "one WAL flush per claim); its rate as % of studyq's default",
                 rate("b.at_most_once.rate"), span("b.at_most_once.rate"),
                 ratio("b.ratio.at_most_once", pct=True), cpu("b.at_most_once"),
                 med("b.at_most_once.pg_cpu_ms", ".2f"),
-            ),
+            )),
             _row(
                 "raw Celery no-op, studyq's delivery settings (acks_late, prefetch 1)",
                 rate("b.raw_same.rate"), span("b.raw_same.rate"),
                 ratio("b.ratio.raw_same", NOOP_GOAL, pct=True), cpu("b.raw_same"), "",
             ),
-            _row(
+            *opt("b.raw_default", lambda: _row(
                 "raw Celery no-op, Celery's defaults (prefetch 4, acks_late off)",
                 rate("b.raw_default.rate"), span("b.raw_default.rate"),
                 ratio("b.ratio.raw_default", pct=True), cpu("b.raw_default"), "",
-            ),
-            _row(
+            )),
+            *opt("b.floor", lambda: _row(
                 "raw Celery + one PostgreSQL UPSERT per task in its own transaction "
                 "(ANCHORS stack floor; acks_late, prefetch 1)",
                 rate("b.floor.rate"), span("b.floor.rate"), ratio("b.ratio.floor", pct=True),
                 cpu("b.floor"), med("b.floor.pg_cpu_ms", ".2f"),
-            ),
-            _row(
+            )),
+            *opt("b.raw_events", lambda: _row(
                 "diagnostic: raw Celery no-op with task events on, flushed as Celery does "
                 "(studyq's workers batch theirs; acks_late, prefetch 1)",
                 rate("b.raw_events.rate"), span("b.raw_events.rate"),
                 ratio("b.ratio.raw_events", pct=True), cpu("b.raw_events"), "",
-            ),
+            )),
             "",
         ]  # fmt: skip
     if "c" in only:
@@ -1001,8 +1208,8 @@ def report(s: dict[str, Series], sizes: Sizes, repeats: int, only: set[str]) -> 
             return f"{s[name].median / ideal:.2f}{X}"
 
         lines += [
-            f"**(c) {n:,} runs sleeping 20 ms**: one worker `-P threads -c {THREADS}`, runs "
-            f"pre-enqueued, `worker_ready` to the last run recorded; ideal {n:,} {X} 0.02 s / "
+            f"**(c) {label}: {n:,} runs sleeping 20 ms**: one worker `-P threads -c {THREADS}`, "
+            f"runs pre-enqueued, `worker_ready` to the last run recorded; ideal {n:,} {X} 0.02 s / "
             f"{THREADS} = {ideal:.2f} s",
             "",
             _row(
@@ -1019,18 +1226,133 @@ def report(s: dict[str, Series], sizes: Sizes, repeats: int, only: set[str]) -> 
                 times_ideal("c.raw.seconds"), rate("c.raw.rate"),
                 ratio("c.ratio", SLEEP_GOAL, pct=True), cpu("c.raw"),
             ),
-            _row(
+            *opt("c.raw_events", lambda: _row(
                 "diagnostic: raw Celery 20 ms sleep with task events on",
                 secs("c.raw_events.seconds"), times_ideal("c.raw_events.seconds"),
                 rate("c.raw_events.rate"), ratio("c.ratio_events", pct=True),
                 cpu("c.raw_events"),
-            ),
+            )),
             _row(
                 "ideal", f"{ideal:.2f}", f"1.00{X}", f"{n / ideal:,.0f} /s",
                 f"{ideal / s['c.studyq.seconds'].median:.0%}", "",
             ),
+            "",
         ]  # fmt: skip
     return "\n".join(lines)
+
+
+def side_by_side(s: dict[str, Series], sizes: Sizes, only: set[str], kinds: tuple[str, ...]) -> str:
+    """One table, a column per broker: the rates, and each broker's ratios against its own
+    raw Celery baseline; with two brokers, a last column RabbitMQ / Redis (medians)."""
+    per = {kind: _split(s, kind) for kind in kinds}
+    both = len(kinds) == 2
+
+    def cell(kind: str, name: str, fmt: str, goal: float | None = None) -> str:
+        series = per[kind].get(name)
+        if series is None:
+            return ""
+        pct = fmt == "%"
+        shown = f"{series.median:.0%}" if pct else f"{series.median:{fmt}}"
+        text = f"{shown} [{series.span('.0%' if pct else fmt)}]"
+        if goal is not None:
+            text += " (met)" if series.median >= goal else " (**missed**)"
+        return text
+
+    def cross(name: str) -> str:
+        a, b = (per[kind].get(name) for kind in kinds)
+        return f"{b.median / a.median:.2f}" if a and b else ""
+
+    rows: list[tuple[str, str, str, float | None, bool]] = []  # label, key, fmt, goal, cross
+    if "a" in only:
+        rows += [
+            (f"(a) raw Celery: `apply_async` loop, {sizes.publish:,} tasks/s", "a.loop.rate",
+             ",.0f", None, True),
+            ("(a) studyq submit, publish part, runs/s", "a.studyq.publish_rate", ",.0f", None,
+             True),
+            ("(a) studyq submit, whole (prepare + register + publish), runs/s",
+             "a.studyq.total_rate", ",.0f", None, True),
+            (f"(a) publish part {X} own `apply_async` loop (goal {GE} {PUBLISH_GOAL:.0f}{X})",
+             "a.ratio.publish", ".1f", PUBLISH_GOAL, False),
+            (f"(a) whole submit {X} own `apply_async` loop", "a.ratio.total", ".1f", None,
+             False),
+        ]  # fmt: skip
+    if "b" in only:
+        rows += [
+            (f"(b) raw Celery no-op, prefork -c {PREFORK} (acks_late, prefetch 1), tasks/s",
+             "b.raw_same.rate", ",.0f", None, True),
+            (f"(b) studyq no-op runs, {sizes.noop:,}, runs/s", "b.studyq.rate", ",.0f", None,
+             True),
+            (f"(b) studyq as % of own raw Celery (goal {GE} {NOOP_GOAL:.0%})",
+             "b.ratio.raw_same", "%", NOOP_GOAL, False),
+            ("(b) worker CPU ms/task, studyq", "b.studyq.worker_cpu_ms", ".2f", None, True),
+            ("(b) worker CPU ms/task, raw Celery", "b.raw_same.worker_cpu_ms", ".2f", None,
+             True),
+        ]  # fmt: skip
+    if "c" in only:
+        rows += [
+            (
+                f"(c) raw Celery 20 ms sleep, threads -c {THREADS}, tasks/s",
+                "c.raw.rate",
+                ",.0f",
+                None,
+                True,
+            ),
+            (
+                f"(c) studyq 20 ms runs, {sizes.sleep:,}, runs/s",
+                "c.studyq.rate",
+                ",.0f",
+                None,
+                True,
+            ),
+            (
+                f"(c) studyq as % of own raw Celery (goal {GE} {SLEEP_GOAL:.0%})",
+                "c.ratio",
+                "%",
+                SLEEP_GOAL,
+                False,
+            ),
+            ("(c) worker CPU ms/task, studyq", "c.studyq.worker_cpu_ms", ".2f", None, True),
+            ("(c) worker CPU ms/task, raw Celery", "c.raw.worker_cpu_ms", ".2f", None, True),
+        ]
+    header = ["what", *(f"{LABELS[kind]} [min{TO}max]" for kind in kinds)]
+    if both:
+        header.append(f"{LABELS[kinds[1]]} / {LABELS[kinds[0]]}")
+    lines = [_row(*header), _row(*["---"] * len(header))]
+    for label, key, fmt, goal, crossed in rows:
+        cells = [cell(kind, key, fmt, goal) for kind in kinds]
+        if both:
+            cells.append(cross(key) if crossed else "")
+        lines.append(_row(label, *cells))
+    return "\n".join(lines)
+
+
+def full_report(
+    s: dict[str, Series],
+    sizes: Sizes,
+    repeats: int,
+    only: set[str],
+    kinds: tuple[str, ...],
+    queue_type: str = "quorum",
+) -> str:
+    """The side-by-side table, then each broker's detailed tables."""
+    lines = [
+        f"Medians of {repeats} repeat(s) with [min{TO}max]; a ratio is the median of the "
+        "per-repeat ratios, each broker against raw Celery on the same broker (both sides "
+        "measured back to back in the same repeat, the order alternating between repeats; "
+        "the brokers back to back in each part).",
+        "",
+    ]
+    if "rabbitmq" in kinds:
+        lines += [
+            f"RabbitMQ: studyq's run queues are quorum queues; raw Celery's are {queue_type} "
+            "queues (`task_create_missing_queue_type`); studyq publishes with publisher "
+            "confirms, raw Celery's `apply_async` without.",
+            "",
+        ]
+    lines += [side_by_side(s, sizes, only, kinds), ""]
+    for kind in kinds:
+        lines += [report(_split(s, kind), sizes, only, LABELS[kind]).rstrip(), ""]
+    return "\n".join(lines).rstrip() + "\n"
 
 
 def phase_breakdown(svc: Services, n: int) -> str:
@@ -1198,6 +1520,7 @@ def profile(args: argparse.Namespace) -> int:
         if part == "b":
             out = measure_studyq_drain(
                 svc,
+                svc.brokers["redis"],
                 agent="noop",
                 n=sizes.noop,
                 pool="prefork",
@@ -1207,6 +1530,7 @@ def profile(args: argparse.Namespace) -> int:
         else:
             out = measure_studyq_drain(
                 svc,
+                svc.brokers["redis"],
                 agent="sleep",
                 n=sizes.sleep,
                 pool="threads",
@@ -1273,6 +1597,36 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--only", action="append", choices=["a", "b", "c"], help="run only these parts"
+    )
+    parser.add_argument(
+        "--broker",
+        choices=["redis", "rabbitmq", "both"],
+        default="both",
+        help="measure on Redis, on RabbitMQ, or both side by side (default both)",
+    )
+    parser.add_argument(
+        "--amqp-url",
+        default=AMQP_URL,
+        help=f"RabbitMQ broker URL (default {AMQP_URL}; the vhost must exist)",
+    )
+    parser.add_argument(
+        "--raw-queue-type",
+        choices=["quorum", "classic"],
+        default="quorum",
+        help="RabbitMQ queue type of raw Celery's queues (default quorum, as studyq's)",
+    )
+    parser.add_argument(
+        "--sizes",
+        type=parse_sizes,
+        metavar="PUBLISH,NOOP,SLEEP",
+        help=f"run counts of (a), (b), (c) (default {Sizes().publish},{Sizes().noop},"
+        f"{Sizes().sleep})",
+    )
+    parser.add_argument(
+        "--extras",
+        action="store_true",
+        help="also the diagnostics: durable claims, Celery's default delivery settings, the "
+        "PG stack floor, raw Celery with task events",
     )
     parser.add_argument(
         "--redis-db", type=int, default=12, help="Redis database number (default 12)"
