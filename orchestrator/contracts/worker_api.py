@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
 from functools import cache
-from importlib.metadata import entry_points
+from importlib.metadata import EntryPoint, entry_points
 from typing import Any, Literal, Protocol, overload
 
 from orchestrator.contracts.errors import SettingsError
@@ -27,7 +27,15 @@ from orchestrator.contracts.extensions import Bindings
 from orchestrator.contracts.results import RunResult
 from orchestrator.contracts.runspec import RunSpec
 
-__all__ = ["GROUP", "NAMES", "ExecuteRun", "ResolverFactory", "RunResolver", "worker_entry"]
+__all__ = [
+    "GROUP",
+    "NAMES",
+    "ExecuteRun",
+    "ResolverFactory",
+    "RunResolver",
+    "worker_entry",
+    "worker_module",
+]
 
 GROUP = "studyq.worker"
 """The entry-point group of the worker's functions."""
@@ -89,11 +97,20 @@ def worker_entry(name: str) -> Any:
     return _load(name)
 
 
+def worker_module(name: str) -> str:
+    """The module behind entry point ``name``, without importing it (what a forkserver
+    preloads so that its children start with the worker's code imported)."""
+    return _entry(name).module
+
+
 @cache
 def _load(name: str) -> Any:
-    found = entry_points(group=GROUP, name=name)
-    for entry in found:
-        return entry.load()
+    return _entry(name).load()
+
+
+def _entry(name: str) -> EntryPoint:
+    for entry in entry_points(group=GROUP, name=name):
+        return entry
     raise SettingsError(
         f"no worker entry point '{name}' in group '{GROUP}': studyq's installed metadata is "
         "missing or stale. Fix: reinstall studyq (`pip install -e .` in a checkout, or "

@@ -48,7 +48,7 @@ from orchestrator.contracts.extensions import Bindings
 from orchestrator.contracts.interrupt import MainThreadInterrupt
 from orchestrator.contracts.results import RunResult
 from orchestrator.contracts.runspec import RunSpec
-from orchestrator.contracts.worker_api import RunResolver, worker_entry
+from orchestrator.contracts.worker_api import RunResolver, worker_entry, worker_module
 from orchestrator.executors.embedded_owner import EmbeddedOwner, process_alive
 from orchestrator.executors.start_journal import StartLog
 
@@ -94,9 +94,10 @@ def _execute(
     interrupt: MainThreadInterrupt | None,
 ) -> RunResult:
     """One run; under ``interrupt``'s timer when the caller is a process's main thread."""
+    execute_run = worker_entry("execute_run")  # its first call imports it: not on the clock
     timer = interrupt.armed(timeout_s) if interrupt is not None else nullcontext()
     with timer:
-        return worker_entry("execute_run")(spec, resolver, timeout_s=timeout_s, worker=worker)
+        return execute_run(spec, resolver, timeout_s=timeout_s, worker=worker)
 
 
 def _main_thread_interrupt(timeout_s: float | None) -> MainThreadInterrupt | None:
@@ -199,7 +200,7 @@ class EmbeddedExecutor:
         if self.pool == "process":
             _check_picklable(self._resolver_spec)
             context = multiprocessing.get_context("forkserver")
-            context.set_forkserver_preload(["workers.execution", "numpy"])
+            context.set_forkserver_preload([worker_module("execute_run"), "numpy"])
             self._executor = ProcessPoolExecutor(
                 max_workers=self.jobs,
                 mp_context=context,
