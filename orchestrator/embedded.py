@@ -170,11 +170,8 @@ def run_embedded(
 ) -> StudyRun:
     """Run every run of ``study`` that has no recorded success, on this machine.
 
-    ``changes`` set :class:`SweepOptions` fields over ``options`` (``out_dir`` is the CLI's
-    spelling of ``output_dir``).
+    ``changes`` set :class:`SweepOptions` fields over ``options``.
     """
-    if "out_dir" in changes:
-        changes["output_dir"] = changes.pop("out_dir")
     options = replace(options or SweepOptions(), **changes)
     settings = settings or load_settings()
     condition_runner = options.condition_runner

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
@@ -35,6 +35,9 @@ from orchestrator.contracts.results import RunStatus
 from orchestrator.store.columns import EVALUATION_COLUMNS as STORED_EVALUATIONS
 from orchestrator.store.columns import EVENT_COLUMNS as STORED_EVENTS
 from orchestrator.store.columns import RESULT_COLUMNS
+
+if TYPE_CHECKING:
+    from orchestrator.store import ResultStore
 
 __all__ = [
     "CONDITION_COLUMNS",
@@ -184,7 +187,9 @@ def _union(required: Sequence[str], extra_keys: Iterable[Iterable[str]]) -> list
     return ordered
 
 
-def export_artifacts(store: Any, study_id: str, out_dir: str | Path | None = None) -> ExportReport:
+def export_artifacts(
+    store: ResultStore, study_id: str, out_dir: str | Path | None = None
+) -> ExportReport:
     """Write the canonical artifact set of ``study_id`` from ``store`` and validate it.
 
     ``out_dir`` defaults to the study's ``output_dir`` (``artifacts/<study_id>``).

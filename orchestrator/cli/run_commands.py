@@ -122,7 +122,7 @@ def _run_embedded(args: argparse.Namespace) -> int:
         fail_fast=args.fail_fast,
         timeout_s=args.timeout,
         export=args.export,
-        out_dir=args.out,
+        output_dir=args.out,
     )
     counts = outcome.counts
     back = outcome.taken_back

@@ -27,7 +27,13 @@ from sqlalchemy.types import TypeEngine
 
 from orchestrator.contracts.canonical import to_jsonable
 from orchestrator.contracts.errors import StoreError
-from orchestrator.contracts.results import ErrorKind, RunResult, RunStatus
+from orchestrator.contracts.results import (
+    MESSAGE_LIMIT,
+    TRACEBACK_LIMIT,
+    ErrorKind,
+    RunResult,
+    RunStatus,
+)
 from orchestrator.store.sqltypes import JSONType
 
 __all__ = [
@@ -45,11 +51,11 @@ __all__ = [
     "result_values",
 ]
 
-MAX_TRACEBACK_CHARS = 8_192
+MAX_TRACEBACK_CHARS = TRACEBACK_LIMIT
 """Tracebacks keep their last 8 KB: the frames nearest the error are the useful ones, and a
 recursion error's 100 KB traceback should not bloat a million-row table."""
 
-MAX_MESSAGE_CHARS = 4_096
+MAX_MESSAGE_CHARS = MESSAGE_LIMIT
 """Error messages keep their first 4 KB (the start says what went wrong)."""
 
 _POSTGRESQL: Dialect = cast("Callable[[], Dialect]", PGDialect)()
