@@ -314,6 +314,19 @@ class Broker:
                 channel.queue_delete(queue=dead_letter_key(name))
                 self.queues.discard(name)
 
+    def server_pid(self) -> int:
+        """PID of the broker's server process on this machine (0 when not found), to read
+        its CPU time from ``/proc`` (it is never signalled)."""
+        comm = "redis-server" if self.kind == "redis" else "beam.smp"
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                try:
+                    if (entry / "comm").read_text().strip() == comm:
+                        return int(entry.name)
+                except OSError:
+                    continue
+        return 0
+
     def check(self) -> None:
         """Connect once; a missing vhost or a refused login says how to fix it."""
         if self.kind == "redis":
@@ -401,14 +414,23 @@ execution:
 # -- (a) publishing ---------------------------------------------------------------------------
 
 _SUBMIT_CHILD = """\
-import json, sys, time
+import json, os, sys, time
 import orchestrator.distributed as d
 import orchestrator.executors.celery as transport_module
 import workers.app, workers.tasks  # imports before the clock (as a worker host would)
 from orchestrator.contracts.settings import load_settings
 
-path, db, broker, quiet_queue = sys.argv[1:5]
-marks = {"broker_s": 0.0}
+path, db, broker, quiet_queue, server = sys.argv[1:6]
+
+def server_cpu():  # CPU seconds of the broker's server process (0 when not found)
+    try:
+        with open(f"/proc/{server}/stat") as f:
+            fields = f.read().rpartition(")")[2].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+marks = {"broker_s": 0.0, "broker_cpu_s": 0.0}
 items = []
 _prepare, _register = d.prepare, d.register
 _publish = transport_module.CeleryTransport.publish
@@ -430,11 +452,12 @@ def register(*args, **kwargs):
 
 def publish(self, batch, **kwargs):
     batch = list(batch)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.thread_time()
     try:
         return _publish(self, batch, **kwargs)
     finally:
         marks["broker_s"] += time.perf_counter() - start
+        marks["broker_cpu_s"] += time.thread_time() - cpu
         items.extend(batch)
 
 d.prepare, d.register = prepare, register
@@ -447,15 +470,19 @@ end = time.perf_counter()
 # The same messages again, without task-sent events (informative; not what submit does),
 # through the transport submit uses (connected before the clock, as submit's is).
 with transport_module.CeleryTransport(settings, broker) as quiet_transport:
-    quiet_start = time.perf_counter()
+    quiet_start, quiet_cpu, quiet_server = time.perf_counter(), time.process_time(), server_cpu()
     quiet = _publish(quiet_transport, items, queue=quiet_queue, timeout_s=None,
                      sent_events=False)
     quiet_s = time.perf_counter() - quiet_start
+    quiet_cpu = time.process_time() - quiet_cpu
+    quiet_server = server_cpu() - quiet_server
 print(json.dumps({
     "published": report.published, "planned": report.planned, "quiet_published": quiet,
     "prepare_s": marks["prepare"], "register_s": marks["register"],
     "publish_s": end - marks["register_end"], "broker_s": marks["broker_s"],
     "total_s": end - start, "report_s": report.seconds, "quiet_s": quiet_s,
+    "broker_cpu_s": marks["broker_cpu_s"], "quiet_cpu_s": quiet_cpu,
+    "quiet_server_cpu_s": quiet_server,
 }))
 """
 
@@ -495,7 +522,13 @@ def measure_publish_studyq(svc: Services, broker: Broker, n: int) -> dict[str, f
     path = write_study(svc.tmp / f"{study_id}.yaml", study_id, agent="noop", runs=n, queue=queue)
     try:
         out = _child_json(
-            _SUBMIT_CHILD, str(path), svc.db_url, broker.url, quiet_queue, env=_clean_env()
+            _SUBMIT_CHILD,
+            str(path),
+            svc.db_url,
+            broker.url,
+            quiet_queue,
+            str(broker.server_pid()),
+            env=_clean_env(),
         )
         length, quiet_length = broker.length(queue), broker.length(quiet_queue)
         if out["published"] != n or length != n or quiet_length != n:
@@ -517,6 +550,11 @@ def measure_publish_studyq(svc: Services, broker: Broker, n: int) -> dict[str, f
         "prepare_s": out["prepare_s"],
         "total_s": out["total_s"],
         "quiet_s": out["quiet_s"],
+        # CPU per run in microseconds: the publishing thread inside CeleryTransport.publish;
+        # the quiet publish's process, and the broker server's (it serves others too)
+        "publish_cpu_us": out["broker_cpu_s"] / n * 1e6,
+        "quiet_cpu_us": out["quiet_cpu_s"] / n * 1e6,
+        "quiet_server_cpu_us": out["quiet_server_cpu_s"] / n * 1e6,
     }
 
 
@@ -1275,6 +1313,14 @@ def side_by_side(s: dict[str, Series], sizes: Sizes, only: set[str], kinds: tupl
              "a.ratio.publish", ".1f", PUBLISH_GOAL, False),
             (f"(a) whole submit {X} own `apply_async` loop", "a.ratio.total", ".1f", None,
              False),
+            ("(a) publisher CPU \u00b5s/run inside `CeleryTransport.publish` (with events)",
+             "a.studyq.publish_cpu_us", ",.0f", None, True),
+            ("(a) `sent_events=False` publish, runs/s", "a.studyq.quiet_rate", ",.0f", None,
+             True),
+            ("(a) \u21b3 publisher process CPU \u00b5s/run", "a.studyq.quiet_cpu_us", ",.0f",
+             None, True),
+            ("(a) \u21b3 broker server CPU \u00b5s/run (redis-server / beam.smp; shared)",
+             "a.studyq.quiet_server_cpu_us", ",.0f", None, True),
         ]  # fmt: skip
     if "b" in only:
         rows += [
