@@ -1,4 +1,12 @@
-"""Fixtures every test folder shares."""
+"""Fixtures every test folder shares.
+
+* ``services``: the session's :class:`_services.ServiceSupplier` (PostgreSQL databases, Redis
+  database numbers, the RabbitMQ vhost), everything it made removed at the end.
+* ``transport``: ``"redis"`` or ``"rabbitmq"``. A test whose fixtures use it runs once on
+  each (the ``rabbitmq`` case carries the ``rabbitmq`` marker: ``-m "not rabbitmq"`` leaves
+  it out), unless it is marked ``redis_only(reason)``: it reads Redis itself. A test that
+  asks for the raw Redis client ``redis_db`` must be marked so.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +15,40 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from _services import ServiceSupplier
 
 from workers import bindings
+
+
+@pytest.fixture(scope="session")
+def services() -> Iterator[ServiceSupplier]:
+    supplier = ServiceSupplier()
+    try:
+        yield supplier
+    finally:
+        supplier.close()
+
+
+@pytest.fixture(scope="session")
+def transport(request: pytest.FixtureRequest) -> str:
+    """The broker's transport of this test case (parametrised by pytest_generate_tests)."""
+    kind: str = request.param
+    return kind
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "transport" not in metafunc.fixturenames:
+        return
+    redis_only = metafunc.definition.get_closest_marker("redis_only")
+    if redis_only is None and "redis_db" in metafunc.fixturenames:
+        raise TypeError(
+            f"{metafunc.definition.nodeid} reads Redis (fixture redis_db) but would also run "
+            "on RabbitMQ: mark it @pytest.mark.redis_only(reason)"
+        )
+    params = [pytest.param("redis", id="redis")]
+    if redis_only is None:
+        params.append(pytest.param("rabbitmq", marks=pytest.mark.rabbitmq, id="rabbitmq"))
+    metafunc.parametrize("transport", params, indirect=True, scope="session")
 
 
 @pytest.fixture

@@ -5,7 +5,8 @@ never create or drop ``studyq_coordinator``, ``studyq_worker`` or ``studyq_analy
 themselves: :class:`Roles` applies roles.sql with those three names replaced by
 test-unique ones (``studyq_worker_t<pid>_<hex>``), and creates login roles that are members
 of them. Everything is on 127.0.0.1, and every database and role created is dropped at the
-end; ones left by a killed session (its pid no longer runs) are dropped by the next one.
+end; ones left by a killed session (its pid no longer runs) are dropped by the next one. The
+databases themselves come from tests/_services.py.
 """
 
 from __future__ import annotations
@@ -20,14 +21,29 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import _services
 import psycopg
-import pytest
+from _services import HOST, PG_PORT, require_postgres, unavailable
 from psycopg import sql
 
 from orchestrator.store import upgrade
 
-HOST = "127.0.0.1"
-PG_PORT = int(os.environ.get("STUDYQ_TEST_PG_PORT", "5432"))
+__all__ = [
+    "ADMIN_URL",
+    "HOST",
+    "KINDS",
+    "PG_PORT",
+    "ROLES_SQL",
+    "Roles",
+    "RolesCluster",
+    "admin_connect",
+    "apply_roles_sql",
+    "drop_stale",
+    "require_postgres",
+    "role_session",
+    "unavailable",
+]
+
 ADMIN = f"host={HOST} port={PG_PORT} user=postgres dbname=postgres connect_timeout=3"
 ADMIN_URL = f"postgresql+psycopg://postgres@{HOST}:{PG_PORT}"
 """SQLAlchemy URL of the server as the superuser, without a database."""
@@ -36,14 +52,6 @@ ROLES_SQL = REPO / "deploy" / "postgres" / "roles.sql"
 KINDS = ("coordinator", "worker", "analyst")
 _ROLE_NAME = re.compile(r"\bstudyq_(coordinator|worker|analyst)\b")
 _TEST_ROLE = re.compile(r"studyq_(?:login_)?(?:coordinator|worker|analyst)_t(\d+)_[0-9a-f]+")
-_TEST_DATABASE = re.compile(r"studyq_test_(\d+)_roles[a-z]*")
-
-
-def unavailable(reason: str) -> None:
-    """Skip, or fail when ``CI`` is set (CI must run these tests)."""
-    if os.environ.get("CI"):
-        pytest.fail(f"{reason} (CI is set, so these tests must run)")
-    pytest.skip(reason)
 
 
 def admin_connect(dbname: str = "postgres") -> psycopg.Connection:
@@ -165,39 +173,10 @@ def apply_roles_sql(roles: Roles, database: str, tmp_dir: Path) -> str:
     return done.stdout + done.stderr
 
 
-def create_database(name: str) -> None:
-    with admin_connect() as admin:
-        admin.execute(
-            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
-        )
-        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-
-
-def drop_database(name: str) -> None:
-    with admin_connect() as admin:
-        admin.execute(
-            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
-        )
-
-
-def require_postgres() -> None:
-    """Skip (or fail in CI) when the server cannot be reached."""
-    try:
-        with admin_connect() as admin:
-            admin.execute("SELECT 1")
-    except psycopg.Error as error:
-        unavailable(f"PostgreSQL at {HOST}:{PG_PORT} is not usable: {error}".splitlines()[0])
-
-
 def drop_stale() -> None:
     """Drop databases and roles left by killed sessions of these tests."""
+    _services.drop_stale_pg_databases()
     with admin_connect() as admin:
-        for (name,) in admin.execute("SELECT datname FROM pg_database").fetchall():
-            match = _TEST_DATABASE.fullmatch(name)
-            if match and not _pid_alive(int(match.group(1))):
-                admin.execute(
-                    sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
-                )
         names = [row[0] for row in admin.execute("SELECT rolname FROM pg_roles").fetchall()]
         # Logins first: they are members of the groups.
         for name in sorted(names, key=lambda name: "_login_" not in name):
@@ -228,8 +207,8 @@ class RolesCluster:
 
     def new_database(self, tag: str) -> str:
         """An empty database ``studyq_test_<pid>_roles<tag>`` (``tag``: letters)."""
-        name = f"studyq_test_{os.getpid()}_roles{tag}"
-        create_database(name)
+        name = _services.pg_name(f"roles{tag}")
+        _services.create_pg_database(name)
         self.databases.append(name)
         return name
 
@@ -255,5 +234,5 @@ class RolesCluster:
 
     def close(self) -> None:
         for name in self.databases:
-            drop_database(name)
+            _services.drop_pg_database(name)
         self.roles.drop()

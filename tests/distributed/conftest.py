@@ -1,13 +1,18 @@
-"""Fixtures of the distributed tests: real Redis, real PostgreSQL, real ``celery worker``s.
+"""Fixtures of the distributed tests: real PostgreSQL, a real broker, real ``celery worker``s.
+The services come from tests/_services.py (the ``services`` fixture of tests/conftest.py).
 
-* ``pg_url``: a throwaway database ``studyq_dist_<pid>``, migrated once, dropped at the end.
-  Tests never clean it: each registers studies under ids of its own.
+* ``pg_url``: a throwaway database ``studyq_test_<pid>_dist``, migrated once, dropped at the
+  end. Tests never clean it: each registers studies under ids of its own.
 * ``store_url`` / ``store``: PostgreSQL, and SQLite where the behaviour under test is the
   same on both (the plain run function).
-* ``queue``: a Redis queue name of the test's own, deleted afterwards with kombu's binding.
-* ``worker_pair``: two real worker processes (one started as ``celery -A workers.app
-  worker``, one as ``studyq worker``), prefork, 2 slots each, shared by the tests of the
-  session on one queue; stopped with SIGTERM (SIGKILL if needed) at the end.
+* ``live_broker``: the broker of the test's ``transport``, Redis database 15 or the session's
+  RabbitMQ vhost: every test that uses it (through ``queue``, ``publisher``,
+  ``worker_pair``...) runs on both, unless marked ``redis_only``. ``redis_db``: a client on
+  Redis database 15, for the tests that read Redis itself (they are ``redis_only``).
+* ``queue``: a queue name of the test's own, removed from the broker afterwards.
+* ``worker_pair``: two real worker processes per transport (one started as ``celery -A
+  workers.app worker``, one as ``studyq worker``), prefork, 2 slots each, shared by the tests
+  of the session on one queue; stopped with SIGTERM (SIGKILL if needed) at the end.
 * ``publisher``: the app the tests publish with (``create_app`` on the same settings).
 
 Skipped with the reason when a service is down, failed instead when ``CI`` is set.
@@ -24,16 +29,11 @@ from typing import Any
 
 import pytest
 import redis
-from dist_services import (
-    WorkerPair,
-    WorkerProcess,
-    create_pg_database,
-    drop_pg_database,
-    redis_client,
-)
+from _services import Broker, ServiceSupplier, Transport
+from dist_services import REDIS_DB, WorkerPair, WorkerProcess
 from dist_studies import TEST_GRACE_S, Sweep, make_sweep, worker_settings
 
-from orchestrator.store import ResultStore, create_engine_for, upgrade
+from orchestrator.store import ResultStore, create_engine_for
 from workers.app import StudyqCelery, create_app
 from workers.runtime import WorkerRuntime
 
@@ -41,17 +41,19 @@ BACKENDS = ["sqlite", "postgresql"]
 
 
 @pytest.fixture(scope="session")
-def redis_db() -> redis.Redis:
-    return redis_client()
+def live_broker(services: ServiceSupplier, transport: Transport) -> Broker:
+    return services.broker(transport, redis_db=REDIS_DB)
 
 
 @pytest.fixture(scope="session")
-def pg_url() -> Iterator[str]:
-    name = f"studyq_dist_{os.getpid()}"
-    url = create_pg_database(name)
-    upgrade(url)
-    yield url
-    drop_pg_database(name)
+def redis_db(services: ServiceSupplier) -> redis.Redis:
+    return services.redis(REDIS_DB)
+
+
+@pytest.fixture(scope="session")
+def pg_url(services: ServiceSupplier) -> Iterator[str]:
+    with services.pg_database("dist", migrate=True) as url:
+        yield url
 
 
 @pytest.fixture(scope="session")
@@ -85,16 +87,11 @@ def pg_store(pg_url: str) -> Iterator[ResultStore]:
     opened.close()
 
 
-def _delete_queue(client: redis.Redis, name: str) -> None:
-    """The queue and the binding tables kombu keeps for it; nothing else."""
-    client.delete(name, f"_kombu.binding.{name}", f"_kombu.binding_permanent.{name}")
-
-
 @pytest.fixture
-def queue(redis_db: redis.Redis) -> Iterator[str]:
+def queue(live_broker: Broker) -> Iterator[str]:
     name = f"studyq-test-{uuid.uuid4().hex[:10]}"
     yield name
-    _delete_queue(redis_db, name)
+    live_broker.forget(name)
 
 
 @pytest.fixture
@@ -124,27 +121,33 @@ def runtime_for() -> Iterator[Callable[..., WorkerRuntime]]:
 
 
 @pytest.fixture(scope="session")
-def publisher(pg_url: str) -> StudyqCelery:
-    return create_app(worker_settings(pg_url))
+def publisher(pg_url: str, live_broker: Broker) -> StudyqCelery:
+    return create_app(worker_settings(pg_url, broker_url=live_broker.url))
 
 
 @pytest.fixture(scope="session")
 def worker_pair(
-    redis_db: redis.Redis, pg_url: str, tmp_path_factory: pytest.TempPathFactory
+    live_broker: Broker, pg_url: str, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[WorkerPair]:
     queue = f"studyq-pair-{os.getpid()}"
-    log_dir = tmp_path_factory.mktemp("worker-logs")
+    log_dir = tmp_path_factory.mktemp(f"worker-logs-{live_broker.kind}")
     env = {"STUDYQ_TIME_LIMIT_GRACE_S": str(TEST_GRACE_S), "STUDYQ_SHUTDOWN_GRACE_S": "1"}
     # The second worker gets the URL with a (ignored, trust auth) password to check masking.
     masked_url = pg_url.replace("postgres@", "postgres:hunter2@")
     workers = [
         WorkerProcess(
-            f"pair-a-{os.getpid()}", queue=queue, database_url=pg_url, log_dir=log_dir, env=env
+            f"pair-a-{os.getpid()}",
+            queue=queue,
+            database_url=pg_url,
+            broker_url=live_broker.url,
+            log_dir=log_dir,
+            env=env,
         ),
         WorkerProcess(
             f"pair-b-{os.getpid()}",
             queue=queue,
             database_url=masked_url,
+            broker_url=live_broker.url,
             log_dir=log_dir,
             env=env,
             via_cli=True,
@@ -157,7 +160,7 @@ def worker_pair(
     finally:
         for worker in workers:
             worker.terminate()
-        _delete_queue(redis_db, queue)
+        live_broker.forget(queue)
 
 
 @pytest.fixture(autouse=True)

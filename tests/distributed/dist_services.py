@@ -1,8 +1,6 @@
-"""Real services for the distributed tests: Redis, PostgreSQL, a cuttable TCP link, and
-``celery worker`` processes. Everything is on 127.0.0.1 and everything created is removed.
-
-When Redis or PostgreSQL cannot be reached the tests that need them are skipped with the
-reason, unless ``CI`` is set: then they fail, so CI never goes green by skipping them.
+"""The distributed tests' own helpers on top of tests/_services.py (which supplies
+PostgreSQL, Redis and RabbitMQ): a cuttable TCP link, and ``celery worker`` processes.
+Everything is on 127.0.0.1 and everything created is removed.
 """
 
 from __future__ import annotations
@@ -20,65 +18,33 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
 import redis
-from sqlalchemy import Engine, create_engine, text
+from _services import HOST, PG_PORT, REDIS_DBS, redis_url
+from _services import redis_client as _redis_client
 
-HOST = "127.0.0.1"
-PG_PORT = int(os.environ.get("STUDYQ_TEST_PG_PORT", "5432"))
-REDIS_PORT = int(os.environ.get("STUDYQ_TEST_REDIS_PORT", "6379"))
-REDIS_DB = 15
+__all__ = [
+    "BROKER_URL",
+    "HOST",
+    "PG_PORT",
+    "REDIS_DB",
+    "REPO",
+    "TcpLink",
+    "WorkerPair",
+    "WorkerProcess",
+    "redis_client",
+]
+
+REDIS_DB = REDIS_DBS["distributed"]
 """A Redis database of its own; the tests still only delete keys they created."""
-BROKER_URL = f"redis://{HOST}:{REDIS_PORT}/{REDIS_DB}"
-PG_ADMIN_URL = f"postgresql+psycopg://postgres@{HOST}:{PG_PORT}/postgres"
+BROKER_URL = redis_url(REDIS_DB)
+"""The Redis broker, for the tests that run on Redis only."""
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
 
 
-def unavailable(reason: str) -> None:
-    """Skip, or fail when ``CI`` is set."""
-    if os.environ.get("CI"):
-        pytest.fail(f"{reason} (CI is set, so these tests must run)")
-    pytest.skip(reason)
-
-
 def redis_client() -> redis.Redis:
     """A client on the test database, or skip/fail when Redis is down."""
-    client = redis.Redis(host=HOST, port=REDIS_PORT, db=REDIS_DB, socket_connect_timeout=3)
-    try:
-        client.ping()
-    except redis.RedisError as error:
-        unavailable(f"Redis at {HOST}:{REDIS_PORT} is not usable: {error}")
-    return client
-
-
-def _admin() -> Engine:
-    return create_engine(
-        PG_ADMIN_URL, isolation_level="AUTOCOMMIT", connect_args={"connect_timeout": 3}
-    )
-
-
-def create_pg_database(name: str) -> str:
-    """An empty database ``name`` (dropped first if a crashed run left it)."""
-    admin = _admin()
-    try:
-        with admin.connect() as connection:
-            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-            connection.execute(text(f'CREATE DATABASE "{name}"'))
-    except Exception as error:  # any failure to reach the server means "no PostgreSQL here"
-        unavailable(f"PostgreSQL at {HOST}:{PG_PORT} is not usable: {error}".splitlines()[0])
-    finally:
-        admin.dispose()
-    return f"postgresql+psycopg://postgres@{HOST}:{PG_PORT}/{name}"
-
-
-def drop_pg_database(name: str) -> None:
-    admin = _admin()
-    try:
-        with admin.connect() as connection:
-            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    finally:
-        admin.dispose()
+    return _redis_client(REDIS_DB)
 
 
 class TcpLink:
@@ -204,6 +170,7 @@ class WorkerProcess:
         queue: str,
         database_url: str,
         log_dir: Path,
+        broker_url: str = BROKER_URL,
         concurrency: int = 2,
         pool: str = "prefork",
         env: dict[str, str] | None = None,
@@ -214,7 +181,7 @@ class WorkerProcess:
         self.log_path = log_dir / f"{name}.log"
         environment = dict(os.environ)
         environment.update(
-            STUDYQ_BROKER_URL=BROKER_URL,
+            STUDYQ_BROKER_URL=broker_url,
             STUDYQ_DATABASE_URL=database_url,
             PYTHONPATH=os.pathsep.join([str(HERE), str(REPO)]),
             PYTHONUNBUFFERED="1",

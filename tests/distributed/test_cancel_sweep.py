@@ -1,4 +1,5 @@
-"""``studyq cancel`` on a real sweep: real ``celery worker``, real Redis, real PostgreSQL.
+"""``studyq cancel`` on a real sweep: real ``celery worker``, a real broker (Redis and
+RabbitMQ), real PostgreSQL.
 
 Given a worker with two slots and a sweep of slow runs submitted to it, cancelling while two
 runs execute leaves those two to finish (their results are recorded) and cancels the queued
@@ -14,7 +15,8 @@ import uuid
 from collections.abc import Iterator
 
 import pytest
-from dist_services import BROKER_URL, WorkerProcess, redis_client
+from _services import Broker
+from dist_services import WorkerProcess
 from test_celery_workers import wait_for
 
 from orchestrator.cli import main as studyq_main
@@ -30,21 +32,22 @@ HEARTBEAT_S = 0.2
 
 
 @pytest.fixture(scope="module")
-def cancel_queue() -> Iterator[str]:
+def cancel_queue(live_broker: Broker) -> Iterator[str]:
     name = f"studyq-cancel-{os.getpid()}-{uuid.uuid4().hex[:6]}"
     yield name
-    redis_client().delete(name, f"_kombu.binding.{name}", f"_kombu.binding_permanent.{name}")
+    live_broker.forget(name)
 
 
 @pytest.fixture(scope="module")
 def worker(
-    pg_url: str, cancel_queue: str, tmp_path_factory: pytest.TempPathFactory
+    pg_url: str, live_broker: Broker, cancel_queue: str, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[WorkerProcess]:
     """One prefork worker, two slots, heartbeating every 0.2 s."""
     process = WorkerProcess(
         f"cancel-{os.getpid()}",
         queue=cancel_queue,
         database_url=pg_url,
+        broker_url=live_broker.url,
         log_dir=tmp_path_factory.mktemp("cancel-logs"),
         env={
             "STUDYQ_HEARTBEAT_S": str(HEARTBEAT_S),
@@ -61,10 +64,10 @@ def worker(
 
 
 @pytest.fixture
-def settings(pg_url: str) -> Settings:
+def settings(pg_url: str, live_broker: Broker) -> Settings:
     return Settings(
         database_url=pg_url,
-        broker_url=BROKER_URL,
+        broker_url=live_broker.url,
         lease_s=2,
         heartbeat_s=HEARTBEAT_S,
         reconcile_interval_s=0.2,
@@ -139,7 +142,7 @@ def test_cancel_terminate_stops_the_executing_runs(
         executing = _running(store, study.study_id)
         # When `studyq cancel --terminate` runs
         monkeypatch.setenv("STUDYQ_DATABASE_URL", pg_url)
-        monkeypatch.setenv("STUDYQ_BROKER_URL", BROKER_URL)
+        monkeypatch.setenv("STUDYQ_BROKER_URL", str(settings.broker_url))
         stopped_at = time.monotonic()
         assert studyq_main(["cancel", study.study_id, "--terminate"]) == 0
         assert "4 runs cancelled (2 of them stopped while running)" in capsys.readouterr().out

@@ -1,5 +1,6 @@
-"""Real ``celery worker`` processes on real Redis and PostgreSQL: a sweep, duplicates, a
-pickled message, soft and hard time limits, and a warm shutdown."""
+"""Real ``celery worker`` processes on a real broker (Redis and RabbitMQ: the ``transport``
+of tests/conftest.py) and PostgreSQL: a sweep, duplicates, a pickled message, soft and hard
+time limits, and a warm shutdown."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from typing import Any
 
 import pytest
 import redis
+from _services import Broker
 from celery import Celery
 from dist_services import BROKER_URL, HOST, PG_PORT, REPO, WorkerPair, WorkerProcess
 from dist_studies import TEST_GRACE_S, make_sweep
@@ -103,15 +105,23 @@ class _Trap:
 
 
 def test_a_pickled_message_is_refused_and_the_worker_keeps_working(
-    worker_pair: WorkerPair, pg_store: ResultStore, publisher: StudyqCelery, tmp_path: Path
+    worker_pair: WorkerPair,
+    pg_store: ResultStore,
+    publisher: StudyqCelery,
+    tmp_path: Path,
+    live_broker: Broker,
 ):
     # Given a client that sends the run task a pickled message (what an attacker with
     # broker access would do)
     marker = tmp_path / "unpickled"
-    evil = Celery("evil", broker=BROKER_URL, set_as_current=False)
+    evil = Celery("evil", broker=live_broker.url, set_as_current=False)
     evil.conf.update(task_serializer="pickle", accept_content=["pickle"])
     with evil.producer_or_acquire() as producer:
-        evil.send_task(TASK_NAME, args=[_Trap(marker)], queue=worker_pair.queue, producer=producer)
+        # declare=[]: the workers declared the queue (on RabbitMQ with arguments this bare
+        # app would contradict); the message only has to arrive
+        evil.send_task(
+            TASK_NAME, args=[_Trap(marker)], queue=worker_pair.queue, producer=producer, declare=[]
+        )
     # When a worker receives it, and then a normal run
     study = make_sweep(pg_store, agents=["noop"])
     publish_runs(publisher, study.publishable(), queue=worker_pair.queue)
@@ -184,9 +194,11 @@ def test_a_worker_refuses_to_start_on_a_database_without_the_studyq_schema(redis
     assert "studyq db upgrade" in done.stderr
 
 
-def test_the_worker_command_prints_its_urls_with_passwords_masked(worker_pair: WorkerPair):
+def test_the_worker_command_prints_its_urls_with_passwords_masked(
+    worker_pair: WorkerPair, live_broker: Broker
+):
     banner = worker_pair.workers[1].log
-    assert "studyq worker: broker redis://127.0.0.1:6379/15" in banner
+    assert f"studyq worker: broker {live_broker.masked_url}" in banner
     assert "postgres:***@127.0.0.1" in banner
     assert "hunter2" not in banner
 
@@ -206,7 +218,7 @@ def test_a_warm_shutdown_hands_running_runs_back_and_requeues_their_messages(
     pg_store: ResultStore,
     publisher: StudyqCelery,
     queue: str,
-    redis_db: redis.Redis,
+    live_broker: Broker,
     tmp_path: Path,
 ):
     # Given a worker with a 1 s shutdown grace, executing a long run
@@ -214,6 +226,7 @@ def test_a_warm_shutdown_hands_running_runs_back_and_requeues_their_messages(
         f"warm-{pool}-{os.getpid()}",
         queue=queue,
         database_url=pg_url,
+        broker_url=live_broker.url,
         log_dir=tmp_path,
         concurrency=1,
         pool=pool,
@@ -238,4 +251,4 @@ def test_a_warm_shutdown_hands_running_runs_back_and_requeues_their_messages(
     assert run is not None
     assert (run.status, run.attempts_used, run.lease_owner) == ("queued", 0, None)
     assert [a.outcome for a in pg_store.iter_attempts(study.study_id)] == ["released"]
-    assert redis_db.llen(queue) == 1, worker.log[-3000:]
+    assert live_broker.waiting(queue) == 1, worker.log[-3000:]

@@ -69,6 +69,7 @@ def wait_for_refusals(pair: WorkerPair, count: int, timeout: float = 30.0) -> No
         time.sleep(0.1)
 
 
+@pytest.mark.redis_only("reads the dead letters of the Redis quarantine")
 def test_forged_messages_execute_nothing_and_change_no_row(
     worker_pair: WorkerPair,
     pg_store: ResultStore,

@@ -24,6 +24,7 @@ from workers.redis_clients import patch_redis_channel
 from workers.tasks import publish_runs
 
 
+@pytest.mark.redis_only("reads the message as Redis holds it")
 @pytest.mark.integration
 @pytest.mark.timeout(60)
 def test_publish_runs_puts_one_readable_json_message_per_run_on_the_queue(
@@ -55,6 +56,7 @@ def test_publish_runs_puts_one_readable_json_message_per_run_on_the_queue(
         assert envelope["properties"]["correlation_id"] == headers["id"]
 
 
+@pytest.mark.redis_only("compares envelopes as Redis holds them")
 @pytest.mark.integration
 @pytest.mark.timeout(60)
 def test_the_run_message_is_the_envelope_kombu_itself_would_store(
@@ -148,6 +150,7 @@ def test_the_worker_banner_masks_passwords():
     assert "redis://:***@redis:6379/0" in banner
 
 
+@pytest.mark.redis_only("waits on Redis' PUBSUB NUMPAT")
 @pytest.mark.integration
 @pytest.mark.timeout(60)
 def test_task_sent_events_reach_celery_event_receivers(
@@ -187,6 +190,7 @@ def test_task_sent_events_reach_celery_event_receivers(
         assert {"hostname", "timestamp", "clock", "pid", "utcoffset"} <= set(event)
 
 
+@pytest.mark.redis_only("kombu's Redis channel")
 @pytest.mark.integration
 def test_a_kombu_channel_keeps_one_sync_redis_client_until_its_pool_changes(
     publisher: StudyqCelery,

@@ -214,6 +214,7 @@ def test_an_unreadable_backlog_falls_back_to_publishing_stale_runs_and_says_so_o
     assert capsys.readouterr().err.count("broker backlog unknown") == 1
 
 
+@pytest.mark.redis_only("plants kombu's Redis structures")
 @pytest.mark.integration
 @pytest.mark.timeout(60)
 def test_the_backlog_counts_waiting_and_unacknowledged_messages_of_its_queue_only(

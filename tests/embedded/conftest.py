@@ -3,57 +3,31 @@
 * ``db_url``: a SQLite file in the test's own temporary directory, migrated up front so a
   test may poll it while a ``studyq run`` child writes to it.
 * ``store_url``: the same on SQLite and on a throwaway PostgreSQL database
-  ``studyq_test_<pid>_embedded`` (127.0.0.1:5432, migrated once per session, emptied around
-  each test, dropped at the end), the store tests' pattern. The PostgreSQL case is marked
-  ``integration``; it is skipped with the reason when PostgreSQL cannot be reached, unless
-  ``CI`` is set: then it fails.
+  ``studyq_test_<pid>_embedded`` (127.0.0.1:5432, from tests/_services.py; migrated once per
+  session, emptied around each test, dropped at the end), the store tests' pattern. The
+  PostgreSQL case is marked ``integration``; it is skipped with the reason when PostgreSQL
+  cannot be reached, unless ``CI`` is set: then it fails.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from sqlalchemy import create_engine, text
+from _services import ServiceSupplier
 
-from orchestrator.store import ResultStore, create_engine_for, upgrade
+from orchestrator.store import ResultStore, create_engine_for
 from orchestrator.store.models import Base
 
-PG_HOST = "127.0.0.1"
-PG_PORT = int(os.environ.get("STUDYQ_TEST_PG_PORT", "5432"))
-PG_ADMIN_URL = f"postgresql+psycopg://postgres@{PG_HOST}:{PG_PORT}/postgres"
 BACKENDS = ["sqlite", pytest.param("postgresql", marks=pytest.mark.integration)]
 
 
-def _pg_admin(statement: str) -> None:
-    engine = create_engine(
-        PG_ADMIN_URL, isolation_level="AUTOCOMMIT", connect_args={"connect_timeout": 3}
-    )
-    try:
-        with engine.connect() as connection:
-            connection.execute(text(statement))
-    finally:
-        engine.dispose()
-
-
 @pytest.fixture(scope="session")
-def pg_url() -> Iterator[str]:
+def pg_url(services: ServiceSupplier) -> Iterator[str]:
     """A migrated throwaway PostgreSQL database for this session's embedded tests."""
-    name = f"studyq_test_{os.getpid()}_embedded"
-    try:
-        _pg_admin(f'DROP DATABASE IF EXISTS "{name}"')
-        _pg_admin(f'CREATE DATABASE "{name}"')
-    except Exception as error:  # any failure to reach the server means "no PostgreSQL here"
-        reason = f"PostgreSQL at {PG_HOST}:{PG_PORT} is not usable: {error}".splitlines()[0]
-        if os.environ.get("CI"):
-            pytest.fail(f"{reason} (CI is set, so PostgreSQL tests must run)")
-        pytest.skip(reason)
-    url = f"postgresql+psycopg://postgres@{PG_HOST}:{PG_PORT}/{name}"
-    upgrade(url)
-    yield url
-    _pg_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with services.pg_database("embedded", migrate=True) as url:
+        yield url
 
 
 def _empty(url: str) -> None:

@@ -2,9 +2,12 @@
 
 * ``references``: the embedded ``run_study`` of each fault study, exported once per session.
 * ``pg_template``: a migrated database on the shared PostgreSQL, copied for each test.
-* ``make_bed``: a :class:`Bed` on given services (the shared ones by default, or a test's own
-  Redis / PostgreSQL), with a database and a queue of its own; its workers, store and Redis
-  keys are cleaned up when the test ends, whatever happened.
+* ``live_broker``: the broker of the test's ``transport`` (tests/conftest.py): Redis database 14
+  or the session's RabbitMQ vhost, from tests/_services.py.
+* ``make_bed``: a :class:`Bed` on given services (the shared PostgreSQL and the ``live_broker`` by
+  default, or a test's own Redis / PostgreSQL), with a database and a queue of its own; its
+  workers, store and broker keys are cleaned up when the test ends, whatever happened. Every
+  test on a bed runs on both transports, unless marked ``redis_only``.
 * ``own_redis`` / ``own_postgres``: private servers for the tests that restart them.
 
 Skipped with the reason when a service is missing, failed instead when ``CI`` is set.
@@ -14,54 +17,37 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import os
 import threading
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-import redis
+from _services import Broker, ServiceSupplier, Transport, pg_database, pg_name
 from fault_agents import CALLS_DIR_ENV
-from fault_bed import Bed, forget_queue
-from fault_services import (
-    SHARED_PG_PORT,
-    OwnPostgres,
-    OwnRedis,
-    Workers,
-    check_shared_pg,
-    pg_execute,
-    pg_url,
-    shared_broker_url,
-    shared_redis,
-)
+from fault_bed import Bed
+from fault_services import REDIS_DB, OwnPostgres, OwnRedis, Workers
 from fault_study import FAULT_SWEEP, Shape, run_reference
 
-from orchestrator.store import ResultStore, upgrade
+from orchestrator.store import ResultStore
 
 _databases = itertools.count(1)
 
 
 @pytest.fixture(scope="session")
-def pg_template() -> Iterator[str]:
+def live_broker(services: ServiceSupplier, transport: Transport) -> Broker:
+    return services.broker(transport, redis_db=REDIS_DB)
+
+
+@pytest.fixture(scope="session")
+def pg_template(services: ServiceSupplier) -> Iterator[str]:
     """A migrated database on the shared server, the template of every test's database."""
-    check_shared_pg()
-    name = f"studyq_faults_template_{os.getpid()}"
-    pg_execute(SHARED_PG_PORT, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)',
-               f'CREATE DATABASE "{name}"')  # fmt: skip
-    upgrade(pg_url(SHARED_PG_PORT, name))
-    yield name
-    pg_execute(SHARED_PG_PORT, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with services.pg_database("faults_template", migrate=True):
+        yield pg_name("faults_template")
 
 
-@contextlib.contextmanager
-def _database_from(template: str) -> Iterator[str]:
-    name = f"studyq_faults_{os.getpid()}_{next(_databases)}"
-    pg_execute(SHARED_PG_PORT, f'CREATE DATABASE "{name}" TEMPLATE "{template}"')
-    try:
-        yield pg_url(SHARED_PG_PORT, name)
-    finally:
-        pg_execute(SHARED_PG_PORT, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+def _database_from(template: str) -> contextlib.AbstractContextManager[str]:
+    return pg_database(f"faults_{next(_databases)}", template=template)
 
 
 @pytest.fixture(scope="session")
@@ -108,15 +94,18 @@ def own_postgres() -> Iterator[OwnPostgres]:
 
 @pytest.fixture
 def make_bed(
-    request: pytest.FixtureRequest, tmp_path: Path, references: Callable[[Shape], Path]
+    request: pytest.FixtureRequest,
+    tmp_path: Path,
+    references: Callable[[Shape], Path],
+    live_broker: Broker,
 ) -> Iterator[Callable[..., Bed]]:
     """``make_bed(database_url=None, broker_url=None, shape=FAULT_SWEEP)``: a test bed. A
     database of its own on the shared PostgreSQL unless ``database_url`` names one (a test's
-    own server), the shared Redis unless ``broker_url`` names one.
+    own server), the test's ``live_broker`` unless ``broker_url`` names a Redis (a test's own).
 
     Teardown, whatever happened: a coordinator thread still waiting is ended by cancelling
     the study, the workers are stopped, the store closed, then the database and the queue's
-    Redis keys are removed."""
+    broker keys are removed."""
     beds: list[Bed] = []
     with contextlib.ExitStack() as cleanups:
 
@@ -131,23 +120,22 @@ def make_bed(
             if database_url is None:
                 template = request.getfixturevalue("pg_template")
                 database_url = cleanups.enter_context(_database_from(template))
+            bed_broker = live_broker if broker_url is None else Broker.redis(broker_url)
             if broker_url is None:
-                client = shared_redis()
-                broker_url = shared_broker_url()
-                cleanups.callback(_quietly, forget_queue, client, queue)
+                cleanups.callback(live_broker.forget, queue)
             calls_dir = tmp_path / "calls"
             calls_dir.mkdir(exist_ok=True)
             workers = Workers(
                 queue=queue,
                 database_url=database_url,
-                broker_url=broker_url,
+                broker_url=bed_broker.url,
                 log_dir=tmp_path,
                 env={CALLS_DIR_ENV: str(calls_dir)},
             )
             bed = Bed(
                 shape=shape,
                 database_url=database_url,
-                broker_url=broker_url,
+                broker=bed_broker,
                 queue=queue,
                 tmp=tmp_path,
                 workers=workers,
@@ -172,12 +160,7 @@ def test_store(database_url: str) -> ResultStore:
     )
 
 
-def _quietly(function: Callable[..., object], *args: object) -> None:
-    with contextlib.suppress(redis.RedisError):
-        function(*args)
-
-
 @pytest.fixture
 def bed(make_bed: Callable[..., Bed]) -> Bed:
-    """A test bed of the standard fault study on the shared PostgreSQL and Redis."""
+    """A test bed of the standard fault study on the shared PostgreSQL and the broker."""
     return make_bed()

@@ -6,7 +6,6 @@ A :class:`Bed` is made by the ``make_bed`` fixture (conftest.py), which also cle
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import signal
 import threading
@@ -17,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import redis
+from _services import Broker
 from fault_agents import read_calls
 from fault_audit import Audit, audit
 from fault_services import Worker, Workers, wait_until
@@ -51,7 +50,7 @@ class Bed:
 
     shape: Shape
     database_url: str
-    broker_url: str
+    broker: Broker
     queue: str
     tmp: Path
     workers: Workers
@@ -63,6 +62,10 @@ class Bed:
     @property
     def study_id(self) -> str:
         return self.shape.study_id
+
+    @property
+    def broker_url(self) -> str:
+        return self.broker.url
 
     @property
     def settings(self) -> Settings:
@@ -123,16 +126,7 @@ class Bed:
 
     def broker_backlog(self) -> tuple[int, int]:
         """``(messages waiting in the queue, messages delivered but not acknowledged)``."""
-        client = redis.Redis.from_url(self.broker_url)
-        try:
-            waiting = sum(int(client.llen(key)) for key in client.scan_iter(match=f"{self.queue}*"))
-            unacked = 0
-            for _, raw in client.hscan_iter("unacked"):
-                with contextlib.suppress(ValueError, IndexError, TypeError):
-                    unacked += json.loads(raw)[2] == self.queue
-            return waiting, unacked
-        finally:
-            client.close()
+        return self.broker.backlog(self.queue)
 
     def counts(self) -> dict[str, int]:
         return self.store.count_by_status(self.study_id)
@@ -266,14 +260,3 @@ class Bed:
             for thread in self.threads:
                 thread.join(timeout=15)
         self.store.close()
-
-
-def forget_queue(client: redis.Redis, queue: str) -> None:
-    """Delete this queue's keys, and its messages' entries in the unacknowledged hash."""
-    for key in list(client.scan_iter(match=f"*{queue}*")):  # the queue, its bindings
-        client.delete(key)
-    for tag, raw in list(client.hscan_iter("unacked")):
-        with contextlib.suppress(ValueError, IndexError, TypeError):
-            if json.loads(raw)[2] == queue:
-                client.hdel("unacked", tag)
-                client.zrem("unacked_index", tag)

@@ -1,8 +1,8 @@
-"""Real services for the fault tests, all on 127.0.0.1, all removed afterwards.
+"""The fault tests' own services and processes, all on 127.0.0.1, all removed afterwards.
 
-* The machine's shared PostgreSQL (5432) and Redis (6379, database :data:`REDIS_DB`) serve the
-  tests that never restart a service; each test gets a database of its own (a copy of a
-  migrated template) and a queue of its own.
+* The machine's shared PostgreSQL, Redis (database :data:`REDIS_DB`) and RabbitMQ come from
+  tests/_services.py and serve the tests that never restart a service; each test gets a
+  database of its own (a copy of a migrated template) and a queue of its own.
 * :class:`OwnRedis` and :class:`OwnPostgres` are private servers on free ports, in directories
   made with ``mkdtemp``, for the tests that restart them.
 * :class:`Worker` is a real ``celery worker`` subprocess in a process group of its own, so a
@@ -31,14 +31,11 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TypeVar
 
-import pytest
+import _services
 import redis
-from sqlalchemy import Engine, create_engine, text
+from _services import HOST, unavailable
 
-HOST = "127.0.0.1"
-SHARED_PG_PORT = int(os.environ.get("STUDYQ_TEST_PG_PORT", "5432"))
-SHARED_REDIS_PORT = int(os.environ.get("STUDYQ_TEST_REDIS_PORT", "6379"))
-REDIS_DB = 14
+REDIS_DB = _services.REDIS_DBS["faults"]
 """The shared Redis database of the fault tests (the distributed tests use 15); every test
 also has a queue of its own and deletes only the keys it created."""
 _T = TypeVar("_T")
@@ -54,13 +51,6 @@ FAST_SETTINGS = {
     "STUDYQ_SHUTDOWN_GRACE_S": "1",
     "STUDYQ_RESULT_RETRY_S": "120",
 }
-
-
-def unavailable(reason: str) -> None:
-    """Skip, or fail when ``CI`` is set."""
-    if os.environ.get("CI"):
-        pytest.fail(f"{reason} (CI is set, so the fault tests must run)")
-    pytest.skip(reason)
 
 
 def free_port() -> int:
@@ -96,45 +86,21 @@ def _die_with_parent() -> None:
 
 def shared_redis() -> redis.Redis:
     """A client on the fault tests' database of the shared Redis, or skip/fail."""
-    client = redis.Redis(host=HOST, port=SHARED_REDIS_PORT, db=REDIS_DB, socket_connect_timeout=3)
-    try:
-        client.ping()
-    except redis.RedisError as error:
-        unavailable(f"Redis at {HOST}:{SHARED_REDIS_PORT} is not usable: {error}")
-    return client
+    return _services.redis_client(REDIS_DB)
 
 
 def shared_broker_url() -> str:
-    return f"redis://{HOST}:{SHARED_REDIS_PORT}/{REDIS_DB}"
+    return _services.redis_url(REDIS_DB)
 
 
 def pg_url(port: int, database: str, host: str = HOST) -> str:
-    return f"postgresql+psycopg://postgres@{host}:{port}/{database}"
-
-
-def pg_admin(port: int) -> Engine:
-    return create_engine(
-        pg_url(port, "postgres"),
-        isolation_level="AUTOCOMMIT",
-        connect_args={"connect_timeout": 3},
-    )
+    return _services.pg_url(database, port=port, host=host)
 
 
 def pg_execute(port: int, *statements: str) -> None:
-    engine = pg_admin(port)
-    try:
-        with engine.connect() as connection:
-            for statement in statements:
-                connection.execute(text(statement))
-    finally:
-        engine.dispose()
-
-
-def check_shared_pg() -> None:
-    try:
-        pg_execute(SHARED_PG_PORT, "SELECT 1")
-    except Exception as error:  # any failure to reach the server means "no PostgreSQL here"
-        unavailable(f"PostgreSQL at {HOST}:{SHARED_PG_PORT} is not usable: {error}".splitlines()[0])
+    """Statements as the superuser on the server at ``port`` (the shared one, or a test's
+    own :class:`OwnPostgres`)."""
+    _services.pg_execute(*statements, port=port)
 
 
 # -- a Redis of the test's own --------------------------------------------------------------

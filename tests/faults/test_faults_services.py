@@ -46,6 +46,7 @@ def finish(bed: Bed, coordinator: dict, timeout: float) -> list[str]:
     return problems
 
 
+@pytest.mark.redis_only("restarts a Redis of its own")
 @pytest.mark.timeout(120)
 def test_a_redis_restart_mid_sweep_loses_messages_the_coordinator_publishes_again(
     own_redis: OwnRedis, make_bed

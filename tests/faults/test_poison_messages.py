@@ -48,6 +48,7 @@ def publish_with_poison(bed: Bed, client: redis.Redis, hostile: list[Hostile]) -
     assert not pending
 
 
+@pytest.mark.redis_only("plants raw messages in Redis and reads the Redis quarantine")
 @pytest.mark.timeout(240)
 def test_poison_messages_are_quarantined_and_the_sweep_is_unharmed(
     bed: Bed, capsys: pytest.CaptureFixture[str]

@@ -11,8 +11,9 @@
 * :class:`FlowerProcess`: ``studyq flower`` with basic auth, and its JSON API.
 * :func:`postgres_dump` / :func:`redis_dump`: every stored value, as text to search.
 
-The PostgreSQL and worker helpers come from ``tests/distributed/dist_services.py``. Every
-process is started here and signalled only by the id recorded here.
+The shared PostgreSQL comes from tests/_services.py, the worker helpers from
+``tests/distributed/dist_services.py``. Every process is started here and signalled only by
+the id recorded here.
 """
 
 from __future__ import annotations
@@ -38,8 +39,8 @@ from pathlib import Path
 from typing import Any
 
 import redis
-from dist_services import HOST, PG_ADMIN_URL, PG_PORT, REPO, unavailable
-from sqlalchemy import create_engine, text
+from _services import HOST, PG_PORT, pg_execute, unavailable
+from dist_services import REPO
 
 CANARY_PREFIX = "CanaryS3cret-"
 MASK = "***"
@@ -174,18 +175,6 @@ class CanaryRedis:
 # -- a PostgreSQL database owned by a role with the canary as its password -----------------
 
 
-def _admin_execute(*statements: str) -> None:
-    engine = create_engine(
-        PG_ADMIN_URL, isolation_level="AUTOCOMMIT", connect_args={"connect_timeout": 3}
-    )
-    try:
-        with engine.connect() as connection:
-            for statement in statements:
-                connection.execute(text(statement))
-    finally:
-        engine.dispose()
-
-
 class CanaryDatabase:
     """Database ``studyq_canary_<pid>`` owned by login role ``studyq_canary_<pid>``, whose
     password is the canary; both are dropped by :meth:`close`."""
@@ -195,7 +184,7 @@ class CanaryDatabase:
         self.name = self.role = f"studyq_canary_{os.getpid()}"
         try:
             self._drop()  # what a crashed run may have left
-            _admin_execute(
+            pg_execute(
                 f"CREATE ROLE \"{self.role}\" LOGIN PASSWORD '{password}'",
                 f'CREATE DATABASE "{self.name}" OWNER "{self.role}"',
             )
@@ -211,7 +200,7 @@ class CanaryDatabase:
         return f"://{self.role}:{MASK}@{HOST}:{PG_PORT}/{self.name}"
 
     def _drop(self) -> None:
-        _admin_execute(
+        pg_execute(
             f'DROP DATABASE IF EXISTS "{self.name}" WITH (FORCE)',
             f'DROP ROLE IF EXISTS "{self.role}"',
         )

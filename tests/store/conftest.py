@@ -2,22 +2,22 @@
 
 ``store`` is parametrized over both backends (optuna's StorageSupplier pattern). SQLite gets a
 fresh file per test, copied from a template migrated once. PostgreSQL gets a throwaway
-database ``studyq_test_<pid>`` on 127.0.0.1:5432, created and migrated once per session,
-emptied before and after every test, and dropped at the end. When PostgreSQL cannot be
-reached the PostgreSQL cases are skipped with the reason, unless ``CI`` is set: then they fail
-(dramatiq's conftest does the same), so CI can never go green by silently skipping them.
+database ``studyq_test_<pid>_store`` on 127.0.0.1:5432 (from tests/_services.py), created and
+migrated once per session, emptied before and after every test, and dropped at the end. When
+PostgreSQL cannot be reached the PostgreSQL cases are skipped with the reason, unless ``CI``
+is set: then they fail (dramatiq's conftest does the same), so CI can never go green by
+silently skipping them.
 """
 
 from __future__ import annotations
 
-import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from _services import ServiceSupplier
 from sqlalchemy import Engine
-from store_pg import create_pg_database, drop_pg_database, drop_stale_pg_databases
 
 from orchestrator.store import ResultStore, create_engine_for, upgrade
 from orchestrator.store.models import Base
@@ -26,14 +26,10 @@ BACKENDS = ["sqlite", pytest.param("postgresql", marks=pytest.mark.integration)]
 
 
 @pytest.fixture(scope="session")
-def pg_url() -> Iterator[str]:
+def pg_url(services: ServiceSupplier) -> Iterator[str]:
     """A migrated throwaway PostgreSQL database for this test session."""
-    name = f"studyq_test_{os.getpid()}"
-    url = create_pg_database(name)
-    drop_stale_pg_databases()
-    upgrade(url)
-    yield url
-    drop_pg_database(name)
+    with services.pg_database("store", migrate=True) as url:
+        yield url
 
 
 @pytest.fixture(scope="session")
