@@ -1365,6 +1365,8 @@ def side_by_side(s: dict[str, Series], sizes: Sizes, only: set[str], kinds: tupl
         header.append(f"{LABELS[kinds[1]]} / {LABELS[kinds[0]]}")
     lines = [_row(*header), _row(*["---"] * len(header))]
     for label, key, fmt, goal, crossed in rows:
+        if not any(key in per[kind] for kind in kinds):
+            continue  # not measured in this run (e.g. a run saved before the row existed)
         cells = [cell(kind, key, fmt, goal) for kind in kinds]
         if both:
             cells.append(cross(key) if crossed else "")
