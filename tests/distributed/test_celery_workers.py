@@ -19,11 +19,11 @@ from _services import Broker
 from celery import Celery
 from dist_services import BROKER_URL, HOST, PG_PORT, REPO, WorkerPair, WorkerProcess
 from dist_studies import TEST_GRACE_S, make_sweep
+from publishing import publish_runs
 
+from orchestrator.contracts.wire import TASK_NAME
 from orchestrator.store import ResultStore
 from workers.app import StudyqCelery
-from workers.messages import TASK_NAME
-from workers.tasks import publish_runs
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(90)]
 

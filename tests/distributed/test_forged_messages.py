@@ -14,13 +14,13 @@ import pytest
 import redis
 from dist_services import WorkerPair
 from dist_studies import Sweep, make_sweep
+from publishing import publish_runs
 from test_celery_workers import finished, wait_for
 
 from orchestrator.contracts.deadletters import DeadLetter, dead_letter_key
 from orchestrator.contracts.runspec import RunSpec
 from orchestrator.store import ResultStore
 from workers.app import StudyqCelery
-from workers.tasks import publish_runs
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(90)]
 

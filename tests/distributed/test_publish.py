@@ -13,15 +13,17 @@ from typing import Any
 import pytest
 import redis
 from dist_studies import make_sweep, worker_settings
+from publishing import publish_runs
 
-from orchestrator.cli import build_parser, worker_commands
+from orchestrator.cli import build_parser
 from orchestrator.contracts.errors import StudyError
 from orchestrator.contracts.runspec import RunSpec
+from orchestrator.contracts.wire import TASK_NAME
+from orchestrator.executors.celery.messages import DeliveryTags, MessageBuilder
 from orchestrator.store import ResultStore
+from workers import serve
 from workers.app import StudyqCelery, create_app
-from workers.messages import TASK_NAME, DeliveryTags, MessageBuilder
 from workers.redis_clients import patch_redis_channel
-from workers.tasks import publish_runs
 
 
 @pytest.mark.redis_only("reads the message as Redis holds it")
@@ -144,7 +146,7 @@ def test_the_worker_banner_masks_passwords():
     settings = worker_settings(
         "postgresql://studyq:s3cret@db.example/studyq", broker_url="redis://:t0ken@redis:6379/0"
     )
-    banner = worker_commands.describe(settings, pool="prefork", concurrency=2, queues=["studyq"])
+    banner = serve.describe(settings, pool="prefork", concurrency=2, queues=["studyq"])
     assert "s3cret" not in banner and "t0ken" not in banner
     assert "postgresql://studyq:***@db.example/studyq" in banner
     assert "redis://:***@redis:6379/0" in banner

@@ -13,7 +13,7 @@ from typing import Any
 
 from orchestrator.contracts.deadletters import Reason
 from orchestrator.contracts.runspec import RunSpec
-from workers.messages import MessageBuilder
+from orchestrator.executors.celery.messages import MessageBuilder
 
 LARGE_BYTES = 1024 * 1024 + 4096
 """Just over the default STUDYQ_MAX_MESSAGE_BYTES (1 MiB)."""

@@ -20,19 +20,20 @@ from fault_study import FAULT_SWEEP, prepared
 from kombu import Connection, Consumer, Exchange, Queue
 from kombu.exceptions import ContentDisallowed
 from poison_catalogue import LARGE_BYTES, Hostile, genuine, hostile_messages
+from publishing import publish_runs
 
 from orchestrator.contracts.deadletters import RAW_LIMIT, DeadLetter, Reason, dead_letter_key
 from orchestrator.contracts.errors import StudyError
 from orchestrator.contracts.runspec import RunSpec
 from orchestrator.contracts.settings import Settings
+from orchestrator.contracts.wire import TASK_NAME
 from workers import quarantine as quarantine_module
 from workers.app import create_app
 from workers.consumer import StudyqConsumer
-from workers.messages import TASK_NAME
 from workers.poison import Poison, inspect_envelope
 from workers.quarantine import KOMBU_CHECKED, TRANSPORT, kombu_drift, quarantine
 from workers.runtask import InvalidRunMessage, parse_delivery
-from workers.tasks import _run_arguments, publish_runs
+from workers.tasks import _run_arguments
 
 MAX_BYTES = Settings().max_message_bytes
 QUEUE = "studyq-poison-unit"

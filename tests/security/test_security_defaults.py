@@ -36,12 +36,12 @@ from orchestrator.contracts.errors import SettingsError
 from orchestrator.contracts.results import ErrorKind, RunStatus
 from orchestrator.contracts.runspec import RunSpec
 from orchestrator.contracts.settings import Settings, load_settings
+from orchestrator.contracts.wire import CONTENT_TYPE
 from orchestrator.store import mask_url
 from orchestrator.store.records import StudyInfo
 from workers.app import create_app
 from workers.config import load_worker_settings
 from workers.execution import execute_run
-from workers.messages import CONTENT_TYPE
 from workers.runtime import StudyContext
 
 SECRET_ENV = (
