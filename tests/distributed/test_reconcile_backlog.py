@@ -21,7 +21,7 @@ from dist_services import BROKER_URL
 from dist_studies import make_sweep
 from sqlalchemy import update
 
-from orchestrator import distributed
+from orchestrator import distributed, reconcile
 from orchestrator.contracts.errors import BrokerUnavailableError
 from orchestrator.contracts.runspec import RunSpec
 from orchestrator.contracts.settings import Settings
@@ -120,7 +120,7 @@ def test_stale_queued_runs_are_looked_for_only_when_the_broker_holds_too_few_mes
     reads: int,
 ):
     broker.backlog = list(backlog)
-    timeout = distributed._stale_queued_timeout(
+    timeout = reconcile.stale_queued_timeout(
         Counts(queued),  # type: ignore[arg-type]
         FakeTransport(broker),
         "study",
@@ -135,7 +135,7 @@ def test_stale_queued_runs_are_looked_for_only_when_the_broker_holds_too_few_mes
 def test_an_unreadable_backlog_is_reported_to_the_caller(broker: FakeBroker):
     broker.backlog = [BrokerUnavailableError("down")]
     with pytest.raises(BrokerUnavailableError, match="down"):
-        distributed._stale_queued_timeout(
+        reconcile.stale_queued_timeout(
             Counts(3),  # type: ignore[arg-type]
             FakeTransport(broker),
             "study",

@@ -1,4 +1,4 @@
-"""``submit``'s page prefetch (``orchestrator.distributed._pages_ahead``): pages come in
+"""``submit``'s page prefetch (``orchestrator.reconcile._pages_ahead``): pages come in
 order, a fetch error reaches the caller, and a caller that stops early never hangs."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import threading
 import pytest
 
 from orchestrator.contracts.errors import StoreUnavailableError
-from orchestrator.distributed import _pages_ahead
+from orchestrator.reconcile import _pages_ahead
 
 pytestmark = pytest.mark.timeout(20)
 

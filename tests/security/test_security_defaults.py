@@ -205,15 +205,15 @@ def test_wait_accepts_a_rediss_broker(tmp_path: Path, capsys: pytest.CaptureFixt
 
 
 @pytest.mark.parametrize("command", ["submit", "wait"])
-def test_brokers_that_are_not_redis_are_refused(
+def test_brokers_that_are_neither_redis_nor_rabbitmq_are_refused(
     command: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     target = _study_file(tmp_path) if command == "submit" else "nope"
     db = f"sqlite:///{tmp_path / 'studyq.db'}"
-    broker = "amqp://guest:hunter2@127.0.0.1:5672//"
+    broker = "kafka://guest:hunter2@127.0.0.1:9092/"
     assert main([command, target, "--db", db, "--broker", broker]) == EXIT_USAGE
     err = capsys.readouterr().err
-    assert "must start with redis:// or rediss://" in err
+    assert "'kafka://', which studyq does not support" in err and "amqp://" in err
     assert "hunter2" not in err
 
 

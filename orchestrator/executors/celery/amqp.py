@@ -7,11 +7,14 @@ a page are sent, then the broker's acknowledgements are awaited, so a published 
 majority of the queue's replicas, on disk, when ``publish`` returns; a refused (nacked)
 message fails the call.
 
-The backlog is the ``message_count`` a passive ``queue.declare`` returns, the messages ready
-for delivery: AMQP has no management-free way to read the unacknowledged ones, so a message
-a worker holds and has not claimed yet is not counted (at most one per worker slot with
-``worker_prefetch_multiplier=1``). Reconcile may then publish such a run once more after
-``queued_timeout_s``; its claim refuses the duplicate.
+The backlog comes from a passive ``queue.declare``: its ``message_count`` (the messages
+ready for delivery) and ``consumer_count``. AMQP has no management-free way to read the
+unacknowledged messages; those of runs executing do not matter (their runs are not queued),
+but a message just delivered whose run is not claimed yet does, for a moment: while the
+queue still holds messages, one such delivery per consumer is counted as held, so a run on
+its way to a worker is not taken for lost. Once the queue is empty, nothing is added: a
+queued run without a message is then published again after ``queued_timeout_s`` (at worst
+a duplicate, which its claim refuses).
 
 Dead letters are the classic durable queue ``studyq.dead.<queue>``, bounded by
 ``x-max-length`` with ``drop-head`` (the oldest go first, as the Redis list is trimmed).
@@ -149,10 +152,12 @@ class RabbitBroker(BrokerDriver):
         return published
 
     def backlog(self, queue: str, *, delivered_within_s: float | None) -> int:
-        """The messages ready in ``queue`` (a passive declare; 0 if it does not exist yet)."""
+        """The messages ready in ``queue``, plus one per consumer while any are ready (see
+        the module's docstring); 0 if the queue does not exist yet."""
         with self.app.connection_for_read() as connection:
             connection.ensure_connection(max_retries=1, timeout=5)
-            return self._message_count(connection, queue)
+            ready, consumers = self._counts(connection, queue)
+            return ready + consumers if ready else 0
 
     def dead_letters(self, queue: str, *, limit: int | None) -> list[DeadLetter]:
         name = dead_letter_key(queue)
@@ -190,18 +195,22 @@ class RabbitBroker(BrokerDriver):
             finally:
                 channel.close()
 
+    @classmethod
+    def _message_count(cls, connection: Any, queue: str) -> int:
+        return cls._counts(connection, queue)[0]
+
     @staticmethod
-    def _message_count(connection: Any, queue: str) -> int:
-        """``queue``'s ready messages, 0 when it does not exist (on a channel of its own: a
-        passive declare of a missing queue closes the channel)."""
+    def _counts(connection: Any, queue: str) -> tuple[int, int]:
+        """``queue``'s ready messages and consumers, (0, 0) when it does not exist (on a
+        channel of its own: a passive declare of a missing queue closes the channel)."""
         from amqp.exceptions import NotFound
 
         channel = connection.channel()
         try:
-            _, count, _ = channel.queue_declare(queue=queue, passive=True)
-            return int(count)
+            _, count, consumers = channel.queue_declare(queue=queue, passive=True)
+            return int(count), int(consumers)
         except NotFound:
-            return 0
+            return 0, 0
         finally:
             if channel.is_open:
                 channel.close()
