@@ -3,13 +3,15 @@
 The coordinator never runs a run and never holds results: it registers the plan, marks runs
 queued in the store *before* publishing them (so a message always names a run a worker may
 claim, and a crash between the two leaves queued rows that reconcile re-publishes), publishes
-through the Celery transport in batches over one connection, and then watches the store. Every
+through the study's broker (:mod:`orchestrator.executors.transport`) in batches over one
+connection, and then watches the store (:mod:`orchestrator.reconcile`). Every
 state change is a guarded transition in the store, so two coordinators on one study never
 publish a run twice: only the one whose ``planned -> queued`` update won publishes it.
 
 A queued run nobody claimed for ``queued_timeout_s`` is published again only when the broker
 holds fewer messages for the study's queue than the study has queued runs (see
-:func:`_stale_queued_timeout`): a run waiting behind a long backlog has not lost its message.
+:func:`orchestrator.reconcile.stale_queued_timeout`): a run waiting behind a long backlog
+has not lost its message.
 """
 
 from __future__ import annotations
