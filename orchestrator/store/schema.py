@@ -22,6 +22,7 @@ from sqlalchemy import Engine, text
 from sqlalchemy.engine import URL, Connection
 
 from orchestrator.contracts.errors import StoreError
+from orchestrator.store.columns import FINISH_COLUMNS
 from orchestrator.store.engine import create_engine_for, mask_url, transaction
 
 __all__ = [
@@ -91,8 +92,23 @@ def _grant_roles(connection: Connection) -> None:
     if connection.dialect.name != "postgresql":
         return
     grants = connection.execute(text("SELECT to_regprocedure('public.studyq_grant_roles()')"))
-    if grants.scalar() is not None:
-        connection.execute(text("SELECT public.studyq_grant_roles()"))
+    if grants.scalar() is None:
+        return
+    connection.execute(text("SELECT public.studyq_grant_roles()"))
+    # The result columns a worker writes are declared once (store/columns.py); a column added
+    # after revision 0003 is granted here, so its migration need not replace the function.
+    named = connection.execute(text("SELECT to_regprocedure('public.studyq_role_name(text)')"))
+    if named.scalar() is None:
+        return
+    grant = connection.execute(
+        text(
+            "SELECT format('GRANT UPDATE (%s) ON runs TO %I', "
+            "array_to_string(ARRAY(SELECT quote_ident(c) FROM unnest(CAST(:columns AS text[])) c),"
+            " ', '), public.studyq_role_name('worker'))"
+        ),
+        {"columns": list(FINISH_COLUMNS)},
+    ).scalar()
+    connection.execute(text(str(grant)))
 
 
 def _current(connection: Connection) -> str | None:
