@@ -24,7 +24,7 @@ import pytest
 import redis
 from cli_support import _no_studyq_environment, one_clear_line, run_main  # noqa: F401
 
-from orchestrator.cli import EXIT_OK, EXIT_USAGE, main
+from orchestrator.cli import EXIT_CONNECT, EXIT_OK, EXIT_USAGE, main
 from orchestrator.store import ResultStore
 
 HOST = "127.0.0.1"
@@ -115,14 +115,14 @@ def upgraded_db(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> str:
 
 
 @pytest.mark.parametrize(
-    "broker", ["http://127.0.0.1:8080/", "amqp://guest:hunter2@127.0.0.1:5672//", "127.0.0.1:6379"]
+    "broker", ["http://127.0.0.1:8080/", "kafka://guest:hunter2@127.0.0.1:9092/", "127.0.0.1:6379"]
 )
 def test_check_names_the_broker_schemes_it_supports(
     broker: str, upgraded_db: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     code, out, err = run_main(["check", "--db", upgraded_db, "--broker", broker], capsys)
     assert code == EXIT_USAGE, out + err
-    line = one_clear_line(err, "not support", "redis://", "rediss://", "--broker")
+    line = one_clear_line(err, "not support", "redis://", "amqp://", "--broker")
     assert "KeyError" not in line and "UNREACHABLE" not in line
     assert "hunter2" not in out + err
 
@@ -256,3 +256,55 @@ def test_a_database_url_studyq_cannot_use_is_a_usage_error_everywhere(
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "Traceback" not in err
     assert "Unsupported database backend" in err or "Cannot parse database URL" in err
+
+
+RABBITMQ = "127.0.0.1:5672"
+
+
+@pytest.fixture
+def rabbitmq_up() -> None:
+    import socket
+
+    try:
+        socket.create_connection(("127.0.0.1", 5672), timeout=1).close()
+    except OSError:
+        if os.environ.get("CI"):
+            raise
+        pytest.skip("RabbitMQ is not running on 127.0.0.1:5672")
+
+
+def test_check_says_rabbitmq_refused_the_password(
+    rabbitmq_up: None, upgraded_db: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    broker = f"amqp://guest:wrong-password-xyz@{RABBITMQ}//"
+    code, out, err = run_main(["check", "--db", upgraded_db, "--broker", broker], capsys)
+    assert code == EXIT_USAGE, out + err
+    line = one_clear_line(
+        err, "authentication failed", "amqp://USER:PASSWORD@", "STUDYQ_BROKER_URL"
+    )
+    assert "unreachable" not in line.lower()
+    assert "wrong-password-xyz" not in out + err
+
+
+def test_submit_to_a_refusing_rabbitmq_registers_nothing(
+    rabbitmq_up: None, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    store = tmp_path / "submit.db"
+    broker = f"amqp://guest:wrong-password-xyz@{RABBITMQ}//"
+    code, out, err = run_main(
+        ["submit", str(_study_file(tmp_path)), "--db", f"sqlite:///{store}", "--broker", broker],
+        capsys,
+    )
+    assert code == EXIT_USAGE, out + err
+    one_clear_line(err, "authentication failed", "nothing was registered")
+    assert "wrong-password-xyz" not in out + err
+    assert not store.exists()
+
+
+def test_check_says_when_nothing_listens_for_amqp(
+    upgraded_db: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    broker = "amqp://guest:guest@127.0.0.1:1//"
+    code, out, err = run_main(["check", "--db", upgraded_db, "--broker", broker], capsys)
+    assert code == EXIT_CONNECT, out + err
+    one_clear_line(err, "UNREACHABLE", "start RabbitMQ")
