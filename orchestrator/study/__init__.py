@@ -13,13 +13,14 @@ Reading order, as a study flows through it::
     plan         conditions x agents x problems x replicates -> ``RunSpec`` s, ids and seeds
 
 Nothing here touches the store, a broker or a worker: a plan is a pure function of the file.
-``from orchestrator.study import Study`` is the public path of the model.
+``from orchestrator.study import Study, load_study`` is the public path of the model (it was
+the module ``orchestrator/study.py`` before this package).
 """
 
 from orchestrator.study.analysis import AnalysisPlan, Hypothesis, OutcomeSpec
 from orchestrator.study.design_spec import DesignKind, DesignSpec, RunBudget, SeedPolicy
 from orchestrator.study.factors import Block, Constraint, Factor, FactorKind, Level
-from orchestrator.study.model import SCHEMA_VERSION, Study
+from orchestrator.study.model import SCHEMA_VERSION, Study, load_study, parse_study
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -36,4 +37,6 @@ __all__ = [
     "RunBudget",
     "SeedPolicy",
     "Study",
+    "load_study",
+    "parse_study",
 ]
