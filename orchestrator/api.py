@@ -7,10 +7,12 @@ runs from the store. The CLI is a thin shell over these functions.
 
 from __future__ import annotations
 
+import multiprocessing
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from orchestrator.contracts.errors import StudyError
 from orchestrator.contracts.settings import load_settings
 from orchestrator.embedded import StudyRun, SweepOptions, run_embedded
 from orchestrator.export import ExportReport, export_artifacts
@@ -48,7 +50,11 @@ def run_study(
     or pass ``threads=True`` / ``jobs=1``. ``resume=False`` refuses a study that already has
     results instead of silently re-running them. Each keyword is the
     :class:`~orchestrator.embedded.SweepOptions` field of its name.
+
+    Raises :class:`StudyError` when called from a process-pool child that is re-importing the
+    calling script (a module-level call without the ``__main__`` guard).
     """
+    _refuse_reimported_main()
     options = SweepOptions(
         jobs=jobs or parallelism,
         pool="thread" if threads else "process",
@@ -67,6 +73,27 @@ def run_study(
         condition_runner=condition_runner,
     )
     return run_embedded(study, options)
+
+
+def _refuse_reimported_main() -> None:
+    """Refuse to run while a multiprocessing child is importing the main module.
+
+    A spawn or forkserver child (the process pool starts its workers with forkserver) imports
+    the parent's main script before it unpickles its work; a module-level ``run_study`` would
+    then run the whole study again in every worker. During that import, and only then, the
+    standard library marks the process ``_inheriting`` (``multiprocessing.spawn._main``, and
+    the forkserver when it preloads ``__main__``); it is the flag ``spawn`` itself checks
+    before refusing to start processes from a child that is still bootstrapping. Forked
+    children (Celery's prefork pool, ``fork``) never re-import ``__main__`` and never set it.
+    """
+    process = multiprocessing.current_process()
+    if bool(getattr(process, "_inheriting", False)):
+        raise StudyError(
+            f"run_study was called while process {process.name} (pid {process.pid}) was "
+            "importing the main script as a multiprocessing child: the script calls run_study "
+            "at module level, so every process-pool worker would run the study again; put the "
+            'call under `if __name__ == "__main__":`.'
+        )
 
 
 def resume_study(study: Study | str | Path, **options: Any) -> StudyRun:
