@@ -437,8 +437,17 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _flower(args: argparse.Namespace) -> int:
+    import importlib.util
+
     from orchestrator.store import mask_url
 
+    if importlib.util.find_spec("flower") is None:  # celery would say "No such command"
+        print(
+            "studyq flower: the flower package is not installed. "
+            "Fix: pip install 'studyq[flower]'.",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
     settings = load_settings()
     broker_url = secure_broker_url(args.broker) if args.broker else settings.broker_url
     if not broker_url:

@@ -16,6 +16,7 @@ busy timeout does not cover.
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import re
@@ -29,7 +30,12 @@ from sqlalchemy import Engine, create_engine, event, exc
 from sqlalchemy.engine import URL, Connection, make_url
 from sqlalchemy.pool import StaticPool
 
-from orchestrator.contracts.errors import StoreError, StoreUnavailableError, StoreURLError
+from orchestrator.contracts.errors import (
+    SettingsError,
+    StoreError,
+    StoreUnavailableError,
+    StoreURLError,
+)
 
 __all__ = [
     "DEFAULT_URL",
@@ -214,6 +220,7 @@ def create_engine_for(url: str | URL = DEFAULT_URL, **kwargs: Any) -> Engine:
 
     Raises:
         StoreError: the URL is unsupported.
+        SettingsError: the URL is PostgreSQL and its driver is not installed.
     """
     parsed = normalize_url(url)
     options: dict[str, Any] = {"json_serializer": json_dumps}
@@ -226,10 +233,32 @@ def create_engine_for(url: str | URL = DEFAULT_URL, **kwargs: Any) -> Engine:
         engine = create_engine(parsed, **options)
         _configure_sqlite(engine)
         return engine
+    _require_driver(parsed, url)
     options["pool_pre_ping"] = True
     options["json_deserializer"] = _json_loads
     options.update(kwargs)
     return create_engine(parsed, **options)
+
+
+_POSTGRES_DRIVERS = {
+    "psycopg": "pip install 'studyq[postgres]'",
+    "psycopg2": "pip install psycopg2-binary, or drop +psycopg2 from the URL and "
+    "pip install 'studyq[postgres]'",
+}
+
+
+def _require_driver(parsed: URL, url: str | URL) -> None:
+    """Fail with one line naming the extra when the PostgreSQL driver is not installed, before
+    SQLAlchemy's import of it ends in a traceback (the embedded install has no driver: SQLite
+    needs none)."""
+    driver = parsed.get_driver_name()
+    try:
+        importlib.import_module(driver)
+    except ImportError:
+        raise SettingsError(
+            f"studyq: {mask_url(url)} needs the PostgreSQL driver {driver!r}, which is not "
+            f"installed. Fix: {_POSTGRES_DRIVERS.get(driver, 'pip install ' + driver)}."
+        ) from None
 
 
 _decode_json = json.JSONDecoder().decode
