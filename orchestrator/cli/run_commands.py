@@ -109,8 +109,14 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _run_embedded(args: argparse.Namespace) -> int:
+    from orchestrator.cli.study_commands import check_bindings
     from orchestrator.embedded import run_embedded
+    from orchestrator.study.plan import prepare
 
+    # Runs resolve their ids on this machine: a binding that cannot resolve here would fail
+    # every run, so refuse it up front (exit 2, nothing registered). `submit` does not check:
+    # its workers may have other code installed.
+    check_bindings(prepare(args.study, max_bytes=load_settings().max_study_bytes))
     outcome = run_embedded(
         args.study,
         jobs=args.jobs,

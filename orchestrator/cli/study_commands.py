@@ -12,22 +12,32 @@ from typing import IO, Any
 
 from orchestrator.cli import EXIT_OK, add_command, positive_int
 from orchestrator.contracts.canonical import to_jsonable
+from orchestrator.contracts.errors import StudyValidationError
 from orchestrator.contracts.runspec import RunSpec
+from orchestrator.contracts.settings import load_settings
 from orchestrator.study.model import Study
 from orchestrator.study.plan import DISPATCH_ORDERS, PlanRow, PreparedStudy, iter_plan_rows, prepare
 
-__all__ = ["register"]
+__all__ = ["check_bindings", "register"]
 
 
 def register(subparsers: Any) -> None:
     parser = add_command(
         subparsers,
         "validate",
-        help="Check a study file and report every problem at once (exit 2 on any).",
+        help="Check a study file and report every problem at once (exit 2 on any), "
+        "including every agent, problem and runner it names that does not resolve here.",
         example="studyq validate study.yaml",
         handler=_validate,
     )
     parser.add_argument("study", help="study file (.yaml, .yml or .json)")
+    parser.add_argument(
+        "--no-resolve",
+        dest="resolve",
+        action="store_false",
+        help="check the file only, without importing the study's agents, problems and runner "
+        "(for a coordinator that only submits to workers that have other code installed)",
+    )
 
     parser = add_command(
         subparsers,
@@ -65,6 +75,8 @@ def register(subparsers: Any) -> None:
 
 def _validate(args: argparse.Namespace) -> int:
     prepared = prepare(args.study)
+    if args.resolve:
+        check_bindings(prepared)
     study, summary = prepared.study, prepared.summary
     print(f"{args.study}: valid")
     print(f"  study      {study.study_id} - {study.title}")
@@ -74,6 +86,19 @@ def _validate(args: argparse.Namespace) -> int:
     )
     print(f"  runs       {summary.planned:,}{_cut_note(prepared)}")
     return EXIT_OK
+
+
+def check_bindings(prepared: PreparedStudy) -> None:
+    """Refuse a study whose agents, problems or runner do not resolve on this machine.
+
+    Raises:
+        StudyValidationError: one problem per id that does not resolve, with its fix.
+    """
+    from orchestrator.study.bindings_check import binding_problems
+
+    problems = binding_problems(prepared, allowed_imports=load_settings().allowed_imports)
+    if problems:
+        raise StudyValidationError(problems, prepared.source)
 
 
 def _cut_note(prepared: PreparedStudy) -> str:

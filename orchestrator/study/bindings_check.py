@@ -1,0 +1,234 @@
+"""Whether every agent, problem and condition runner a study names resolves on this machine.
+
+``studyq validate`` and ``studyq run`` ask the worker's own resolver (the entry point
+``resolver`` of :mod:`orchestrator.contracts.worker_api`, built as the embedded executor
+builds it) for each id the plan uses, before anything runs. An id that does not resolve would
+fail every one of its runs as a ``binding`` error; here it is one :class:`Problem` naming the
+field that names it, the error and the fix:
+
+- a reference that cannot be imported: make its module importable (``PYTHONPATH``,
+  ``pip install -e``);
+- an id that no source knows: bind it, or use the known id it is probably a misspelling of.
+
+Resolving imports the study's code and builds its problems, in this process, exactly as a
+run on this machine would. It says nothing about workers on other machines, which may have
+other code installed (``studyq submit`` does not check).
+"""
+
+from __future__ import annotations
+
+import difflib
+import sys
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from functools import partial
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import Any, Literal, Protocol, cast
+
+from orchestrator.contracts.errors import Problem
+from orchestrator.contracts.worker_api import worker_entry
+from orchestrator.study.model import Study
+from orchestrator.study.plan import PreparedStudy, plan_cells
+from orchestrator.study.validation import AGENT_FACTORS, PROBLEM_FACTORS
+
+__all__ = ["binding_problems"]
+
+Kind = Literal["agent", "problem"]
+
+# The entry-point groups workers.bindings looks ids up in (docs/agents.md); named here
+# because orchestrator/ does not import workers/.
+_GROUPS: dict[Kind, str] = {"agent": "studyq.agents", "problem": "studyq.problems"}
+_LISTS: dict[Kind, str] = {"agent": "agent_specs", "problem": "problem_ids"}
+_FACTORS: dict[Kind, tuple[str, ...]] = {"agent": AGENT_FACTORS, "problem": PROBLEM_FACTORS}
+
+
+class _Resolving(Protocol):
+    """What ``workers.bindings.Resolver`` offers beyond the coordinator's ``RunResolver``."""
+
+    def agent(self, agent_id: Any) -> Any: ...
+    def problem(self, problem_id: Any) -> Any: ...
+    def runner(self) -> Callable[..., Any]: ...
+
+
+def binding_problems(
+    prepared: PreparedStudy, *, allowed_imports: Iterable[str] = ()
+) -> list[Problem]:
+    """One problem per agent id, problem id or runner of ``prepared`` that does not resolve.
+
+    ``allowed_imports`` is ``STUDYQ_ALLOWED_IMPORTS``; the study's own references are trusted,
+    as the embedded executor trusts them. Empty when the installed worker's resolver cannot
+    be asked for single ids (another worker implementation).
+    """
+    study = prepared.study
+    built = worker_entry("resolver")(study.bindings, allowed_imports=tuple(allowed_imports))
+    if not all(callable(getattr(built, name, None)) for name in ("agent", "problem", "runner")):
+        return []
+    resolver = cast(_Resolving, built)
+    here = _study_dir(prepared.source)
+    problems: list[Problem] = []
+    with _no_bytecode():
+        if prepared.standalone:
+            if study.bindings.runner is not None:
+                error = _attempt(resolver.runner)
+                if error is not None:
+                    problems.append(
+                        _broken("bindings.runner", "runner", study.bindings.runner, error, here)
+                    )
+            return problems
+        for kind in ("agent", "problem"):
+            lookup = resolver.agent if kind == "agent" else resolver.problem
+            for key, where in _planned_ids(prepared, kind):
+                error = _attempt(partial(lookup, key))
+                if error is not None:
+                    problems.append(_explain(study, kind, key, where, error, here))
+    return problems
+
+
+def _planned_ids(prepared: PreparedStudy, kind: Kind) -> Iterator[tuple[str, str]]:
+    """Each distinct id of ``kind`` the plan uses, with the field that names it."""
+    study = prepared.study
+    seen: set[str] = set()
+    for cell in plan_cells(study, prepared.conditions, standalone=False):
+        for value in cell.agents if kind == "agent" else cell.problems:
+            key = str(value)
+            if key not in seen:
+                seen.add(key)
+                yield key, _field_of(study, kind, key)
+
+
+def _field_of(study: Study, kind: Kind, key: str) -> str:
+    for f_index, factor in enumerate(study.factors):
+        if factor.name in _FACTORS[kind]:
+            for l_index, level in enumerate(factor.levels):
+                if str(level.value) == key:
+                    return f"factors[{f_index}].levels[{l_index}].value"
+            return f"factors[{f_index}]"
+    listed = study.agent_specs if kind == "agent" else study.problem_ids
+    for index, value in enumerate(listed):
+        if str(value) == key:
+            return f"{_LISTS[kind]}[{index}]"
+    return _LISTS[kind]  # nothing names one: the plan's default id
+
+
+def _attempt(resolve: Callable[[], Any]) -> BaseException | None:
+    """The error resolving raises, if any; a module may raise anything while it is imported."""
+    try:
+        resolve()
+    except Exception as exc:  # a module may raise anything: report it, never escape
+        return exc
+    return None
+
+
+def _explain(
+    study: Study, kind: Kind, key: str, where: str, error: BaseException, here: Path | None
+) -> Problem:
+    bound = study.bindings.agents if kind == "agent" else study.bindings.problems
+    reference = bound.get(key)
+    if reference is not None:
+        label = f"{kind} '{key}' ({where})"
+        return _broken(f"bindings.{kind}s.{key}", label, reference, error, here)
+    installed = _installed(kind)
+    if key in installed:
+        return Problem(
+            where,
+            f"{kind} '{key}': the installed '{_GROUPS[kind]}' entry point does not load: "
+            f"{_text(error)}",
+            "reinstall the package that provides it (`pip install -e` its checkout).",
+        )
+    known = sorted({*bound, *installed})
+    if where == _LISTS[kind]:
+        message = f"no {kind} is named, so every run uses the id '{key}', which nothing provides"
+    else:
+        message = f"unknown {kind} '{key}'"
+    close = difflib.get_close_matches(key, known, n=3)
+    hint = (
+        f"did you mean {' or '.join(repr(name) for name in close)}?"
+        if close
+        else f"known {kind}s: {', '.join(known) or 'none'}."
+    )
+    fix = f"it is not bound in `bindings.{kind}s` and no installed {kind} has that name; {hint}"
+    if where == _LISTS[kind]:
+        fix = (
+            f"name the {kind}s in `{_LISTS[kind]}: [...]` or a factor named "
+            f"`{_FACTORS[kind][0]}`, or bind '{key}' in `bindings.{kind}s`; {hint}"
+        )
+    return Problem(where, message + ".", fix)
+
+
+def _broken(
+    field: str, label: str, reference: str, error: BaseException, here: Path | None
+) -> Problem:
+    message = f"{label}: {_text(error)}"
+    if not message.endswith("."):
+        message += "."
+    missing = _missing_module(error)
+    module = reference.partition(":")[0]
+    if missing and missing.split(".")[0] != module.split(".")[0]:
+        fix = (
+            f"'{module}' imports '{missing}', which is not installed: install it where workers run."
+        )
+    elif missing is not None:
+        folder = here if here is not None else Path.cwd()
+        found = _lives_in(module, folder)
+        where = f"'{module}' is in {folder}, which is not on sys.path; " if found else ""
+        fix = (
+            f"{where}make it importable where workers run: run from the study's directory "
+            f"with PYTHONPATH={folder}, or `pip install -e` the package."
+        )
+    elif _caused_by(error, AttributeError):
+        fix = f"check the name after ':' in '{reference}'; the module has no such attribute."
+    else:
+        fix = f"fix the error '{reference}' raises when it is imported or built."
+    return Problem(field, message, fix)
+
+
+def _installed(kind: Kind) -> set[str]:
+    return {entry.name for entry in entry_points(group=_GROUPS[kind])}
+
+
+def _missing_module(error: BaseException) -> str | None:
+    """The module whose absence caused ``error``, if that is what did."""
+    for cause in _chain(error):
+        if isinstance(cause, ModuleNotFoundError):
+            return cause.name or ""
+    return None
+
+
+def _caused_by(error: BaseException, kind: type[BaseException]) -> bool:
+    return any(isinstance(cause, kind) for cause in _chain(error))
+
+
+def _chain(error: BaseException) -> Iterator[BaseException]:
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        yield current
+        current = current.__cause__ or current.__context__
+
+
+def _text(error: BaseException) -> str:
+    text = " ".join(str(error).split())
+    return text if text else type(error).__name__
+
+
+def _lives_in(module: str, folder: Path) -> bool:
+    top = module.split(".")[0]
+    return (folder / f"{top}.py").is_file() or (folder / top).is_dir()
+
+
+def _study_dir(source: str | None) -> Path | None:
+    return Path(source).resolve().parent if source else None
+
+
+@contextmanager
+def _no_bytecode() -> Iterator[None]:
+    """Import the study's code without writing ``__pycache__`` next to it: checking a study
+    writes nothing."""
+    before = sys.dont_write_bytecode
+    sys.dont_write_bytecode = True
+    try:
+        yield
+    finally:
+        sys.dont_write_bytecode = before
