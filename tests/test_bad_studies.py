@@ -45,6 +45,7 @@ factors:
       - name: high
         value: 0.8
 problem_ids: [beam-design]
+agent_specs: [noop]
 """
 
 # Uses most sections a study may have, so a validator that rejects valid features fails here.
@@ -105,8 +106,8 @@ run_budget:
   parallelism: 2
 seed_policy:
   base_seed: 7
-problem_ids: [beam-design, truss-design]
-agent_specs: [agent-a]
+problem_ids: [beam-design, spring-design]
+agent_specs: [noop]
 execution:
   timeout_s: 30
 """
