@@ -23,7 +23,7 @@ from pathlib import Path
 
 import _services
 import psycopg
-from _services import HOST, PG_PORT, require_postgres, unavailable
+from _services import HOST, PG_PORT, _pid_alive, require_postgres, unavailable
 from psycopg import sql
 
 from orchestrator.store import upgrade
@@ -58,16 +58,6 @@ def admin_connect(dbname: str = "postgres") -> psycopg.Connection:
     """An autocommit connection as the superuser ``postgres``."""
     dsn = ADMIN.replace("dbname=postgres", f"dbname={dbname}")
     return psycopg.connect(dsn, autocommit=True)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 @dataclass
