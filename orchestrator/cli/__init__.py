@@ -106,7 +106,13 @@ def build_parser() -> _Parser:
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     study_commands.register(subparsers)
-    for module_name in ("run_commands", "cluster_commands", "worker_commands"):
+    for module_name in (
+        "run_commands",
+        "cluster_commands",
+        "inspect_commands",
+        "manage_commands",
+        "worker_commands",
+    ):
         try:
             module = __import__(f"orchestrator.cli.{module_name}", fromlist=["register"])
         except ModuleNotFoundError as exc:
