@@ -205,7 +205,7 @@ def _export(args: argparse.Namespace) -> int:
         )
     with ResultStore.open(url) as store:
         if store.find_study(args.study_id) is None:
-            raise _no_such_study(
+            raise no_such_study(
                 args.study_id, store.url, [s.study_id for s in store.list_studies()]
             )
         report = export_artifacts(store, args.study_id, args.out)
@@ -224,7 +224,9 @@ def _export(args: argparse.Namespace) -> int:
 _LISTED_STUDIES = 20
 
 
-def _no_such_study(study_id: str, where: str, known: list[str]) -> StudyError:
+def no_such_study(
+    study_id: str, where: str, known: list[str], *, command: str = "export"
+) -> StudyError:
     elsewhere = "point --db / STUDYQ_DATABASE_URL at the store the study ran in"
     if not known:
         listed, fix = "it holds no studies", f"run or submit the study first, or {elsewhere}"
@@ -233,7 +235,7 @@ def _no_such_study(study_id: str, where: str, known: list[str]) -> StudyError:
         if len(known) > _LISTED_STUDIES:
             listed += f", ... ({len(known)} in all; `studyq status` lists them)"
         fix = f"pass one of these study_ids, or {elsewhere}"
-    return StudyError(f"studyq export: no study '{study_id}' in {where}; {listed}. Fix: {fix}.")
+    return StudyError(f"studyq {command}: no study '{study_id}' in {where}; {listed}. Fix: {fix}.")
 
 
 def missing_sqlite_file(url: str) -> str | None:

@@ -37,6 +37,7 @@ __all__ = [
     "StoreUnavailableError",
     "StudyConflictError",
     "StudyError",
+    "StudyInFlightError",
     "StudyValidationError",
     "StudyqError",
 ]
@@ -94,6 +95,20 @@ class StoreURLError(StoreError):
 
 class StoreUnavailableError(StoreError):
     """The database cannot be reached; retry later."""
+
+
+class StudyInFlightError(StoreError):
+    """A study cannot be deleted: some of its runs are still planned, queued or running."""
+
+    def __init__(self, study_id: str, in_flight: dict[str, int]) -> None:
+        self.study_id = study_id
+        self.in_flight = in_flight
+        listed = ", ".join(f"{count:,} {status}" for status, count in in_flight.items())
+        super().__init__(
+            f"study '{study_id}' still has runs in flight ({listed}); nothing was deleted. "
+            f"Fix: `studyq cancel {study_id}` first (`--terminate` also stops the running "
+            "ones), or let them finish."
+        )
 
 
 class BrokerUnavailableError(StudyqError):

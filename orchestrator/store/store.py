@@ -14,9 +14,10 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from sqlalchemy import Engine, delete, text
+from sqlalchemy import ColumnElement, Engine, delete, exists, text
 from sqlalchemy.engine import URL
 
+from orchestrator.contracts.errors import StudyInFlightError
 from orchestrator.contracts.results import RunResult, RunStatus
 from orchestrator.contracts.runspec import RunSpec
 from orchestrator.store import attempts, queries, recovery, registration
@@ -27,7 +28,7 @@ from orchestrator.store.engine import (
     mask_url,
     transaction,
 )
-from orchestrator.store.models import StudyRow
+from orchestrator.store.models import RunRow, StudyRow
 from orchestrator.store.predicates import IN_CHUNK
 from orchestrator.store.records import (
     AttemptRecord,
@@ -49,6 +50,15 @@ __all__ = ["ResultStore"]
 
 DEFAULT_MAX_ATTEMPTS = 3
 """Claims a run may use before a vanished worker makes it fail as ``lost``."""
+
+
+IN_FLIGHT = (RunStatus.PLANNED, RunStatus.QUEUED, RunStatus.RUNNING)
+"""Statuses of runs a worker may still pick up or is executing: a study holding any of them
+is not deleted."""
+
+
+def _in_flight(study_id: str) -> tuple[ColumnElement[bool], ...]:
+    return RunRow.study_id == study_id, RunRow.status.in_([s.value for s in IN_FLIGHT])
 
 
 def _fast_commit(connection: Any) -> None:
@@ -188,11 +198,28 @@ class ResultStore:
         with transaction(self.engine) as connection:
             connection.execute(text("ANALYZE runs, conditions"))
 
-    def delete_study(self, study_id: str) -> bool:
-        """Remove a study with all its runs and results; False if it was not registered."""
+    def delete_study(self, study_id: str, *, if_idle: bool = False) -> bool:
+        """Remove a study with all its runs and results; False if it was not registered.
+
+        With ``if_idle`` the study is removed only while none of its runs is planned, queued
+        or running: the check and the delete are one statement, so a run a worker claims
+        meanwhile keeps the study.
+
+        Raises:
+            StudyInFlightError: ``if_idle`` and some runs are still in flight.
+        """
+        statement = delete(StudyRow).where(StudyRow.study_id == study_id)
+        if if_idle:
+            statement = statement.where(~exists().where(*_in_flight(study_id)))
         with transaction(self.engine) as connection:
-            deleted = connection.execute(delete(StudyRow).where(StudyRow.study_id == study_id))
-            return deleted.rowcount == 1
+            deleted = connection.execute(statement)
+            if deleted.rowcount == 1 or not if_idle:
+                return deleted.rowcount == 1
+            counts = queries.count_by_status(connection, study_id)
+        in_flight = {s: counts.get(s.value, 0) for s in IN_FLIGHT if counts.get(s.value, 0)}
+        if not in_flight:
+            return False  # not registered
+        raise StudyInFlightError(study_id, {s.value: n for s, n in in_flight.items()})
 
     def find_study(self, study_id: str) -> StudyInfo | None:
         """The registered study, or None."""

@@ -11,7 +11,7 @@ import pytest
 from store_factories import DEFINITION, STUDY_ID, make_conditions, make_specs, register
 
 from orchestrator import embedded
-from orchestrator.contracts.errors import StoreError, StudyConflictError
+from orchestrator.contracts.errors import StoreError, StudyConflictError, StudyInFlightError
 from orchestrator.contracts.runspec import RunSpec
 from orchestrator.store import RegisterReport, ResultStore
 from orchestrator.store.registration import describe_difference
@@ -173,6 +173,29 @@ def test_delete_study_removes_everything(store: ResultStore) -> None:
     assert list(store.iter_runs(STUDY_ID)) == []
     assert list(store.iter_conditions(STUDY_ID)) == []
     register(store, 2)  # the id is free again
+
+
+def test_delete_if_idle_refuses_while_runs_are_in_flight(store: ResultStore) -> None:
+    # Given a study with planned runs, one of them queued and claimed by a worker
+    register(store, 5)
+    store.mark_queued(STUDY_ID, [0])
+    assert store.claim_run(STUDY_ID, 0, worker="w1", lease_s=60) is not None
+    # When it is deleted only if idle
+    with pytest.raises(StudyInFlightError) as refused:
+        store.delete_study(STUDY_ID, if_idle=True)
+    # Then nothing is deleted, and the error names what is in flight and the fix
+    assert refused.value.in_flight == {"planned": 4, "running": 1}
+    assert f"studyq cancel {STUDY_ID}" in str(refused.value)
+    assert sum(store.count_by_status(STUDY_ID).values()) == 5
+
+
+def test_delete_if_idle_removes_a_study_whose_runs_all_ended(store: ResultStore) -> None:
+    register(store, 3)
+    store.cancel(STUDY_ID)
+
+    assert store.delete_study(STUDY_ID, if_idle=True) is True
+    assert store.find_study(STUDY_ID) is None
+    assert store.delete_study(STUDY_ID, if_idle=True) is False
 
 
 def test_max_attempts_must_be_positive(store: ResultStore) -> None:
