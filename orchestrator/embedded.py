@@ -39,6 +39,7 @@ from orchestrator.export import ExportReport, export_artifacts
 from orchestrator.progress import Progress
 from orchestrator.store import ResultStore
 from orchestrator.store.records import Claim, RegisterReport, TakeBackReport
+from orchestrator.study.bindings_check import import_path_of
 from orchestrator.study.model import Study
 from orchestrator.study.plan import PreparedStudy, prepare
 
@@ -196,6 +197,7 @@ def run_embedded(
         agents=dict(options.agent_bindings or {}),
         problems=dict(options.problem_registry or {}),
         runner=condition_runner,
+        import_path=import_path_of(prepared.source),
     )
     store = ResultStore.open(url)
     try:

@@ -40,27 +40,64 @@ def _files(folder: Path) -> set[Path]:
     return set(folder.rglob("*"))
 
 
-def test_a_binding_to_a_module_not_on_sys_path_exits_2_with_the_fix(
+def test_a_module_next_to_the_study_resolves_and_the_cluster_caveat_is_noted(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    study = _bound_study(tmp_path, "quadlab_missing")
+    # Given a study binding a module that sits next to the study file, on no import path
+    study = _bound_study(tmp_path, "quadlab_beside")
     before = _files(tmp_path)
-
+    # When it is validated
     code, out, err = run_main(["validate", str(study)], capsys)
+    # Then it resolves (as `studyq run` imports from the study's folder), and a note says what
+    # a cluster worker needs; nothing is written next to the study
+    assert code == EXIT_OK, err
+    assert f"{study}: valid" in out
+    assert f"'quadlab_beside' is imported from the study's folder {tmp_path}" in out
+    assert f"PYTHONPATH={tmp_path}" in out and "`pip install -e`" in out
+    assert err == ""
+    assert _files(tmp_path) == before, "validate wrote something (a __pycache__?)"
+    assert str(tmp_path) not in sys.path, "validate left the study's folder on sys.path"
 
+
+def test_a_binding_to_a_module_in_a_subfolder_exits_2_naming_the_folder(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Given the module one folder down from the study, where nothing imports it from
+    code_dir = tmp_path / "lab"
+    code_dir.mkdir()
+    _bound_study(code_dir, "quadlab_below")
+    study = tmp_path / "study.yaml"
+    (code_dir / "study.yaml").rename(study)
+    before = _files(tmp_path)
+    # When it is validated
+    code, out, err = run_main(["validate", str(study)], capsys)
+    # Then one line names the field, the error and the folder to put on the path
     assert code == EXIT_USAGE, err
     assert out == ""
     (line,) = err.strip().splitlines()
     assert line.startswith(f"{study}: bindings.agents.quad: agent 'quad' (agent_specs[0]): ")
-    assert "cannot import 'quadlab_missing:quadratic'" in line
-    assert "No module named 'quadlab_missing'" in line
-    assert f"Fix: 'quadlab_missing' is in {tmp_path}, which is not on sys.path" in line
-    assert f"PYTHONPATH={tmp_path}" in line and "`pip install -e`" in line
-    assert _files(tmp_path) == before, "validate wrote something (a __pycache__?)"
-    assert "quadlab_missing" not in sys.modules
+    assert "cannot import 'quadlab_below:quadratic'" in line
+    assert "No module named 'quadlab_below'" in line
+    assert f"Fix: 'quadlab_below' is in {code_dir}, which is not on the import path" in line
+    assert f"PYTHONPATH={code_dir}" in line and "`pip install -e`" in line
+    assert _files(tmp_path) == before
+    assert "quadlab_below" not in sys.modules
 
 
-def test_the_same_study_passes_once_its_module_is_importable(
+def test_a_module_found_nowhere_says_to_install_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    study = tmp_path / "study.yaml"
+    study.write_text(BOUND.format(module="quadlab_nowhere"), encoding="utf-8")
+
+    code, _, err = run_main(["validate", str(study)], capsys)
+
+    assert code == EXIT_USAGE, err
+    (line,) = err.strip().splitlines()
+    assert "Fix: make 'quadlab_nowhere' importable where workers run: `pip install -e`" in line
+
+
+def test_the_same_study_passes_without_a_note_once_its_module_is_importable(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     study = _bound_study(tmp_path, "quadlab_found")
@@ -71,7 +108,29 @@ def test_the_same_study_passes_once_its_module_is_importable(
 
     assert code == EXIT_OK, err
     assert f"{study}: valid" in out
+    assert "note" not in out
     assert err == ""
+
+
+def test_run_imports_the_agent_from_the_study_folder_in_its_pool_processes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Given a study whose agent module sits next to it, on no import path
+    study = _bound_study(tmp_path, "quadlab_pooled")
+    study.write_text(study.read_text().replace("beam-design", "noop"), encoding="utf-8")
+    db = tmp_path / "store.db"
+    # When it runs in a process pool
+    code, out, err = run_main(
+        ["run", str(study), "--db", f"sqlite:///{db}", "--jobs", "1", "--no-progress"], capsys
+    )
+    # Then every run resolved its agent (no binding error), in the pool's child process too
+    assert "binding" not in err.lower(), err
+    from orchestrator.store import ResultStore
+
+    with ResultStore.open(f"sqlite:///{db}") as store:
+        kinds = {run.error_kind for run in store.iter_runs("quad-study")}
+    assert kinds == {None}, (code, out, err)
+    assert code == EXIT_OK
 
 
 def test_a_misspelled_agent_id_names_the_installed_one(
@@ -127,13 +186,14 @@ def test_a_missing_runner_is_named_by_its_field(
     assert code == EXIT_USAGE, err
     (line,) = err.strip().splitlines()
     assert line.startswith(f"{study}: bindings.runner: runner: cannot import 'simlab_absent:run'")
-    assert "Fix: make it importable where workers run" in line
+    assert "Fix: make 'simlab_absent' importable where workers run" in line
 
 
 def test_run_refuses_before_registering_anything(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    study = _bound_study(tmp_path, "quadlab_unrun")
+    study = tmp_path / "study.yaml"
+    study.write_text(BOUND.format(module="quadlab_unrun"), encoding="utf-8")
     db = tmp_path / "store.db"
 
     code, _, err = run_main(
@@ -141,6 +201,6 @@ def test_run_refuses_before_registering_anything(
     )
 
     assert code == EXIT_USAGE, err
-    assert "bindings.agents.quad" in err and "PYTHONPATH=" in err
+    assert "bindings.agents.quad" in err and "on PYTHONPATH" in err
     assert "Traceback" not in err
     assert not db.exists(), "run registered the study before refusing it"

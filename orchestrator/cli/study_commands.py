@@ -85,6 +85,10 @@ def _validate(args: argparse.Namespace) -> int:
         f"{summary.admissible} admissible"
     )
     print(f"  runs       {summary.planned:,}{_cut_note(prepared)}")
+    from orchestrator.study.bindings_check import study_folder_notes
+
+    for note in study_folder_notes(prepared):
+        print(f"  note       {note}")
     return EXIT_OK
 
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -75,8 +76,12 @@ class ResolverSpec:
     agents: Mapping[str, Any] = field(default_factory=dict)
     problems: Mapping[str, Any] = field(default_factory=dict)
     runner: Callable[..., Any] | None = None
+    import_path: tuple[str, ...] = ()
+    """Folders put first on ``sys.path`` before anything resolves (the study's own folder),
+    in each process: a forkserver child does not see the parent's later ``sys.path``."""
 
     def build(self) -> RunResolver:
+        sys.path[:0] = [folder for folder in self.import_path if folder not in sys.path]
         return worker_entry("resolver")(
             self.bindings,
             agents=self.agents,

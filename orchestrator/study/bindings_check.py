@@ -11,13 +11,17 @@ field that names it, the error and the fix:
 - an id that no source knows: bind it, or use the known id it is probably a misspelling of.
 
 Resolving imports the study's code and builds its problems, in this process, exactly as a
-run on this machine would. It says nothing about workers on other machines, which may have
-other code installed (``studyq submit`` does not check).
+run on this machine would: with the study file's folder first on the import path, as
+``studyq run`` puts it (:class:`~orchestrator.executors.embedded.ResolverSpec`). It says
+nothing about workers on other machines, which may have other code installed (``studyq
+submit`` does not check); :func:`study_folder_notes` says which modules a cluster worker
+would not find.
 """
 
 from __future__ import annotations
 
 import difflib
+import importlib.util
 import sys
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -32,7 +36,7 @@ from orchestrator.study.model import Study
 from orchestrator.study.plan import PreparedStudy, plan_cells
 from orchestrator.study.validation import AGENT_FACTORS, PROBLEM_FACTORS
 
-__all__ = ["binding_problems"]
+__all__ = ["binding_problems", "import_path_of", "on_import_path", "study_folder_notes"]
 
 Kind = Literal["agent", "problem"]
 
@@ -67,7 +71,7 @@ def binding_problems(
     resolver = cast(_Resolving, built)
     here = _study_dir(prepared.source)
     problems: list[Problem] = []
-    with _no_bytecode():
+    with _no_bytecode(), on_import_path(import_path_of(prepared.source)):
         if prepared.standalone:
             if study.bindings.runner is not None:
                 error = _attempt(resolver.runner)
@@ -169,12 +173,13 @@ def _broken(
             f"'{module}' imports '{missing}', which is not installed: install it where workers run."
         )
     elif missing is not None:
-        folder = here if here is not None else Path.cwd()
-        found = _lives_in(module, folder)
-        where = f"'{module}' is in {folder}, which is not on sys.path; " if found else ""
+        folder = _folder_holding(module, here if here is not None else Path.cwd())
         fix = (
-            f"{where}make it importable where workers run: run from the study's directory "
-            f"with PYTHONPATH={folder}, or `pip install -e` the package."
+            f"'{module}' is in {folder}, which is not on the import path; make it importable "
+            f"where workers run: PYTHONPATH={folder}, or `pip install -e` its package."
+            if folder is not None
+            else f"make '{module}' importable where workers run: `pip install -e` the package "
+            "that provides it, or put the folder that holds it on PYTHONPATH."
         )
     elif _caused_by(error, AttributeError):
         fix = f"check the name after ':' in '{reference}'; the module has no such attribute."
@@ -213,6 +218,22 @@ def _text(error: BaseException) -> str:
     return text if text else type(error).__name__
 
 
+def _folder_holding(module: str, folder: Path, depth: int = 2) -> Path | None:
+    """``folder`` or a subfolder (``depth`` levels down) holding ``module``'s top package."""
+    if _lives_in(module, folder):
+        return folder
+    if depth:
+        try:
+            children = sorted(p for p in folder.iterdir() if p.is_dir() and p.name[0] not in "._")
+        except OSError:
+            return None
+        for child in children[:50]:
+            found = _folder_holding(module, child, depth - 1)
+            if found is not None:
+                return found
+    return None
+
+
 def _lives_in(module: str, folder: Path) -> bool:
     top = module.split(".")[0]
     return (folder / f"{top}.py").is_file() or (folder / top).is_dir()
@@ -220,6 +241,59 @@ def _lives_in(module: str, folder: Path) -> bool:
 
 def _study_dir(source: str | None) -> Path | None:
     return Path(source).resolve().parent if source else None
+
+
+def import_path_of(source: str | None) -> tuple[str, ...]:
+    """The folders a run on this machine imports the study's code from, besides
+    ``sys.path``: the study file's own folder (none for a study built in Python)."""
+    here = _study_dir(source)
+    return (str(here),) if here is not None else ()
+
+
+@contextmanager
+def on_import_path(folders: Iterable[str]) -> Iterator[None]:
+    """``folders`` first on ``sys.path`` for the duration, then as before."""
+    added = [folder for folder in folders if folder not in sys.path]
+    sys.path[:0] = added
+    try:
+        yield
+    finally:
+        for folder in added:
+            if folder in sys.path:
+                sys.path.remove(folder)
+
+
+def study_folder_notes(prepared: PreparedStudy) -> list[str]:
+    """One note per bound module that is found only in the study's folder: ``studyq run``
+    imports it from there, a cluster worker does not."""
+    here = _study_dir(prepared.source)
+    if here is None or str(here) in sys.path:
+        return []
+    bindings = prepared.study.bindings
+    references = [*bindings.agents.values(), *bindings.problems.values()]
+    if bindings.runner is not None:
+        references.append(bindings.runner)
+    notes = []
+    for module in dict.fromkeys(str(ref).partition(":")[0] for ref in references):
+        if _lives_in(module, here) and not _importable_elsewhere(module, here):
+            notes.append(
+                f"'{module}' is imported from the study's folder {here}: `studyq run` finds "
+                f"it there; a cluster worker needs it installed (`pip install -e`) or "
+                f"PYTHONPATH={here}."
+            )
+    return notes
+
+
+def _importable_elsewhere(module: str, here: Path) -> bool:
+    top = module.split(".")[0]
+    if top in sys.modules:
+        origin = getattr(sys.modules[top], "__file__", None) or ""
+        return bool(origin) and here not in Path(origin).resolve().parents
+    try:
+        spec = importlib.util.find_spec(top)
+    except (ImportError, ValueError):
+        return False
+    return spec is not None
 
 
 @contextmanager
