@@ -140,6 +140,7 @@ def create_app(settings: Settings | None = None) -> StudyqCelery:
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
         task_ignore_result=True,
+        result_backend="workers.nobackend:NoResultBackend",  # quiet revokes: see there
         worker_send_task_events=True,
         task_send_sent_event=True,
         worker_consumer="workers.consumer:StudyqConsumer",

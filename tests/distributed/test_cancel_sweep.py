@@ -5,6 +5,8 @@ Given a worker with two slots and a sweep of slow runs submitted to it, cancelli
 runs execute leaves those two to finish (their results are recorded) and cancels the queued
 ones, which never start; ``--terminate`` stops the two that execute: they end ``cancelled``
 and the worker's slots are free again at once, long before the agents would have returned.
+The revoke is broadcast to every worker: one that runs none of the runs (a bystander on
+another queue) takes it without a word (no "No result backend is configured" per run).
 """
 
 from __future__ import annotations
@@ -21,7 +23,9 @@ from test_celery_workers import wait_for
 
 from orchestrator.cli import main as studyq_main
 from orchestrator.contracts.settings import Settings
+from orchestrator.contracts.wire import task_id_for
 from orchestrator.distributed import cancel, submit_study, wait_study
+from orchestrator.executors.celery.app import coordinator_app
 from orchestrator.store import ResultStore
 from orchestrator.study.model import Study, parse_study
 
@@ -61,6 +65,43 @@ def worker(
         yield process
     finally:
         process.terminate()
+
+
+@pytest.fixture(scope="module")
+def bystander(
+    pg_url: str, live_broker: Broker, cancel_queue: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[WorkerProcess]:
+    """A worker on a queue of its own: it runs none of the cancelled runs, but every revoke
+    is broadcast to it too."""
+    idle_queue = f"{cancel_queue}-idle"
+    process = WorkerProcess(
+        f"cancel-idle-{os.getpid()}",
+        queue=idle_queue,
+        database_url=pg_url,
+        broker_url=live_broker.url,
+        log_dir=tmp_path_factory.mktemp("cancel-idle-logs"),
+        concurrency=1,
+        via_cli=True,
+    )
+    try:
+        process.wait_ready()
+        yield process
+    finally:
+        process.terminate()
+        live_broker.forget(idle_queue)
+
+
+def _revoked_on(settings: Settings, worker: WorkerProcess, task_ids: set[str]) -> None:
+    """Wait until ``worker`` has handled the revoke of ``task_ids`` (its revoked list, read
+    through the control channel, holds them)."""
+    app = coordinator_app(settings, str(settings.broker_url))
+    deadline = time.monotonic() + 15
+    revoked: set[str] = set()
+    while not task_ids <= revoked:
+        assert time.monotonic() < deadline, f"{worker.name} never saw the revoke: {revoked}"
+        replies = app.control.inspect(destination=[worker.nodename], timeout=1).revoked() or {}
+        revoked = set(replies.get(worker.nodename, []))
+    app.close()
 
 
 @pytest.fixture
@@ -128,6 +169,7 @@ def test_cancel_lets_executing_runs_finish_and_cancels_the_queued_ones(
 
 def test_cancel_terminate_stops_the_executing_runs(
     worker: WorkerProcess,
+    bystander: WorkerProcess,
     cancel_queue: str,
     settings: Settings,
     pg_url: str,
@@ -140,12 +182,18 @@ def test_cancel_terminate_stops_the_executing_runs(
     with ResultStore.open(pg_url) as store:
         wait_for(store, study.study_id, lambda counts: counts["running"] == 2, timeout=20)
         executing = _running(store, study.study_id)
+        task_ids = {
+            task_id_for(run.spec, run.attempt - 1)
+            for run in store.iter_runs(study.study_id, statuses=["running"])
+        }
         # When `studyq cancel --terminate` runs
         monkeypatch.setenv("STUDYQ_DATABASE_URL", pg_url)
         monkeypatch.setenv("STUDYQ_BROKER_URL", str(settings.broker_url))
         stopped_at = time.monotonic()
         assert studyq_main(["cancel", study.study_id, "--terminate"]) == 0
-        assert "4 runs cancelled (2 of them stopped while running)" in capsys.readouterr().out
+        out, err = capsys.readouterr()
+        assert "4 runs cancelled (2 of them stopped while running)" in out
+        assert "backend" not in err.lower(), err
         # Then every run is cancelled, the executing ones with their attempts
         runs = {run.index: run for run in store.iter_runs(study.study_id)}
         assert {run.status for run in runs.values()} == {"cancelled"}
@@ -161,6 +209,12 @@ def test_cancel_terminate_stops_the_executing_runs(
         time.sleep(3 * HEARTBEAT_S)
         assert {run.status for run in store.iter_runs(study.study_id)} == {"cancelled"}
         assert not list(store.iter_evaluations(study.study_id))
+    # and no worker logged a word about a result backend: neither the one that ran the two
+    # runs, nor the bystander, which took the revoke of two tasks it never saw
+    _revoked_on(settings, bystander, task_ids)
+    for process in (worker, bystander):
+        assert "No result backend" not in process.log, process.log
+        assert "Failed to mark task" not in process.log, process.log
 
 
 def test_a_cancelled_run_stops_through_its_heartbeat_even_without_the_revoke(
