@@ -372,6 +372,8 @@ def study_status(
                 for s in (RunStatus.PLANNED, RunStatus.QUEUED, RunStatus.RUNNING)
             )
             rate = stats.recent_rate_per_s
+            if not remaining:  # ended: the rate over its span, which later wall time keeps
+                rate = _ended_rate(store, info.study_id, counts)
             status = StudyStatus(
                 study_id=info.study_id,
                 title=str(info.definition.get("title", "")),
@@ -387,6 +389,35 @@ def study_status(
             if detail:
                 status.by = {by: store.count_by(info.study_id, by) for by in
                              ("condition", "agent", "problem")}  # fmt: skip
+                status.by["condition"] = _by_label(
+                    status.by["condition"], _labels(store.iter_conditions(info.study_id))
+                )
                 status.top_errors = store.top_errors(info.study_id)
             out.append(status)
         return out
+
+
+def _ended_rate(store: ResultStore, study_id: str, counts: Mapping[str, int]) -> float | None:
+    """Finished runs per second from the first start to the last finish of a study with
+    nothing left to run; None before anything finished."""
+    from orchestrator.store.inspection import finished_span
+
+    with transaction(store.engine, readonly=True) as connection:
+        seconds = finished_span(connection, study_id).seconds
+    finished = counts.get(RunStatus.SUCCESS.value, 0) + counts.get(RunStatus.FAILED.value, 0)
+    return finished / seconds if finished and seconds else None
+
+
+def _by_label(
+    grouped: Mapping[str, dict[str, int]], labels: Mapping[str, str]
+) -> dict[str, dict[str, int]]:
+    """Counts per condition keyed by the condition's label (its id kept when two conditions
+    share a label, or when the store has no label for it)."""
+    from collections import Counter
+
+    named = [labels.get(condition_id, condition_id) for condition_id in grouped]
+    uses = Counter(named)
+    out: dict[str, dict[str, int]] = {}
+    for (condition_id, counts), label in zip(grouped.items(), named, strict=True):
+        out[label if uses[label] == 1 else f"{label} ({condition_id})"] = counts
+    return out

@@ -231,7 +231,7 @@ def _status(args: argparse.Namespace) -> int:
         return EXIT_OK
     header = (
         f"{'study':<28} {'submitted':<16} {'by':<20} {'runs':>8} {'success':>8} {'failed':>7} "
-        f"{'running':>8} {'queued':>8} {'rate':>9} {'eta':>8} {'cost $':>9}"
+        f"{'cancelled':>9} {'running':>8} {'queued':>8} {'rate':>9} {'eta':>8} {'cost $':>9}"
     )
     print(header)
     for status in statuses:
@@ -239,7 +239,7 @@ def _status(args: argparse.Namespace) -> int:
         print(
             f"{status.study_id[:28]:<28} {_fmt_when(status.submitted_at):<16} "
             f"{status.submitted_by[:20]:<20} {status.run_count:>8,} {c.get('success', 0):>8,} "
-            f"{c.get('failed', 0):>7,} {c.get('running', 0):>8,} "
+            f"{c.get('failed', 0):>7,} {c.get('cancelled', 0):>9,} {c.get('running', 0):>8,} "
             f"{c.get('queued', 0) + c.get('planned', 0):>8,} {_fmt_rate(status.rate_per_s):>9} "
             f"{_fmt_eta(status.eta_s):>8} {status.cost_usd:>9.2f}"
         )
@@ -250,22 +250,69 @@ def _status(args: argparse.Namespace) -> int:
                 print(f"    {key[:60]:<60} {parts}")
         if status.top_errors:
             print("\n  top errors")
+            embedded = _embedded_store(args.db)
             for error in status.top_errors:
-                print(f"    {_describe_error(error)}")
+                print(f"    {_describe_error(error, status.study_id, embedded=embedded)}")
         if args.study_id is not None:
             _print_dead_letter_count(status.queue, args.broker)
     return EXIT_OK
 
 
-def _describe_error(error: Any) -> str:
-    """One group of failed runs (``ErrorSummary``) as a sentence."""
+_ERROR_FIXES: dict[str, str] = {
+    "error": "{show}; fix the agent, problem or evaluator, then {rerun} re-runs the failed runs.",
+    "timeout": "raise `execution.timeout_s` in the study file (or make the run faster), then "
+    "{rerun} re-runs them.",
+    "binding": "make the module importable where the workers run (PYTHONPATH, or "
+    "`pip install -e .` of its package; `studyq validate STUDY_FILE` checks it), then {rerun} "
+    "re-runs them.",
+    "lost": "the worker died or stopped heartbeating on every attempt (out of memory, killed, "
+    "node lost): check the worker logs and memory, then {rerun} re-runs them.",
+    "cancelled": "nothing, if you cancelled the study; {rerun} re-runs them.",
+}
+"""The fix of each :class:`~orchestrator.contracts.results.ErrorKind`; an unknown kind gets
+the ``error`` one."""
+
+
+def _describe_error(error: Any, study_id: str = "STUDY", *, embedded: bool = False) -> str:
+    """One group of failed runs (``ErrorSummary``) as a sentence ending in the fix for its
+    kind, naming one run of the group for ``studyq show``; ``embedded`` studies are re-run
+    with ``studyq run``, distributed ones with ``studyq resubmit``."""
     count = int(error.count)
-    kind = f"a {error.error_kind} error" if error.error_kind else "an error"
+    kind_name = str(error.error_kind or "error")
+    kind = "an error" if kind_name == "error" else f"a {kind_name} error"
     cls = f" ({error.error_type})" if error.error_type else ""
     example = " ".join(str(error.example or "").split())
     example = example if len(example) <= 120 else example[:117] + "..."
     runs = "1 run" if count == 1 else f"{count:,} runs"
-    return f"{runs} failed with {kind}{cls}" + (f", e.g.: {example}" if example else "")
+    run_id = getattr(error, "example_run_id", None)
+    show = (
+        f"`studyq show {run_id}` prints one of them with its traceback"
+        if run_id
+        else f"`studyq runs {study_id} --status failed` lists them and `studyq show RUN_ID` "
+        "prints one with its traceback"
+    )
+    fix = _ERROR_FIXES.get(kind_name, _ERROR_FIXES["error"])
+    if "{show}" not in fix:
+        fix += " {show}."
+    if embedded:
+        rerun = "`studyq run STUDY_FILE`"
+    else:
+        only = f" --error {kind_name}" if kind_name in _ERROR_FIXES and kind_name != "error" else ""
+        rerun = f"`studyq resubmit {study_id}{only}`"
+    sentence = f"{runs} failed with {kind}{cls}" + (f", e.g.: {example}" if example else "")
+    stop = "" if sentence.endswith(".") else "."
+    return f"{sentence}{stop} Fix: {fix.format(show=show, rerun=rerun)}"
+
+
+def _embedded_store(flag: str | None) -> bool:
+    """Whether the store is a SQLite file, which only ``studyq run`` (embedded) writes."""
+    from orchestrator.contracts.errors import StoreError
+    from orchestrator.store import normalize_url
+
+    try:
+        return normalize_url(flag or load_settings().database_url).get_backend_name() == "sqlite"
+    except StoreError:
+        return False
 
 
 def _broker_url(flag: str | None) -> str | None:
@@ -346,6 +393,12 @@ def _resubmit(args: argparse.Namespace) -> int:
         broker=args.broker,
     )
     print(f"{args.study_id}: {report.planned} runs reset, {report.published} enqueued")
+    if report.published:
+        print(
+            "note: a running worker keeps the agent code it imported at its first run of the "
+            "study; if you changed that code, restart the workers so the runs use it.",
+            file=sys.stderr,
+        )
     return EXIT_OK
 
 

@@ -160,16 +160,23 @@ def progress_stats(
 
 
 def top_errors(connection: Connection, study_id: str, *, limit: int = 10) -> list[ErrorSummary]:
-    """Failed runs grouped by error kind and type, largest group first."""
+    """Failed runs grouped by error kind and type, largest group first, each with an example
+    message and an example run id (both of the group, not necessarily of one run)."""
     kind, kind_type = _RESULT.error_kind, _RESULT.error_type
     rows = connection.execute(
-        select(kind, kind_type, func.count().label("n"), func.min(_RESULT.error_message))
+        select(
+            kind,
+            kind_type,
+            func.count().label("n"),
+            func.min(_RESULT.error_message),
+            func.min(RunRow.run_id),
+        )
         .where(RunRow.study_id == study_id, RunRow.status == RunStatus.FAILED.value)
         .group_by(kind, kind_type)
         .order_by(func.count().desc(), kind, kind_type)
         .limit(limit)
     )
-    return [ErrorSummary(kind, kind_type, n, example) for kind, kind_type, n, example in rows]
+    return [ErrorSummary(*row) for row in rows]
 
 
 _RUN_COLUMNS = tuple(

@@ -261,9 +261,11 @@ class ProgressStats:
 
 @dataclass(frozen=True, slots=True)
 class ErrorSummary:
-    """One group of failed runs for ``studyq status``: how many, and one example message."""
+    """One group of failed runs for ``studyq status``: how many, one example message, and
+    one run of the group (``studyq show`` prints its traceback)."""
 
     error_kind: str | None
     error_type: str | None
     count: int
     example: str | None
+    example_run_id: str | None = None
