@@ -10,6 +10,20 @@ that depends on every row (events, evaluations) is computed in a first pass over
 ``extra`` column only. Only terminal runs are rows of runs.csv; a sweep still in progress
 exports what has finished and says so in manifest.json (``partial``, ``runs_planned``,
 ``runs_pending``).
+
+runs.csv adds columns after the upstream's (extra columns only, as upstream allows): each
+factor under its name and each block as ``block_<name>`` (so no join through
+conditions.csv is needed), then each of the run's metrics as ``metric_<name>`` (nested
+mappings flattened as ``metric_<name>.<key>``, lists as canonical JSON), except those that
+already are a column (``latency_s``, ``cost_usd``, ``input_tokens``, ``output_tokens``,
+``primary_outcome``). A factor named like a runs.csv column (``agent_id``, ``seed``,
+``status``, ...) gets ``factor_`` in front.
+These columns depend on every run, so the rows go through a spool file next to runs.csv
+(one pass over the runs) before runs.csv is written with the full header.
+
+With ``run_files`` (the default) the export also writes each run's upstream checkpoint
+and run-evidence record (:mod:`orchestrator.export_records`), what ``drexp
+export-analysis`` and ``drexp draft-paper`` read.
 """
 
 from __future__ import annotations
@@ -21,6 +35,7 @@ import socket
 import subprocess
 import sys
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib import metadata
@@ -32,12 +47,14 @@ import yaml
 from orchestrator.contracts.canonical import canonical_json
 from orchestrator.contracts.errors import StoreError, StudyqError
 from orchestrator.contracts.results import RunStatus
+from orchestrator.export_records import RunFiles
 from orchestrator.store.columns import EVALUATION_COLUMNS as STORED_EVALUATIONS
 from orchestrator.store.columns import EVENT_COLUMNS as STORED_EVENTS
 from orchestrator.store.columns import RESULT_COLUMNS
 
 if TYPE_CHECKING:
     from orchestrator.store import ResultStore
+    from orchestrator.store.records import EvaluationRecord, EventRecord, RunRecord
 
 __all__ = [
     "CONDITION_COLUMNS",
@@ -69,6 +86,7 @@ _RESULT_CELLS = tuple((spec.export, spec.cell) for spec in RESULT_COLUMNS if spe
 """runs.csv cells of the declared result columns (``orchestrator.store.columns``)."""
 RUN_CSV_COLUMNS = (*RUN_COLUMNS, *(name for name, _ in _RESULT_CELLS if name not in RUN_COLUMNS))
 """runs.csv: the upstream's required columns, then the declared result columns it lacks."""
+_FIXED_RUN_COLUMNS = frozenset(RUN_CSV_COLUMNS)
 _STUDY_KEYS = ("schema_version", "study_id", "title", "description")
 _MANIFEST_KEYS = (
     "schema_version",
@@ -109,6 +127,8 @@ class ExportReport:
     evaluations: int
     partial: bool
     files: dict[str, Path]
+    run_files: int = 0
+    """Runs given an upstream checkpoint and evidence record (0 with ``run_files=False``)."""
 
 
 def _iso(value: datetime | None) -> str | None:
@@ -188,11 +208,17 @@ def _union(required: Sequence[str], extra_keys: Iterable[Iterable[str]]) -> list
 
 
 def export_artifacts(
-    store: ResultStore, study_id: str, out_dir: str | Path | None = None
+    store: ResultStore,
+    study_id: str,
+    out_dir: str | Path | None = None,
+    *,
+    run_files: bool = True,
 ) -> ExportReport:
     """Write the canonical artifact set of ``study_id`` from ``store`` and validate it.
 
     ``out_dir`` defaults to the study's ``output_dir`` (``artifacts/<study_id>``).
+    ``run_files`` also writes upstream's per-run checkpoint and evidence files under
+    ``artifacts/`` (three small files per run; turn it off for a CSV-only export).
     """
     study = store.find_study(study_id)
     if study is None:
@@ -227,16 +253,8 @@ def export_artifacts(
 
     status_counts: dict[str, int] = {}
     model_ids: set[str] = set()
-    runs = _write_csv(
-        files["runs.csv"],
-        RUN_CSV_COLUMNS,
-        _run_rows(
-            study_id,
-            store.iter_runs(study_id, statuses=_TERMINAL),
-            manifest_path,
-            status_counts,
-            model_ids,
-        ),
+    runs, with_files = _write_runs(
+        store, study_id, target, manifest_path, status_counts, model_ids, run_files=run_files
     )
     evaluations = _write_csv(
         files["evaluations.csv"],
@@ -267,7 +285,9 @@ def export_artifacts(
     }
     _write_json(manifest_path, manifest)
     validate_artifacts(target)
-    return ExportReport(target, runs, planned, events, evaluations, runs < planned, files)
+    return ExportReport(
+        target, runs, planned, events, evaluations, runs < planned, files, with_files
+    )
 
 
 def _condition_rows(study_id: str, rows: Iterable[Any]) -> Iterator[dict[str, Any]]:
@@ -284,13 +304,119 @@ def _condition_rows(study_id: str, rows: Iterable[Any]) -> Iterator[dict[str, An
         yield out
 
 
-def _run_rows(
+_PREFIX = {"factor": "factor_", "block": "block_", "metric": "metric_"}
+"""What a runs.csv column of each kind starts with when its name is taken."""
+
+
+class _ExtraColumns:
+    """runs.csv's columns after the fixed ones, named once each, in first-seen order."""
+
+    def __init__(self, fixed: Iterable[str]) -> None:
+        self.order: list[str] = []
+        self._taken = set(fixed)
+        self._names: dict[tuple[str, str], str] = {}
+
+    def name(self, kind: str, key: str) -> str:
+        """The column of a factor, block or metric ``key``: a factor keeps its name, a
+        block or metric gets its prefix; a name already taken gets the prefix (again)."""
+        known = self._names.get((kind, key))
+        if known is None:
+            prefix = _PREFIX[kind]
+            known = key if kind == "factor" else prefix + key
+            while known in self._taken:
+                known = prefix + known
+            self._taken.add(known)
+            self.order.append(known)
+            self._names[(kind, key)] = known
+        return known
+
+
+def _flat_metrics(metrics: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """``(name, scalar)`` of each metric: mappings flattened with ``.``, lists as JSON."""
+    for key, value in metrics.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            yield from _flat_metrics(value, f"{name}.")
+        elif isinstance(value, Mapping | list | tuple):
+            yield name, canonical_json(value)
+        else:
+            yield name, value
+
+
+class _ByRun:
+    """The CSV rows of a child table (plan order) taken run by run, in the same order."""
+
+    def __init__(self, records: Iterable[EvaluationRecord | EventRecord]) -> None:
+        self._records = iter(records)
+        self._next = next(self._records, None)
+
+    def take(self, index: int) -> list[dict[str, Any]]:
+        """The rows of the run at plan ``index``; rows of runs before it are skipped."""
+        rows: list[dict[str, Any]] = []
+        while self._next is not None and self._next.index <= index:
+            if self._next.index == index:
+                rows.append(_table_row(self._next.row))
+            self._next = next(self._records, None)
+        return rows
+
+
+def _write_runs(
+    store: ResultStore,
     study_id: str,
-    runs: Iterable[Any],
+    target: Path,
     manifest_path: Path,
     status_counts: dict[str, int],
     model_ids: set[str],
-) -> Iterator[dict[str, Any]]:
+    *,
+    run_files: bool,
+) -> tuple[int, int]:
+    """runs.csv (through a spool file) and, with ``run_files``, each run's checkpoint and
+    evidence record; returns the rows written and the runs given files."""
+    path = target / "runs.csv"
+    spool = target / ".runs.csv.spool"
+    extra = _ExtraColumns(RUN_CSV_COLUMNS)
+    count = 0
+    try:
+        with (
+            spool.open("w", encoding="utf-8") as out,
+            RunFiles(target) if run_files else nullcontext() as records,
+        ):
+            evaluations = _ByRun(store.iter_evaluations(study_id)) if records else None
+            events = _ByRun(store.iter_events(study_id)) if records else None
+            runs = store.iter_runs(study_id, statuses=_TERMINAL)
+            for run, row in _run_rows(study_id, runs, manifest_path, status_counts, model_ids):
+                if records is not None and evaluations is not None and events is not None:
+                    records.write(run, row, evaluations.take(run.index), events.take(run.index))
+                row.update(_extra_cells(run, extra))
+                out.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
+                count += 1
+            written = records.written if records is not None else 0
+        with spool.open(encoding="utf-8") as spooled:
+            _write_csv(path, [*RUN_CSV_COLUMNS, *extra.order], map(json.loads, spooled))
+    finally:
+        spool.unlink(missing_ok=True)
+    return count, written
+
+
+def _extra_cells(run: RunRecord, extra: _ExtraColumns) -> Iterator[tuple[str, Any]]:
+    """The factor, block and metric cells of one run."""
+    for key, value in (run.factor_assignments or {}).items():
+        yield extra.name("factor", str(key)), value
+    for key, value in (run.block_assignments or {}).items():
+        yield extra.name("block", str(key)), value
+    for key, value in _flat_metrics(run.metrics or {}):
+        if key not in _FIXED_RUN_COLUMNS:  # latency_s, cost_usd, ...: already a column
+            yield extra.name("metric", key), value
+
+
+def _run_rows(
+    study_id: str,
+    runs: Iterable[RunRecord],
+    manifest_path: Path,
+    status_counts: dict[str, int],
+    model_ids: set[str],
+) -> Iterator[tuple[RunRecord, dict[str, Any]]]:
+    """Each run with its runs.csv row (the fixed columns, :data:`RUN_CSV_COLUMNS`)."""
     for run in runs:
         status = _UPSTREAM_STATUS.get(run.status, run.status)
         status_counts[status] = status_counts.get(status, 0) + 1
@@ -316,7 +442,7 @@ def _run_rows(
             "manifest_path": str(manifest_path),
         }
         row.update((name, cell(run)) for name, cell in _RESULT_CELLS)
-        yield row
+        yield run, row
 
 
 _JSON_CELLS = (*STORED_EVALUATIONS.csv_json, *STORED_EVENTS.csv_json)

@@ -209,7 +209,11 @@ def test_complete_export_keeps_the_upstream_contract(exported: dict[str, Any]) -
         _assert_excel_csv(out / name)
 
     header, runs = read_csv(out / "runs.csv")
-    assert header == RUN_COLUMNS
+    # the upstream's columns in order, then studyq's extras: factors, blocks, metric_*
+    assert header[: len(RUN_COLUMNS)] == RUN_COLUMNS
+    extras = header[len(RUN_COLUMNS) :]
+    assert extras[:2] == ["fail", "block_site"]
+    assert extras[2:] and all(name.startswith("metric_") for name in extras[2:]), extras
     assert [row["run_id"] for row in runs] == [record["run_id"] for record in plan]
     for row, record in zip(runs, plan, strict=True):
         expected = (

@@ -1,0 +1,291 @@
+"""The per-run files of an export, in design-research-experiments 0.4.0's formats.
+
+Upstream's commands read runs from files, not from a database:
+
+* ``drexp export-analysis`` rebuilds runs.csv, events.csv and evaluations.csv from
+  ``artifacts/checkpoints/<run_id>.json`` (one ``RunResult`` each; ``runs.jsonl`` is the
+  same records as one ledger);
+* ``drexp draft-paper`` counts runs from ``artifacts/runs/<run_id>/run.json`` (run-evidence
+  schema 0.1.0) plus its ``observations.jsonl`` and ``attachments/``.
+
+:class:`RunFiles` writes both for each exported run, from the values the runs.csv row
+already holds, so that upstream's rebuild gives the same cells. Evidence records are
+redacted as upstream redacts them (credential-like keys and bearer tokens); checkpoints,
+like upstream's, are not.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import IO, Any
+
+from orchestrator.contracts.canonical import canonical_json, to_jsonable
+
+__all__ = ["CHECKPOINTS_DIR", "EVIDENCE_DIR", "RunFiles"]
+
+CHECKPOINTS_DIR = Path("artifacts") / "checkpoints"
+EVIDENCE_DIR = Path("artifacts") / "runs"
+EVIDENCE_SCHEMA_VERSION = "0.1.0"
+_STATUS_REASON = {"success": "completed", "failed": "exception", "skipped": "not_executed"}
+_ATTEMPTED = frozenset({"running", "success", "failed"})
+_TERMINAL = frozenset({"success", "failed", "skipped"})
+_OBSERVED_KEYS = ("problem_family", "agent_kind", "pattern_name", "model_name")
+_SENSITIVE_KEYS = frozenset({
+    "api_key", "authorization", "bearer_token", "client_secret", "credential", "credentials",
+    "password", "private_key", "refresh_token", "secret", "access_token",
+})  # fmt: skip
+_SENSITIVE_SUFFIXES = (
+    "_api_key", "_access_token", "_refresh_token", "_password", "_secret", "_credential",
+    "_credentials", "_private_key",
+)  # fmt: skip
+_SENSITIVE_TEXT = (
+    re.compile(r"(?i)\bbearer\s+[A-Za-z0-9._~+/=-]+"),
+    re.compile(r"(?i)\b(?:api[_ -]?key|access[_ -]?token|refresh[_ -]?token)\s*[:=]\s*\S+"),
+    re.compile(r"\b(?:sk-[A-Za-z0-9_-]{10,}|gh[pousr]_[A-Za-z0-9]{20,})\b"),
+)
+REDACTED = "[REDACTED]"
+
+
+def _pretty(payload: Any) -> str:
+    """``json.dump(indent=2, sort_keys=True, ensure_ascii=True)`` plus a newline."""
+    return json.dumps(payload, indent=2, sort_keys=True, ensure_ascii=True) + "\n"
+
+
+def _sensitive(key: str) -> bool:
+    normalized = key.strip().lower().replace("-", "_").replace(" ", "_")
+    return normalized in _SENSITIVE_KEYS or normalized.endswith(_SENSITIVE_SUFFIXES)
+
+
+def redact(value: Any) -> Any:
+    """Upstream's evidence redaction: credential-like keys and token-like text."""
+    if isinstance(value, Mapping):
+        return {
+            str(key): REDACTED if _sensitive(str(key)) else redact(item)
+            for key, item in value.items()
+        }
+    if isinstance(value, list):
+        return [redact(item) for item in value]
+    if isinstance(value, str):
+        for pattern in _SENSITIVE_TEXT:
+            value = pattern.sub(REDACTED, value)
+    return value
+
+
+def _safe_run_id(run_id: str) -> bool:
+    """Upstream's check that a run id is a plain file name."""
+    return (
+        bool(run_id)
+        and run_id not in {".", ".."}
+        and Path(run_id).name == run_id
+        and ("\\" not in run_id)
+    )
+
+
+class RunFiles:
+    """Writes the checkpoint and the evidence record of each exported run.
+
+    Opening it removes the previous export's per-run files (checkpoint JSON files, the
+    ledger, and evidence ``run.json`` / ``observations.jsonl``, then directories left
+    empty), so a run that is no longer terminal does not linger; anything else a user put
+    there is kept.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.checkpoints = root / CHECKPOINTS_DIR
+        self.evidence = root / EVIDENCE_DIR
+        self.checkpoints.mkdir(parents=True, exist_ok=True)
+        self._clear()
+        self.evidence.mkdir(parents=True, exist_ok=True)
+        self._ledger: IO[str] = (self.checkpoints / "runs.jsonl").open(
+            "w", encoding="utf-8", newline="\n"
+        )
+        self.written = 0
+
+    def _clear(self) -> None:
+        with os.scandir(self.checkpoints) as entries:
+            for entry in entries:
+                if entry.is_file() and entry.name.endswith(".json"):
+                    os.unlink(entry.path)
+        if not self.evidence.is_dir():
+            return
+        with os.scandir(self.evidence) as entries:
+            for entry in entries:
+                if not entry.is_dir(follow_symlinks=False):
+                    continue
+                run_dir = Path(entry.path)
+                for name in ("run.json", "observations.jsonl"):
+                    (run_dir / name).unlink(missing_ok=True)
+                for empty in (run_dir / "attachments", run_dir):
+                    try:
+                        empty.rmdir()
+                    except OSError:
+                        break  # not empty (or absent): leave it
+
+    def __enter__(self) -> RunFiles:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self._ledger.close()
+
+    def write(
+        self,
+        run: Any,
+        row: Mapping[str, Any],
+        evaluations: Sequence[Mapping[str, Any]],
+        events: Sequence[Mapping[str, Any]],
+    ) -> None:
+        """The files of one run: ``row`` is its runs.csv row, ``evaluations`` and ``events``
+        its evaluations.csv / events.csv rows."""
+        if not _safe_run_id(str(run.run_id)):
+            return  # upstream could not name its files either
+        payload = checkpoint_payload(run, row, evaluations, events)
+        (self.checkpoints / f"{run.run_id}.json").write_text(_pretty(payload), encoding="utf-8")
+        self._ledger.write(canonical_json(payload) + "\n")
+        self._write_evidence(payload)
+        self.written += 1
+
+    def _write_evidence(self, checkpoint: Mapping[str, Any]) -> None:
+        run_dir = self.evidence / str(checkpoint["run_id"])
+        (run_dir / "attachments").mkdir(parents=True, exist_ok=True)
+        lines = [canonical_json(redact(event)) for event in checkpoint["observations"]]
+        observations = "\n".join(lines) + "\n" if lines else ""
+        (run_dir / "observations.jsonl").write_text(observations, encoding="utf-8", newline="")
+        record = evidence_payload(
+            checkpoint,
+            self.root,
+            hashlib.sha256(observations.encode("utf-8")).hexdigest(),
+        )
+        (run_dir / "run.json").write_text(_pretty(redact(record)), encoding="utf-8")
+
+
+def checkpoint_payload(
+    run: Any,
+    row: Mapping[str, Any],
+    evaluations: Sequence[Mapping[str, Any]],
+    events: Sequence[Mapping[str, Any]],
+) -> dict[str, Any]:
+    """Upstream's checkpoint of one ``RunResult`` (``to_jsonable(run_result)``), built so
+    that upstream's runs.csv row of it has the cells of studyq's ``row``."""
+    status = str(row["status"])
+    spec_metadata = {
+        "agent_id": row["agent_id"],
+        "problem_id": run.problem_id,
+        "condition_fingerprint": run.condition_fingerprint,
+    }
+    payload = {
+        "run_id": run.run_id,
+        "status": status,
+        "status_reason": _STATUS_REASON.get(status, status),
+        "outputs": run.outputs or {},
+        "metrics": run.metrics or {},
+        "evaluator_outputs": [dict(evaluation) for evaluation in evaluations],
+        "observations": [dict(event) for event in events],
+        "cost": row["cost_usd"],
+        "latency": row["latency_s"],
+        "trace_refs": [str(ref) for ref in run.trace_refs or []],
+        "artifact_refs": [],
+        "error_info": row.get("error_info"),
+        "provenance_info": run.provenance or {},
+        "run_spec": {
+            "run_id": run.run_id,
+            "study_id": run.study_id,
+            "condition_id": run.condition_id,
+            "problem_id": row["problem_id"],
+            "replicate": run.replicate,
+            "seed": run.seed,
+            "agent_spec_ref": run.agent_id,
+            "problem_spec_ref": run.problem_id,
+            "execution_metadata": spec_metadata,
+        },
+        "started_at": row["start_time"],
+        "ended_at": row["end_time"],
+        "configured_execution_metadata": spec_metadata,
+        "observed_execution_metadata": {key: row[key] for key in _OBSERVED_KEYS},
+    }
+    result: dict[str, Any] = to_jsonable(payload)
+    return result
+
+
+def _local_sha256(root: Path, reference: str) -> str | None:
+    """A reference's hash when it is a file inside the study directory (upstream's rule)."""
+    candidate = Path(reference) if Path(reference).is_absolute() else root / reference
+    try:
+        resolved = candidate.resolve()
+        resolved.relative_to(root.resolve())
+    except (OSError, ValueError):
+        return None
+    if not resolved.is_file():
+        return None
+    return hashlib.sha256(resolved.read_bytes()).hexdigest()
+
+
+def evidence_payload(
+    checkpoint: Mapping[str, Any], root: Path, observations_sha256: str
+) -> dict[str, Any]:
+    """Upstream's run-evidence record (schema 0.1.0) of a checkpoint, before redaction."""
+    spec = checkpoint["run_spec"]
+    status = str(checkpoint["status"])
+    provenance = dict(checkpoint["provenance_info"])
+    if isinstance(provenance.get("execution_metadata"), str):
+        try:
+            decoded = json.loads(provenance["execution_metadata"])
+        except json.JSONDecodeError:
+            decoded = None
+        if isinstance(decoded, Mapping):
+            provenance["execution_metadata"] = dict(decoded)
+    return {
+        "schema_version": EVIDENCE_SCHEMA_VERSION,
+        "record_type": "run-evidence",
+        "study_id": spec["study_id"],
+        "condition_id": spec["condition_id"],
+        "run_id": checkpoint["run_id"],
+        "status": status,
+        "status_reason": checkpoint["status_reason"],
+        "attempted": status in _ATTEMPTED,
+        "terminal": status in _TERMINAL,
+        "configured": {
+            "problem_id": spec["problem_id"],
+            "problem_spec_ref": spec["problem_spec_ref"],
+            "agent_spec_ref": spec["agent_spec_ref"],
+            "replicate": spec["replicate"],
+            "seed": spec["seed"],
+            "execution_metadata": checkpoint["configured_execution_metadata"],
+        },
+        "observed": {
+            "execution_metadata": checkpoint["observed_execution_metadata"],
+            "outputs": checkpoint["outputs"],
+            "metrics": checkpoint["metrics"],
+            "evaluations": checkpoint["evaluator_outputs"],
+            "provenance": provenance,
+            "trace_refs": checkpoint["trace_refs"],
+            "artifact_refs": checkpoint["artifact_refs"],
+            "observation_count": len(checkpoint["observations"]),
+        },
+        "timing": {
+            "started_at": checkpoint["started_at"],
+            "ended_at": checkpoint["ended_at"],
+            "latency_s": checkpoint["latency"],
+        },
+        "error": checkpoint["error_info"],
+        "files": {"observations": "observations.jsonl", "attachments": "attachments"},
+        "integrity": {
+            "observations_sha256": observations_sha256,
+            "referenced_artifacts": [
+                {"kind": kind, "reference": str(ref), "sha256": _local_sha256(root, str(ref))}
+                for kind, refs in (("trace", checkpoint["trace_refs"]), ("artifact", []))
+                for ref in refs
+            ],
+        },
+    }
