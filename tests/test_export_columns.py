@@ -1,0 +1,166 @@
+"""runs.csv carries the factor levels and the agent's metrics; each run gets upstream's files.
+
+A real embedded sweep (in this process, SQLite) of an agent with its own metrics, then
+``export_artifacts``; the CSVs are read back as text, as an analysis script would.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from orchestrator.api import run_study
+from orchestrator.export import RUN_CSV_COLUMNS, export_artifacts
+from orchestrator.store import ResultStore
+from workers.execution import agent_result
+
+STUDY_ID = "export-columns"
+RUNS = 2 * 2 * 2 * 2  # seed factor x temperature x site block x replicates
+
+
+def metrics_agent(factors: dict[str, Any], seed: int) -> dict[str, Any]:
+    """An agent with flat, nested and list metrics, and a key that is already a column."""
+    return agent_result(
+        {"text": f"t={factors['temperature']}"},
+        metrics={
+            "quality": seed % 7,
+            "tokens": {"prompt": 3, "completion": {"text": 4}},
+            "tags": ["a", "b"],
+            "cost_usd": 0.5,
+        },
+    )
+
+
+def _study(path: Path) -> Path:
+    study = {
+        "study_id": STUDY_ID,
+        "title": "Export columns",
+        "description": "A factor named like a runs.csv column, a block, agent metrics.",
+        "factors": [
+            {"name": "seed", "levels": [{"name": "one", "value": 1}, {"name": "two", "value": 2}]},
+            {
+                "name": "temperature",
+                "levels": [{"name": "lo", "value": 0.1}, {"name": "hi", "value": 0.9}],
+            },
+        ],
+        "blocks": [{"name": "site", "levels": ["north", "south"]}],
+        "agent_specs": ["metrics-agent"],
+        "problem_ids": ["noop"],
+        "design_spec": {"kind": "full_factorial"},
+        "run_budget": {"replicates": 2},
+    }
+    path.write_text(json.dumps(study), encoding="utf-8")
+    return path
+
+
+def _read(path: Path) -> tuple[list[str], list[dict[str, str]]]:
+    with path.open(encoding="utf-8", newline="") as handle:
+        reader = csv.DictReader(handle)
+        return list(reader.fieldnames or []), list(reader)
+
+
+@pytest.fixture
+def swept(tmp_path: Path) -> tuple[str, Path]:
+    """The finished sweep: its store URL and its working folder."""
+    db = f"sqlite:///{tmp_path / 'store.db'}"
+    outcome = run_study(
+        _study(tmp_path / "study.json"),
+        jobs=1,
+        db=db,
+        export=False,
+        agent_bindings={"metrics-agent": metrics_agent},
+    )
+    assert outcome.counts.get("success") == RUNS, outcome
+    return db, tmp_path
+
+
+@pytest.mark.timeout(120)
+def test_runs_csv_has_factor_block_and_metric_columns(swept: tuple[str, Path]) -> None:
+    """Given a finished sweep of 16 runs whose factor 'seed' shares a runs.csv column's name,
+    when it is exported,
+    then runs.csv keeps the upstream columns first and in order, then the factors (the
+    clashing one as factor_seed), block_site and metric_* (nested keys joined by '.', lists
+    as JSON, cost_usd not repeated), one row per run, each cell the run's own value."""
+    db, folder = swept
+    with ResultStore.open(db) as store:
+        report = export_artifacts(store, STUDY_ID, folder / "out")
+        planned = {run.run_id: run for run in store.iter_runs(STUDY_ID)}
+
+    header, rows = _read(folder / "out" / "runs.csv")
+
+    assert header[: len(RUN_CSV_COLUMNS)] == list(RUN_CSV_COLUMNS)
+    extras = header[len(RUN_CSV_COLUMNS) :]
+    assert extras[:3] == ["factor_seed", "temperature", "block_site"]
+    metric_columns = [name for name in extras if name.startswith("metric_")]
+    assert {"metric_quality", "metric_tokens.prompt", "metric_tokens.completion.text",
+            "metric_tags"} <= set(metric_columns)  # fmt: skip
+    assert "metric_cost_usd" not in extras and "metric_latency_s" not in extras
+    assert len(rows) == report.runs == RUNS == report.run_files
+    assert {row["run_id"] for row in rows} == set(planned)
+    for row in rows:
+        run = planned[row["run_id"]]
+        assert row["factor_seed"] == str(run.factor_assignments["seed"])
+        assert row["seed"] == str(run.seed)  # the run seed stays in its column
+        assert row["temperature"] == str(run.factor_assignments["temperature"])
+        assert row["block_site"] == run.block_assignments["site"]
+        assert row["metric_quality"] == str(run.seed % 7)
+        assert (row["metric_tokens.prompt"], row["metric_tokens.completion.text"]) == ("3", "4")
+        assert row["metric_tags"] == '["a","b"]'
+        assert row["cost_usd"] == "0.5"
+
+
+@pytest.mark.timeout(120)
+def test_each_run_gets_a_checkpoint_and_an_evidence_record(swept: tuple[str, Path]) -> None:
+    """Given the finished sweep exported twice into one folder, with a stale checkpoint and
+    evidence record of a run that is no longer terminal planted in between,
+    then there is one upstream checkpoint and one run-evidence record per exported run (the
+    stale ones gone), their cells are runs.csv's, and run_files=False writes the same
+    runs.csv without them."""
+    db, folder = swept
+    out = folder / "out"
+    with ResultStore.open(db) as store:
+        export_artifacts(store, STUDY_ID, out)
+        (out / "artifacts" / "checkpoints" / "run-stale.json").write_text("{}", encoding="utf-8")
+        stale = out / "artifacts" / "runs" / "run-stale"
+        (stale / "attachments").mkdir(parents=True)
+        (stale / "run.json").write_text("{}", encoding="utf-8")
+        export_artifacts(store, STUDY_ID, out)
+        lean = export_artifacts(store, STUDY_ID, folder / "lean", run_files=False)
+
+    _, rows = _read(out / "runs.csv")
+    checkpoints = sorted((out / "artifacts" / "checkpoints").glob("*.json"))
+    evidence = sorted((out / "artifacts" / "runs").iterdir())
+    ledger = (out / "artifacts" / "checkpoints" / "runs.jsonl").read_text(encoding="utf-8")
+
+    run_ids = sorted(row["run_id"] for row in rows)
+    assert [path.stem for path in checkpoints] == run_ids
+    assert [path.name for path in evidence] == run_ids
+    assert len(ledger.splitlines()) == RUNS
+    by_id = {row["run_id"]: row for row in rows}
+    for path in checkpoints:
+        payload = json.loads(path.read_text(encoding="utf-8"))
+        row = by_id[payload["run_id"]]
+        spec = payload["run_spec"]
+        assert (spec["condition_id"], str(spec["seed"]), str(spec["replicate"])) == (
+            row["condition_id"], row["seed"], row["replicate"],
+        )  # fmt: skip
+        assert payload["status"] == row["status"] == "success"
+        assert payload["metrics"]["quality"] == int(row["metric_quality"])
+        assert len(payload["evaluator_outputs"]) == 1  # noop's score row
+        record = json.loads((out / "artifacts" / "runs" / path.stem / "run.json").read_text())
+        assert (record["record_type"], record["status"], record["terminal"]) == (
+            "run-evidence", "success", True,
+        )  # fmt: skip
+        assert (out / "artifacts" / "runs" / path.stem / "attachments").is_dir()
+    assert lean.run_files == 0
+    assert not list((folder / "lean" / "artifacts" / "checkpoints").iterdir())
+    assert not (folder / "lean" / "artifacts" / "runs").exists()
+    lean_header, lean_rows = _read(folder / "lean" / "runs.csv")
+    assert lean_header == _read(out / "runs.csv")[0]
+    assert [{**row, "manifest_path": ""} for row in lean_rows] == [
+        {**row, "manifest_path": ""} for row in rows
+    ]
