@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from orchestrator.cli.cluster_commands import _describe_error
+from orchestrator.cli.error_fixes import describe_error as _describe_error
 from orchestrator.contracts.results import ErrorKind
 from orchestrator.store.records import ErrorSummary
 
