@@ -2,8 +2,8 @@
 
 ``studyq wait`` (:func:`orchestrator.distributed.wait_study`) runs :meth:`Reconciler.tick`
 every ``reconcile_interval_s``; ``submit`` and ``resubmit`` use :func:`enqueue_planned`. One
-tick is four named steps, each a guarded transition in the store, so two coordinators on one
-study never publish a run twice and a killed coordinator loses nothing::
+tick is five named steps, the first three guarded transitions in the store, so two
+coordinators on one study never publish a run twice and a killed coordinator loses nothing::
 
     publish_planned     planned runs (a submit that died half way, a resubmit elsewhere)
                         are marked queued and published
@@ -14,12 +14,16 @@ study never publish a run twice and a killed coordinator loses nothing::
                         max_attempts); queued runs nobody claimed for queued_timeout_s are
                         published again (store.reconcile)
     refresh             the counts and the progress bar
+    watch_claims        runs queued for ``unclaimed_warning_s`` with none claimed or running:
+                        one line on stderr naming the queue and the database workers must
+                        use (again after ten times as long, and so on; never every tick)
 """
 
 from __future__ import annotations
 
 import queue
 import threading
+import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TypeVar
@@ -178,13 +182,17 @@ class Reconciler:
     settings: Settings
     progress: Progress
     report: TickReport = field(init=False)
+    clock: Callable[[], float] = time.monotonic
     _backlog_unreadable: bool = field(default=False, init=False)
+    _quiet_since: float | None = field(default=None, init=False)
+    _claimed: int = field(default=-1, init=False)
+    _hints: int = field(default=0, init=False)
 
     def __post_init__(self) -> None:
         self.report = TickReport(self.store.count_by_status(self.study_id))
 
     def tick(self) -> None:
-        """One pass: the four steps of the module's docstring, in order.
+        """One pass: the five steps of the module's docstring, in order.
 
         Raises:
             StoreUnavailableError: the database failed; the next tick starts over.
@@ -192,6 +200,7 @@ class Reconciler:
         self.publish_planned()
         self.recover(self.stale_timeout())
         self.refresh()
+        self.watch_claims()
 
     def publish_planned(self) -> None:
         if self.report.counts.get(RunStatus.PLANNED.value, 0):
@@ -252,4 +261,35 @@ class Reconciler:
             done_count(counts),
             counts.get(RunStatus.SUCCESS.value, 0),
             counts.get(RunStatus.FAILED.value, 0),
+        )
+
+    def watch_claims(self) -> None:
+        """Say so when runs wait and nothing claims them: no worker consumes the study's queue
+        with its database (workers down, another ``-Q``, another ``STUDYQ_DATABASE_URL``: a
+        worker returns the messages of studies its database does not hold). Quiet means
+        queued runs, none running, and no run claimed since the last tick (the runs claimed
+        so far, running or finished, unchanged); the first line comes after
+        ``unclaimed_warning_s`` of quiet, the next after ten times as long, then twenty, ..."""
+        threshold = self.settings.unclaimed_warning_s
+        counts = self.report.counts
+        queued = counts.get(RunStatus.QUEUED.value, 0)
+        running = counts.get(RunStatus.RUNNING.value, 0)
+        claimed = running + done_count(counts)
+        now = self.clock()
+        if not threshold or not queued or running or claimed != self._claimed:
+            self._claimed = claimed
+            self._quiet_since = None if not queued or running else now
+            self._hints = 0
+            return
+        if self._quiet_since is None:
+            self._quiet_since = now
+        quiet = now - self._quiet_since
+        if quiet < threshold * (10 * self._hints if self._hints else 1):
+            return
+        self._hints += 1
+        self.progress.write(
+            f"{queued} run{'s' if queued != 1 else ''} queued for {quiet:.0f} s and none "
+            f"claimed: are workers running on queue '{self.queue}' with "
+            f"STUDYQ_DATABASE_URL={self.store.url}? (`studyq check`; a worker returns the "
+            "messages of studies its database does not hold)"
         )

@@ -2,10 +2,19 @@
 
 :func:`run_delivery` is the whole life of one delivery::
 
-    parse ─► study context ─► verified claim (lease) ─┬─► not claimable: acknowledge, count
-                                                      ├─► disagrees with the store: refuse
-                                                      └─► supervise ─► execute_run ─► record
+    parse ─► study context ─┬─► not in this database: return it to the broker (back-off)
+                            └─► verified claim (lease) ─┬─► not claimable: acknowledge, count
+                                                        ├─► disagrees with the store: refuse
+                                                        └─► supervise ─► execute_run ─► record
 
+* **Study context.** A message of a study this worker's database does not hold (another
+  deployment's study on a shared queue, or one deleted since) is never acknowledged:
+  :func:`run_delivery` returns ``NOT_OURS`` after a short, bounded back-off and the task
+  gives the message back to the broker (``Reject(requeue=True)``) for a worker of the
+  deployment that holds it. A process that keeps being handed the same such message
+  (:data:`~workers.foreign.DEAD_LETTER_MIN_RETURNS` times over
+  :data:`~workers.foreign.DEAD_LETTER_AFTER_S` seconds) dead-letters it as
+  ``unknown_study`` instead (:class:`UnknownStudy`); see :mod:`workers.foreign`.
 * **Claim.** ``store.claim_runs`` moves the run ``queued -> running`` with a lease (together
   with the claims of concurrent deliveries: :mod:`workers.claims`), and only for a message
   that carries the registered spec: the claim's own ``WHERE`` compares the digest of the
@@ -40,18 +49,23 @@ What a process keeps between deliveries (store, study contexts, counters) is its
 from __future__ import annotations
 
 import logging
+import time
+import weakref
 from collections.abc import Mapping
 from contextlib import nullcontext
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Any
+from typing import Any, ClassVar
 
+from orchestrator.contracts.deadletters import Reason
 from orchestrator.contracts.errors import RunTimeoutError, StoreError, StudyqError
 from orchestrator.contracts.results import ErrorKind, RunResult, RunStatus, failed_result
 from orchestrator.contracts.runspec import RunSpec, spec_digest
-from orchestrator.store import Claim
+from orchestrator.store import Claim, mask_url
 from orchestrator.store.registration import describe_difference
 from workers.execution import execute_run
+from workers.failures import note_result
+from workers.foreign import ForeignMessages
 from workers.heartbeat import Ending, RunSupervisor
 from workers.interrupt import HandBack, LeaseLost, deferred_termination
 from workers.retrying import retry_unavailable
@@ -61,6 +75,8 @@ __all__ = [
     "InvalidRunMessage",
     "MessageMismatch",
     "Outcome",
+    "UnknownStudy",
+    "foreign_messages",
     "mismatch_reason",
     "parse_delivery",
     "record_hard_kill",
@@ -80,7 +96,8 @@ class Outcome(StrEnum):
     LEASE_LOST = "lease_lost"  # stopped mid-run: cancelled or re-queued elsewhere
     HANDED_BACK = "handed_back"  # warm shutdown: released, attempt refunded; requeue it
     TIMED_OUT = "timed_out"  # over the hard limit; recorded as failed/timeout
-    UNKNOWN_STUDY = "unknown_study"  # the study was deleted after publishing
+    NOT_OURS = "not_ours"  # its study is not in this database: returned to the broker
+    UNKNOWN_STUDY = "unknown_study"  # returned too often, too long (deleted?): dead-lettered
     MISMATCH = "mismatch"  # disagrees with the registered run (forged, or a stale message)
     NOT_RECORDED = "not_recorded"  # the database stayed unreachable for result_retry_s
 
@@ -88,12 +105,50 @@ class Outcome(StrEnum):
 class InvalidRunMessage(StudyqError):
     """A message for the run task that does not carry a run spec; it is dropped."""
 
+    reason: ClassVar[Reason] = Reason.INVALID_RUN
+    """The dead-letter reason the task files the message under."""
+
 
 class MessageMismatch(InvalidRunMessage):
     """A well-formed run message that disagrees with the store: its spec is not the
     registered spec of the run it names (tampered on the broker, or left from an earlier
     registration of the study), it names a run the study does not have, or it claims an
     attempt the run has not reached. Nothing was executed and nothing was written."""
+
+    reason: ClassVar[Reason] = Reason.MISMATCH
+
+
+class UnknownStudy(InvalidRunMessage):
+    """A run message of a study this worker's database does not hold, which this process has
+    returned to the broker too often for too long (:mod:`workers.foreign`): the study was
+    most likely deleted. It is dead-lettered as ``unknown_study``; nothing was executed."""
+
+    reason: ClassVar[Reason] = Reason.UNKNOWN_STUDY
+
+
+_FOREIGN: weakref.WeakKeyDictionary[WorkerRuntime, ForeignMessages] = weakref.WeakKeyDictionary()
+
+
+class _QuietReturns(logging.Filter):
+    """Celery logs every ``Reject`` at WARNING with a traceback (``celery.app.trace``). A
+    returned foreign message is routine on a shared queue and logged by :func:`_not_ours`,
+    so Celery's line for it (the task's ``Reject("not_ours: ...")``) is dropped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        data = getattr(record, "data", None)
+        exc = str(data.get("exc", "")) if isinstance(data, dict) else ""
+        return not exc.startswith(f"Reject('{Outcome.NOT_OURS.value}:")
+
+
+logging.getLogger("celery.app.trace").addFilter(_QuietReturns())
+
+
+def foreign_messages(runtime: WorkerRuntime) -> ForeignMessages:
+    """The foreign deliveries ``runtime``'s process has had (created on first use)."""
+    tracker = _FOREIGN.get(runtime)
+    if tracker is None:
+        tracker = _FOREIGN.setdefault(runtime, ForeignMessages())
+    return tracker
 
 
 def parse_delivery(spec: Any, attempt: Any) -> tuple[RunSpec, int]:
@@ -120,10 +175,12 @@ def run_delivery(runtime: WorkerRuntime, message: Mapping[str, Any], attempt: in
             real attempt, which is the fencing token).
 
     Returns:
-        What the delivery came to. ``HANDED_BACK`` means the message must be requeued.
+        What the delivery came to. ``HANDED_BACK`` and ``NOT_OURS`` mean the message must be
+        requeued (``NOT_OURS`` after the back-off of :mod:`workers.foreign`, already waited).
 
     Raises:
-        InvalidRunMessage: the message is not a run message.
+        InvalidRunMessage: the message is not a run message (:class:`UnknownStudy`: of a
+            study this database has not held for a long time).
         StoreUnavailableError: the database stayed unreachable for ``result_retry_s`` before
             the run was claimed (nothing executed; redeliver the message).
         StoreError: the store refused the claim for a reason retrying cannot fix.
@@ -133,15 +190,8 @@ def run_delivery(runtime: WorkerRuntime, message: Mapping[str, Any], attempt: in
         return Outcome.HANDED_BACK
     study = runtime.study(spec.study_id)
     if study is None:
-        count = runtime.count(Outcome.UNKNOWN_STUDY)
-        log.info(
-            "ignoring run %s (index %d): study %s is not registered (deleted?) [%d so far]",
-            spec.run_id,
-            spec.index,
-            spec.study_id,
-            count,
-        )
-        return Outcome.UNKNOWN_STUDY
+        return _not_ours(runtime, spec, published_attempt)
+    foreign_messages(runtime).own()
     settings = runtime.settings
     digest = spec_digest(dict(message))
     durable = settings.at_most_once or study.at_most_once
@@ -184,6 +234,36 @@ def run_delivery(runtime: WorkerRuntime, message: Mapping[str, Any], attempt: in
         )
         return _record(runtime, claim, unrunnable)
     return _execute(runtime, study, spec, claim)
+
+
+def _not_ours(runtime: WorkerRuntime, spec: RunSpec, attempt: int) -> Outcome:
+    """A message of a study this database does not hold: wait the back-off and return
+    ``NOT_OURS`` (the task requeues it), or raise :class:`UnknownStudy` to dead-letter it."""
+    verdict = foreign_messages(runtime).returned(
+        spec.study_id, (spec.study_id, spec.index, spec.run_id, attempt)
+    )
+    database = mask_url(runtime.store.engine.url)
+    if verdict.dead_letter:
+        runtime.count(Outcome.UNKNOWN_STUDY)
+        raise UnknownStudy(
+            f"run {spec.run_id} (index {spec.index}) of study {spec.study_id}: the study is not "
+            f"in this worker's database {database}, and this worker has been handed the message "
+            f"back {verdict.returns} times (deleted study?)"
+        )
+    count = runtime.count(Outcome.NOT_OURS)
+    log.log(
+        logging.INFO if verdict.first_of_study else logging.DEBUG,
+        "returning run %s (index %d) to the broker: study %s is not in this worker's database "
+        "%s (another deployment's study on a shared queue, or deleted) [%d so far]",
+        spec.run_id,
+        spec.index,
+        spec.study_id,
+        database,
+        count,
+    )
+    if verdict.backoff_s:
+        time.sleep(verdict.backoff_s)
+    return Outcome.NOT_OURS
 
 
 def _release(runtime: WorkerRuntime, claim: Claim) -> bool:
@@ -301,6 +381,7 @@ def _record(runtime: WorkerRuntime, claim: Claim, result: RunResult) -> Outcome:
     """Write the result (retrying through an outage; the run is never re-executed), or hand
     it to the process's writer thread (:mod:`workers.writer`) and return the run's own
     status: under Celery the write then overlaps the delivery of the next run."""
+    note_result(result)  # the task reports a failed run as a failure (workers.failures)
     if runtime.write_behind:
         runtime.writer.submit(claim, result)
         return Outcome.SUCCESS if result.status is RunStatus.SUCCESS else Outcome.FAILED

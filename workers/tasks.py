@@ -39,7 +39,6 @@ from workers.poison import Poison
 from workers.quarantine import quarantine
 from workers.runtask import (
     InvalidRunMessage,
-    MessageMismatch,
     Outcome,
     record_hard_kill,
     run_delivery,
@@ -177,13 +176,16 @@ def register_run_task(app: StudyqCelery) -> Any:
             outcome = run_delivery(app.runtime(self.request.hostname), spec, attempt)
         except InvalidRunMessage as error:
             # The main process dead-letters it (RunRequest.on_failure) and acknowledges it.
-            reason = Reason.MISMATCH if isinstance(error, MessageMismatch) else Reason.INVALID_RUN
-            raise Quarantined(reason, str(error)) from None
+            # Reason: invalid_run, mismatch (MessageMismatch), unknown_study (UnknownStudy).
+            raise Quarantined(error.reason, str(error)) from None
         except StoreUnavailableError as error:
             # Nothing ran (the claim never happened): put the message back for later.
             raise Reject(f"result store unavailable: {error}", requeue=True) from None
         if outcome is Outcome.HANDED_BACK:
             raise Reject("handed back on warm shutdown", requeue=True)
+        if outcome is Outcome.NOT_OURS:
+            # Another deployment's study (shared queue): back to the broker, never acked.
+            raise Reject(f"{outcome.value}: study not in this worker's database", requeue=True)
         return outcome.value
 
     return run

@@ -63,6 +63,7 @@ class Reason(StrEnum):
     INVALID_TASK = "invalid_task"  # Celery refused the task message itself
     INVALID_RUN = "invalid_run"  # the run task's arguments are not a run message
     MISMATCH = "mismatch"  # a run message that disagrees with the store (forged or stale)
+    UNKNOWN_STUDY = "unknown_study"  # its study left the database (deleted): see workers.foreign
 
 
 def dead_letter_key(queue: str, *, prefix: str = "") -> str:

@@ -71,6 +71,13 @@ class Settings(BaseSettings):
     reconcile_interval_s: float = Field(
         default=5.0, gt=0, description="How often `studyq wait` reconciles and redraws."
     )
+    unclaimed_warning_s: float = Field(
+        default=60.0,
+        ge=0,
+        description="`studyq wait` says so (on stderr) when runs have been queued this long "
+        "with no run claimed or running, and names the queue and database workers must use; "
+        "again after ten times as long, and so on. 0: never.",
+    )
     max_study_bytes: int = Field(
         default=10 * 1024 * 1024, gt=0, description="Study files larger than this are refused."
     )
