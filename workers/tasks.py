@@ -8,9 +8,14 @@ attempt the run was published for). It is ``acks_late`` with ``reject_on_worker_
 message is acknowledged only after its run is recorded (or found not claimable), and a message
 whose worker process died is requeued; a duplicate delivery costs one claim query.
 
-Its outcome (``success``, ``failed``, ``duplicate``, ...; see
-:class:`~workers.runtask.Outcome`) is the task's return value, which Flower shows; results
-themselves live in the store (``task_ignore_result``). A run handed back by a warm shutdown
+Its outcome (``success``, ``duplicate``, ...; see :class:`~workers.runtask.Outcome`) is the
+task's return value, which Flower shows; results themselves live in the store
+(``task_ignore_result``). A run that failed (its result is ``failed``, a timeout included)
+raises :class:`~workers.failures.RunFailed` instead, once its result is recorded (or queued
+on the writer thread): the task's state is ``FAILURE`` and Flower's exception column shows
+the run's error class and message; the message is acknowledged as for a success, never
+retried, and the worker logs it at INFO (``throws``). A duplicate delivery of a failed run
+is a success (``duplicate``): it changed nothing. A run handed back by a warm shutdown
 raises ``Reject(requeue=True)`` so its message goes back on the queue.
 
 Time limits (prefork): the message's hard limit is ``execution.timeout_s +
@@ -35,6 +40,7 @@ from celery.worker.request import Request
 from orchestrator.contracts.deadletters import Reason
 from orchestrator.contracts.errors import StoreUnavailableError
 from orchestrator.contracts.wire import RUN_ARGUMENTS, TASK_NAME, WIRE_HEADER, WIRE_VERSION
+from workers.failures import RunFailed, take_failure
 from workers.poison import Poison
 from workers.quarantine import quarantine
 from workers.runtask import (
@@ -156,6 +162,18 @@ def _record_hard_kill(
         log.exception("recording the hard time limit of a run failed")
 
 
+def _run_failed(outcome: Outcome, spec: Any) -> RunFailed | None:
+    """What the task of a run that failed raises (see :mod:`workers.failures`): the run's
+    own error class and message; None for every other outcome (a duplicate delivery of a
+    failed run included: it changed nothing)."""
+    noted = take_failure(str(spec.get("run_id", ""))) if isinstance(spec, dict) else None
+    if outcome is Outcome.TIMED_OUT:
+        return RunFailed("RunTimeoutError", "over its time limit; recorded as failed (timeout)")
+    if outcome is not Outcome.FAILED:
+        return None
+    return noted or RunFailed("RunFailed", "the run failed; its error is in the store")
+
+
 def register_run_task(app: StudyqCelery) -> Any:
     """Register ``studyq.run`` on ``app`` and return the task."""
 
@@ -167,6 +185,7 @@ def register_run_task(app: StudyqCelery) -> Any:
         reject_on_worker_lost=True,
         ignore_result=True,
         Request=RunRequest,
+        throws=(RunFailed,),  # a failed run: logged at INFO, no traceback
     )
     def run(self: Any, *args: Any, **kwargs: Any) -> str:
         """Claim, execute and record one run (workers.runtask.run_delivery)."""
@@ -186,6 +205,9 @@ def register_run_task(app: StudyqCelery) -> Any:
         if outcome is Outcome.NOT_OURS:
             # Another deployment's study (shared queue): back to the broker, never acked.
             raise Reject(f"{outcome.value}: study not in this worker's database", requeue=True)
+        failure = _run_failed(outcome, spec)
+        if failure is not None:
+            raise failure  # FAILURE in Celery and Flower; acknowledged all the same
         return outcome.value
 
     return run
