@@ -271,6 +271,8 @@ def test_flowers_failed_filter_lists_exactly_the_failed_runs(
         assert log.count(f"raised expected: RunFailed({ERROR!r})") == 4, log
         assert "Traceback" not in log and "ERROR/" not in log, log
         assert "'failed'" not in log, log  # no "succeeded in 0.005s: 'failed'" any more
+        # and no message came back: each failed run's message was acknowledged once
+        assert "not claimable" not in log, log
 
 
 @pytest.mark.redis_only("Flower's login does not depend on the broker")
@@ -290,6 +292,9 @@ def test_the_run_task_raises_for_a_failed_run_and_returns_otherwise(store_url: s
     run's outcome."""
     app = create_app(worker_settings(store_url))
     task = app.tasks[TASK_NAME]
+    # (a failure is acknowledged late, as a success is: not requeued, not retried)
+    assert task.acks_late and task.acks_on_failure is True
+    assert not getattr(task, "autoretry_for", None)
     try:
         with ResultStore.open(store_url) as store:
             # Given a queued sweep of the flaky agent: run 0 fails, run 1 succeeds
