@@ -383,7 +383,8 @@ def _write_runs(
         ):
             evaluations = _ByRun(store.iter_evaluations(study_id)) if records else None
             events = _ByRun(store.iter_events(study_id)) if records else None
-            runs = store.iter_runs(study_id, statuses=_TERMINAL)
+            every = store.iter_runs(study_id, statuses=None if records else _TERMINAL)
+            runs = _terminal(every, records)
             for run, row in _run_rows(study_id, runs, manifest_path, status_counts, model_ids):
                 if records is not None and evaluations is not None and events is not None:
                     records.write(run, row, evaluations.take(run.index), events.take(run.index))
@@ -396,6 +397,15 @@ def _write_runs(
     finally:
         spool.unlink(missing_ok=True)
     return count, written
+
+
+def _terminal(runs: Iterable[RunRecord], records: RunFiles | None) -> Iterator[RunRecord]:
+    """The terminal runs; the others get their evidence record only (with ``records``)."""
+    for run in runs:
+        if run.status in _TERMINAL:
+            yield run
+        elif records is not None:
+            records.write_unfinished(run)
 
 
 def _extra_cells(run: RunRecord, extra: _ExtraColumns) -> Iterator[tuple[str, Any]]:

@@ -6,7 +6,8 @@ Upstream's commands read runs from files, not from a database:
   ``artifacts/checkpoints/<run_id>.json`` (one ``RunResult`` each; ``runs.jsonl`` is the
   same records as one ledger);
 * ``drexp draft-paper`` counts runs from ``artifacts/runs/<run_id>/run.json`` (run-evidence
-  schema 0.1.0) plus its ``observations.jsonl`` and ``attachments/``.
+  schema 0.1.0) plus its ``observations.jsonl`` and ``attachments/``; upstream keeps one for
+  every planned run, so a run not finished yet gets a ``pending`` / ``running`` record.
 
 :class:`RunFiles` writes both for each exported run, from the values the runs.csv row
 already holds, so that upstream's rebuild gives the same cells. Evidence records are
@@ -32,7 +33,13 @@ __all__ = ["CHECKPOINTS_DIR", "EVIDENCE_DIR", "RunFiles"]
 CHECKPOINTS_DIR = Path("artifacts") / "checkpoints"
 EVIDENCE_DIR = Path("artifacts") / "runs"
 EVIDENCE_SCHEMA_VERSION = "0.1.0"
-_STATUS_REASON = {"success": "completed", "failed": "exception", "skipped": "not_executed"}
+_STATUS_REASON = {
+    "pending": "awaiting_execution",
+    "running": "execution_started",
+    "success": "completed",
+    "failed": "exception",
+    "skipped": "not_executed",
+}
 _ATTEMPTED = frozenset({"running", "success", "failed"})
 _TERMINAL = frozenset({"success", "failed", "skipped"})
 _OBSERVED_KEYS = ("problem_family", "agent_kind", "pattern_name", "model_name")
@@ -155,6 +162,29 @@ class RunFiles:
         self._ledger.write(canonical_json(payload) + "\n")
         self._write_evidence(payload)
         self.written += 1
+
+    def write_unfinished(self, run: Any) -> None:
+        """The evidence record of a run not finished yet (``pending``, or ``running`` with
+        its start time), as upstream keeps one for every planned run; no checkpoint."""
+        if not _safe_run_id(str(run.run_id)):
+            return
+        status = "running" if run.status == "running" else "pending"
+        started = run.started_at.isoformat() if status == "running" and run.started_at else None
+        row = {
+            "status": status,
+            "agent_id": "" if run.agent_id is None else run.agent_key,
+            "problem_id": run.problem_key,
+            "cost_usd": 0.0,
+            "latency_s": 0.0,
+            "error_info": None,
+            "start_time": started,
+            "end_time": None,
+            **{key: "unknown" for key in _OBSERVED_KEYS},
+        }
+        payload = checkpoint_payload(run, row, (), ())
+        payload.update(outputs={}, metrics={}, trace_refs=[], provenance_info={})
+        payload["observed_execution_metadata"] = {}
+        self._write_evidence(payload)
 
     def _write_evidence(self, checkpoint: Mapping[str, Any]) -> None:
         run_dir = self.evidence / str(checkpoint["run_id"])

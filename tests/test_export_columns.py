@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -164,3 +165,38 @@ def test_each_run_gets_a_checkpoint_and_an_evidence_record(swept: tuple[str, Pat
     assert [{**row, "manifest_path": ""} for row in lean_rows] == [
         {**row, "manifest_path": ""} for row in rows
     ]
+
+
+@pytest.mark.timeout(120)
+def test_a_partial_export_keeps_an_evidence_record_for_every_planned_run(tmp_path: Path) -> None:
+    """Given a sweep stopped after 5 of its 16 runs,
+    when it is exported,
+    then runs.csv and the checkpoints hold the 5 finished runs, and every planned run has an
+    evidence record: the 11 others as 'pending', not attempted, not terminal (what
+    draft-paper counts as incomplete)."""
+    db = f"sqlite:///{tmp_path / 'store.db'}"
+    outcome = run_study(
+        _study(tmp_path / "study.json"),
+        jobs=1,
+        db=db,
+        limit=5,
+        export=False,
+        agent_bindings={"metrics-agent": metrics_agent},
+    )
+    assert outcome.counts.get("success") == 5, outcome
+
+    with ResultStore.open(db) as store:
+        report = export_artifacts(store, STUDY_ID, tmp_path / "out")
+
+    out = tmp_path / "out"
+    _, rows = _read(out / "runs.csv")
+    checkpoints = sorted(path.stem for path in (out / "artifacts" / "checkpoints").glob("*.json"))
+    records = [
+        json.loads(path.read_text(encoding="utf-8"))
+        for path in sorted((out / "artifacts" / "runs").glob("*/run.json"))
+    ]
+    assert (report.runs, report.runs_planned, report.run_files) == (5, RUNS, 5)
+    assert checkpoints == sorted(row["run_id"] for row in rows)
+    assert len(records) == RUNS
+    states = Counter((r["status"], r["attempted"], r["terminal"]) for r in records)
+    assert states == {("success", True, True): 5, ("pending", False, False): RUNS - 5}
