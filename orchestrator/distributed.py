@@ -34,6 +34,7 @@ from orchestrator.progress import Progress
 from orchestrator.reconcile import Reconciler, done_count, enqueue_planned
 from orchestrator.store import ResultStore
 from orchestrator.store.engine import transaction
+from orchestrator.store.lookup import open_existing, require_study
 from orchestrator.store.recovery import CancelReport, cancel_study
 from orchestrator.study.designs import condition_label
 from orchestrator.study.model import Study
@@ -159,13 +160,8 @@ def wait_study(
     settings = settings or load_settings()
     broker_url = _broker(settings, broker)
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
-    with ResultStore.open(db or settings.database_url) as store:
-        info = store.find_study(study_id)
-        if info is None:
-            raise StudyError(
-                f"study '{study_id}' is not in the store. Fix: `studyq submit STUDY` first; "
-                "`studyq status` lists the studies there."
-            )
+    with open_existing(db or settings.database_url, command="wait") as store:
+        info = require_study(store, study_id, command="wait")
         execution: Mapping[str, Any] = info.definition.get("execution") or {}
         counts = store.count_by_status(study_id)
         with (
@@ -217,10 +213,8 @@ def resubmit(
     settings = settings or load_settings()
     broker_url = _broker(settings, broker)
     started = time.perf_counter()
-    with ResultStore.open(db or settings.database_url) as store:
-        info = store.find_study(study_id)
-        if info is None:
-            raise StudyError(f"study '{study_id}' is not in the store.")
+    with open_existing(db or settings.database_url, command="resubmit") as store:
+        info = require_study(store, study_id, command="resubmit")
         moved = store.requeue_for_resubmit(
             study_id, statuses=list(statuses), error_contains=error_contains, where=where
         )
@@ -282,9 +276,8 @@ def cancel(
             if terminate and (broker or settings.broker_url)
             else None
         )
-        store = stack.enter_context(ResultStore.open(db or settings.database_url))
-        if store.find_study(study_id) is None:
-            raise StudyError(f"study '{study_id}' is not in the store.")
+        store = stack.enter_context(open_existing(db or settings.database_url, command="cancel"))
+        require_study(store, study_id, command="cancel")
         report = _cancel_until_unlocked(
             store,
             study_id,
@@ -354,17 +347,14 @@ def study_status(
     error classes."""
     settings = settings or load_settings()
     detail = (study_id is not None) if detail is None else detail
-    with ResultStore.open(db or settings.database_url) as store:
-        infos = store.list_studies() if study_id is None else [store.find_study(study_id)]
-        if study_id is not None and infos[0] is None:
-            raise StudyError(
-                f"study '{study_id}' is not in the store ({store.url}). "
-                "Fix: `studyq status` lists the studies there."
-            )
+    with open_existing(db or settings.database_url, command="status") as store:
+        infos = (
+            store.list_studies()
+            if study_id is None
+            else [require_study(store, study_id, command="status")]
+        )
         out = []
         for info in infos:
-            if info is None:
-                continue
             counts = store.count_by_status(info.study_id)
             stats = store.progress_stats(info.study_id)
             remaining = sum(

@@ -74,13 +74,31 @@ def test_export_of_an_unknown_study_names_the_store_and_its_studies(
     assert not Path("artifacts").exists() and not out
 
 
-def test_export_from_a_store_that_does_not_exist_creates_nothing(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["export", "x"],
+        ["status"],
+        ["status", "x"],
+        ["wait", "x", "--broker", "redis://127.0.0.1:6379/13", "--no-progress"],
+        ["resubmit", "x", "--broker", "redis://127.0.0.1:6379/13"],
+        ["cancel", "x"],
+        ["delete", "x", "--yes"],
+        ["runs", "x"],
+        ["show", "run-0123456789ab"],
+    ],
+    ids=lambda argv: "-".join(argv[:2]),
+)
+def test_a_store_that_does_not_exist_is_named_and_not_created(
+    command: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    # Given a --db naming a SQLite file that does not exist (a typo, another folder)
     db = f"sqlite:///{tmp_path / 'nowhere.db'}"
-    code, _, err = run_main(["export", "x", "--db", db], capsys)
+    # When a command that reads or changes an existing study uses it
+    code, _, err = run_main([*command, "--db", db], capsys)
+    # Then one line names the file and the fix, exit 2, and no empty store is left behind
     assert code == EXIT_USAGE, err
-    one_clear_line(err, "no study 'x'", "does not exist")
+    one_clear_line(err, "nowhere.db", "does not exist")
     assert not (tmp_path / "nowhere.db").exists()
 
 

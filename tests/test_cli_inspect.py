@@ -242,7 +242,7 @@ def test_runs_of_an_unknown_study_exits_2(
 ) -> None:
     code, _, err = run_main(["runs", "no-such-study", "--db", sqlite_db], capsys)
     assert code == EXIT_USAGE
-    one_clear_line(err, "no study 'no-such-study'", "`studyq status`")
+    one_clear_line(err, "no study 'no-such-study'", "studies: inspect-study")
 
 
 # --- show -------------------------------------------------------------------------------------
@@ -299,16 +299,6 @@ def test_show_of_an_unknown_run_exits_2_with_did_you_mean(
     code, out, err = run_main(["show", "run-nothing-like-it", "--db", sqlite_db], capsys)
     assert code == EXIT_USAGE and out == ""
     one_clear_line(err, "`studyq runs STUDY` lists a study's run ids", STUDY_ID)
-
-
-def test_show_of_a_store_that_does_not_exist_creates_none(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    missing = tmp_path / "nowhere.db"
-    code, _, err = run_main(["show", "run-0", "--db", f"sqlite:///{missing}"], capsys)
-    assert code == EXIT_USAGE
-    one_clear_line(err, f"no store at {missing}")
-    assert not missing.exists()
 
 
 # --- PostgreSQL -------------------------------------------------------------------------------

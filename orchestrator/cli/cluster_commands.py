@@ -383,8 +383,8 @@ def _check(args: argparse.Namespace) -> int:
     settings = load_settings()
     db_url = args.db or settings.database_url
     healthy = EXIT_OK
-    from orchestrator.cli.run_commands import missing_sqlite_file
     from orchestrator.contracts.errors import StoreError
+    from orchestrator.store.lookup import missing_sqlite_file
 
     try:
         missing = missing_sqlite_file(db_url)  # connecting would create an empty one

@@ -36,6 +36,7 @@ from orchestrator.store.inspection import (
     run_events,
     similar_run_ids,
 )
+from orchestrator.store.lookup import open_existing, require_study
 
 __all__ = ["register"]
 
@@ -101,20 +102,15 @@ def _usage(command: str, message: str) -> int:
 
 
 @contextmanager
-def _reading(command: str, flag: str | None) -> Iterator[tuple[ResultStore, Connection] | str]:
-    """The store and a read-only connection, or the one-line reason it cannot be read (a
-    SQLite file that does not exist is not created)."""
-    from orchestrator.cli.run_commands import missing_sqlite_file
+def _reading(command: str, flag: str | None) -> Iterator[tuple[ResultStore, Connection]]:
+    """The store and a read-only connection (a SQLite file that does not exist is refused,
+    not created: :func:`~orchestrator.store.lookup.open_existing`)."""
 
     url = flag or load_settings().database_url
-    missing = missing_sqlite_file(url)
-    if missing:
-        yield (
-            f"no store at {missing}. Fix: pass --db (or set STUDYQ_DATABASE_URL) to the URL "
-            "`studyq run` or `studyq submit` used."
-        )
-        return
-    with ResultStore.open(url) as store, transaction(store.engine, readonly=True) as connection:
+    with (
+        open_existing(url, command=command) as store,
+        transaction(store.engine, readonly=True) as connection,
+    ):
         yield store, connection
 
 
@@ -220,17 +216,8 @@ def _no_such_metric(connection: Connection, study_id: str, name: str) -> str:
 
 
 def _runs(args: argparse.Namespace) -> int:
-    with _reading("runs", args.db) as opened:
-        if isinstance(opened, str):
-            return _usage("runs", opened)
-        store, connection = opened
-        info = store.find_study(args.study_id)
-        if info is None:
-            return _usage(
-                "runs",
-                f"no study '{args.study_id}' in {mask_url(store.url)}. Fix: `studyq status` "
-                "lists the studies there.",
-            )
+    with _reading("runs", args.db) as (store, connection):
+        info = require_study(store, args.study_id, command="runs")
         resolved = _resolve_metric(connection, info, args.metric)
         if isinstance(resolved, str) and (args.best is not None or args.metric is not None):
             return _usage("runs", resolved)
@@ -311,10 +298,7 @@ def _print_table(
 
 
 def _show(args: argparse.Namespace) -> int:
-    with _reading("show", args.db) as opened:
-        if isinstance(opened, str):
-            return _usage("show", opened)
-        store, connection = opened
+    with _reading("show", args.db) as (store, connection):
         runs = find_runs_anywhere(connection, args.run_id)
         if not runs:
             near = similar_run_ids(connection, args.run_id)

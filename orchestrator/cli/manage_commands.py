@@ -7,7 +7,6 @@ import sys
 from typing import Any
 
 from orchestrator.cli import EXIT_OK, EXIT_USAGE, add_command
-from orchestrator.contracts.errors import StudyError
 from orchestrator.contracts.settings import load_settings
 
 __all__ = ["register"]
@@ -31,24 +30,11 @@ def register(subparsers: Any) -> None:
 
 
 def _delete(args: argparse.Namespace) -> int:
-    from orchestrator.cli.run_commands import missing_sqlite_file, no_such_study
-    from orchestrator.store import ResultStore, mask_url
+    from orchestrator.store.lookup import open_existing, require_study
 
     url = args.db or load_settings().database_url
-    missing = missing_sqlite_file(url)
-    if missing:  # opening it would create it
-        raise StudyError(
-            f"studyq delete: no study '{args.study_id}' in {mask_url(url)}: the file {missing} "
-            "does not exist. Fix: point --db / STUDYQ_DATABASE_URL at the study's store."
-        )
-    with ResultStore.open(url) as store:
-        if store.find_study(args.study_id) is None:
-            raise no_such_study(
-                args.study_id,
-                store.url,
-                [s.study_id for s in store.list_studies()],
-                command="delete",
-            )
+    with open_existing(url, command="delete") as store:
+        require_study(store, args.study_id, command="delete")
         counts = {status: n for status, n in store.count_by_status(args.study_id).items() if n}
         held = ", ".join(f"{n:,} {status}" for status, n in counts.items()) or "no runs"
         if not args.yes:

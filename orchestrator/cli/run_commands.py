@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 from typing import Any
 
 from orchestrator.cli import (
@@ -16,7 +15,7 @@ from orchestrator.cli import (
     positive_float,
     positive_int,
 )
-from orchestrator.contracts.errors import StudyConflictError, StudyError
+from orchestrator.contracts.errors import StudyConflictError
 from orchestrator.contracts.settings import load_settings
 from orchestrator.study.plan import DISPATCH_ORDERS
 
@@ -193,21 +192,11 @@ def _run_distributed(args: argparse.Namespace) -> int:
 
 def _export(args: argparse.Namespace) -> int:
     from orchestrator.export import export_artifacts
-    from orchestrator.store import ResultStore, mask_url
+    from orchestrator.store.lookup import open_existing, require_study
 
     url = args.db or load_settings().database_url
-    missing = missing_sqlite_file(url)
-    if missing:  # opening it would create it
-        raise StudyError(
-            f"studyq export: no study '{args.study_id}' in {mask_url(url)}: the file {missing} "
-            "does not exist. Fix: run from the folder the study ran in, or point --db / "
-            "STUDYQ_DATABASE_URL at its store."
-        )
-    with ResultStore.open(url) as store:
-        if store.find_study(args.study_id) is None:
-            raise no_such_study(
-                args.study_id, store.url, [s.study_id for s in store.list_studies()]
-            )
+    with open_existing(url, command="export") as store:
+        require_study(store, args.study_id, command="export")
         report = export_artifacts(store, args.study_id, args.out)
     state = (
         f"partial: {report.runs} of {report.runs_planned} runs finished"
@@ -220,39 +209,6 @@ def _export(args: argparse.Namespace) -> int:
     )
     return EXIT_OK
 
-
-_LISTED_STUDIES = 20
-
-
-def no_such_study(
-    study_id: str, where: str, known: list[str], *, command: str = "export"
-) -> StudyError:
-    elsewhere = "point --db / STUDYQ_DATABASE_URL at the store the study ran in"
-    if not known:
-        listed, fix = "it holds no studies", f"run or submit the study first, or {elsewhere}"
-    else:
-        listed = "studies: " + ", ".join(known[:_LISTED_STUDIES])
-        if len(known) > _LISTED_STUDIES:
-            listed += f", ... ({len(known)} in all; `studyq status` lists them)"
-        fix = f"pass one of these study_ids, or {elsewhere}"
-    return StudyError(f"studyq {command}: no study '{study_id}' in {where}; {listed}. Fix: {fix}.")
-
-
-def missing_sqlite_file(url: str) -> str | None:
-    """The path of the SQLite file ``url`` names when it does not exist, else None (also for
-    in-memory SQLite and PostgreSQL). Opening a SQLite store creates its file: commands that
-    only read check first.
-
-    Raises:
-        StoreError: the URL cannot be parsed or names an unsupported backend.
-    """
-    from orchestrator.store import normalize_url
-
-    parsed = normalize_url(url)
-    database = parsed.database
-    if parsed.get_backend_name() != "sqlite" or not database or database == ":memory:":
-        return None
-    return None if Path(database).exists() else database
 
 
 def _db(args: argparse.Namespace) -> int:

@@ -37,7 +37,7 @@ from orchestrator.contracts.results import ErrorKind, RunStatus
 from orchestrator.contracts.runspec import RunSpec
 from orchestrator.contracts.settings import Settings, load_settings
 from orchestrator.contracts.wire import CONTENT_TYPE
-from orchestrator.store import mask_url
+from orchestrator.store import ResultStore, mask_url
 from orchestrator.store.records import StudyInfo
 from workers.app import create_app
 from workers.config import load_worker_settings
@@ -198,10 +198,11 @@ def test_submit_accepts_a_rediss_broker_and_masks_it(
 
 def test_wait_accepts_a_rediss_broker(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     db = f"sqlite:///{tmp_path / 'studyq.db'}"
+    ResultStore.open(db).close()
     rediss = "rediss://:pw@127.0.0.1:6380/0?ssl_cert_reqs=required"
     # The broker check passes; the study is then not found in the (empty) store.
     assert main(["wait", "nope", "--db", db, "--broker", rediss, "--no-progress"]) == EXIT_USAGE
-    assert "'nope' is not in the store" in capsys.readouterr().err
+    assert "no study 'nope'" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("command", ["submit", "wait"])
