@@ -21,12 +21,10 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
-
-from orchestrator.contracts.canonical import canonical_json, to_jsonable
 
 __all__ = ["CHECKPOINTS_DIR", "EVIDENCE_DIR", "RunFiles"]
 
@@ -59,9 +57,19 @@ _SENSITIVE_TEXT = (
 REDACTED = "[REDACTED]"
 
 
-def _pretty(payload: Any) -> str:
-    """``json.dump(indent=2, sort_keys=True, ensure_ascii=True)`` plus a newline."""
-    return json.dumps(payload, indent=2, sort_keys=True, ensure_ascii=True) + "\n"
+_MAYBE_SENSITIVE = re.compile(
+    r"api|authorization|bearer|secret|credential|password|private|token|sk-|gh[pousr]_"
+)
+"""A lowercased JSON text without any of these has nothing :func:`redact` would change
+(every sensitive key and text pattern contains one), so the walk is skipped."""
+
+
+def _compact(payload: Any) -> str:
+    """Upstream's ``stable_json_dumps`` (sorted keys, no spaces, ASCII): the C encoder, so a
+    million runs stay fast (the files are read back with ``json.load``, format-agnostic)."""
+    return json.dumps(
+        payload, sort_keys=True, separators=(",", ":"), ensure_ascii=True, default=str
+    )
 
 
 def _sensitive(key: str) -> bool:
@@ -81,6 +89,10 @@ def redact(value: Any) -> Any:
     if isinstance(value, str):
         for pattern in _SENSITIVE_TEXT:
             value = pattern.sub(REDACTED, value)
+    return value
+
+
+def _as_is(value: Any) -> Any:
     return value
 
 
@@ -158,9 +170,11 @@ class RunFiles:
         if not _safe_run_id(str(run.run_id)):
             return  # upstream could not name its files either
         payload = checkpoint_payload(run, row, evaluations, events)
-        (self.checkpoints / f"{run.run_id}.json").write_text(_pretty(payload), encoding="utf-8")
-        self._ledger.write(canonical_json(payload) + "\n")
-        self._write_evidence(payload)
+        text = _compact(payload)
+        with open(self.checkpoints / f"{run.run_id}.json", "w", encoding="utf-8") as handle:
+            handle.write(text + "\n")
+        self._ledger.write(text + "\n")
+        self._write_evidence(payload, clean=not _MAYBE_SENSITIVE.search(text.lower()))
         self.written += 1
 
     def write_unfinished(self, run: Any) -> None:
@@ -184,20 +198,24 @@ class RunFiles:
         payload = checkpoint_payload(run, row, (), ())
         payload.update(outputs={}, metrics={}, trace_refs=[], provenance_info={})
         payload["observed_execution_metadata"] = {}
-        self._write_evidence(payload)
+        self._write_evidence(payload, clean=False)
 
-    def _write_evidence(self, checkpoint: Mapping[str, Any]) -> None:
+    def _write_evidence(self, checkpoint: Mapping[str, Any], *, clean: bool) -> None:
+        """``clean``: the checkpoint's text has nothing to redact (see _MAYBE_SENSITIVE)."""
+        scrub: Callable[[Any], Any] = _as_is if clean else redact
         run_dir = self.evidence / str(checkpoint["run_id"])
         (run_dir / "attachments").mkdir(parents=True, exist_ok=True)
-        lines = [canonical_json(redact(event)) for event in checkpoint["observations"]]
+        lines = [_compact(scrub(event)) for event in checkpoint["observations"]]
         observations = "\n".join(lines) + "\n" if lines else ""
-        (run_dir / "observations.jsonl").write_text(observations, encoding="utf-8", newline="")
+        with open(run_dir / "observations.jsonl", "w", encoding="utf-8", newline="") as handle:
+            handle.write(observations)
         record = evidence_payload(
             checkpoint,
             self.root,
             hashlib.sha256(observations.encode("utf-8")).hexdigest(),
         )
-        (run_dir / "run.json").write_text(_pretty(redact(record)), encoding="utf-8")
+        with open(run_dir / "run.json", "w", encoding="utf-8") as handle:
+            handle.write(_compact(scrub(record)) + "\n")
 
 
 def checkpoint_payload(
@@ -244,8 +262,7 @@ def checkpoint_payload(
         "configured_execution_metadata": spec_metadata,
         "observed_execution_metadata": {key: row[key] for key in _OBSERVED_KEYS},
     }
-    result: dict[str, Any] = to_jsonable(payload)
-    return result
+    return payload
 
 
 def _local_sha256(root: Path, reference: str) -> str | None:

@@ -24,9 +24,10 @@ RUNS = 2 * 2 * 2 * 2  # seed factor x temperature x site block x replicates
 
 
 def metrics_agent(factors: dict[str, Any], seed: int) -> dict[str, Any]:
-    """An agent with flat, nested and list metrics, and a key that is already a column."""
+    """An agent with flat, nested and list metrics, a key that is already a column, and
+    credentials in its output (which evidence records redact)."""
     return agent_result(
-        {"text": f"t={factors['temperature']}"},
+        {"text": f"t={factors['temperature']} Bearer tok3n", "api_key": "sk-0123456789abcdef"},
         metrics={
             "quality": seed % 7,
             "tokens": {"prompt": 3, "completion": {"text": 4}},
@@ -157,6 +158,11 @@ def test_each_run_gets_a_checkpoint_and_an_evidence_record(swept: tuple[str, Pat
             "run-evidence", "success", True,
         )  # fmt: skip
         assert (out / "artifacts" / "runs" / path.stem / "attachments").is_dir()
+        # evidence is redacted as upstream redacts it; the checkpoint, like upstream's, is not
+        assert record["observed"]["outputs"]["api_key"] == "[REDACTED]"
+        assert payload["outputs"]["api_key"] == "sk-0123456789abcdef"
+        observations = (out / "artifacts" / "runs" / path.stem / "observations.jsonl").read_text()
+        assert "tok3n" not in observations and ' [REDACTED]"' in observations
     assert lean.run_files == 0
     assert not list((folder / "lean" / "artifacts" / "checkpoints").iterdir())
     assert not (folder / "lean" / "artifacts" / "runs").exists()
