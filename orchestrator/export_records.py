@@ -1,4 +1,4 @@
-"""The per-run files of an export, in design-research-experiments 0.4.0's formats.
+"""The per-run files of an export, in design-research-experiments 0.4.0's layout and fields.
 
 Upstream's commands read runs from files, not from a database:
 
@@ -12,7 +12,8 @@ Upstream's commands read runs from files, not from a database:
 :class:`RunFiles` writes both for each exported run, from the values the runs.csv row
 already holds, so that upstream's rebuild gives the same cells. Evidence records are
 redacted as upstream redacts them (credential-like keys and bearer tokens); checkpoints,
-like upstream's, are not.
+like upstream's, are not. The JSON is compact with sorted keys (upstream indents its files;
+both read back alike with ``json.load``), as this writes three small files per run.
 """
 
 from __future__ import annotations
