@@ -381,12 +381,14 @@ def _write_runs(
             spool.open("w", encoding="utf-8") as out,
             RunFiles(target) if run_files else nullcontext() as records,
         ):
-            evaluations = _ByRun(store.iter_evaluations(study_id)) if records else None
-            events = _ByRun(store.iter_events(study_id)) if records else None
-            every = store.iter_runs(study_id, statuses=None if records else _TERMINAL)
+            # with run files: every run (the unfinished get evidence only), and each run's
+            # evaluations and events merged in from their plan-ordered streams
+            every = store.iter_runs(study_id, statuses=None if run_files else _TERMINAL)
             runs = _terminal(every, records)
+            evaluations = _ByRun(store.iter_evaluations(study_id) if run_files else ())
+            events = _ByRun(store.iter_events(study_id) if run_files else ())
             for run, row in _run_rows(study_id, runs, manifest_path, status_counts, model_ids):
-                if records is not None and evaluations is not None and events is not None:
+                if records is not None:
                     records.write(run, row, evaluations.take(run.index), events.take(run.index))
                 row.update(_extra_cells(run, extra))
                 out.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
