@@ -68,6 +68,16 @@ def register(subparsers: Any) -> None:
         handler=_status,
     )
     parser.add_argument("study_id", nargs="?", help="one study (default: all)")
+    parser.add_argument(
+        "--watch",
+        action="store_true",
+        help="a live view of one study (bars by condition, agent and problem; rate, ETA, "
+        "failures, cost, workers) until Ctrl-C; plain lines until it ends when stdout is not "
+        "a terminal. Example: studyq status my-study --watch",
+    )
+    parser.add_argument(
+        "--interval", type=float, default=2.0, help="--watch: seconds between refreshes (2)"
+    )
     _urls(parser)
 
     parser = add_command(
@@ -225,7 +235,10 @@ def _fmt_when(when: Any) -> str:
 
 def _status(args: argparse.Namespace) -> int:
     from orchestrator.distributed import study_status
+    from orchestrator.watch import watch_command
 
+    if args.watch:  # the live view (orchestrator/watch.py)
+        return watch_command(args)
     statuses = study_status(args.study_id, db=args.db)
     if not statuses:
         print("no studies in the store")

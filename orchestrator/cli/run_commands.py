@@ -111,24 +111,28 @@ def _run_embedded(args: argparse.Namespace) -> int:
     from orchestrator.cli.study_commands import check_bindings
     from orchestrator.embedded import run_embedded
     from orchestrator.study.plan import prepare
+    from orchestrator.watch import live_run_view
 
     # Runs resolve their ids on this machine: a binding that cannot resolve here would fail
     # every run, so refuse it up front (exit 2, nothing registered). `submit` does not check:
     # its workers may have other code installed.
-    check_bindings(prepare(args.study, max_bytes=load_settings().max_study_bytes))
-    outcome = run_embedded(
-        args.study,
-        jobs=args.jobs,
-        pool="thread" if args.threads else "process",
-        db=args.db,
-        show_progress=args.progress,
-        limit=args.limit,
-        order=args.order,
-        fail_fast=args.fail_fast,
-        timeout_s=args.timeout,
-        export=args.export,
-        output_dir=args.out,
-    )
+    prepared = prepare(args.study, max_bytes=load_settings().max_study_bytes)
+    check_bindings(prepared)
+    # On a terminal the live view of `studyq status --watch` replaces the tqdm bar.
+    with live_run_view(prepared.study.study_id, args.db, show=args.progress) as live:
+        outcome = run_embedded(
+            args.study,
+            jobs=args.jobs,
+            pool="thread" if args.threads else "process",
+            db=args.db,
+            show_progress=False if live else args.progress,
+            limit=args.limit,
+            order=args.order,
+            fail_fast=args.fail_fast,
+            timeout_s=args.timeout,
+            export=args.export,
+            output_dir=args.out,
+        )
     counts = outcome.counts
     back = outcome.taken_back
     if back is not None and (back.released or back.requeued or back.failed_lost):
