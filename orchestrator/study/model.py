@@ -100,7 +100,7 @@ class Study(StudyModel):
         for name in ("bindings", "execution"):
             section = getattr(self, name)
             if section != type(section)():
-                payload[name] = section.model_dump(mode="json")
+                payload[name] = section.definition_dump()
         return payload
 
     def definition_hash(self) -> str:

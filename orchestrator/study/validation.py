@@ -14,6 +14,7 @@ Three layers, in the order a study meets them:
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -278,6 +279,7 @@ _DEPENDS = {
     "hypotheses": {"hypotheses", "factors", "outcomes"},
     "analysis_plans": {"analysis_plans", "hypotheses", "outcomes"},
     "run_budget": {"run_budget", "factors", "problem_ids", "agent_specs"},
+    "bindings": {"bindings", "execution", "factors", "agent_specs"},
 }
 
 
@@ -385,6 +387,42 @@ def _reference_problems(study: Study, payload: Mapping[str, Any]) -> list[Proble
                         "and/or/not and len/int/float/str/bool only.",
                     )
                 )
+    problems += _provider_problems(study)
+    return problems
+
+
+def _study_agents(study: Study) -> list[str]:
+    for factor in study.factors:
+        if factor.name in AGENT_FACTORS:
+            return [str(level.value) for level in factor.levels]
+    return [str(agent) for agent in study.agent_specs]
+
+
+def _provider_problems(study: Study) -> list[Problem]:
+    """``bindings.providers`` names agents of the study and providers ``execution.limits``
+    declares: a typo in either would silently leave an agent unlimited."""
+    problems = []
+    agents = _study_agents(study)
+    declared = sorted(study.execution.limits)
+    for agent, provider in study.bindings.providers.items():
+        field = f"bindings.providers.{agent}"
+        if agent not in agents:
+            close = difflib.get_close_matches(agent, agents, n=1)
+            hint = f"did you mean '{close[0]}'?" if close else f"agents: {', '.join(agents)}."
+            problems.append(
+                Problem(field, f"'{agent}' is not an agent of this study.", f"name one; {hint}")
+            )
+        if provider not in study.execution.limits:
+            close = difflib.get_close_matches(provider, declared, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            problems.append(
+                Problem(
+                    field,
+                    f"unknown provider '{provider}': `execution.limits` does not declare it.",
+                    f"declare `execution.limits.{provider}: {{max_concurrency: ...}}`, or name "
+                    f"a declared provider{hint}: {', '.join(declared) or 'none declared'}.",
+                )
+            )
     return problems
 
 
