@@ -112,6 +112,7 @@ def build_parser() -> _Parser:
         "inspect_commands",
         "manage_commands",
         "worker_commands",
+        "report_commands",
     ):
         try:
             module = __import__(f"orchestrator.cli.{module_name}", fromlist=["register"])
