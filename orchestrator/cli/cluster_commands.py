@@ -208,6 +208,9 @@ def _wait(args: argparse.Namespace) -> int:
         f"failed, {counts.get('cancelled', 0)} cancelled"
         + (" (timed out waiting)" if report.timed_out else "")
     )
+    from orchestrator.insight.summary import print_outcome_table
+
+    print_outcome_table(report.study_id, db=args.db)  # the study's answer, and the report
     if report.failed:
         print(
             f"`studyq status {report.study_id}` shows why; "

@@ -153,6 +153,9 @@ def _run_embedded(args: argparse.Namespace) -> int:
     if outcome.export is not None:
         partial = " (partial)" if outcome.export.partial else ""
         print(f"artifacts{partial}: {outcome.export.out_dir}")
+    from orchestrator.insight.summary import print_outcome_table
+
+    print_outcome_table(outcome.study_id, db=args.db)  # the study's answer, and the report
     if outcome.held_elsewhere:
         print(
             f"{outcome.held_elsewhere} runs are held by another live process (status "
@@ -212,7 +215,6 @@ def _export(args: argparse.Namespace) -> int:
         f"{report.events} events)"
     )
     return EXIT_OK
-
 
 
 def _db(args: argparse.Namespace) -> int:
