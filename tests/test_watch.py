@@ -24,12 +24,14 @@ import subprocess
 import sys
 import termios
 import time
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+from _services import ServiceSupplier
 from cli_support import _no_studyq_environment, one_clear_line, run_main  # noqa: F401
 from rich.console import Console
 
@@ -278,8 +280,20 @@ def test_a_done_snapshot_says_done_and_a_budget_shows_spent_of_limit() -> None:
     assert plain_line(snapshot).endswith("rate 4.0 runs/s; done; cost $1.25 of $10.00 ($8.75 left)")
 
 
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.integration)])
+def store_url(
+    request: pytest.FixtureRequest, tmp_path: Path, services: ServiceSupplier
+) -> Iterator[str]:
+    """A fresh store on each backend (the window query and the lease times on both)."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'store.db'}"
+        return
+    with services.pg_database("watch", migrate=True) as url:
+        yield url
+
+
 def test_a_snapshot_read_from_the_store_has_the_latest_failure_and_the_worker(
-    tmp_path: Path,
+    tmp_path: Path, store_url: str
 ) -> None:
     # Given a finished embedded sweep where the flaky agent failed on every run of one level
     study = {
@@ -297,7 +311,7 @@ def test_a_snapshot_read_from_the_store_has_the_latest_failure_and_the_worker(
     }
     path = tmp_path / "study.yaml"
     path.write_text(yaml.safe_dump(study, sort_keys=False), encoding="utf-8")
-    url = f"sqlite:///{tmp_path / 'store.db'}"
+    url = store_url
     run_embedded(path, db=url, jobs=1, export=False, show_progress=False)
     # When a snapshot is read
     with ResultStore.open(url) as store:
@@ -316,6 +330,26 @@ def test_a_snapshot_read_from_the_store_has_the_latest_failure_and_the_worker(
     assert snapshot.done and snapshot.rate_per_s and snapshot.eta_s is None
     assert [worker.worker.split(":")[0] for worker in snapshot.workers] == ["embedded"]
     assert snapshot.workers[0].running == 0
+
+
+def test_a_worker_holding_a_run_is_seen_from_its_lease(store_url: str, tmp_path: Path) -> None:
+    # Given a registered study and a worker that claimed one run and heartbeat it
+    study = _write_study(tmp_path, "watch-lease", replicates=2, sleep_s=0.01)
+    _registered(study, store_url)
+    with ResultStore.open(store_url) as store:
+        claim = store.claim_run(
+            "watch-lease", 0, worker="celery@node-a", lease_s=120.0, allow_planned=True
+        )
+        assert claim is not None and store.heartbeat(claim, 120.0)
+        info = store.find_study("watch-lease")
+        assert info is not None
+        # When a snapshot is read with the workers' lease length
+        snapshot = read_snapshot(store, info, lease_s=120.0)
+    # Then the worker is seen now, holding one run, and the sweep is not done
+    assert [(w.worker, w.running) for w in snapshot.workers] == [("celery@node-a", 1)]
+    assert snapshot.taken_at is not None and not snapshot.done
+    assert snapshot.counts["running"] == 1 and snapshot.remaining == 4
+    assert "celery@node-a (1 running, 0 s ago)" in _rendered(snapshot)
 
 
 # -- in a terminal, and not ------------------------------------------------------------------
