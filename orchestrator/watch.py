@@ -2,8 +2,8 @@
 
 A :class:`Snapshot` is read from the store in one read-only transaction of SQL aggregates
 (counts per status, per condition, agent and problem; the recent finishing rate; cost;
-failures by error class with the latest message; workers seen in the last minute), so a
-refresh costs the same at 100 runs and at a million, and never takes SQLite's write lock.
+failures by error class with the latest message; workers seen in the last minute): no run
+row is read into memory whatever the study's size, and SQLite's write lock is never taken.
 :func:`render` turns it into a ``rich`` renderable; :func:`plain_line` into one line of text
 for a log file or a pipe.
 

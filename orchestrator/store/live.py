@@ -1,9 +1,9 @@
 """Aggregates for the live view (``studyq status STUDY --watch``): who is working and what
 failed last.
 
-Each is one bounded SQL statement over a study's rows (a ``GROUP BY`` or a window over its
-failed runs), so refreshing the view every two seconds costs the same at 100 runs and at a
-million. Times come from the database clock, as the leases do.
+Each is a SQL aggregate over a study's rows (a ``GROUP BY``, or a window over its failed
+runs) returning a row per worker or error class, never per run. Times come from the
+database clock, as the leases do.
 """
 
 from __future__ import annotations
