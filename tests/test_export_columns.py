@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from orchestrator.api import run_study
+from orchestrator.cli import main
 from orchestrator.export import RUN_CSV_COLUMNS, export_artifacts
 from orchestrator.store import ResultStore
 from workers.execution import agent_result
@@ -206,3 +207,19 @@ def test_a_partial_export_keeps_an_evidence_record_for_every_planned_run(tmp_pat
     assert len(records) == RUNS
     states = Counter((r["status"], r["attempted"], r["terminal"]) for r in records)
     assert states == {("success", True, True): 5, ("pending", False, False): RUNS - 5}
+
+
+def test_export_no_run_files_writes_the_tables_only(
+    swept: tuple[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Given the finished sweep, when `studyq export --no-run-files` writes it, then runs.csv
+    has every run and no per-run checkpoint or evidence file is written."""
+    db, folder = swept
+
+    code = main(["export", STUDY_ID, "--db", db, "--out", str(folder / "csv"), "--no-run-files"])
+
+    assert code == 0, capsys.readouterr().err
+    _, rows = _read(folder / "csv" / "runs.csv")
+    assert len(rows) == RUNS
+    assert not list((folder / "csv" / "artifacts" / "checkpoints").glob("*.json"))
+    assert not (folder / "csv" / "artifacts" / "runs").exists()
