@@ -170,7 +170,16 @@ def test_run_ends_with_the_outcome_table_and_the_report_command(ran: Ran) -> Non
     )
     marked = [row for row in rows if row.startswith("  *")]
     assert len(marked) == 1 and best in marked[0], rows
-    assert any(line.startswith(f"  * best: {best}") for line in lines)
+    best_line = next(line for line in lines if line.startswith(f"  * best: {best}"))
+    # And it says how many other conditions' intervals overlap the best one's
+    intervals = {}
+    for label, values in outcomes.items():
+        if len(values) > 1:
+            s = summarize(len(values), sum(values), sum(v * v for v in values))
+            intervals[label] = (s.ci_low, s.ci_high)
+    low, high = intervals[best]
+    overlaps = sum(1 for k, (a, b) in intervals.items() if k != best and a <= high and low <= b)
+    assert (f"overlaps {overlaps} other" if overlaps else "overlaps no other") in best_line
     # And the command to open the report follows; a dashboard only once that command exists
     assert f"report:    studyq report {STUDY_ID} --db {ran.url} --out report.html" in lines
     has_dashboard = "dashboard" in build_parser()._subparsers._group_actions[0].choices  # type: ignore[union-attr]

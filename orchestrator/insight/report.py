@@ -30,7 +30,7 @@ from orchestrator.insight.plots import (
     strip_plot,
     throughput_line,
 )
-from orchestrator.insight.summary import best_group
+from orchestrator.insight.summary import best_group, best_note
 
 __all__ = ["Provenance", "provenance", "render_html", "render_markdown"]
 
@@ -356,7 +356,8 @@ def render_html(insight: Insight, prov: Provenance) -> str:
     answer = (
         f"Best condition: <b>{escape(best.label)}</b>, mean {escape(outcome.name)} "
         f"{escape(format_number(best.outcome.mean))} (95 % CI {escape(_ci(best))}, "
-        f"n={best.outcome.n:,}; {escape(outcome.direction)}: {escape(outcome.why)})."
+        f"n={best.outcome.n:,}; {escape(outcome.direction)}: {escape(outcome.why)}); "
+        f"{escape(best_note(insight.conditions, best))}."
         if best is not None
         else f"No condition is marked best: {escape(outcome.why)}."
     )
@@ -473,7 +474,11 @@ def render_markdown(insight: Insight, prov: Provenance) -> str:
     )
     lines.append("")
     if best is not None:
-        lines += [f"Best condition (★): {best.label}, mean {format_number(best.outcome.mean)}.", ""]
+        lines += [
+            f"Best condition (★): {best.label}, mean {format_number(best.outcome.mean)}; "
+            f"{best_note(insight.conditions, best)}.",
+            "",
+        ]
     sections: list[tuple[str, list[str], list[list[str]]]] = [
         ("Design", ["item", "value"], _design_rows(insight)),
         ("Factors", ["factor", "kind", "levels", "description"], _factor_rows(insight)),

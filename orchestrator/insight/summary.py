@@ -21,7 +21,7 @@ from orchestrator.insight.aggregates import (
 from orchestrator.insight.plots import format_number
 from orchestrator.store.queries import find_study
 
-__all__ = ["best_group", "outcome_table", "print_outcome_table"]
+__all__ = ["best_group", "best_note", "outcome_table", "overlapping", "print_outcome_table"]
 
 MAX_ROWS = 12
 """Conditions the table shows; the rest are counted on a ``... N more`` line."""
@@ -35,6 +35,33 @@ def best_group(groups: Sequence[GroupSummary], outcome: OutcomeRef) -> GroupSumm
         return None
     pick = min if outcome.lower_is_better else max
     return pick(scored, key=lambda g: g.outcome.mean or 0.0)
+
+
+def overlapping(groups: Sequence[GroupSummary], best: GroupSummary) -> int:
+    """How many other groups' 95 % intervals overlap ``best``'s (a difference the data do not
+    separate at that level; 0 when ``best`` has no interval)."""
+    low, high = best.outcome.ci_low, best.outcome.ci_high
+    if low is None or high is None:
+        return 0
+    return sum(
+        1
+        for g in groups
+        if g.key != best.key
+        and g.outcome.ci_low is not None
+        and g.outcome.ci_high is not None
+        and g.outcome.ci_low <= high
+        and low <= g.outcome.ci_high
+    )
+
+
+def best_note(groups: Sequence[GroupSummary], best: GroupSummary) -> str:
+    """``its 95 % CI overlaps N other conditions'`` or ``its 95 % CI overlaps no other``."""
+    n = overlapping(groups, best)
+    if best.outcome.ci_low is None:
+        return "no interval (fewer than 2 values)"
+    if not n:
+        return "its 95 % CI overlaps no other condition's"
+    return f"its 95 % CI overlaps {n} other condition{'s' if n > 1 else ''}'"
 
 
 def _ci(group: GroupSummary) -> str:
@@ -67,7 +94,9 @@ def outcome_table(
         lines.append(f"    ... {len(groups) - max_rows} more conditions (the report lists all)")
     if best is not None:
         way = "lowest" if outcome.lower_is_better else "highest"
-        lines.append(f"  * best: {best.label} ({way} mean; {outcome.why})")
+        lines.append(
+            f"  * best: {best.label} ({way} mean; {outcome.why}); {best_note(groups, best)}"
+        )
     else:
         lines.append(f"  no condition marked best: {outcome.why}")
     return lines
