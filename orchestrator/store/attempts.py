@@ -44,7 +44,14 @@ from orchestrator.contracts.runspec import RunSpec
 from orchestrator.store.columns import MAX_MESSAGE_CHARS, MAX_TRACEBACK_CHARS
 from orchestrator.store.endings import attempt_end, close_attempts, finish, finish_pg
 from orchestrator.store.engine import Execute, cursor_executor
-from orchestrator.store.models import SPEC_COLUMNS, AttemptOutcome, AttemptRow, RunRow, StudyRow
+from orchestrator.store.models import (
+    SPEC_COLUMNS,
+    AttemptOutcome,
+    AttemptRow,
+    PauseRow,
+    RunRow,
+    StudyRow,
+)
 from orchestrator.store.predicates import FENCE, fence_params, in_chunks
 from orchestrator.store.records import Claim, spec_from_row
 from orchestrator.store.sqltypes import db_now, db_now_plus
@@ -143,6 +150,7 @@ _CLAIM = (
         ~exists().where(
             StudyRow.study_id == bindparam("c_study"), StudyRow.cancelled_at.is_not(None)
         ),
+        ~exists().where(PauseRow.study_id == bindparam("c_study")),  # budget, breaker
     )
     .values(
         status=RunStatus.RUNNING.value,
@@ -253,6 +261,7 @@ WITH claimed AS (
         AND status = ANY(%(statuses)s) AND attempts_used < max_attempts{verify}
         AND NOT EXISTS (SELECT 1 FROM studies
                         WHERE study_id = %(study_id)s AND cancelled_at IS NOT NULL)
+        AND NOT EXISTS (SELECT 1 FROM study_pauses WHERE study_id = %(study_id)s)
         AND set_config('synchronous_commit', %(commit)s, true) = %(commit)s
     RETURNING plan_index, run_id, attempt, lease_expires_at, started_at
 ), history AS (

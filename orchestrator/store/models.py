@@ -38,6 +38,7 @@ from sqlalchemy import (
     BigInteger,
     Boolean,
     CheckConstraint,
+    Float,
     ForeignKey,
     ForeignKeyConstraint,
     Index,
@@ -68,6 +69,7 @@ __all__ = [
     "ConditionRow",
     "EvaluationRow",
     "EventRow",
+    "PauseRow",
     "RunRow",
     "StudyRow",
 ]
@@ -124,6 +126,29 @@ class StudyRow(Base):
     allowed_references: Mapped[list[str]] = mapped_column(JSONType)
     cancelled_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     """Set by ``studyq cancel``: no run of the study is claimed again (a resubmit clears it)."""
+    budget_max_cost_usd: Mapped[float | None] = mapped_column(Float, nullable=True)
+    """Set by ``studyq budget``: replaces the study file's ``execution.max_cost_usd``."""
+    budget_max_tokens: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    """Set by ``studyq budget``: replaces the study file's ``execution.max_tokens``."""
+    resumed_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    """Set by ``studyq resume``: the breaker then looks only at runs that ended after it."""
+
+
+class PauseRow(Base):
+    """A study whose dispatch is paused (a spent budget, a tripped breaker): while its row
+    exists no run of the study is claimed. A table of its own, not columns of ``studies``:
+    the worker that trips a pause may insert here, and still may not update (or lock) a
+    ``studies`` row (deploy/postgres/roles.sql)."""
+
+    __tablename__ = "study_pauses"
+
+    study_id: Mapped[str] = mapped_column(
+        String, ForeignKey("studies.study_id", ondelete="CASCADE"), primary_key=True
+    )
+    reason: Mapped[str] = mapped_column(String)  # 'budget' | 'breaker'
+    paused_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    detail: Mapped[dict[str, Any]] = mapped_column(JSONType)
+    """What tripped it: spent and limits (budget), failed/window and the top error (breaker)."""
 
 
 class ConditionRow(Base):
@@ -153,6 +178,7 @@ class RunRow(Base):
         CheckConstraint(f"status IN ({_STATUSES})", name="status"),
         Index(None, "study_id", "status", "plan_index"),
         Index(None, "study_id", "run_id"),
+        Index(None, "study_id", "ended_at"),  # a breaker's latest finished runs (v0005)
         Index(
             "ix_runs_running_lease",
             "study_id",
