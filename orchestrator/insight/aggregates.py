@@ -157,9 +157,10 @@ def primary_outcome(definition: Mapping[str, Any]) -> OutcomeRef:
     return OutcomeRef(name, metric, None, why, description)
 
 
-def _value(connection: Connection, metric: MetricRef) -> ColumnElement[Any]:
-    """The metric of each run as a float expression over ``runs`` (NULL when missing)."""
-    return cast(_metric_value(connection, metric, best_low=True), Float)
+def _value(connection: Connection, metric: MetricRef, best_low: bool) -> ColumnElement[Any]:
+    """The metric of each run as a float expression over ``runs`` (NULL when missing); a
+    run's evaluation rows fold to their lowest value when ``best_low``, else their highest."""
+    return cast(_metric_value(connection, metric, best_low=best_low), Float)
 
 
 # -- per group -----------------------------------------------------------------------------
@@ -202,14 +203,20 @@ def _condition_positions(connection: Connection, study_id: str) -> dict[str, int
 
 
 def group_summaries(
-    connection: Connection, study_id: str, by: GroupBy, outcome: MetricRef
+    connection: Connection,
+    study_id: str,
+    by: GroupBy,
+    outcome: MetricRef,
+    *,
+    best_low: bool = True,
 ) -> list[GroupSummary]:
     """Every condition (in design order), agent or problem (in key order) that has runs, with
-    :class:`GroupSummary`'s figures: two ``GROUP BY`` statements."""
+    :class:`GroupSummary`'s figures: two ``GROUP BY`` statements. ``best_low`` folds an
+    evaluation outcome's rows to each run's lowest (else highest) value."""
     column = _GROUP_COLUMNS[by]
     counts = count_by(connection, study_id, by)
     success = RunRow.status == RunStatus.SUCCESS.value
-    value = case((success, _value(connection, outcome)), else_=None)
+    value = case((success, _value(connection, outcome, best_low)), else_=None)
     rows = connection.execute(
         select(
             column,
@@ -267,6 +274,7 @@ def outcome_samples(
     *,
     by: GroupBy = "condition",
     per_group: int = SAMPLE_PER_GROUP,
+    best_low: bool = True,
 ) -> dict[str, list[float]]:
     """Up to ``per_group`` outcome values of successful runs per group, for strip plots.
 
@@ -274,7 +282,7 @@ def outcome_samples(
     (a hash of the run's spec, so unrelated to condition, replicate or time) and the first
     ``per_group`` taken, with ``ROW_NUMBER() OVER (PARTITION BY ...)`` in SQL."""
     column = _GROUP_COLUMNS[by]
-    value = _value(connection, outcome)
+    value = _value(connection, outcome, best_low)
     ranked = (
         select(
             column.label("key"),
@@ -524,7 +532,8 @@ def read_insight(connection: Connection, study_id: str) -> Insight | None:
         return None
     outcome = primary_outcome(info.definition)
     listed, worker_count = workers(connection, study_id)
-    conditions = group_summaries(connection, study_id, "condition", outcome.metric)
+    low = outcome.lower_is_better is not False
+    conditions = group_summaries(connection, study_id, "condition", outcome.metric, best_low=low)
     per_group = max(20, min(SAMPLE_PER_GROUP, SAMPLE_BUDGET // max(1, len(conditions))))
     return Insight(
         study_id=study_id,
@@ -534,9 +543,11 @@ def read_insight(connection: Connection, study_id: str) -> Insight | None:
         run_count=info.run_count,
         outcome=outcome,
         conditions=conditions,
-        agents=group_summaries(connection, study_id, "agent", outcome.metric),
-        problems=group_summaries(connection, study_id, "problem", outcome.metric),
-        samples=outcome_samples(connection, study_id, outcome.metric, per_group=per_group),
+        agents=group_summaries(connection, study_id, "agent", outcome.metric, best_low=low),
+        problems=group_summaries(connection, study_id, "problem", outcome.metric, best_low=low),
+        samples=outcome_samples(
+            connection, study_id, outcome.metric, per_group=per_group, best_low=low
+        ),
         failures=failures(connection, study_id),
         totals=totals(connection, study_id),
         throughput=finished_over_time(connection, study_id),

@@ -129,7 +129,13 @@ def print_outcome_table(study_id: str, *, db: str | None = None, out: TextIO | N
         if info is None:
             return
         outcome = primary_outcome(info.definition)
-        groups = group_summaries(connection, study_id, "condition", outcome.metric)
+        groups = group_summaries(
+            connection,
+            study_id,
+            "condition",
+            outcome.metric,
+            best_low=outcome.lower_is_better is not False,
+        )
         where = f" --db {mask_url(db)}" if db else ""
     for line in outcome_table(groups, outcome):
         print(line, file=stream)
