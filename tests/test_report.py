@@ -397,3 +397,67 @@ def test_report_on_postgresql(
     page = tmp_path / "report.html"
     code, out, err = run_main(["report", STUDY_ID, "--db", pg_db, "--out", str(page)], capsys)
     assert code == EXIT_OK and page.read_text(encoding="utf-8").count('class="mark bar"') == 3
+
+
+# --- before any run, without a direction, many conditions ------------------------------------
+
+
+def test_a_study_not_run_yet_has_a_report_with_nothing_drawn(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Given a study registered in a store but not run, whose hypothesis declares no direction
+    from orchestrator.embedded import register
+    from orchestrator.study.plan import prepare
+
+    study = tmp_path / "study.yaml"
+    study.write_text(STUDY.replace("    direction: less\n", ""), encoding="utf-8")
+    url = f"sqlite:///{tmp_path / 'store.db'}"
+    with ResultStore.open(url) as store:
+        register(store, prepare(study))
+    # When the report and the outcome table are built
+    page = tmp_path / "report.html"
+    code, _, err = run_main(["report", STUDY_ID, "--db", url, "--out", str(page)], capsys)
+    assert code == EXIT_OK, err
+    html = page.read_text(encoding="utf-8")
+    from orchestrator.insight.summary import print_outcome_table
+
+    table = io.StringIO()
+    print_outcome_table(STUDY_ID, db=url, out=table)
+    # Then nothing is drawn, every condition's bar counts its planned runs, and no
+    # condition is marked best, for the reason the study gives
+    assert html.count('class="mark point"') == 0 and "no outcome values yet" in html
+    assert html.count('class="mark bar"') == CONDITIONS
+    assert f'data-total="{REPLICATES}"' in html
+    assert "No condition is marked best: the study declares no direction for it." in html
+    lines = table.getvalue().splitlines()
+    assert "direction not declared" in lines[0]
+    assert not any(line.startswith("  *") for line in lines)
+    assert "  no condition marked best: the study declares no direction for it" in lines
+
+
+def test_the_outcome_table_shows_twelve_conditions_and_counts_the_rest() -> None:
+    # Given 15 conditions' summaries, higher is better
+    from orchestrator.insight.aggregates import GroupSummary, OutcomeRef
+    from orchestrator.insight.summary import outcome_table
+    from orchestrator.store.inspection import MetricRef
+
+    groups = [
+        GroupSummary(
+            key=f"c{i}",
+            label=f"level={i}",
+            counts={"success": 2},
+            outcome=summarize(2, 2.0 * i, 2.0 * i * i + 0.02),
+            mean_latency_s=None,
+            cost_usd=0.0,
+            position=i,
+        )
+        for i in range(15)
+    ]
+    outcome = OutcomeRef("score", MetricRef("column", "primary_outcome"), False, "h says so")
+    # When the table is drawn
+    lines = outcome_table(groups, outcome)
+    # Then 12 rows, a line for the other 3, and the best (highest mean) named though not shown
+    assert "higher is better" in lines[0]
+    assert sum(1 for line in lines if "level=" in line and "best" not in line) == 12
+    assert "    ... 3 more conditions (the report lists all)" in lines
+    assert lines[-1].startswith("  * best: level=14 (highest mean; h says so)")

@@ -359,6 +359,8 @@ def render_html(insight: Insight, prov: Provenance) -> str:
         f"n={best.outcome.n:,}; {escape(outcome.direction)}: {escape(outcome.why)}); "
         f"{escape(best_note(insight.conditions, best))}."
         if best is not None
+        else "No condition is marked best: no successful run has a value yet."
+        if outcome.lower_is_better is not None
         else f"No condition is marked best: {escape(outcome.why)}."
     )
     t = insight.totals

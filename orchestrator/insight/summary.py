@@ -97,6 +97,8 @@ def outcome_table(
         lines.append(
             f"  * best: {best.label} ({way} mean; {outcome.why}); {best_note(groups, best)}"
         )
+    elif outcome.lower_is_better is not None:
+        lines.append("  no condition marked best: no successful run has a value yet")
     else:
         lines.append(f"  no condition marked best: {outcome.why}")
     return lines
