@@ -396,7 +396,9 @@ def _watch_plain(
         try:
             snapshot = read_snapshot(store, info, lease_s=settings.lease_s)
         except StoreUnavailableError as exc:
-            print(f"store unavailable, retrying: {_one_line(str(exc))}", file=stream, flush=True)
+            print(
+                f"store unavailable, retrying: {_one_line(str(exc), 300)}", file=stream, flush=True
+            )
             continue
         print(plain_line(snapshot), file=stream, flush=True)
 

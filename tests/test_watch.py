@@ -23,6 +23,7 @@ import struct
 import subprocess
 import sys
 import termios
+import threading
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -37,7 +38,7 @@ from rich.console import Console
 
 from orchestrator.cli import EXIT_CONNECT, EXIT_OK, EXIT_USAGE
 from orchestrator.embedded import register, run_embedded
-from orchestrator.store import ResultStore
+from orchestrator.store import ResultStore, upgrade
 from orchestrator.store.live import FailureClass, WorkerSeen
 from orchestrator.study.plan import prepare
 from orchestrator.watch import Snapshot, plain_line, read_snapshot, render
@@ -356,23 +357,27 @@ def test_a_worker_holding_a_run_is_seen_from_its_lease(store_url: str, tmp_path:
 
 
 def test_watch_in_a_terminal_moves_with_a_real_sweep_and_ctrl_c_exits_0(tmp_path: Path) -> None:
-    # Given a registered study of 60 runs of 0.12-0.14 s, swept with --jobs 2 (~4 s)
+    # Given a registered study of 60 runs of 0.12-0.14 s and its watch in a pseudo-terminal
     study = _write_study(tmp_path, "watch-pty", replicates=RUNS // 2, sleep_s=0.12)
     url = f"sqlite:///{tmp_path / 'store.db'}"
     _registered(study, url)
-    sweep = _start_sweep(study, url, tmp_path)
     terminal = _Terminal(
         [*_studyq(), "status", "watch-pty", "--watch", "--interval", "0.5", "--db", url],
         tmp_path,
     )
+    sweep: subprocess.Popen[str] | None = None
     try:
-        # When the watch runs in a pseudo-terminal while the sweep moves
-        deadline = time.monotonic() + 20
+        deadline = time.monotonic() + 30
+        drawn: list[int] = []
+        while not drawn and time.monotonic() < deadline:
+            drawn = _finished_counts(terminal.read(0.5), RUNS)
+        assert drawn == [0] * len(drawn), f"no view:\n{_text(bytes(terminal.screen))[-3000:]}"
+        # When the study is swept with --jobs 2 (~4 s) while the view runs
+        sweep = _start_sweep(study, url, tmp_path)
         first: list[int] = []
-        while not first and time.monotonic() < deadline:
+        while not (first and first[-1] > 0) and time.monotonic() < deadline:
             first = _finished_counts(terminal.read(0.5), RUNS)
-        assert first, f"no view drawn:\n{_text(bytes(terminal.screen))[-3000:]}"
-        assert first[-1] < RUNS, "the sweep ended before the view was read"
+        assert first and 0 < first[-1] < RUNS, (first, "the sweep did not show mid-way")
         moved: list[int] = []
         while time.monotonic() < deadline:
             moved = _finished_counts(terminal.read(1.0), RUNS)  # a second later (and on)
@@ -387,49 +392,53 @@ def test_watch_in_a_terminal_moves_with_a_real_sweep_and_ctrl_c_exits_0(tmp_path
         os.write(terminal.fd, b"\x03")
         code = terminal.wait(timeout=10)
         assert code == EXIT_OK, _text(bytes(terminal.screen))[-3000:]
-        assert bytes(terminal.screen).rstrip().endswith(SHOW_CURSOR) or (
-            SHOW_CURSOR in bytes(terminal.screen)[-200:]
-        )
+        assert SHOW_CURSOR in bytes(terminal.screen)[-200:]
         assert "Traceback" not in _text(bytes(terminal.screen))
     finally:
         terminal.close()
-        _, err = sweep.communicate(timeout=60)
-    assert sweep.returncode == EXIT_OK, err
+        err = sweep.communicate(timeout=60)[1] if sweep is not None else ""
+    assert sweep is not None and sweep.returncode == EXIT_OK, err
 
 
 def test_watch_without_a_terminal_prints_plain_lines_and_ends_with_the_study(
     tmp_path: Path,
 ) -> None:
-    # Given a registered study swept in the background (stdout a pipe, so no live view)
+    # Given a registered study and its watch with stdout a pipe (so no live view)
     study = _write_study(tmp_path, "watch-plain", replicates=15, sleep_s=0.1)
     url = f"sqlite:///{tmp_path / 'store.db'}"
     _registered(study, url)
-    sweep = _start_sweep(study, url, tmp_path)
-    # When the watch runs with its stdout a pipe
-    watch = subprocess.run(
-        [*_studyq(), "status", "watch-plain", "--watch", "--interval", "0.3", "--db", url],
-        cwd=tmp_path,
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    out, err = sweep.communicate(timeout=60)
-    # Then it ended by itself (exit 0) once nothing was left, after plain lines only
-    assert watch.returncode == EXIT_OK, watch.stderr
-    lines = watch.stdout.splitlines()
-    assert len(lines) >= 2, watch.stdout
-    assert "\x1b" not in watch.stdout
+    argv = [*_studyq(), "status", "watch-plain", "--watch", "--interval", "0.3", "--db", url]
+    errors = tmp_path / "watch.err"
+    with errors.open("w") as stderr:
+        watch = subprocess.Popen(
+            argv, cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=stderr, text=True
+        )
+    lines = _Lines(watch)
+    try:
+        lines.wait_for("0/30 finished", 30)
+        # When the study is swept in the background (its stdout a pipe too)
+        sweep = _start_sweep(study, url, tmp_path)
+        out, err = sweep.communicate(timeout=60)
+        code = watch.wait(timeout=30)
+    finally:
+        if watch.poll() is None:
+            watch.kill()
+            watch.wait()
+        text = lines.text()
+    # Then the watch ended by itself (exit 0) once nothing was left, after plain lines only
+    assert code == EXIT_OK, errors.read_text()
+    assert "\x1b" not in text
     pattern = re.compile(
         r"^\d\d:\d\d:\d\d watch-plain: \d+/30 finished \(\d+ success, \d+ failed, \d+ "
         r"cancelled\), \d+ running, \d+ waiting; rate .+; (ETA \S+|done); cost \$0\.00 "
         r"\(budget: none set\)$"
     )
-    for line in lines:
+    rows = text.splitlines()
+    assert len(rows) >= 2, text
+    for line in rows:
         assert pattern.match(line), line
-    assert "30/30 finished (30 success" in lines[-1] and "; done;" in lines[-1]
-    assert all("; done;" not in line for line in lines[:-1])
+    assert "30/30 finished (30 success" in rows[-1] and "; done;" in rows[-1]
+    assert all("; done;" not in line for line in rows[:-1])
     # And the sweep itself, not on a terminal either, drew no live view
     assert sweep.returncode == EXIT_OK, err
     assert "workers seen in the last minute" not in out + err and "/30 finished" not in out
@@ -454,6 +463,78 @@ def test_run_in_a_terminal_shows_the_live_view(tmp_path: Path) -> None:
     assert "run/s" not in screen  # tqdm's unit
     assert "executed 20 runs now" in screen
     assert SHOW_CURSOR in bytes(terminal.screen)
+
+
+@pytest.mark.integration
+def test_watch_survives_a_database_outage_and_ends_with_the_study(tmp_path: Path) -> None:
+    # Given a study of 2 runs registered in a PostgreSQL server of the test's own
+    from faults.fault_services import OwnPostgres
+
+    server = OwnPostgres()
+    errors = tmp_path / "watch.err"
+    try:
+        url = server.url()
+        upgrade(url)
+        study = _write_study(tmp_path, "watch-outage", replicates=1, sleep_s=0.01)
+        _registered(study, url)
+        # When a watch (stdout a pipe) runs while the server stops, then starts again
+        argv = [*_studyq(), "status", "watch-outage", "--watch", "--interval", "0.3"]
+        with errors.open("w") as stderr:
+            watch = subprocess.Popen(
+                [*argv, "--db", url], cwd=tmp_path, env=_env(), stdout=subprocess.PIPE,
+                stderr=stderr, text=True,
+            )  # fmt: skip
+        lines = _Lines(watch)
+        try:
+            lines.wait_for("0/2 finished", 20)
+            server.stop()
+            lines.wait_for("store unavailable, retrying", 20)
+            server.start()
+            lines.wait_for("0/2 finished", 20, after=lines.count())
+            # And the study's runs are executed after the outage
+            run_embedded(study, db=url, jobs=1, export=False, show_progress=False)
+            code = watch.wait(timeout=20)
+        finally:
+            if watch.poll() is None:
+                watch.kill()
+                watch.wait()
+            text = lines.text()
+    finally:
+        server.close()
+    # Then it kept watching through the outage and ended by itself when the study did
+    assert code == EXIT_OK, errors.read_text()
+    assert "Traceback" not in text + errors.read_text()
+    assert "2/2 finished (2 success" in text.splitlines()[-1] and "; done;" in text
+
+
+class _Lines:
+    """The stdout lines of a running child, read by a thread as they come."""
+
+    def __init__(self, child: subprocess.Popen[str]) -> None:
+        self._lines: list[str] = []
+        self._reader = threading.Thread(target=self._read, args=(child,), daemon=True)
+        self._reader.start()
+
+    def _read(self, child: subprocess.Popen[str]) -> None:
+        assert child.stdout is not None
+        with child.stdout:
+            for line in child.stdout:
+                self._lines.append(line.rstrip("\n"))
+
+    def count(self) -> int:
+        return len(self._lines)
+
+    def text(self) -> str:
+        self._reader.join(timeout=5)
+        return "\n".join(self._lines)
+
+    def wait_for(self, part: str, timeout: float, *, after: int = 0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if any(part in line for line in self._lines[after:]):
+                return
+            time.sleep(0.05)
+        raise AssertionError(f"no line with {part!r} in {timeout} s:\n" + "\n".join(self._lines))
 
 
 # -- bad input -------------------------------------------------------------------------------
