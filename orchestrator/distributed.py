@@ -87,8 +87,15 @@ def submit_study(
     broker: str | None = None,
     settings: Settings | None = None,
     show_progress: bool | None = None,
+    order: str | None = None,
 ) -> SubmitReport:
-    """Register ``study`` and publish every run that still needs running, idempotently."""
+    """Register ``study`` and publish every run that still needs running, idempotently.
+
+    ``order`` (default: the study's ``execution.order``) is the dispatch order: ``plan``,
+    or ``balanced`` (replicate by replicate, shuffled with the study's seed inside each, as
+    ``studyq run`` runs them): workers take runs in the order they were published, so a
+    study stopped at any point (cancel, budget, breaker) holds a balanced partial design.
+    """
     settings = settings or load_settings()
     broker_url = _broker(settings, broker)
     prepared = prepare(study, max_bytes=settings.max_study_bytes)
@@ -112,6 +119,11 @@ def submit_study(
                 timeout_s=study.execution.timeout_s,
                 batch=settings.publish_batch,
                 progress=progress,
+                order=(
+                    prepared.run_specs(order="balanced")
+                    if (order or study.execution.order) == "balanced"
+                    else None
+                ),
             )
     return SubmitReport(
         study.study_id, report.created, prepared.summary.planned, published,
@@ -208,8 +220,14 @@ def resubmit(
     db: str | None = None,
     broker: str | None = None,
     settings: Settings | None = None,
+    error_class: str | None = None,
 ) -> SubmitReport:
-    """Put matching finished runs back with a fresh attempt budget, and publish them."""
+    """Put matching finished runs back with a fresh attempt budget, and publish them.
+
+    ``error_class`` keeps the runs whose recorded error class (``error_type``, e.g.
+    ``RateLimited``) is exactly that name."""
+    if error_class is not None:
+        where = {**(where or {}), "error_type": error_class}
     settings = settings or load_settings()
     broker_url = _broker(settings, broker)
     started = time.perf_counter()

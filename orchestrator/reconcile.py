@@ -24,12 +24,14 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from itertools import islice
 from typing import TypeVar
 
 from orchestrator.contracts.errors import BrokerUnavailableError
 from orchestrator.contracts.results import RunStatus
+from orchestrator.contracts.runspec import RunSpec
 from orchestrator.contracts.settings import Settings
 from orchestrator.executors.transport import Publication, Transport
 from orchestrator.progress import Progress
@@ -93,8 +95,14 @@ def enqueue_planned(
     timeout_s: float | None,
     batch: int,
     progress: Progress | None = None,
+    order: Iterable[RunSpec] | None = None,
 ) -> int:
     """Mark every ``planned`` run queued, page by page, and publish the ones this call won.
+
+    ``order`` publishes in that order (a dispatch order of the study's plan, e.g.
+    ``balanced``): runs that are not ``planned`` any more are skipped. Without it, runs go
+    in plan order (:meth:`ResultStore.queue_next`); so do the runs a later ``wait`` or
+    ``resubmit`` publishes.
 
     Marking first means a message always names a claimable run; a crash between the two
     leaves queued runs without a message (at most two pages: the next page is marked while
@@ -102,7 +110,12 @@ def enqueue_planned(
     the coordinator whose update won a run publishes it.
     """
     published = 0
-    for page in _pages_ahead(lambda: store.queue_next(study_id, batch=batch)):
+    pages = (
+        _pages_ahead(lambda: store.queue_next(study_id, batch=batch))
+        if order is None
+        else _pages_ahead(_pages_in_order(store, study_id, order, batch))
+    )
+    for page in pages:
         published += transport.publish(
             [
                 Publication(spec, attempt, labels.get(spec.condition_id, ""))
@@ -114,6 +127,24 @@ def enqueue_planned(
         if progress is not None:
             progress.update(len(page))
     return published
+
+
+def _pages_in_order(
+    store: ResultStore, study_id: str, order: Iterable[RunSpec], batch: int
+) -> Callable[[], list[tuple[RunSpec, int]]]:
+    """``next_page`` for :func:`_pages_ahead` over ``order``: each call marks the next
+    ``batch`` specs of ``order`` queued and returns those it moved, in ``order``'s order."""
+    specs = iter(order)
+
+    def next_page() -> list[tuple[RunSpec, int]]:
+        while chunk := list(islice(specs, batch)):
+            moved = dict(store.queue_runs(study_id, [spec.index for spec in chunk]))
+            page = [(spec, moved[spec.index]) for spec in chunk if spec.index in moved]
+            if page:
+                return page
+        return []
+
+    return next_page
 
 
 def stale_queued_timeout(

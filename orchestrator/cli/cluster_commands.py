@@ -40,6 +40,13 @@ def register(subparsers: Any) -> None:
         handler=_submit,
     )
     parser.add_argument("study", help="study file (.yaml, .yml or .json)")
+    parser.add_argument(
+        "--order",
+        choices=("plan", "balanced"),
+        default=None,
+        help="dispatch order (default: the study's execution.order): balanced publishes "
+        "replicate by replicate, shuffled inside each, so a study stopped early stays balanced",
+    )
     _urls(parser)
     _progress(parser)
 
@@ -116,6 +123,12 @@ def register(subparsers: Any) -> None:
         "--error", default=None, help="only runs whose error kind, type or message contains TEXT"
     )
     parser.add_argument(
+        "--error-class",
+        default=None,
+        metavar="NAME",
+        help="only runs whose error class is exactly NAME (e.g. RateLimited, TimeoutError)",
+    )
+    parser.add_argument(
         "--where",
         action="append",
         default=[],
@@ -182,7 +195,13 @@ def _progress(parser: argparse.ArgumentParser) -> None:
 def _submit(args: argparse.Namespace) -> int:
     from orchestrator.distributed import submit_study
 
-    report = submit_study(args.study, db=args.db, broker=args.broker, show_progress=args.progress)
+    report = submit_study(
+        args.study,
+        db=args.db,
+        broker=args.broker,
+        show_progress=args.progress,
+        order=args.order,
+    )
     state = "registered" if report.created else "already registered"
     print(
         f"{report.study_id}: {state}; {report.planned} runs planned, {report.published} "
@@ -362,6 +381,7 @@ def _resubmit(args: argparse.Namespace) -> int:
         where=where or None,
         db=args.db,
         broker=args.broker,
+        error_class=args.error_class,
     )
     print(f"{args.study_id}: {report.planned} runs reset, {report.published} enqueued")
     if report.published:

@@ -189,7 +189,13 @@ def _run_distributed(args: argparse.Namespace) -> int:
     from orchestrator.export import export_artifacts
     from orchestrator.store import ResultStore
 
-    report = submit_study(args.study, db=args.db, broker=args.broker, show_progress=args.progress)
+    report = submit_study(
+        args.study,
+        db=args.db,
+        broker=args.broker,
+        show_progress=args.progress,
+        order=args.order,
+    )
     print(f"{report.study_id}: {report.published} runs enqueued; waiting for workers")
     waited = wait_study(
         report.study_id, db=args.db, broker=args.broker, show_progress=args.progress
