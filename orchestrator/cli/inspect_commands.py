@@ -21,6 +21,7 @@ from sqlalchemy.engine import Connection
 from orchestrator.cli import EXIT_OK, EXIT_USAGE, add_command, positive_int
 from orchestrator.contracts.results import RunStatus
 from orchestrator.contracts.settings import load_settings
+from orchestrator.insight.aggregates import metric_direction, outcome_metric, study_outcomes
 from orchestrator.store import ResultStore, RunRecord, StudyInfo, mask_url
 from orchestrator.store.engine import transaction
 from orchestrator.store.inspection import (
@@ -130,56 +131,20 @@ class _Metric:
     why: str
 
 
-def _outcomes(info: StudyInfo) -> list[Mapping[str, Any]]:
-    return [o for o in info.definition.get("outcomes") or [] if isinstance(o, Mapping)]
-
-
-def _outcome_ref(outcome: Mapping[str, Any]) -> MetricRef:
-    column = str(outcome.get("column") or outcome.get("name"))
-    if str(outcome.get("source_table", "runs")) == "evaluations":
-        return MetricRef("evaluation", str(outcome.get("name")))
-    if column in NUMERIC_RUN_COLUMNS:
-        return MetricRef("column", column)
-    return MetricRef("metrics", column)
-
-
-def _direction(info: StudyInfo, ref: MetricRef, name: str) -> tuple[bool | None, str]:
-    """Lower-is-better from the study's hypotheses on the outcomes that measure ``ref``."""
-    names = {name} | {str(o.get("name")) for o in _outcomes(info) if _outcome_ref(o) == ref}
-    votes: dict[bool, str] = {}
-    for hypothesis in info.definition.get("hypotheses") or []:
-        if not isinstance(hypothesis, Mapping):
-            continue
-        direction = str(hypothesis.get("direction", ""))
-        if direction not in ("less", "greater") or not names & {
-            str(v) for v in hypothesis.get("dependent_vars") or []
-        }:
-            continue
-        votes.setdefault(direction == "less", str(hypothesis.get("hypothesis_id", "")))
-    if len(votes) == 1:
-        ((low, hypothesis_id),) = votes.items()
-        return low, f"hypothesis {hypothesis_id} has direction: {'less' if low else 'greater'}"
-    return None, (
-        "the study's hypotheses disagree on its direction"
-        if votes
-        else "the study declares no direction for it"
-    )
-
-
 def _resolve_metric(connection: Connection, info: StudyInfo, name: str | None) -> _Metric | str:
     """``--metric`` (or the primary outcome) as a metric the runs have, or the error line."""
-    outcomes = _outcomes(info)
+    outcomes = study_outcomes(info.definition)
     if name is None:
         primary = next((o for o in outcomes if o.get("primary")), None)
         label = str(primary["name"]) if primary else "primary_outcome"
-        ref = _outcome_ref(primary) if primary else MetricRef("column", "primary_outcome")
+        ref = outcome_metric(primary) if primary else MetricRef("column", "primary_outcome")
         if not has_metric(connection, info.study_id, ref):
             return _no_such_metric(connection, info.study_id, label)
     else:
         label = name
         outcome = next((o for o in outcomes if str(o.get("name")) == name), None)
         candidates = (
-            [_outcome_ref(outcome)]
+            [outcome_metric(outcome)]
             if outcome
             else [MetricRef("column", name)]
             if name in NUMERIC_RUN_COLUMNS
@@ -189,7 +154,7 @@ def _resolve_metric(connection: Connection, info: StudyInfo, name: str | None) -
         if not found:
             return _no_such_metric(connection, info.study_id, name)
         ref = found[0]
-    low, why = _direction(info, ref, label)
+    low, why = metric_direction(info.definition, ref, label)
     return _Metric(ref, label, label if ref.name == label else f"{label} ({ref.name})", low, why)
 
 

@@ -112,11 +112,14 @@ class OutcomeRef:
         return "lower is better" if self.lower_is_better else "higher is better"
 
 
-def _outcomes(definition: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+def study_outcomes(definition: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    """The study definition's ``outcomes`` entries."""
     return [o for o in definition.get("outcomes") or [] if isinstance(o, Mapping)]
 
 
-def _outcome_metric(outcome: Mapping[str, Any]) -> MetricRef:
+def outcome_metric(outcome: Mapping[str, Any]) -> MetricRef:
+    """Where an outcome's values live: an evaluation metric, a numeric runs column, or a
+    key of the runs' ``metrics``."""
     column = str(outcome.get("column") or outcome.get("name"))
     if str(outcome.get("source_table", "runs")) == "evaluations":
         return MetricRef("evaluation", str(outcome.get("name")))
@@ -125,18 +128,15 @@ def _outcome_metric(outcome: Mapping[str, Any]) -> MetricRef:
     return MetricRef("metrics", column)
 
 
-def primary_outcome(definition: Mapping[str, Any]) -> OutcomeRef:
-    """The study's primary outcome (``primary: true``, else the ``primary_outcome`` column)
-    and its direction: lower is better when the hypotheses naming it as a dependent variable
-    all say ``direction: less``, higher when they all say ``greater``, else undeclared."""
-    outcomes = _outcomes(definition)
-    primary = next((o for o in outcomes if o.get("primary")), None)
-    if primary is None:
-        name, metric, description = "primary_outcome", MetricRef("column", "primary_outcome"), ""
-    else:
-        name, metric = str(primary.get("name")), _outcome_metric(primary)
-        description = str(primary.get("description") or "")
-    names = {name} | {str(o.get("name")) for o in outcomes if _outcome_metric(o) == metric}
+def metric_direction(
+    definition: Mapping[str, Any], metric: MetricRef, name: str
+) -> tuple[bool | None, str]:
+    """Whether lower is better for ``metric`` (named ``name``), and why: lower when the
+    hypotheses naming it (or an outcome measuring it) as a dependent variable all say
+    ``direction: less``, higher when they all say ``greater``, else None (undeclared)."""
+    names = {name} | {
+        str(o.get("name")) for o in study_outcomes(definition) if outcome_metric(o) == metric
+    }
     votes: dict[bool, str] = {}
     for hypothesis in definition.get("hypotheses") or []:
         if not isinstance(hypothesis, Mapping):
@@ -147,14 +147,25 @@ def primary_outcome(definition: Mapping[str, Any]) -> OutcomeRef:
             votes.setdefault(direction == "less", str(hypothesis.get("hypothesis_id", "")))
     if len(votes) == 1:
         ((low, hypothesis_id),) = votes.items()
-        why = f"hypothesis {hypothesis_id} has direction: {'less' if low else 'greater'}"
-        return OutcomeRef(name, metric, low, why, description)
-    why = (
+        return low, f"hypothesis {hypothesis_id} has direction: {'less' if low else 'greater'}"
+    return None, (
         "the study's hypotheses disagree on its direction"
         if votes
         else "the study declares no direction for it"
     )
-    return OutcomeRef(name, metric, None, why, description)
+
+
+def primary_outcome(definition: Mapping[str, Any]) -> OutcomeRef:
+    """The study's primary outcome (``primary: true``, else the ``primary_outcome`` column)
+    and its direction (:func:`metric_direction`)."""
+    primary = next((o for o in study_outcomes(definition) if o.get("primary")), None)
+    if primary is None:
+        name, metric, description = "primary_outcome", MetricRef("column", "primary_outcome"), ""
+    else:
+        name, metric = str(primary.get("name")), outcome_metric(primary)
+        description = str(primary.get("description") or "")
+    low, why = metric_direction(definition, metric, name)
+    return OutcomeRef(name, metric, low, why, description)
 
 
 def _value(connection: Connection, metric: MetricRef, best_low: bool) -> ColumnElement[Any]:
