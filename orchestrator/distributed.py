@@ -33,6 +33,7 @@ from orchestrator.executors.transport import open_transport
 from orchestrator.progress import Progress
 from orchestrator.reconcile import Reconciler, done_count, enqueue_planned
 from orchestrator.store import ResultStore
+from orchestrator.store.budget_gate import describe
 from orchestrator.store.engine import transaction
 from orchestrator.store.lookup import open_existing, require_study
 from orchestrator.store.recovery import CancelReport, cancel_study
@@ -141,6 +142,9 @@ class WaitReport:
     failed_lost: int = 0
     republished: int = 0
     timed_out: bool = False
+    paused: str | None = None
+    """Why the study stopped before the end (a spent budget, a tripped breaker) and what
+    continues it, one line; the wait ends once its runs in flight have finished."""
 
     @property
     def complete(self) -> bool:
@@ -204,6 +208,9 @@ def wait_study(
                     study_id, ticks.counts, ticks.requeued, ticks.failed_lost, ticks.republished
                 )
                 if report.complete:
+                    return report
+                if ticks.paused is not None and not ticks.counts.get(RunStatus.RUNNING.value):
+                    report.paused = describe(ticks.paused)  # in-flight runs finished
                     return report
                 if deadline is not None and time.monotonic() >= deadline:
                     report.timed_out = True
@@ -351,6 +358,11 @@ class StudyStatus:
     top_errors: list[Any] = field(default_factory=list)
     queue: str = "studyq"
     """The study's ``execution.queue`` (its dead letters are kept per queue)."""
+    dispatch: str | None = None
+    """'stopped: budget (spent $X of $Y, burn $Z/h)', 'paused: breaker (...)' or the budget
+    so far (``orchestrator.budget.BudgetState.line``); None without a budget or a pause."""
+    dispatch_fix: str | None = None
+    """The command that continues a paused study, or None."""
 
 
 def study_status(
@@ -363,6 +375,8 @@ def study_status(
     """Every study in the store (or one), with counts, rate, ETA and cost so far; with
     ``detail`` (default for one study) also per condition, agent and problem, and the top
     error classes."""
+    from orchestrator.budget import state_of
+
     settings = settings or load_settings()
     detail = (study_id is not None) if detail is None else detail
     with open_existing(db or settings.database_url, command="status") as store:
@@ -394,6 +408,8 @@ def study_status(
                 cost_usd=stats.cost_usd,
                 queue=str((info.definition.get("execution") or {}).get("queue", "studyq")),
             )
+            budget = state_of(store, info)
+            status.dispatch, status.dispatch_fix = budget.line, budget.fix
             if detail:
                 status.by = {by: store.count_by(info.study_id, by) for by in
                              ("condition", "agent", "problem")}  # fmt: skip

@@ -38,6 +38,9 @@ from orchestrator.executors.start_journal import StartJournal
 from orchestrator.export import ExportReport, export_artifacts
 from orchestrator.progress import Progress
 from orchestrator.store import ResultStore
+from orchestrator.store.budget_gate import after_results, describe
+from orchestrator.store.engine import transaction
+from orchestrator.store.pausing import pause_of
 from orchestrator.store.records import Claim, RegisterReport, TakeBackReport
 from orchestrator.study.bindings_check import import_path_of
 from orchestrator.study.model import Study
@@ -108,6 +111,9 @@ class StudyRun:
     """The claims of a killed predecessor on this host this call took back, if any."""
     interrupted: bool = False
     stopped_by_fail_fast: bool = False
+    paused: str | None = None
+    """Why dispatch stopped before the end: a spent budget or a tripped breaker (one line
+    saying what continues it), or None."""
     counts: dict[str, int] = field(default_factory=dict)
     export: ExportReport | None = None
 
@@ -240,6 +246,9 @@ def run_embedded(
         )
         with executor, Progress(total, desc=study.study_id, show=options.show_progress) as progress:
             _drive(store, executor, specs, outcome, progress, stop_on_failure)
+            outcome.paused = _paused(store, study.study_id)
+            if outcome.paused is not None:
+                progress.write(outcome.paused)
         if journal is not None:
             journal.remove()  # every claim is recorded or handed back
         outcome.counts = store.count_by_status(study.study_id)
@@ -304,6 +313,14 @@ def _created(journal: StartJournal | None) -> StartJournal | None:
     return journal
 
 
+def _paused(store: ResultStore, study_id: str) -> str | None:
+    """The study's pause (budget, breaker) as one line, or None: the claims of a paused
+    study win nothing, so the sweep ended without running the rest."""
+    with transaction(store.engine, readonly=True) as connection:
+        pause = pause_of(connection, study_id)
+    return None if pause is None else describe(pause)
+
+
 def _pending_indices(store: ResultStore, study_id: str) -> set[int]:
     statuses = [RunStatus.PLANNED.value, RunStatus.QUEUED.value]
     return {run.index for run in store.iter_runs(study_id, statuses=statuses)}
@@ -349,8 +366,11 @@ class _Recorder:
     def _flush(self, batch: list[tuple[Claim, RunResult]]) -> None:
         if batch and self.error is None:
             try:
-                self._store.finish_runs_batch(batch)
+                won = self._store.finish_runs_batch(batch)
                 self.recorded.update(claim.index for claim, _ in batch)
+                after_results(  # a spent budget or a tripped breaker pauses the study
+                    self._store, [item for item, ok in zip(batch, won, strict=True) if ok]
+                )
             except BaseException as exc:  # surfaced by put()/close() on the main thread
                 self.error = exc
         batch.clear()

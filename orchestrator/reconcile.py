@@ -3,7 +3,9 @@
 ``studyq wait`` (:func:`orchestrator.distributed.wait_study`) runs :meth:`Reconciler.tick`
 every ``reconcile_interval_s``; ``submit`` and ``resubmit`` use :func:`enqueue_planned`. One
 tick is five named steps, the first three guarded transitions in the store, so two
-coordinators on one study never publish a run twice and a killed coordinator loses nothing::
+coordinators on one study never publish a run twice and a killed coordinator loses nothing
+(while the study is paused by its budget or breaker, only ``recover`` runs, without the
+stale search: its waiting runs stay unpublished until a resume, :mod:`orchestrator.budget`)::
 
     publish_planned     planned runs (a submit that died half way, a resubmit elsewhere)
                         are marked queued and published
@@ -36,6 +38,8 @@ from orchestrator.contracts.settings import Settings
 from orchestrator.executors.transport import Publication, Transport
 from orchestrator.progress import Progress
 from orchestrator.store import ResultStore
+from orchestrator.store.engine import transaction
+from orchestrator.store.pausing import Pause, pause_of
 
 __all__ = ["Reconciler", "TickReport", "done_count", "enqueue_planned", "stale_queued_timeout"]
 
@@ -198,6 +202,8 @@ class TickReport:
     requeued: int = 0
     failed_lost: int = 0
     republished: int = 0
+    paused: Pause | None = None
+    """The study's pause (a spent budget, a tripped breaker) at the last tick, or None."""
 
 
 @dataclass(slots=True)
@@ -228,10 +234,20 @@ class Reconciler:
         Raises:
             StoreUnavailableError: the database failed; the next tick starts over.
         """
-        self.publish_planned()
-        self.recover(self.stale_timeout())
+        self.report.paused = self.paused()
+        if self.report.paused is None:
+            self.publish_planned()
+            self.recover(self.stale_timeout())
+        else:  # paused: its waiting runs stay unpublished until a resume publishes them
+            self.recover(None)
         self.refresh()
         self.watch_claims()
+
+    def paused(self) -> Pause | None:
+        """The study's pause (:mod:`orchestrator.store.pausing`): while it holds, planned
+        runs are not published and queued ones are not re-published as stale."""
+        with transaction(self.store.engine, readonly=True) as connection:
+            return pause_of(connection, self.study_id)
 
     def publish_planned(self) -> None:
         if self.report.counts.get(RunStatus.PLANNED.value, 0):

@@ -39,6 +39,7 @@ from collections.abc import Callable
 from orchestrator.contracts.errors import StoreError, StoreUnavailableError
 from orchestrator.contracts.results import RunResult
 from orchestrator.store import Claim, ResultStore
+from orchestrator.store.budget_gate import after_results
 from workers.retrying import retry_unavailable
 
 __all__ = ["MAX_BATCH", "NOT_RECORDED", "REFUSED", "ResultWriter"]
@@ -143,6 +144,8 @@ class ResultWriter:
             outcomes.append(result.status.value if ok else self._refused(claim))
             if ok:
                 self._count(result.status.value)
+        # A spent budget or a tripped breaker pauses the study (orchestrator.store.budget_gate).
+        after_results(self._store, [item for item, ok in zip(batch, won, strict=True) if ok])
         return outcomes
 
     def _not_recorded(self, claim: Claim, result: RunResult, error: StoreError) -> str:

@@ -230,6 +230,9 @@ def _wait(args: argparse.Namespace) -> int:
     from orchestrator.insight.summary import print_outcome_table
 
     print_outcome_table(report.study_id, db=args.db)  # the study's answer, and the report
+    if report.paused:  # a spent budget or a tripped breaker: the study waits for the user
+        print(f"{report.study_id}: {report.paused}", file=sys.stderr)
+        return EXIT_FAILED
     if report.failed:
         print(
             f"`studyq status {report.study_id}` shows why; "
@@ -279,6 +282,9 @@ def _status(args: argparse.Namespace) -> int:
             f"{c.get('queued', 0) + c.get('planned', 0):>8,} {_fmt_rate(status.rate_per_s):>9} "
             f"{_fmt_eta(status.eta_s):>8} {status.cost_usd:>9.2f}"
         )
+        if status.dispatch:  # stopped: budget / paused: breaker / the budget so far
+            fix = f"; `{status.dispatch_fix}` continues it" if status.dispatch_fix else ""
+            print(f"  {status.dispatch}{fix}")
         for by, groups in status.by.items():
             print(f"\n  by {by}")
             for key, per_status in sorted(groups.items())[:30]:

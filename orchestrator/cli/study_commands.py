@@ -63,6 +63,20 @@ def register(subparsers: Any) -> None:
         help="run order: plan (design order, the default) or balanced (replicate by "
         "replicate, shuffled inside each); defaults to the study's execution.order",
     )
+    parser.add_argument(
+        "--forecast",
+        action="store_true",
+        help="estimate the study's cost and duration (median, 90th percentile) from earlier "
+        "successful runs of the same agents and problems in --db. Example: studyq plan "
+        "study.yaml --forecast --db postgresql://studyq@db/studyq --slots 32",
+    )
+    parser.add_argument("--db", default=None, help="--forecast: result store URL")
+    parser.add_argument(
+        "--slots",
+        type=positive_int,
+        default=1,
+        help="--forecast: worker slots running at once, for the duration (default: 1)",
+    )
 
     add_command(
         subparsers,
@@ -116,6 +130,12 @@ def _cut_note(prepared: PreparedStudy) -> str:
 
 
 def _plan(args: argparse.Namespace) -> int:
+    if args.forecast:  # orchestrator/budget.py
+        from orchestrator.budget import forecast
+        from orchestrator.cli.llm_commands import print_forecast
+
+        print_forecast(forecast(args.study, db=args.db), slots=args.slots)
+        return EXIT_OK
     prepared = prepare(args.study, runnable=False)
     order = args.order or prepared.study.execution.order
     out = sys.stdout

@@ -33,6 +33,7 @@ from sqlalchemy import delete, func, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 
+from orchestrator.contracts.extensions import ExecutionPolicy
 from orchestrator.contracts.results import RunStatus
 from orchestrator.contracts.runspec import RunSpec
 from orchestrator.store.models import SPEC_COLUMNS, PauseRow, RunRow, StudyRow
@@ -47,7 +48,9 @@ __all__ = [
     "Spent",
     "breaker_window",
     "budget_overrides",
+    "check_study",
     "exceeded",
+    "limits_of",
     "mark_resumed",
     "pause",
     "pause_of",
@@ -55,6 +58,7 @@ __all__ = [
     "set_budget_overrides",
     "spent",
     "unpause",
+    "watches",
 ]
 
 BUDGET = "budget"
@@ -180,7 +184,8 @@ def pause(connection: Connection, study_id: str, reason: str, detail: dict[str, 
         if pause_of(connection, study_id) is not None:
             return False
         statement = insert(PauseRow).values(values)
-    return bool(connection.execute(statement).rowcount == 1)
+    # RETURNING rather than rowcount: psycopg reports -1 for an INSERT ... ON CONFLICT here.
+    return connection.execute(statement.returning(PauseRow.study_id)).first() is not None
 
 
 def unpause(connection: Connection, study_id: str) -> Pause | None:
@@ -243,3 +248,68 @@ def breaker_window(connection: Connection, study_id: str, window: int) -> Breake
         (row.error_message for row in failures if (row.error_type or "error") == top_type), None
     )
     return BreakerWindow(len(rows), len(failures), top_type, message, top_count)
+
+
+def limits_of(connection: Connection, study_id: str, execution: ExecutionPolicy) -> BudgetLimits:
+    """The study's effective budget: ``studyq budget``'s values, else the study file's."""
+    cost, tokens = budget_overrides(connection, study_id)
+    return BudgetLimits(
+        execution.max_cost_usd if cost is None else cost,
+        execution.max_tokens if tokens is None else tokens,
+    )
+
+
+def watches(execution: ExecutionPolicy) -> bool:
+    """Whether results of a study with this policy are checked at all (a budget or a
+    breaker declared): the check costs nothing for any other study."""
+    return (
+        execution.max_cost_usd is not None
+        or execution.max_tokens is not None
+        or execution.breaker is not None
+    )
+
+
+def check_study(
+    connection: Connection, study_id: str, execution: ExecutionPolicy, *, failed: bool
+) -> Pause | None:
+    """After results of the study were recorded: pause it when its budget is spent, or
+    (``failed``: one of them failed) when its breaker trips. Returns the pause this call
+    made, None when it made none (also when the study was paused already).
+
+    A budget raised with ``studyq budget`` counts even when the study file declares none.
+    """
+    if pause_of(connection, study_id) is not None:
+        return None
+    limits = limits_of(connection, study_id, execution)
+    if limits.declared:
+        used = spent(connection, study_id)
+        reached = exceeded(used, limits)
+        if reached:
+            detail = {
+                "reached": reached,
+                "spent_usd": used.cost_usd,
+                "spent_tokens": used.tokens,
+                "max_cost_usd": limits.max_cost_usd,
+                "max_tokens": limits.max_tokens,
+                "runs": used.runs,
+            }
+            if pause(connection, study_id, BUDGET, detail):
+                return pause_of(connection, study_id)
+            return None
+    breaker = execution.breaker
+    if breaker is None or not failed:
+        return None
+    seen = breaker_window(connection, study_id, breaker.window)
+    if seen.finished < breaker.window or seen.failed <= breaker.max_failure_rate * seen.finished:
+        return None
+    detail = {
+        "failed": seen.failed,
+        "window": seen.finished,
+        "max_failure_rate": breaker.max_failure_rate,
+        "error_type": seen.top_error_type,
+        "error_message": seen.top_error_message,
+        "error_count": seen.top_error_count,
+    }
+    if pause(connection, study_id, BREAKER, detail):
+        return pause_of(connection, study_id)
+    return None
