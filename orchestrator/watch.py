@@ -33,6 +33,7 @@ from rich.live import Live
 from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
+from sqlalchemy.engine import Connection
 
 from orchestrator.contracts.errors import StoreUnavailableError
 from orchestrator.contracts.results import RunStatus
@@ -41,6 +42,7 @@ from orchestrator.store import (
     ResultStore,
     StudyInfo,
     create_engine_for,
+    pausing,
     queries,
 )
 from orchestrator.store.engine import transaction
@@ -90,7 +92,13 @@ class Snapshot:
     """Recent finishing rate; for a study with nothing left, the rate over its whole span."""
     cost_usd: float
     budget_usd: float | None
-    """The study's ``execution.max_cost_usd``, if it sets one."""
+    """The study's cost limit: ``studyq budget``'s, else its ``execution.max_cost_usd``."""
+    tokens: int = 0
+    """Input + output tokens of the finished runs."""
+    budget_tokens: int | None = None
+    """The study's token limit: ``studyq budget``'s, else its ``execution.max_tokens``."""
+    paused: str | None = None
+    """Why dispatch is paused (a budget spent, the failure breaker), or None."""
     failures: list[FailureClass] = field(default_factory=list)
     workers: list[WorkerSeen] = field(default_factory=list)
     taken_at: datetime | None = None
@@ -117,10 +125,27 @@ class Snapshot:
         return self.remaining / self.rate_per_s
 
 
-def _budget(info: StudyInfo) -> float | None:
+def _number(value: Any) -> float | None:
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
+def _limits(connection: Connection, info: StudyInfo) -> tuple[float | None, int | None]:
+    """The effective ``(max_cost_usd, max_tokens)``: ``studyq budget``'s values (the
+    ``studies`` row) over the study file's ``execution``."""
     execution: Mapping[str, Any] = info.definition.get("execution") or {}
-    limit = execution.get("max_cost_usd")
-    return float(limit) if isinstance(limit, int | float) and not isinstance(limit, bool) else None
+    cost, tokens = pausing.budget_overrides(connection, info.study_id)
+    cost = _number(execution.get("max_cost_usd")) if cost is None else cost
+    file_tokens = _number(execution.get("max_tokens"))
+    tokens = (None if file_tokens is None else int(file_tokens)) if tokens is None else tokens
+    return cost, tokens
+
+
+def _pause_reason(pause: pausing.Pause | None) -> str | None:
+    if pause is None:
+        return None
+    since = pause.paused_at.astimezone().strftime("%H:%M:%S")
+    what = {pausing.BUDGET: "a budget is spent", pausing.BREAKER: "the failure breaker tripped"}
+    return f"dispatch paused since {since}: {what.get(pause.reason, pause.reason)}"
 
 
 def _by_label(
@@ -159,6 +184,9 @@ def read_snapshot(store: ResultStore, info: StudyInfo, *, lease_s: float) -> Sna
             rate = finished / seconds if finished and seconds else None
         failures = failure_classes(connection, study_id, limit=5)
         workers = workers_seen(connection, study_id, lease_s=lease_s, within_s=WORKERS_WINDOW_S)
+        max_cost, max_tokens = _limits(connection, info)
+        tokens = pausing.spent(connection, study_id).tokens
+        paused = _pause_reason(pausing.pause_of(connection, study_id))
     return Snapshot(
         study_id=study_id,
         title=str(info.definition.get("title", "")),
@@ -167,7 +195,10 @@ def read_snapshot(store: ResultStore, info: StudyInfo, *, lease_s: float) -> Sna
         by=by,
         rate_per_s=rate,
         cost_usd=stats.cost_usd,
-        budget_usd=_budget(info),
+        budget_usd=max_cost,
+        tokens=tokens,
+        budget_tokens=max_tokens,
+        paused=paused,
         failures=failures,
         workers=workers,
         taken_at=datetime.now().astimezone(),
@@ -196,12 +227,21 @@ def _fmt_eta(snapshot: Snapshot) -> str:
 
 def _fmt_budget(snapshot: Snapshot) -> str:
     if snapshot.budget_usd is None:
-        return f"cost ${snapshot.cost_usd:,.2f} (budget: none set)"
-    left = snapshot.budget_usd - snapshot.cost_usd
-    return (
-        f"cost ${snapshot.cost_usd:,.2f} of ${snapshot.budget_usd:,.2f} "
-        f"(${max(left, 0.0):,.2f} left)"
-    )
+        text = f"cost ${snapshot.cost_usd:,.2f}"
+        if snapshot.budget_tokens is None:
+            return text + " (budget: none set)"
+    else:
+        left = snapshot.budget_usd - snapshot.cost_usd
+        text = (
+            f"cost ${snapshot.cost_usd:,.2f} of ${snapshot.budget_usd:,.2f} "
+            f"(${max(left, 0.0):,.2f} left)"
+        )
+    if snapshot.budget_tokens is not None:
+        left_tokens = max(snapshot.budget_tokens - snapshot.tokens, 0)
+        text += f", tokens {snapshot.tokens:,} of {snapshot.budget_tokens:,} ({left_tokens:,} left)"
+    elif snapshot.tokens:
+        text += f", tokens {snapshot.tokens:,}"
+    return text
 
 
 def _one_line(text: str | None, limit: int = 100) -> str:
@@ -220,7 +260,7 @@ def plain_line(snapshot: Snapshot) -> str:
         f"({c.get('success', 0):,} success, {c.get('failed', 0):,} failed, "
         f"{c.get('cancelled', 0):,} cancelled), {c.get('running', 0):,} running, "
         f"{waiting:,} waiting; rate {_fmt_rate(snapshot.rate_per_s)}; {eta}; "
-        f"{_fmt_budget(snapshot)}"
+        f"{_fmt_budget(snapshot)}" + (f"; {snapshot.paused}" if snapshot.paused else "")
     )
 
 
@@ -313,6 +353,8 @@ def render(snapshot: Snapshot, *, note: str = "", hint: str | None = None) -> Re
     speed = Text(f"rate {_fmt_rate(snapshot.rate_per_s)} ({window})   {eta}   ")
     speed.append(_fmt_budget(snapshot))
     parts: list[RenderableType] = [header, overall, speed]
+    if snapshot.paused:
+        parts.append(Text(snapshot.paused, style="bold yellow"))
     parts.extend(_breakdown(name, groups) for name, groups in snapshot.by.items() if groups)
     parts.extend([_failures(snapshot), _workers(snapshot)])
     if hint is None:

@@ -38,7 +38,8 @@ from rich.console import Console
 
 from orchestrator.cli import EXIT_CONNECT, EXIT_OK, EXIT_USAGE
 from orchestrator.embedded import register, run_embedded
-from orchestrator.store import ResultStore, upgrade
+from orchestrator.store import ResultStore, pausing, upgrade
+from orchestrator.store.engine import transaction
 from orchestrator.store.live import FailureClass, WorkerSeen
 from orchestrator.study.plan import prepare
 from orchestrator.watch import Snapshot, plain_line, read_snapshot, render
@@ -351,6 +352,34 @@ def test_a_worker_holding_a_run_is_seen_from_its_lease(store_url: str, tmp_path:
     assert snapshot.taken_at is not None and not snapshot.done
     assert snapshot.counts["running"] == 1 and snapshot.remaining == 4
     assert "celery@node-a (1 running, 0 s ago)" in _rendered(snapshot)
+
+
+def test_a_snapshot_shows_the_effective_budget_and_a_pause(store_url: str, tmp_path: Path) -> None:
+    # Given a study whose file sets a $5 and 1,000-token budget
+    path = _write_study(tmp_path, "watch-budget", replicates=1, sleep_s=0.01)
+    study = yaml.safe_load(path.read_text(encoding="utf-8"))
+    study["execution"] = {"max_cost_usd": 5.0, "max_tokens": 1000}
+    path.write_text(yaml.safe_dump(study, sort_keys=False), encoding="utf-8")
+    _registered(path, store_url)
+    with ResultStore.open(store_url) as store:
+        info = store.find_study("watch-budget")
+        assert info is not None
+        # When it is read as registered
+        before = read_snapshot(store, info, lease_s=60.0)
+        # And after `studyq budget` raised the cost limit and a budget paused dispatch
+        with transaction(store.engine) as connection:
+            pausing.set_budget_overrides(
+                connection, "watch-budget", max_cost_usd=8.0, max_tokens=None
+            )
+            pausing.pause(connection, "watch-budget", pausing.BUDGET, {})
+        after = read_snapshot(store, info, lease_s=60.0)
+    # Then the view shows the file's limits, then the raised one and why nothing is claimed
+    assert (before.budget_usd, before.budget_tokens, before.paused) == (5.0, 1000, None)
+    assert "cost $0.00 of $5.00 ($5.00 left), tokens 0 of 1,000 (1,000 left)" in plain_line(before)
+    assert (after.budget_usd, after.budget_tokens) == (8.0, 1000)
+    assert after.paused is not None and "a budget is spent" in after.paused
+    assert "cost $0.00 of $8.00 ($8.00 left)" in _rendered(after)
+    assert "dispatch paused since" in _rendered(after) and after.paused in plain_line(after)
 
 
 # -- in a terminal, and not ------------------------------------------------------------------
