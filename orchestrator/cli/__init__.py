@@ -113,6 +113,7 @@ def build_parser() -> _Parser:
         "manage_commands",
         "worker_commands",
         "report_commands",
+        "dashboard_commands",
         "llm_commands",
     ):
         try:

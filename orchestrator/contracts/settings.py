@@ -105,6 +105,16 @@ class Settings(BaseSettings):
     publish_batch: int = Field(
         default=1000, gt=0, description="Runs marked queued and published per transaction."
     )
+    dashboard_token: str | None = Field(
+        default=None,
+        repr=False,
+        description="`studyq dashboard`'s actions (resubmit, cancel, budget) need this token "
+        "(Authorization: Bearer, or the form's token field). Unset: the dashboard is read-only.",
+    )
+    flower_url: str = Field(
+        default="http://127.0.0.1:5555",
+        description="Where `studyq dashboard` links to Flower for task-level detail.",
+    )
 
     @field_validator("broker_url")
     @classmethod
