@@ -72,7 +72,11 @@ WORKERS_WINDOW_S = 60.0
 """A worker counts as seen when it claimed, finished or heartbeat within this many seconds."""
 
 _GROUPS_SHOWN = 12
-"""Rows per breakdown (condition, agent, problem); the rest are summed in one line."""
+"""Rows per breakdown (condition, agent, problem) at most; the rest are counted in one line.
+On a short terminal fewer, so the failures and workers stay on the screen."""
+
+_BREAKDOWN_LINES = 3
+"""Lines a breakdown takes besides its rows: title, column names, rule."""
 
 _OPEN = (RunStatus.PLANNED.value, RunStatus.QUEUED.value, RunStatus.RUNNING.value)
 _FINISHED = (RunStatus.SUCCESS.value, RunStatus.FAILED.value, RunStatus.CANCELLED.value)
@@ -271,7 +275,22 @@ def _bar(done: int, total: int, width: int = 28) -> ProgressBar:
     return ProgressBar(total=max(total, 1), completed=done, width=width)
 
 
-def _breakdown(name: str, groups: Mapping[str, Mapping[str, int]]) -> Table:
+def _row_budget(sizes: list[int], lines: int) -> list[int]:
+    """Rows to show of each breakdown so all fit in ``lines`` (at most
+    :data:`_GROUPS_SHOWN`): the small ones whole, the rest share what is left. A cut
+    breakdown spends one of its rows on the "... N more" line."""
+    shown = [0] * len(sizes)
+    left = lines
+    for rank, index in enumerate(sorted(range(len(sizes)), key=lambda i: sizes[i])):
+        share = max(1, left // (len(sizes) - rank))
+        whole = min(sizes[index], _GROUPS_SHOWN)
+        need = whole + (1 if sizes[index] > whole else 0)
+        shown[index] = whole if need <= share else max(0, share - 1)
+        left -= shown[index] + (1 if sizes[index] > shown[index] else 0)
+    return shown
+
+
+def _breakdown(name: str, groups: Mapping[str, Mapping[str, int]], rows: int) -> Table:
     table = Table(title=f"by {name}", title_justify="left", box=box.SIMPLE_HEAD, show_edge=False)
     table.add_column(name, overflow="ellipsis", max_width=44, no_wrap=True)
     table.add_column("progress", no_wrap=True)
@@ -280,7 +299,7 @@ def _breakdown(name: str, groups: Mapping[str, Mapping[str, int]]) -> Table:
     table.add_column("failed", justify="right", style="red")
     table.add_column("running", justify="right", style="cyan")
     items = list(groups.items())
-    for key, per_status in items[:_GROUPS_SHOWN]:
+    for key, per_status in items[:rows]:
         total = sum(per_status.values())
         done = sum(per_status.get(status, 0) for status in _FINISHED)
         table.add_row(
@@ -291,8 +310,8 @@ def _breakdown(name: str, groups: Mapping[str, Mapping[str, int]]) -> Table:
             f"{per_status.get('failed', 0):,}",
             f"{per_status.get('running', 0):,}",
         )
-    if len(items) > _GROUPS_SHOWN:
-        table.add_row(f"... {len(items) - _GROUPS_SHOWN:,} more", "", "", "", "", "")
+    if len(items) > rows:
+        table.add_row(f"... {len(items) - rows:,} more", "", "", "", "", "")
     return table
 
 
@@ -328,10 +347,13 @@ def _workers(snapshot: Snapshot) -> Text:
     return Text(f"workers seen in the last minute: {len(snapshot.workers)}: {shown}{more}")
 
 
-def render(snapshot: Snapshot, *, note: str = "", hint: str | None = None) -> RenderableType:
+def render(
+    snapshot: Snapshot, *, note: str = "", hint: str | None = None, height: int | None = None
+) -> RenderableType:
     """The live view of ``snapshot``: header, overall bar, rate/ETA, cost/budget, a bar per
     condition, agent and problem, failures by error class, workers; then ``note`` (a
-    warning) or ``hint`` (default: how to quit the watch)."""
+    warning) or ``hint`` (default: how to quit the watch). With ``height`` (the terminal's
+    lines) the breakdowns show fewer rows so the whole view fits."""
     c = snapshot.counts
     stamp = snapshot.taken_at.strftime("%H:%M:%S") if snapshot.taken_at else ""
     title = f" - {snapshot.title}" if snapshot.title else ""
@@ -355,7 +377,18 @@ def render(snapshot: Snapshot, *, note: str = "", hint: str | None = None) -> Re
     parts: list[RenderableType] = [header, overall, speed]
     if snapshot.paused:
         parts.append(Text(snapshot.paused, style="bold yellow"))
-    parts.extend(_breakdown(name, groups) for name, groups in snapshot.by.items() if groups)
+    breakdowns = [(name, groups) for name, groups in snapshot.by.items() if groups]
+    sizes = [len(groups) for _, groups in breakdowns]
+    if height is None:
+        rows = [_GROUPS_SHOWN] * len(breakdowns)
+    else:
+        failure_lines = 3 + len(snapshot.failures) if snapshot.failures else 1
+        fixed = len(parts) + failure_lines + 2 + _BREAKDOWN_LINES * len(breakdowns)
+        rows = _row_budget(sizes, height - fixed - 1)  # one spare: the cursor's line
+    parts.extend(
+        _breakdown(name, groups, shown)
+        for (name, groups), shown in zip(breakdowns, rows, strict=True)
+    )
     parts.extend([_failures(snapshot), _workers(snapshot)])
     if hint is None:
         hint = "done; Ctrl-C quits" if snapshot.done else "Ctrl-C quits"
@@ -413,15 +446,16 @@ def _watch_live(
     stream: TextIO,
 ) -> None:
     console = Console(file=stream)
-    with Live(render(snapshot), console=console, auto_refresh=False, transient=False) as live:
+    view = render(snapshot, height=console.height)
+    with Live(view, console=console, auto_refresh=False, transient=False) as live:
         while True:
             time.sleep(interval)
             try:
                 snapshot = read_snapshot(store, info, lease_s=settings.lease_s)
-                live.update(render(snapshot), refresh=True)
+                live.update(render(snapshot, height=console.height), refresh=True)
             except StoreUnavailableError as exc:
                 note = f"store unavailable, retrying every {interval:g} s: {_one_line(str(exc))}"
-                live.update(render(snapshot, note=note), refresh=True)
+                live.update(render(snapshot, note=note, height=console.height), refresh=True)
 
 
 def _watch_plain(
@@ -508,7 +542,7 @@ def live_run_view(
                 return
             reader["info"] = info
             snapshot = read_snapshot(store, info, lease_s=settings.lease_s)
-            live.update(render(snapshot, hint=hint))
+            live.update(render(snapshot, hint=hint, height=console.height))
             live.refresh()
         except Exception:  # not created yet, a busy moment: the next refresh tries again
             return  # (the view must never stop the sweep)

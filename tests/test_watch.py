@@ -282,6 +282,25 @@ def test_a_done_snapshot_says_done_and_a_budget_shows_spent_of_limit() -> None:
     assert plain_line(snapshot).endswith("rate 4.0 runs/s; done; cost $1.25 of $10.00 ($8.75 left)")
 
 
+@pytest.mark.parametrize("height", [24, 40])
+def test_the_view_fits_a_short_terminal(height: int) -> None:
+    # Given a study of 25 conditions, 6 agents and 2 problems
+    by = {
+        "condition": {f"cond-{i:02d}": {"success": i, "queued": 3} for i in range(25)},
+        "agent": {f"agent-{i}": {"success": 2, "running": 1} for i in range(6)},
+        "problem": {"p1": {"success": 1}, "p2": {"success": 1}},
+    }
+    # When it is rendered for a terminal of `height` lines
+    out = io.StringIO()
+    console = Console(file=out, width=120, height=height, color_system=None)
+    console.print(render(_snapshot(by=by), height=height))
+    text = out.getvalue()
+    # Then it fits, the breakdowns cut to "... N more", failures and workers still shown
+    assert len(text.splitlines()) < height, text
+    assert re.search(r"\.\.\. \d+ more", text) and "by problem" in text
+    assert "failures by error class" in text and "workers seen in the last minute" in text
+
+
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.integration)])
 def store_url(
     request: pytest.FixtureRequest, tmp_path: Path, services: ServiceSupplier
