@@ -109,22 +109,6 @@ def _grant_roles(connection: Connection) -> None:
         {"columns": list(FINISH_COLUMNS)},
     ).scalar()
     connection.execute(text(str(grant)))
-    # study_pauses (revision 0005): a worker trips a budget or a breaker pause and reads it
-    # in every claim (never updates or deletes one); the coordinator resumes (deletes); the
-    # analyst reads it.
-    for role, rights in (
-        ("worker", "SELECT, INSERT"),
-        ("coordinator", "SELECT, INSERT, UPDATE, DELETE"),
-        ("analyst", "SELECT"),
-    ):
-        pauses = connection.execute(
-            text(
-                f"SELECT format('GRANT {rights} ON study_pauses TO %I', "
-                "public.studyq_role_name(:r))"
-            ),
-            {"r": role},
-        ).scalar()
-        connection.execute(text(str(pauses)))
 
 
 def _current(connection: Connection) -> str | None:

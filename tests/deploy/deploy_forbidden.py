@@ -10,6 +10,7 @@ STUDY_TABLES = (
     "run_attempts",
     "evaluations",
     "events",
+    "study_pauses",
     "studyq_alembic_version",
 )
 
@@ -154,6 +155,8 @@ WORKER_FORBIDDEN: list[Forbidden] = [
     ("delete-schema-version", "DELETE FROM studyq_alembic_version", False),
     ("lock-studies", "LOCK TABLE studies IN EXCLUSIVE MODE", False),
     ("lock-study-row", "SELECT * FROM studies FOR UPDATE", False),
+    ("resume-paused-study", "DELETE FROM study_pauses", False),
+    ("rewrite-pause", "UPDATE study_pauses SET reason = 'budget'", False),
 ]
 
 

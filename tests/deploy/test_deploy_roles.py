@@ -202,6 +202,8 @@ WORKER_TABLE_PRIVILEGES = {
     ("run_attempts", "INSERT"),
     ("evaluations", "INSERT"),
     ("events", "INSERT"),
+    ("study_pauses", "SELECT"),  # every claim tests for a pause (budget, breaker)
+    ("study_pauses", "INSERT"),  # a worker trips one; only the coordinator resumes
 }
 WORKER_COLUMN_ONLY_PRIVILEGES = {
     ("runs", "UPDATE"): RUN_COLUMNS_WORKERS_WRITE,
