@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import html
 import io
+import json
 import os
 import re
 import shutil
@@ -43,6 +44,7 @@ from _services import ServiceSupplier, redis_url
 from browser import Browser, browser, outside
 from cli_support import one_clear_line, run_main
 
+from orchestrator.budget import budget_state
 from orchestrator.cli import EXIT_USAGE, main
 from orchestrator.contracts.settings import load_settings
 from orchestrator.store import ResultStore
@@ -96,6 +98,14 @@ seed_policy: {{base_seed: 3}}
 """
 CONDITIONS = 3
 RUNS = CONDITIONS * 2 * 4
+BUDGET_ID = "dash-budget"
+BUDGET_QUEUE = "dash-budget-q"
+COST_USD = 0.01
+
+
+def paid(seed: int) -> dict[str, object]:
+    """The budget study's agent (bound as ``test_dashboard:paid``): a call costing $0.01."""
+    return {"output": {"seed": seed}, "metrics": {"cost_usd": COST_USD, "input_tokens": 3}}
 
 
 def _run(argv: list[str]) -> int:
@@ -261,7 +271,7 @@ def test_study_page_draws_every_plot_with_one_mark_per_datum(
     )
     assert sum(counts) == sum(r.status == "failed" for r in runs)
     # And the actions are offered (this dashboard has a token), each asking for it
-    assert browser.count("form.action input[name=token]") == 2
+    assert browser.count("form.action input[name=token]") == 3  # resubmit, cancel, budget
     _clean(browser)
     shot = browser.screenshot(tmp_path / "dashboard.png")
     assert shot.stat().st_size < 300_000
@@ -399,19 +409,23 @@ def test_live_part_updates_in_place_as_more_runs_finish(
 
 
 def _statuses(url: str) -> dict[str, int]:
+    return _statuses_of(url, STUDY_ID)
+
+
+def _statuses_of(url: str, study_id: str) -> dict[str, int]:
     counts: dict[str, int] = {}
-    for run in _runs(url):
+    for run in _runs(url, study_id):
         counts[run.status] = counts.get(run.status, 0) + 1
     return counts
 
 
-@pytest.mark.parametrize("action", ["resubmit", "cancel"])
+@pytest.mark.parametrize("action", ["resubmit", "cancel", "budget"])
 @pytest.mark.parametrize(
     ("fields", "headers"),
     [
-        ({}, {}),
-        ({"token": "wrong-token"}, {}),
-        ({}, {"Authorization": "Bearer wrong-token"}),
+        ({"max_cost_usd": "9"}, {}),
+        ({"token": "wrong-token", "max_cost_usd": "9"}, {}),
+        ({"max_cost_usd": "9"}, {"Authorization": "Bearer wrong-token"}),
     ],
     ids=["no-token", "wrong-form-token", "wrong-bearer"],
 )
@@ -465,6 +479,71 @@ def test_resubmit_then_cancel_with_the_token(site: str, sweep: Sweep, browser: B
     assert status == 200 and f"{len(flaky)} runs cancelled" in body
     statuses = {r.run_id: r.status for r in _runs(sweep.url)}
     assert {statuses[r.run_id] for r in flaky} == {"cancelled"}
+
+
+@pytest.fixture(scope="module")
+def budget_study(sweep: Sweep) -> str:
+    """A study of 300 paid runs ($0.01 each) with execution.max_cost_usd 0.03: `studyq run`
+    stops dispatch once $0.03 is spent (the runs it already claimed, a batch of 256, still
+    finish), the rest waiting (planned)."""
+    path = sweep.folder / "budget.json"
+    path.write_text(
+        json.dumps(
+            {
+                "study_id": BUDGET_ID,
+                "title": "A study its budget stopped",
+                "agent_specs": ["paid"],
+                "problem_ids": ["noop"],
+                "run_budget": {"replicates": 300},
+                "bindings": {"agents": {"paid": "test_dashboard:paid"}},
+                "execution": {"queue": BUDGET_QUEUE, "max_cost_usd": 0.03},
+            }
+        ),
+        encoding="utf-8",
+    )
+    _run(["run", str(path), "--db", sweep.url, "--jobs", "1", "--no-progress", "--no-export"])
+    return BUDGET_ID
+
+
+def test_raising_the_budget_continues_the_study_and_publishes_its_waiting_runs(
+    site: str, sweep: Sweep, budget_study: str, browser: Browser
+) -> None:
+    # Given a study its budget stopped: some runs done ($0.03 or more spent), the rest
+    # waiting, none queued
+    before = {s: n for s, n in _statuses_of(sweep.url, budget_study).items() if n}
+    done, waiting = before.get("success", 0), before.get("planned", 0)
+    assert before == {"success": done, "planned": waiting} and done >= 3 and waiting > 0
+    assert budget_state(budget_study, db=sweep.url).pause is not None
+    queue = redis.Redis.from_url(redis_url(REDIS_DB))
+    assert queue.llen(BUDGET_QUEUE) == 0
+    browser.open(f"{site}/studies/{budget_study}")
+    assert browser.count("p.paused") == 1
+    # When a budget not above what is spent is posted / Then a 400 page says so, nothing changes
+    status, body = _post(
+        f"{site}/studies/{budget_study}/budget", {"token": TOKEN, "max_cost_usd": "0.02"}
+    )
+    assert status == 400 and "not above" in body and "Traceback" not in body
+    assert budget_state(budget_study, db=sweep.url).limits.max_cost_usd == pytest.approx(0.03)
+    # When the budget is raised to $10 through the page's form, with the token
+    browser.script(
+        "const f = document.querySelector('form.action[action$=budget]');"
+        "f.max_cost_usd.value = '10'; f.token.value = arguments[0]; f.submit();",
+        TOKEN,
+    )
+    deadline = time.monotonic() + 20
+    while not browser.count("section.done") and time.monotonic() < deadline:
+        time.sleep(0.1)
+    # Then the store has the new limit and no pause, and the waiting runs are on the queue
+    message = browser.script("return document.querySelector('section.done .message').textContent")
+    assert "max cost $10.00" in message and f"{waiting} waiting runs published again" in message
+    state = budget_state(budget_study, db=sweep.url)
+    assert state.limits.max_cost_usd == pytest.approx(10.0) and state.pause is None
+    assert {s: n for s, n in _statuses_of(sweep.url, budget_study).items() if n} == {
+        "success": done,
+        "queued": waiting,
+    }
+    assert queue.llen(BUDGET_QUEUE) == waiting
+    _clean(browser)
 
 
 # -- bad input ---------------------------------------------------------------------------------

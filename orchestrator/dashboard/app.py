@@ -6,10 +6,11 @@ Pages (HTML, server-rendered; plots are inline SVG drawn in Python):
 * ``GET /studies/{study_id}[?metric=source:name]``: one study; ``.../fragment``: its live part.
 * ``GET /studies/{study_id}/failures?kind=&type=&message=``: the failed runs of one error group.
 * ``GET /studies/{study_id}/runs/{run_id}``: one run; ``.../fragment``: its live part.
-* ``POST /studies/{study_id}/resubmit``, ``/cancel`` (and ``/budget`` when the store can
-  raise a budget): actions, each refused with 401 unless the request carries the dashboard
-  token (``Authorization: Bearer TOKEN`` or a ``token`` form field) and the token is set
-  (``STUDYQ_DASHBOARD_TOKEN``); without it the dashboard is read-only.
+* ``POST /studies/{study_id}/resubmit``, ``/cancel`` and ``/budget``
+  (:func:`orchestrator.budget.set_budget`: a higher ``max_cost_usd`` / ``max_tokens``, which
+  continues a study its budget stopped): actions, each refused with 401 unless the token
+  is set (``STUDYQ_DASHBOARD_TOKEN``) and the request carries it (``Authorization: Bearer
+  TOKEN`` or a ``token`` form field); without it the dashboard is read-only.
 
 Errors are pages, never tracebacks: 404 for an unknown study, run or path, 503 while the
 database cannot be reached (the app starts anyway and recovers when it is back), 401 for a
@@ -350,6 +351,58 @@ async def cancel_action(request: Request) -> Response:
     )
 
 
+def _number(form: dict[str, str], name: str, kind: type[float] | type[int]) -> float | None:
+    text = form.get(name, "").strip()
+    if not text:
+        return None
+    try:
+        return kind(text)
+    except ValueError:
+        raise HTTPException(
+            400,
+            f"{name}: {text!r} is not a number. Fix: enter a positive number or leave it empty.",
+        ) from None
+
+
+async def budget_action(request: Request) -> Response:
+    from orchestrator.budget import set_budget
+
+    dashboard, study_id, form = await _action(request, "budget")
+    max_cost = _number(form, "max_cost_usd", float)
+    max_tokens = _number(form, "max_tokens", int)
+    report = await run_in_threadpool(
+        set_budget,
+        study_id,
+        max_cost_usd=max_cost,
+        max_tokens=None if max_tokens is None else int(max_tokens),
+        db=dashboard.db_url,
+        broker=dashboard.broker,
+        settings=dashboard.settings,
+    )
+    limits = report.limits
+    parts = []
+    if limits.max_cost_usd is not None:
+        parts.append(f"max cost ${limits.max_cost_usd:,.2f} (spent ${report.spent.cost_usd:,.2f})")
+    if limits.max_tokens is not None:
+        parts.append(f"max tokens {limits.max_tokens:,} (spent {report.spent.tokens:,})")
+    if report.resumed is not None:
+        state = "; the study continues"
+    elif report.still_paused is not None:
+        state = f"; still paused ({report.still_paused.reason})"
+    else:
+        state = ""
+    published = (
+        f"; {report.published} waiting runs published again"
+        if report.published
+        else "; no broker: the next `studyq run` continues it"
+        if report.published is None and report.resumed is not None
+        else ""
+    )
+    return _done(
+        dashboard, study_id, "budget", f"Budget set: {', '.join(parts)}{state}{published}."
+    )
+
+
 # -- errors ----------------------------------------------------------------------------------
 
 _TITLES = {
@@ -434,6 +487,7 @@ def create_app(db_url: str, settings: Settings, *, broker: str | None = None) ->
         Route("/studies/{study_id}/runs/{run_id}/fragment", run_fragment),
         Route("/studies/{study_id}/resubmit", resubmit_action, methods=["POST"]),
         Route("/studies/{study_id}/cancel", cancel_action, methods=["POST"]),
+        Route("/studies/{study_id}/budget", budget_action, methods=["POST"]),
         Mount("/static", StaticFiles(packages=[("orchestrator.dashboard", "static")])),
     ]
     app = Starlette(

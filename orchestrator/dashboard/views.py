@@ -15,6 +15,8 @@ from typing import Any
 from markupsafe import Markup
 from sqlalchemy.engine import Connection
 
+from orchestrator.budget import BudgetState
+from orchestrator.contracts.extensions import ExecutionPolicy
 from orchestrator.contracts.results import RunStatus
 from orchestrator.dashboard.charts import cost_line
 from orchestrator.dashboard.queries import cost_over_time, failed_runs, study_rows
@@ -46,7 +48,9 @@ from orchestrator.store.inspection import (
     run_evaluations,
     run_events,
 )
+from orchestrator.store.pausing import Spent, limits_of, pause_of, spent
 from orchestrator.store.queries import find_runs_by_id, find_study, progress_stats
+from orchestrator.store.records import StudyInfo
 
 __all__ = ["MetricChoice", "failed_runs_view", "run_view", "studies_view", "study_view"]
 
@@ -82,6 +86,23 @@ def _choices(connection: Connection, study_id: str, primary: MetricRef) -> list[
                 refs.append(ref)
     where = {"column": "", "metrics": "metrics.", "evaluation": "evaluation "}
     return [MetricChoice(f"{r.source}:{r.name}", f"{where[r.source]}{r.name}", r) for r in refs]
+
+
+def budget_of(connection: Connection, info: StudyInfo) -> BudgetState:
+    """The study's effective budget (``studyq budget``'s over the study file's), what its
+    finished runs spent, and its pause (budget, breaker), as ``studyq status`` shows them."""
+    try:
+        execution = ExecutionPolicy.model_validate(info.definition.get("execution") or {})
+    except ValueError:
+        execution = ExecutionPolicy()
+    limits = limits_of(connection, info.study_id, execution)
+    pause = pause_of(connection, info.study_id)
+    used = (
+        spent(connection, info.study_id)
+        if limits.declared or pause is not None
+        else Spent(0.0, 0, 0, None, None)
+    )
+    return BudgetState(info.study_id, limits, used, pause, execution.breaker)
 
 
 def studies_view(connection: Connection) -> dict[str, Any]:
@@ -141,6 +162,7 @@ def study_view(
         "agents": group_summaries(connection, study_id, "agent", outcome.metric),
         "problems": group_summaries(connection, study_id, "problem", outcome.metric),
         "failures": failures(connection, study_id),
+        "budget": budget_of(connection, info),
         "plots": {
             "throughput": Markup(throughput_line(throughput)),
             "completion": Markup(completion_bars([(g.label, g.counts) for g in conditions])),
