@@ -99,7 +99,7 @@ class BudgetGate:
                 log.warning("could not check the budget/breaker of %s: %s", study_id, error)
                 continue
             if made is not None:
-                log.warning("study %s paused: %s", study_id, describe(made))
+                log.warning("study %s: %s", study_id, describe(made))
                 pauses.append(made)
         return pauses
 
