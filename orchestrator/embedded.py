@@ -340,6 +340,8 @@ class _Recorder:
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self.recorded: set[int] = set()
         self.error: BaseException | None = None
+        self.paused = threading.Event()
+        """Set once a batch of results paused the study (a spent budget, a tripped breaker)."""
         self._thread = threading.Thread(target=self._loop, name="studyq-recorder", daemon=True)
         self._thread.start()
 
@@ -368,9 +370,10 @@ class _Recorder:
             try:
                 won = self._store.finish_runs_batch(batch)
                 self.recorded.update(claim.index for claim, _ in batch)
-                after_results(  # a spent budget or a tripped breaker pauses the study
+                if after_results(  # a spent budget or a tripped breaker pauses the study
                     self._store, [item for item, ok in zip(batch, won, strict=True) if ok]
-                )
+                ):
+                    self.paused.set()
             except BaseException as exc:  # surfaced by put()/close() on the main thread
                 self.error = exc
         batch.clear()
@@ -442,6 +445,8 @@ def _drive(
             for claim in won:
                 claims[claim.index] = claim
             for spec in batch:
+                if recorder.paused.is_set():
+                    return  # no new run starts; the claims not handed out are released below
                 if spec.index in claims:
                     yield spec, claims[spec.index].attempt
 

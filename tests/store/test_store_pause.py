@@ -11,6 +11,7 @@ forecast sums per-run medians and 90th percentiles of earlier successful runs.
 from __future__ import annotations
 
 import dataclasses
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from store_factories import DEFINITION, STUDY_ID, claim, make_result, queue_all,
 from orchestrator import budget
 from orchestrator.cli import main as studyq_main
 from orchestrator.contracts.results import RunStatus
+from orchestrator.embedded import run_embedded
 from orchestrator.store import Claim, ResultStore
 from orchestrator.store.budget_gate import BudgetGate
 from orchestrator.store.engine import transaction
@@ -213,3 +215,58 @@ def test_forecast_sums_medians_and_90th_percentiles_of_earlier_runs(
     assert studyq_main(["plan", str(path), "--forecast", "--db", store.url, "--slots", "2"]) == 0
     out = capsys.readouterr().out
     assert "$0.06 median" in out and "4.5 s median" in out and "8 earlier successful runs" in out
+
+
+_CALLS: list[int] = []
+
+
+def _costly(seed: int) -> dict[str, Any]:
+    """An in-process paid call: $0.01 a run."""
+    _CALLS.append(seed)
+    time.sleep(0.05)
+    return {"output": {"seed": seed}, "metrics": {"cost_usd": 0.01}}
+
+
+@pytest.mark.timeout(60)
+def test_the_embedded_run_stops_at_its_budget_and_continues_once_raised(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given an embedded study of 60 runs at $0.01 each under max_cost_usd 0.10
+    monkeypatch.delenv("STUDYQ_BROKER_URL", raising=False)
+    _CALLS.clear()
+    path = tmp_path / "study.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "study_id": "embedded-budget",
+                "title": "embedded budget",
+                "agent_specs": ["costly"],
+                "problem_ids": ["noop"],
+                "run_budget": {"replicates": 60},
+                "execution": {"max_cost_usd": 0.10},
+            }
+        )
+    )
+    db = f"sqlite:///{tmp_path / 'studyq.db'}"
+    options: dict[str, Any] = {
+        "db": db,
+        "jobs": 2,
+        "pool": "thread",
+        "agent_bindings": {"costly": _costly},
+        "export": False,
+        "show_progress": False,
+    }
+    # When `studyq run` runs it
+    first = run_embedded(path, **options)
+    # Then it stopped dispatching once $0.10 was spent, said so, and left the rest queued
+    assert first.paused is not None and first.paused.startswith("stopped: budget (spent $0.1")
+    assert 10 <= first.succeeded < 30, first
+    counts = first.counts
+    assert counts["success"] == first.succeeded and counts["running"] == 0
+    assert counts["queued"] + counts["planned"] == 60 - first.succeeded
+    # When the budget is raised and the study is run again, it finishes; nothing ran twice
+    report = budget.set_budget("embedded-budget", max_cost_usd=1.0, db=db)
+    assert report.resumed is not None and report.published is None
+    second = run_embedded(path, **options)
+    assert second.paused is None and second.complete
+    assert first.succeeded + second.succeeded == 60 == len(_CALLS) == len(set(_CALLS))
