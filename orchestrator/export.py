@@ -57,6 +57,7 @@ if TYPE_CHECKING:
     from orchestrator.store.records import EvaluationRecord, EventRecord, RunRecord
 
 __all__ = [
+    "ATTEMPT_COLUMNS",
     "CONDITION_COLUMNS",
     "EVALUATION_COLUMNS",
     "EVENT_COLUMNS",
@@ -196,6 +197,33 @@ def _write_csv(path: Path, columns: Sequence[str], rows: Iterable[Mapping[str, A
     return count
 
 
+ATTEMPT_COLUMNS = (
+    "run_id", "attempt", "worker", "started", "ended", "status", "error_kind", "error_type",
+    "error_message", "plan_index",
+)  # fmt: skip
+"""attempts.csv (studyq's own, beside runs.csv): one row per claim of a run, in plan order
+then attempt order. ``status`` is how the attempt ended (``success``, ``failed``,
+``retried``: a transient error, another attempt followed; ``lost``, ``released``,
+``cancelled``, ``running``); ``plan_index`` tells apart runs of a design that repeats a run
+id."""
+
+
+def _attempt_rows(store: ResultStore, study_id: str) -> Iterator[dict[str, Any]]:
+    for attempt in store.iter_attempts(study_id):
+        yield {
+            "run_id": attempt.run_id,
+            "attempt": attempt.attempt,
+            "worker": attempt.worker,
+            "started": _iso(attempt.started_at),
+            "ended": _iso(attempt.ended_at),
+            "status": attempt.outcome,
+            "error_kind": attempt.error_kind,
+            "error_type": attempt.error_type,
+            "error_message": attempt.error_message,
+            "plan_index": attempt.index,
+        }
+
+
 def _union(required: Sequence[str], extra_keys: Iterable[Iterable[str]]) -> list[str]:
     ordered = list(required)
     seen = set(ordered)
@@ -230,7 +258,7 @@ def export_artifacts(
     (target / "artifacts" / "checkpoints").mkdir(parents=True, exist_ok=True)
     files = {name: target / name for name in (
         "study.yaml", "manifest.json", "conditions.csv", "runs.csv", "events.csv",
-        "evaluations.csv", "hypotheses.json", "analysis_plan.json",
+        "evaluations.csv", "hypotheses.json", "analysis_plan.json", "attempts.csv",
     )}  # fmt: skip
     manifest_path = files["manifest.json"]
 
@@ -266,6 +294,7 @@ def export_artifacts(
         _union(EVENT_COLUMNS, (record.row for record in store.iter_events(study_id))),
         (_table_row(record.row) for record in store.iter_events(study_id)),
     )
+    attempts = _write_csv(files["attempts.csv"], ATTEMPT_COLUMNS, _attempt_rows(store, study_id))
     _write_json(files["hypotheses.json"], definition.get("hypotheses", []))
     _write_json(files["analysis_plan.json"], definition.get("analysis_plans", []))
 
@@ -282,6 +311,7 @@ def export_artifacts(
         "partial": runs < planned,
         "runs_planned": planned,
         "runs_pending": planned - runs,
+        "attempts": {"file": "attempts.csv", "rows": attempts},
     }
     _write_json(manifest_path, manifest)
     validate_artifacts(target)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import time
 import traceback
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -91,6 +91,7 @@ def execute_run(
     *,
     timeout_s: float | None = None,
     worker: str = "",
+    on_error: Callable[[BaseException], None] | None = None,
 ) -> RunResult:
     """Execute one run with seed and failure isolation; never raises for a run's failure.
 
@@ -101,6 +102,8 @@ def execute_run(
             that finishes but took longer is recorded as a timeout too, so every executor
             reports the same outcome for a slow run.
         worker: Name of the executing worker, recorded in provenance.
+        on_error: Called with the exception of a run that failed, before its failed result
+            is built (retries by error class classify it: :mod:`workers.transient`).
     """
     started_at = datetime.now(UTC)
     start = time.perf_counter()
@@ -115,6 +118,8 @@ def execute_run(
         if timeout_s is not None and elapsed > timeout_s:
             raise RunTimeoutError(f"run took {elapsed:.3f} s, over its limit of {timeout_s} s")
     except Exception as exc:
+        if on_error is not None:
+            on_error(exc)
         return _failed(spec, exc, started_at, start, worker=worker, runner_mode=runner_mode)
     return result
 

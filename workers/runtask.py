@@ -70,6 +70,7 @@ from workers.heartbeat import Ending, RunSupervisor
 from workers.interrupt import HandBack, LeaseLost, deferred_termination
 from workers.retrying import retry_unavailable
 from workers.runtime import StudyContext, WorkerRuntime
+from workers.transient import ErrorCatch, retry_if_transient
 
 __all__ = [
     "InvalidRunMessage",
@@ -100,6 +101,7 @@ class Outcome(StrEnum):
     UNKNOWN_STUDY = "unknown_study"  # returned too often, too long (deleted?): dead-lettered
     MISMATCH = "mismatch"  # disagrees with the registered run (forged, or a stale message)
     NOT_RECORDED = "not_recorded"  # the database stayed unreachable for result_retry_s
+    RETRYING = "retrying"  # a transient error (retry.on): re-queued, next attempt scheduled
 
 
 class InvalidRunMessage(StudyqError):
@@ -335,12 +337,17 @@ def _execute(runtime: WorkerRuntime, study: StudyContext, spec: RunSpec, claim: 
         interrupt=runtime.interrupt if interruptible else None,
     )
     result: RunResult | None = None
+    caught = ErrorCatch()
     armed = runtime.interrupt.armed(study.timeout_s) if interruptible else nullcontext()
     try:
         with runtime.executing(supervisor), armed:
             supervisor.start()
             result = execute_run(
-                spec, study.resolver, timeout_s=study.timeout_s, worker=runtime.worker
+                spec,
+                study.resolver,
+                timeout_s=study.timeout_s,
+                worker=runtime.worker,
+                on_error=caught,
             )
     except RunTimeoutError as error:  # the alarm fired between the run's return and disarm
         result = failed_result(
@@ -374,6 +381,9 @@ def _execute(runtime: WorkerRuntime, study: StudyContext, spec: RunSpec, claim: 
         return Outcome.LEASE_LOST
     if not supervisor.begin_result():  # pragma: no cover - lost a race decided above
         return Outcome.LEASE_LOST
+    if retry_if_transient(runtime, spec, claim, result, caught.error) is not None:
+        runtime.count(Outcome.RETRYING)  # workers.transient: back in the queue, not failed
+        return Outcome.RETRYING
     return _record(runtime, claim, result)
 
 

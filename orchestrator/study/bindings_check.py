@@ -21,6 +21,7 @@ would not find.
 from __future__ import annotations
 
 import difflib
+import importlib
 import importlib.util
 import sys
 from collections.abc import Callable, Iterable, Iterator
@@ -72,6 +73,7 @@ def binding_problems(
     here = _study_dir(prepared.source)
     problems: list[Problem] = []
     with _no_bytecode(), on_import_path(import_path_of(prepared.source)):
+        problems.extend(_retry_problems(study, here))
         if prepared.standalone:
             if study.bindings.runner is not None:
                 error = _attempt(resolver.runner)
@@ -87,6 +89,30 @@ def binding_problems(
                 if error is not None:
                     problems.append(_explain(study, kind, key, where, error, here))
     return problems
+
+
+def _retry_problems(study: Study, here: Path | None) -> Iterator[Problem]:
+    """One problem per import reference in ``execution.retry.on`` that does not import, or
+    is not an exception class (its errors would fail their runs instead of retrying)."""
+    retry = study.execution.retry
+    for index, name in enumerate(retry.on if retry is not None else ()):
+        if ":" not in name:
+            continue  # a builtin name or RateLimited: checked when the study file was read
+        field = f"execution.retry.on[{index}]"
+        module, _, path = name.partition(":")
+        try:
+            value: Any = importlib.import_module(module)
+            for attribute in path.split("."):
+                value = getattr(value, attribute)
+        except Exception as error:  # a module may raise anything while it is imported
+            yield _broken(field, f"retry class '{name}'", name, error, here)
+            continue
+        if not (isinstance(value, type) and issubclass(value, BaseException)):
+            yield Problem(
+                field,
+                f"retry class '{name}' is {type(value).__name__}, not an exception class.",
+                "name an exception class (a subclass of Exception) after ':'.",
+            )
 
 
 def _planned_ids(prepared: PreparedStudy, kind: Kind) -> Iterator[tuple[str, str]]:
