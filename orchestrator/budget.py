@@ -165,8 +165,8 @@ class BudgetReport:
     still_paused: Pause | None = None
     """The pause left in place (a breaker pause is not cleared by a budget)."""
     published: int | None = None
-    """Runs published again; None when no broker is configured (``studyq run`` continues
-    an embedded study)."""
+    """Runs published again (only when this call cleared a pause); None when it cleared none
+    or no broker is configured (``studyq run`` continues an embedded study)."""
 
 
 def _check_limits(
@@ -296,7 +296,7 @@ def _continue(
             limits, resumed = change(connection, info, used)
             still = pause_of(connection, study_id)
         report = BudgetReport(study_id, limits, used, resumed, still)
-        if transport is not None and still is None:
+        if transport is not None and still is None and resumed is not None:
             report.published = _publish_waiting(store, transport, info, settings)
         return report
 

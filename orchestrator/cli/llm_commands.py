@@ -81,8 +81,9 @@ def _print_report(report: Any, verb: str) -> None:
 
         print(f"{report.study_id}: still {describe(report.still_paused)}")
         return
-    if report.resumed is not None:
-        print(f"{report.study_id}: {verb} (was paused: {report.resumed.reason})")
+    if report.resumed is None:
+        return
+    print(f"{report.study_id}: {verb} (was paused: {report.resumed.reason})")
     if report.published is None:
         print(f"{report.study_id}: no broker; `studyq run` continues an embedded study")
     else:
