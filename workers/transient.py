@@ -40,9 +40,11 @@ import builtins
 import heapq
 import importlib
 import itertools
+import json
 import logging
 import os
 import random
+import socket
 import threading
 import time
 import weakref
@@ -56,6 +58,15 @@ from orchestrator.contracts.errors import StoreError
 from orchestrator.contracts.extensions import RATE_LIMITED, ExecutionPolicy, RetryPolicy
 from orchestrator.contracts.results import RunResult
 from orchestrator.contracts.runspec import RunSpec
+from orchestrator.contracts.wire import (
+    CONTENT_ENCODING,
+    CONTENT_TYPE,
+    TASK_NAME,
+    WIRE_HEADER,
+    WIRE_VERSION,
+    describe_run,
+    task_id_for,
+)
 from orchestrator.store import Claim
 from orchestrator.store.engine import transaction
 from orchestrator.store.retries import requeue_transient
@@ -70,6 +81,7 @@ __all__ = [
     "is_transient",
     "retry_delay",
     "retry_if_transient",
+    "run_message",
 ]
 
 log = logging.getLogger("studyq.worker")
@@ -384,25 +396,64 @@ def redeliveries() -> Redeliveries:
         return _REDELIVERIES
 
 
-def publish_run(app: Any, queue: str, rules: RetryRules, spec: RunSpec, attempt: int) -> None:
-    """Publish the run message of ``spec`` for ``attempt`` to ``queue``, as the coordinator
-    builds it (:class:`~orchestrator.executors.celery.messages.MessageBuilder`)."""
-    from orchestrator.contracts.wire import CONTENT_ENCODING, CONTENT_TYPE
-    from orchestrator.executors.celery.messages import MessageBuilder
-
-    builder = MessageBuilder(
-        queue=queue, origin=f"{os.getpid()}@retry", hard_limit_s=rules.hard_limit_s
+def run_message(
+    spec: RunSpec, attempt: int, *, origin: str, hard_limit_s: float | None
+) -> tuple[str, str, dict[str, Any]]:
+    """``(task id, body, headers)`` of the run message of ``spec`` for ``attempt``: the
+    message the coordinator publishes (``orchestrator.executors.celery.messages``, which
+    workers do not import; a test keeps the two equal), so a worker reads it as any other."""
+    task_id = task_id_for(spec, attempt)
+    body = json.dumps(
+        [[], {"spec": spec.to_message(), "attempt": attempt}, dict.fromkeys(_EMBED)],
+        separators=(",", ":"),
+        ensure_ascii=False,
     )
-    message = builder.build(spec, attempt, spec.condition_id)
+    headers: dict[str, Any] = {
+        "lang": "py",
+        "task": TASK_NAME,
+        "id": task_id,
+        "shadow": None,
+        "eta": None,
+        "expires": None,
+        "group": None,
+        "group_index": None,
+        "retries": 0,
+        "timelimit": [hard_limit_s, None],
+        "root_id": task_id,
+        "parent_id": None,
+        "argsrepr": describe_run(spec, ""),
+        "kwargsrepr": f"run={spec.run_id} index={spec.index} attempt={attempt} seed={spec.seed}",
+        "origin": origin,
+        "ignore_result": True,
+        "replaced_task_nesting": 0,
+        "stamped_headers": None,
+        "stamps": {},
+        WIRE_HEADER: WIRE_VERSION,
+    }
+    return task_id, body, headers
+
+
+_EMBED = ("callbacks", "errbacks", "chain", "chord")
+
+
+def publish_run(app: Any, queue: str, rules: RetryRules, spec: RunSpec, attempt: int) -> None:
+    """Publish the run message of ``spec`` for ``attempt`` to ``queue`` (:func:`run_message`)
+    through ``app``'s producer pool (the worker's own broker connection settings)."""
+    task_id, body, headers = run_message(
+        spec,
+        attempt,
+        origin=f"{os.getpid()}@{socket.gethostname()}",
+        hard_limit_s=rules.hard_limit_s,
+    )
     with app.producer_or_acquire() as producer:
         producer.publish(
-            message.body,
+            body,
             exchange="",
             routing_key=queue,
-            headers=message.headers,
+            headers=headers,
             content_type=CONTENT_TYPE,
             content_encoding=CONTENT_ENCODING,
-            correlation_id=message.task_id,
+            correlation_id=task_id,
             delivery_mode=2,
             retry=True,
             retry_policy={"max_retries": 5, "interval_start": 0.5, "interval_step": 1.0},

@@ -274,3 +274,16 @@ def test_validate_names_a_retry_reference_that_does_not_resolve(tmp_path: Path):
     assert sorted(path.name for path in tmp_path.iterdir()) == before
     # And --no-resolve skips the import
     assert validate("--no-resolve").returncode == 0
+
+
+def test_the_retry_message_is_the_coordinators_run_message(make_spec: Callable[..., RunSpec]):
+    from orchestrator.executors.celery.messages import MessageBuilder
+    from workers.transient import run_message
+
+    # Given a run and the coordinator's message builder
+    spec = make_spec("a", factors={"temperature": 0.7})
+    built = MessageBuilder(queue="llm", origin="1@host", hard_limit_s=12.0).build(spec, 2, "")
+    # When the worker builds the message of the run's next attempt
+    task_id, body, headers = run_message(spec, 2, origin="1@host", hard_limit_s=12.0)
+    # Then it is the same message: task id, body and headers
+    assert (task_id, body, headers) == (built.task_id, built.body, built.headers)
