@@ -63,6 +63,7 @@ from orchestrator.contracts.results import ErrorKind, RunResult, RunStatus, fail
 from orchestrator.contracts.runspec import RunSpec, spec_digest
 from orchestrator.store import Claim, mask_url
 from orchestrator.store.registration import describe_difference
+from workers import limits as provider_limits
 from workers.execution import execute_run
 from workers.failures import note_result
 from workers.foreign import ForeignMessages
@@ -323,6 +324,25 @@ def _refuse_mismatch(
 
 def _execute(runtime: WorkerRuntime, study: StudyContext, spec: RunSpec, claim: Claim) -> Outcome:
     settings = runtime.settings
+    try:  # the provider's cluster-wide limits (workers.limits): a slot, the first request
+        admitted = provider_limits.admit(runtime, spec)
+    except provider_limits.NoSlot:  # waited a bounded time: requeued, attempt not charged
+        runtime.count("no_provider_slot")
+        _release(runtime, claim)
+        return Outcome.HANDED_BACK
+    except provider_limits.LimitsUnavailable as error:
+        return _record(
+            runtime,
+            claim,
+            failed_result(
+                spec,
+                ErrorKind.BINDING,
+                error_type=type(error).__name__,
+                message=str(error),
+                started_at=datetime.now(UTC),
+                worker=claim.worker,
+            ),
+        )
     interruptible = runtime.interrupt.usable
     supervisor = RunSupervisor(
         runtime.store,
@@ -340,7 +360,7 @@ def _execute(runtime: WorkerRuntime, study: StudyContext, spec: RunSpec, claim: 
     caught = ErrorCatch()
     armed = runtime.interrupt.armed(study.timeout_s) if interruptible else nullcontext()
     try:
-        with runtime.executing(supervisor), armed:
+        with runtime.executing(supervisor), armed, admitted:
             supervisor.start()
             result = execute_run(
                 spec,

@@ -105,6 +105,11 @@ class Settings(BaseSettings):
     publish_batch: int = Field(
         default=1000, gt=0, description="Runs marked queued and published per transaction."
     )
+    limits_url: str | None = Field(
+        default=None,
+        description="Redis holding the cluster-wide provider limits (execution.limits), e.g. "
+        "redis://host:6379/0. Unset: the broker, when it is Redis.",
+    )
     dashboard_token: str | None = Field(
         default=None,
         repr=False,
