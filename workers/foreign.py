@@ -14,9 +14,15 @@ Two things keep that from going wrong:
   workers are down) would take and return the same messages as fast as the broker hands
   them out. Each process counts the foreign deliveries it has had in a row (any delivery
   of a study it holds resets the count) and waits before returning one: nothing for the
-  first, then :data:`FIRST_BACKOFF_S` doubling up to :data:`MAX_BACKOFF_S`. A queue of
-  foreign messages costs a worker slot at most one delivery (one study lookup) per
-  :data:`MAX_BACKOFF_S`; a queue where the two deployments' runs mix costs almost nothing.
+  first, then :data:`FIRST_BACKOFF_S` doubling up to :data:`MAX_BACKOFF_S`, each wait
+  times a random factor between 0.5 and 1. A queue of foreign messages costs a worker slot
+  a few deliveries (study lookups) a second; where the deployments' runs mix, almost
+  nothing. The cap is short and the wait random on purpose: a message being held takes
+  its worker's prefetch slot, and a returned message goes straight to a consumer with a
+  free slot. When each deployment's workers hold only the other's messages (the end of two
+  studies on one queue), the returner is the only one with a free slot and gets its
+  message back: a long, fixed hold would keep both sides trading their own messages for
+  minutes, short random ones let the messages cross within seconds.
 * **No message bouncing forever.** A study deleted from the database while its messages
   are still on the broker is foreign to every worker. A process that has returned the same
   message at least :data:`DEAD_LETTER_MIN_RETURNS` times over at least
@@ -35,6 +41,7 @@ oldest are forgotten first).
 
 from __future__ import annotations
 
+import random
 import threading
 import time
 from collections import OrderedDict
@@ -53,7 +60,7 @@ __all__ = [
 
 FIRST_BACKOFF_S = 0.05
 """The wait before returning the second foreign delivery in a row; it doubles from there."""
-MAX_BACKOFF_S = 1.0
+MAX_BACKOFF_S = 0.3
 """The longest wait before returning a foreign delivery."""
 DEAD_LETTER_AFTER_S = 600.0
 """A message is dead-lettered only after this process has been returning it this long..."""
@@ -98,6 +105,7 @@ class ForeignMessages:
         max_backoff_s: float = MAX_BACKOFF_S,
         tracked: int = TRACKED,
         clock: Callable[[], float] = time.monotonic,
+        jitter: Callable[[], float] = random.random,
     ) -> None:
         self.dead_letter_after_s = dead_letter_after_s
         self.dead_letter_min_returns = dead_letter_min_returns
@@ -105,6 +113,7 @@ class ForeignMessages:
         self.max_backoff_s = max_backoff_s
         self._tracked = tracked
         self._clock = clock
+        self._jitter = jitter
         self._lock = threading.Lock()
         self._streak = 0
         self._seen: OrderedDict[Hashable, _Seen] = OrderedDict()
@@ -138,9 +147,10 @@ class ForeignMessages:
                 if len(self._studies) >= self._tracked:
                     self._studies.clear()
                 self._studies.add(study_id)
-        backoff = (
+        ceiling = (
             0.0
             if streak < 2
             else min(self.max_backoff_s, self.first_backoff_s * 2 ** min(streak - 2, 30))
         )
+        backoff = ceiling * (0.5 + 0.5 * self._jitter())  # jitter: see the module docstring
         return Verdict(0.0 if dead else backoff, seen.returns, dead, first_of_study)

@@ -138,9 +138,8 @@ class _QuietReturns(logging.Filter):
     so Celery's line for it (the task's ``Reject("not_ours: ...")``) is dropped."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        data = getattr(record, "data", None)
-        exc = str(data.get("exc", "")) if isinstance(data, dict) else ""
-        return not exc.startswith(f"Reject('{Outcome.NOT_OURS.value}:")
+        error = record.exc_info[1] if record.exc_info else None
+        return not str(getattr(error, "reason", "")).startswith(f"{Outcome.NOT_OURS.value}: ")
 
 
 logging.getLogger("celery.app.trace").addFilter(_QuietReturns())
