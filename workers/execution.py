@@ -32,11 +32,13 @@ from orchestrator.contracts.results import (
     process_provenance,
 )
 from orchestrator.contracts.runspec import RunSpec
+from orchestrator.contracts.settings import load_settings
 from workers.bindings import ProblemPacket, Resolver
 from workers.calling import AgentCall, RunnerCall, plan_call
 from workers.evaluation import compose_metrics, evaluate, event_rows, jsonable
 from workers.returns import normalize_agent_return
 from workers.seeding import global_seed
+from workers.traces import store_traces
 
 __all__ = ["RunCondition", "RunOutput", "agent_result", "execute_run"]
 
@@ -114,6 +116,10 @@ def execute_run(
         else:
             result = _execute_agent(spec, resolver, started_at, start)
         result.provenance.update(process_provenance(worker))
+        if result.trace_refs:
+            trace_dir = load_settings().trace_dir
+            if trace_dir is not None:
+                result.trace_refs = store_traces(result.trace_refs, spec, trace_dir)
         elapsed = time.perf_counter() - start
         if timeout_s is not None and elapsed > timeout_s:
             raise RunTimeoutError(f"run took {elapsed:.3f} s, over its limit of {timeout_s} s")

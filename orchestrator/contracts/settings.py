@@ -120,6 +120,13 @@ class Settings(BaseSettings):
         default="http://127.0.0.1:5555",
         description="Where `studyq dashboard` links to Flower for task-level detail.",
     )
+    trace_dir: Path | None = Field(
+        default=None,
+        description="The trace store: a directory every worker can write (a shared file "
+        "system). Trace files a run returns (trace_refs) are copied under "
+        "<trace_dir>/<study_id>/<run_id>/ and the run records the stored copies, so a trace "
+        "outlives the worker's disk. Unset: the run records the paths as the agent gave them.",
+    )
 
     @field_validator("broker_url")
     @classmethod
