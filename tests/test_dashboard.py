@@ -18,6 +18,7 @@ throwaway PostgreSQL database by ``studyq run`` (in this process). Then:
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import html
 import io
@@ -245,7 +246,7 @@ def test_study_page_draws_every_plot_with_one_mark_per_datum(
     with_mean = {r.condition_id for r in valued}
     with_ci = {c for c in with_mean if sum(r.condition_id == c for r in valued) > 1}
     finished = [r.ended_at for r in runs if r.status in ("success", "failed") and r.ended_at]
-    costed = [r.ended_at for r in runs if r.cost_usd is not None and r.ended_at]
+    costed = [r.ended_at for r in runs if r.cost_usd and r.ended_at]  # none: demo agents
     # When the study page is opened
     browser.open(f"{site}/studies/{STUDY_ID}")
     # Then the outcome strip plot has a dot per valued run (under the sample cap), a mean per
@@ -253,9 +254,18 @@ def test_study_page_draws_every_plot_with_one_mark_per_datum(
     assert browser.count("svg[data-plot=outcome] .mark.point") == len(valued) > 0
     assert browser.count("svg[data-plot=outcome] .mark.mean") == len(with_mean)
     assert browser.count("svg[data-plot=outcome] .mark.ci") == len(with_ci)
-    # And completion has a bar per condition, latency 20 bins, progress a point per minute
+    # And completion has a bar per condition; latency a bin per 1-2-5 step from the fastest
+    # finished run's to the slowest's, holding every finished run; progress a point per minute
     assert browser.count("svg[data-plot=completion] .mark.bar") == CONDITIONS
-    assert browser.count("svg[data-plot=latency] .mark.bin") == 20
+    latencies = [r.latency_s for r in runs if r.status in ("success", "failed") and r.latency_s]
+    edges = [m * 10.0**e for e in range(-3, 6) for m in (1, 2, 5)]
+    steps = [bisect.bisect_right(edges, latency) for latency in latencies]
+    assert browser.count("svg[data-plot=latency] .mark.bin") == max(steps) - min(steps) + 1
+    held = browser.script(
+        "return [...document.querySelectorAll('svg[data-plot=latency] .mark.bin title')]"
+        ".map(t => +t.textContent.split(': ').pop().replace(/,/g, ''))"
+    )
+    assert sum(held) == len(latencies)
     assert browser.count("svg[data-plot=throughput] .mark.point") == _minutes(finished)
     assert browser.count("svg[data-plot=throughput] .mark.line") == 1
     assert browser.count("svg[data-plot=cost] .mark.point") == (_minutes(costed) if costed else 0)
@@ -518,6 +528,8 @@ def test_raising_the_budget_continues_the_study_and_publishes_its_waiting_runs(
     assert queue.llen(BUDGET_QUEUE) == 0
     browser.open(f"{site}/studies/{budget_study}")
     assert browser.count("p.paused") == 1
+    paid_ends = [r.ended_at for r in _runs(sweep.url, budget_study) if r.cost_usd and r.ended_at]
+    assert browser.count("svg[data-plot=cost] .mark.point") == _minutes(paid_ends)
     # When a budget not above what is spent is posted / Then a 400 page says so, nothing changes
     status, body = _post(
         f"{site}/studies/{budget_study}/budget", {"token": TOKEN, "max_cost_usd": "0.02"}

@@ -24,10 +24,12 @@ from __future__ import annotations
 import hmac
 import logging
 import threading
+import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import datetime
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 from urllib.parse import parse_qs, urlencode
 
 from jinja2 import Environment, PackageLoader, select_autoescape
@@ -61,6 +63,16 @@ log = logging.getLogger("studyq.dashboard")
 
 REFRESH_S = 3
 """Seconds between two refreshes of a page's live part."""
+
+SNAPSHOT_S = 2.0
+"""How long the studies list and a study page's figures are served from memory before they
+are read again (see :meth:`Dashboard.snapshot`)."""
+
+STALE_S = 30.0
+"""A snapshot older than this is never served: the request reads the database itself."""
+
+_SNAPSHOTS = 64
+"""Snapshots kept (least recently used dropped first)."""
 
 _CSP = (
     "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
@@ -108,14 +120,24 @@ class Dashboard:
     """The app's state: the store (opened on first use, so the app starts while the
     database is down), the settings, and the templates."""
 
-    def __init__(self, db_url: str, settings: Settings, *, broker: str | None = None) -> None:
+    def __init__(
+        self,
+        db_url: str,
+        settings: Settings,
+        *,
+        broker: str | None = None,
+        snapshot_s: float = SNAPSHOT_S,
+    ) -> None:
         self.db_url = db_url
         self.settings = settings
         self.broker = broker or settings.broker_url
         self.token = settings.dashboard_token or None
         self.env = _environment()
+        self.snapshot_s = snapshot_s
         self._store: ResultStore | None = None
         self._lock = threading.Lock()
+        self._snapshots: OrderedDict[tuple[Any, ...], tuple[float, Any]] = OrderedDict()
+        self._refreshing: set[tuple[Any, ...]] = set()
 
     @property
     def where(self) -> str:
@@ -132,6 +154,57 @@ class Dashboard:
         """``view(connection, *args)`` in one read-only transaction (one snapshot)."""
         with transaction(self.store().engine, readonly=True) as connection:
             return view(connection, *args, **kwargs)
+
+    def snapshot(self, view: Callable[..., _T], *args: Any) -> _T:
+        """``view``'s result at most :attr:`snapshot_s` seconds old, shared by every viewer.
+
+        Younger than ``snapshot_s``: served as is. Older, up to :data:`STALE_S`: served, and
+        recomputed on a background thread (one at a time per page), so a page refreshing
+        every few seconds never waits for the scan. Older still, or never read: computed
+        now. With ``snapshot_s`` 0 every request reads the database."""
+        if self.snapshot_s <= 0:
+            return self.read(view, *args)
+        key = (view.__name__, *args)
+        now = time.monotonic()
+        with self._lock:
+            entry = self._snapshots.get(key)
+            if entry is not None:
+                self._snapshots.move_to_end(key)
+                age = now - entry[0]
+                if age < self.snapshot_s:
+                    return cast(_T, entry[1])
+                if age < STALE_S and key not in self._refreshing:
+                    self._refreshing.add(key)
+                    threading.Thread(
+                        target=self._refresh, args=(key, view, args), daemon=True
+                    ).start()
+                if age < STALE_S:
+                    return cast(_T, entry[1])
+        value = self.read(view, *args)
+        self._keep(key, value)
+        return value
+
+    def _refresh(self, key: tuple[Any, ...], view: Callable[..., Any], args: Any) -> None:
+        try:
+            self._keep(key, self.read(view, *args))
+        except Exception:  # the next request past STALE_S reads (and reports) it itself
+            log.warning("dashboard: refreshing %s failed", key[0], exc_info=True)
+        finally:
+            with self._lock:
+                self._refreshing.discard(key)
+
+    def _keep(self, key: tuple[Any, ...], value: Any) -> None:
+        with self._lock:
+            self._snapshots[key] = (time.monotonic(), value)
+            self._snapshots.move_to_end(key)
+            while len(self._snapshots) > _SNAPSHOTS:
+                self._snapshots.popitem(last=False)
+
+    def forget(self, study_id: str) -> None:
+        """Drop the snapshots of a study (after an action changed it) and of the list."""
+        with self._lock:
+            for key in [k for k in self._snapshots if study_id in k[1:2] or k[0] == "studies_view"]:
+                del self._snapshots[key]
 
     def close(self) -> None:
         with self._lock:
@@ -193,24 +266,28 @@ async def _read(request: Request, view: Callable[..., _T], *args: Any, **kwargs:
 # -- pages ---------------------------------------------------------------------------------
 
 
+async def _snapshot(request: Request, view: Callable[..., _T], *args: Any) -> _T:
+    return await run_in_threadpool(_dashboard(request).snapshot, view, *args)
+
+
 async def studies_page(request: Request) -> Response:
-    context = await _read(request, views.studies_view)
+    context = await _snapshot(request, views.studies_view)
     return _dashboard(request).page("studies.html", context)
 
 
 async def studies_fragment(request: Request) -> Response:
-    context = await _read(request, views.studies_view)
+    context = await _snapshot(request, views.studies_view)
     return _dashboard(request).page("_studies.html", context)
 
 
 async def _study(request: Request) -> dict[str, Any]:
     study_id = request.path_params["study_id"]
     metric = request.query_params.get("metric")
-    context = await _read(request, views.study_view, study_id, metric)
+    context = await _snapshot(request, views.study_view, study_id, metric)
     if context is None:
         raise _not_found(_dashboard(request), f"study '{study_id}'")
-    context["metric_query"] = f"?{urlencode({'metric': metric})}" if metric else ""
-    return context
+    query = f"?{urlencode({'metric': metric})}" if metric else ""
+    return {**context, "metric_query": query}
 
 
 async def study_page(request: Request) -> Response:
@@ -301,10 +378,12 @@ async def _action(request: Request, name: str) -> tuple[Dashboard, str, dict[str
     if info is None:
         raise _not_found(dashboard, f"study '{study_id}'")
     log.info("dashboard action %s on %s", name, study_id)
+    dashboard.forget(study_id)
     return dashboard, study_id, form
 
 
 def _done(dashboard: Dashboard, study_id: str, action: str, message: str) -> Response:
+    dashboard.forget(study_id)  # the next page shows what the action changed
     return dashboard.page("done.html", {"study_id": study_id, "action": action, "message": message})
 
 
@@ -474,9 +553,16 @@ async def _lifespan(app: Starlette) -> AsyncIterator[None]:
         app.state.dashboard.close()
 
 
-def create_app(db_url: str, settings: Settings, *, broker: str | None = None) -> Starlette:
-    """The dashboard for the store at ``db_url`` (nothing is opened until the first page)."""
-    dashboard = Dashboard(db_url, settings, broker=broker)
+def create_app(
+    db_url: str,
+    settings: Settings,
+    *,
+    broker: str | None = None,
+    snapshot_s: float = SNAPSHOT_S,
+) -> Starlette:
+    """The dashboard for the store at ``db_url`` (nothing is opened until the first page);
+    ``snapshot_s`` 0 reads the database on every request (see :meth:`Dashboard.snapshot`)."""
+    dashboard = Dashboard(db_url, settings, broker=broker, snapshot_s=snapshot_s)
     routes = [
         Route("/", studies_page),
         Route("/fragments/studies", studies_fragment),

@@ -18,38 +18,45 @@ from sqlalchemy.engine import Connection
 from orchestrator.budget import BudgetState
 from orchestrator.contracts.extensions import ExecutionPolicy
 from orchestrator.contracts.results import RunStatus
-from orchestrator.dashboard.charts import cost_line
-from orchestrator.dashboard.queries import cost_over_time, failed_runs, study_rows
+from orchestrator.dashboard.charts import cost_line, latency_bars
+from orchestrator.dashboard.queries import (
+    LATENCY_EDGES_S,
+    RATE_WINDOW_S,
+    CellSums,
+    CostBurn,
+    StudyFigures,
+    condition_positions,
+    failed_runs,
+    outcome_sample,
+    rebucket,
+    study_figures,
+    study_rows,
+)
 from orchestrator.insight.aggregates import (
-    SAMPLE_BUDGET,
-    SAMPLE_PER_GROUP,
+    GroupSummary,
+    Throughput,
+    Totals,
     failures,
-    finished_over_time,
-    group_summaries,
-    latency_histogram,
-    outcome_samples,
     primary_outcome,
-    totals,
 )
 from orchestrator.insight.plots import (
     StripGroup,
     completion_bars,
     format_number,
-    histogram,
     strip_plot,
     throughput_line,
 )
+from orchestrator.insight.stats import summarize
 from orchestrator.store.inspection import (
     MetricRef,
     condition_labels,
-    finished_span,
     metric_names,
     run_attempts,
     run_evaluations,
     run_events,
 )
 from orchestrator.store.pausing import Spent, limits_of, pause_of, spent
-from orchestrator.store.queries import find_runs_by_id, find_study, progress_stats
+from orchestrator.store.queries import find_runs_by_id, find_study
 from orchestrator.store.records import StudyInfo
 
 __all__ = ["MetricChoice", "failed_runs_view", "run_view", "studies_view", "study_view"]
@@ -110,19 +117,41 @@ def studies_view(connection: Connection) -> dict[str, Any]:
     return {"studies": study_rows(connection)}
 
 
+def _summaries(
+    figures: StudyFigures, by: str, labels: dict[str, str], positions: dict[str, int]
+) -> list[GroupSummary]:
+    groups = []
+    for key, cells in figures.by(by).items():
+        total = CellSums()
+        for cell in cells.values():
+            total.add(cell)
+        groups.append(
+            GroupSummary(
+                key=key,
+                label=labels.get(key, key),
+                counts={s.value: cells[s.value].count if s.value in cells else 0
+                        for s in RunStatus},
+                outcome=summarize(total.n, total.total if total.n else None, total.squares),
+                mean_latency_s=total.latency / total.latency_n if total.latency_n else None,
+                cost_usd=total.cost,
+                position=positions.get(key, len(positions)),
+            )
+        )  # fmt: skip
+    return sorted(groups, key=lambda g: (g.position, g.key))
+
+
 def study_view(
     connection: Connection, study_id: str, metric_text: str | None = None
 ) -> dict[str, Any] | None:
-    """The study page: status, plots, per-agent and per-problem tables, failures."""
+    """The study page: status, plots, per-condition, agent and problem tables, failures.
+
+    Its numbers come from :func:`~orchestrator.dashboard.queries.study_figures` (two scans
+    of the study's runs) for the chosen metric (the primary outcome unless the select picked
+    another): the strip plot and the tables' outcome columns show that metric."""
     info = find_study(connection, study_id)
     if info is None:
         return None
     outcome = primary_outcome(info.definition)
-    total = totals(connection, study_id)
-    stats = progress_stats(connection, study_id)
-    remaining = sum(total.counts.get(s, 0) for s in _LEFT)
-    rate = stats.recent_rate_per_s if remaining else None
-    conditions = group_summaries(connection, study_id, "condition", outcome.metric)
     choices = _choices(connection, study_id, outcome.metric)
     wanted = parse_metric(metric_text)
     notice = ""
@@ -130,47 +159,59 @@ def study_view(
     if metric_text and chosen is None:
         notice = f"no metric {metric_text!r} in this study; showing the primary outcome"
     chosen = chosen or choices[0]
-    metric_groups = (
-        conditions
-        if chosen.metric == outcome.metric
-        else group_summaries(connection, study_id, "condition", chosen.metric)
+    figures = study_figures(connection, study_id, chosen.metric)
+    positions = condition_positions(connection, study_id)
+    condition_ids = {key[0] for key in figures.groups}
+    labels = condition_labels(connection, study_id, condition_ids)
+    conditions = _summaries(figures, "condition", labels, positions)
+    agents = _summaries(figures, "agent", {}, {})
+    problems = _summaries(figures, "problem", {}, {})
+    for groups in (agents, problems):  # key order, as the insight aggregates list them
+        groups.sort(key=lambda g: g.key)
+    counts = figures.counts
+    remaining = sum(counts.get(s, 0) for s in _LEFT)
+    rate = None
+    if remaining and figures.first_started_at is not None:
+        window = min(RATE_WINDOW_S, (figures.now - figures.first_started_at).total_seconds())
+        rate = figures.finished_recently / window if window > 0 else None
+    samples = outcome_sample(
+        connection, study_id, chosen.metric, run_count=info.run_count, groups=len(conditions)
     )
-    per_group = max(20, min(SAMPLE_PER_GROUP, SAMPLE_BUDGET // max(1, len(metric_groups))))
-    samples = outcome_samples(connection, study_id, chosen.metric, per_group=per_group)
-    best = _best(metric_groups, outcome.lower_is_better if chosen == choices[0] else None)
+    primary = chosen == choices[0]
+    best = _best(conditions, outcome.lower_is_better if primary else None)
     strip = strip_plot(
         [
             StripGroup(g.label, samples.get(g.key, []), g.outcome, best=g.key == best)
-            for g in metric_groups
+            for g in conditions
         ],
         caption=f"{chosen.label} by condition (dots: runs, bar: mean, whisker: 95 % CI)",
     )
-    throughput = finished_over_time(connection, study_id)
+    width, series, burn = rebucket(figures.minutes)
+    total = Totals(dict(counts), figures.cost_usd, figures.input_tokens, figures.output_tokens, 0.0)
     return {
         "info": info,
         "title": str(info.definition.get("title", "")),
         "outcome": outcome,
         "totals": total,
         "remaining": remaining,
-        "rate_per_s": rate,
+        "rate_per_s": rate or None,
         "eta_s": remaining / rate if rate and remaining else None,
-        "last_activity": finished_span(connection, study_id).last_finished_at,
+        "last_activity": figures.last_ended_at,
         "choices": choices,
         "chosen": chosen,
+        "primary": primary,
         "notice": notice,
         "conditions": conditions,
-        "agents": group_summaries(connection, study_id, "agent", outcome.metric),
-        "problems": group_summaries(connection, study_id, "problem", outcome.metric),
+        "agents": agents,
+        "problems": problems,
         "failures": failures(connection, study_id),
         "budget": budget_of(connection, info),
         "plots": {
-            "throughput": Markup(throughput_line(throughput)),
+            "throughput": Markup(throughput_line(Throughput(width, series))),
             "completion": Markup(completion_bars([(g.label, g.counts) for g in conditions])),
             "outcome": Markup(strip),
-            "latency": Markup(
-                histogram(latency_histogram(connection, study_id), caption="latency (s)")
-            ),
-            "cost": Markup(cost_line(cost_over_time(connection, study_id, throughput.bucket_s))),
+            "latency": Markup(latency_bars(figures.latency_bins, LATENCY_EDGES_S)),
+            "cost": Markup(cost_line(CostBurn(width, burn if figures.cost_usd else []))),
         },
         "fmt": format_number,
     }
