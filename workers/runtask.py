@@ -62,6 +62,7 @@ from orchestrator.contracts.errors import RunTimeoutError, StoreError, StudyqErr
 from orchestrator.contracts.results import ErrorKind, RunResult, RunStatus, failed_result
 from orchestrator.contracts.runspec import RunSpec, spec_digest
 from orchestrator.store import Claim, mask_url
+from orchestrator.store.budget_gate import writes_through
 from orchestrator.store.registration import describe_difference
 from workers import limits as provider_limits
 from workers.execution import execute_run
@@ -411,7 +412,8 @@ def _record(runtime: WorkerRuntime, claim: Claim, result: RunResult) -> Outcome:
     it to the process's writer thread (:mod:`workers.writer`) and return the run's own
     status: under Celery the write then overlaps the delivery of the next run."""
     note_result(result)  # the task reports a failed run as a failure (workers.failures)
-    if runtime.write_behind:
+    # A study with a budget or a breaker is written (and checked) before the slot's next run.
+    if runtime.write_behind and not writes_through(runtime.store, claim.study_id):
         runtime.writer.submit(claim, result)
         return Outcome.SUCCESS if result.status is RunStatus.SUCCESS else Outcome.FAILED
     with deferred_termination():

@@ -10,7 +10,9 @@ of its results (a primary-key probe, one aggregate over its finished runs for a 
 after a failure the latest ``window`` finished runs by the ``(study_id, ended_at)`` index).
 
 The check never fails the write it follows: an error is logged and the next batch checks
-again.
+again. A worker records the results of a watched study synchronously (:func:`writes_through`),
+so that a slot claims its next run only once its last result is recorded and checked: when
+the study is paused, each slot has at most one run in flight.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from orchestrator.store.pausing import Pause, budget_overrides, check_study, wat
 from orchestrator.store.records import Claim
 from orchestrator.store.store import ResultStore
 
-__all__ = ["OVERRIDE_RECHECK_S", "BudgetGate", "after_results", "describe"]
+__all__ = ["OVERRIDE_RECHECK_S", "BudgetGate", "after_results", "describe", "writes_through"]
 
 log = logging.getLogger("studyq.budget")
 
@@ -80,6 +82,14 @@ class BudgetGate:
             self._watches[study_id] = watch
         return watch
 
+    def watched(self, study_id: str) -> bool:
+        """Whether the study declares (or was given) a budget or a breaker."""
+        try:
+            watch = self._watch(study_id)
+        except StoreError:
+            return False
+        return watch is not None and watch.watched
+
     def after_results(self, written: Iterable[tuple[Claim, RunResult]]) -> list[Pause]:
         """Check each study of the recorded ``written`` results; returns the pauses made."""
         failed: dict[str, bool] = {}
@@ -108,13 +118,25 @@ _GATES: dict[int, BudgetGate] = {}
 _GATES_LOCK = threading.Lock()
 
 
-def after_results(store: ResultStore, written: Iterable[tuple[Claim, RunResult]]) -> list[Pause]:
-    """:meth:`BudgetGate.after_results` with this store's gate (one per store and process)."""
+def _gate(store: ResultStore) -> BudgetGate:
     with _GATES_LOCK:
         gate = _GATES.get(id(store))
         if gate is None or gate._store is not store:
             gate = _GATES[id(store)] = BudgetGate(store)
-    return gate.after_results(written)
+        return gate
+
+
+def after_results(store: ResultStore, written: Iterable[tuple[Claim, RunResult]]) -> list[Pause]:
+    """:meth:`BudgetGate.after_results` with this store's gate (one per store and process)."""
+    return _gate(store).after_results(written)
+
+
+def writes_through(store: ResultStore, study_id: str) -> bool:
+    """Whether a worker slot must record a result of this study (and check it) before it
+    takes its next run, instead of handing it to the writer thread: true for a study with a
+    budget or a breaker, so that each slot has at most one run in flight when the study is
+    paused (a result written behind would let the slot start another one meanwhile)."""
+    return _gate(store).watched(study_id)
 
 
 def describe(pause: Pause) -> str:

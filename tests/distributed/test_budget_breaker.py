@@ -233,7 +233,7 @@ def test_the_breaker_pauses_a_failing_study_and_leaves_the_other_running(
     assert studyq_main(["wait", broken_id, *urls, "--no-progress", "--timeout", "60"]) == 1
     assert "paused: breaker" in capsys.readouterr().err
     counts = pg_store.count_by_status(broken_id)
-    assert WINDOW <= counts["failed"] <= WINDOW + 3 * SLOTS, counts
+    assert WINDOW <= counts["failed"] <= WINDOW + SLOTS, counts  # plus those in flight
     assert counts["queued"] + counts["planned"] == 1000 - counts["failed"]
     assert sum(_executions(broken_journal).values()) == counts["failed"]
     # And status shows the breaker with the top error class and message
@@ -249,6 +249,6 @@ def test_the_breaker_pauses_a_failing_study_and_leaves_the_other_running(
     assert "resumed (was paused: breaker)" in capsys.readouterr().out
     assert studyq_main(["wait", broken_id, *urls, "--no-progress", "--timeout", "60"]) == 1
     after = pg_store.count_by_status(broken_id)
-    assert counts["failed"] + WINDOW <= after["failed"] <= counts["failed"] + WINDOW + 3 * SLOTS
+    assert counts["failed"] + WINDOW <= after["failed"] <= counts["failed"] + WINDOW + SLOTS
     executed = _executions(broken_journal)
     assert sum(executed.values()) == after["failed"] and set(executed.values()) == {1}
