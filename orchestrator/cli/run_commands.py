@@ -175,6 +175,9 @@ def _run_embedded(args: argparse.Namespace) -> int:
         return EXIT_INTERRUPTED
     if outcome.held_elsewhere and args.limit is None:
         return EXIT_FAILED
+    if outcome.paused:  # a spent budget or a tripped breaker stopped dispatch
+        print(f"{outcome.study_id}: {outcome.paused}", file=sys.stderr)
+        return EXIT_FAILED
     if counts.get("failed", 0):
         print(
             "some runs failed: `studyq status` shows why; `studyq run` again re-runs them.",
@@ -208,6 +211,8 @@ def _run_distributed(args: argparse.Namespace) -> int:
     print(
         f"{report.study_id}: {counts.get('success', 0)} success, {counts.get('failed', 0)} failed"
     )
+    if waited.paused:  # a spent budget or a tripped breaker
+        print(f"{report.study_id}: {waited.paused}", file=sys.stderr)
     return EXIT_OK if waited.complete and not waited.failed else EXIT_FAILED
 
 

@@ -229,7 +229,7 @@ def _costly(seed: int) -> dict[str, Any]:
 
 @pytest.mark.timeout(60)
 def test_the_embedded_run_stops_at_its_budget_and_continues_once_raised(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     # Given an embedded study of 60 runs at $0.01 each under max_cost_usd 0.10
     monkeypatch.delenv("STUDYQ_BROKER_URL", raising=False)
@@ -244,6 +244,7 @@ def test_the_embedded_run_stops_at_its_budget_and_continues_once_raised(
                 "problem_ids": ["noop"],
                 "run_budget": {"replicates": 60},
                 "execution": {"max_cost_usd": 0.10},
+                "bindings": {"agents": {"costly": "test_store_pause:_costly"}},
             }
         )
     )
@@ -252,7 +253,6 @@ def test_the_embedded_run_stops_at_its_budget_and_continues_once_raised(
         "db": db,
         "jobs": 2,
         "pool": "thread",
-        "agent_bindings": {"costly": _costly},
         "export": False,
         "show_progress": False,
     }
@@ -264,6 +264,11 @@ def test_the_embedded_run_stops_at_its_budget_and_continues_once_raised(
     counts = first.counts
     assert counts["success"] == first.succeeded and counts["running"] == 0
     assert counts["queued"] + counts["planned"] == 60 - first.succeeded
+    # And `studyq run` again while the budget is spent runs nothing: the line, exit 1
+    code = studyq_main(["run", str(path), "--db", db, "--no-export", "--no-progress"])
+    assert code == 1
+    assert "embedded-budget: stopped: budget (spent $0.1" in capsys.readouterr().err
+    assert len(_CALLS) == first.succeeded
     # When the budget is raised and the study is run again, it finishes; nothing ran twice
     report = budget.set_budget("embedded-budget", max_cost_usd=1.0, db=db)
     assert report.resumed is not None and report.published is None
