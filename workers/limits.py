@@ -121,14 +121,15 @@ WINDOW_MARGIN_S = 1
 its arrival at the provider never lets the provider's own 60 s window see more."""
 _POLL_S = 0.1
 
-# KEYS: slots zset, epoch key. ARGV: member, lease_s, cap, grace_s.
+# KEYS: slots zset, epoch key (when Redis first handed out a slot; kept a day past the last
+# renewal). ARGV: member, lease_s, cap, grace_s.
 # Returns {admitted (0/1), slots held}.
 _ACQUIRE = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 local epoch = tonumber(redis.call('GET', KEYS[2]))
 if not epoch then
-  redis.call('SET', KEYS[2], tostring(now))
+  redis.call('SET', KEYS[2], tostring(now), 'EX', 86400)
   epoch = now
 end
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
@@ -152,6 +153,7 @@ _RENEW = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 redis.call('SET', KEYS[2], tostring(now), 'NX')
+redis.call('EXPIRE', KEYS[2], 86400)
 local lease = tonumber(ARGV[1])
 local missing = 0
 for i = 2, #ARGV do

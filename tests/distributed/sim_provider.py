@@ -36,6 +36,7 @@ class SimProvider:
         max_concurrency: int | None = None,
         requests_per_minute: int | None = None,
         max_life_s: float = 600.0,
+        port: int = 0,
     ) -> None:
         self.max_concurrency = max_concurrency
         self.requests_per_minute = requests_per_minute
@@ -74,7 +75,7 @@ class SimProvider:
             def log_message(self, format: str, *args: Any) -> None:
                 pass  # quiet
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
         self._server.daemon_threads = True
         self.port = self._server.server_address[1]
         self.url = f"http://127.0.0.1:{self.port}"
@@ -144,3 +145,43 @@ class SimProvider:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Serve a simulated provider until Ctrl-C, printing its counters every 10 s."""
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        description="A simulated LLM provider on 127.0.0.1 that answers 429 above its limits.",
+        epilog="example: python tests/distributed/sim_provider.py --max-concurrency 5 "
+        "--requests-per-minute 300",
+    )
+    parser.add_argument("--max-concurrency", type=int)
+    parser.add_argument("--requests-per-minute", type=int)
+    parser.add_argument("--max-life-s", type=float, default=3600.0)
+    parser.add_argument("--port", type=int, default=8999)
+    args = parser.parse_args(argv)
+    provider = SimProvider(
+        max_concurrency=args.max_concurrency,
+        requests_per_minute=args.requests_per_minute,
+        max_life_s=args.max_life_s,
+        port=args.port,
+    )
+    print(f"simulated provider at {provider.url}", flush=True)
+    try:
+        while provider._thread.is_alive():
+            time.sleep(10)
+            print(
+                f"accepted {provider.accepted}, refused {provider.refused}, peak concurrency "
+                f"{provider.peak_concurrency}, peak per minute {provider.peak_per_minute}",
+                flush=True,
+            )
+    except KeyboardInterrupt:
+        pass
+    finally:
+        provider.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

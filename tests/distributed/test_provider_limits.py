@@ -320,6 +320,8 @@ def test_a_worker_killed_9_while_holding_slots_gives_them_back_within_one_lease(
             assert back_after <= lease_s + RENEW_S + 1
             # And another process can take all 3
             assert all(limiter.try_slot("sim", f"next-{n}", 3) for n in range(3))
+            for n in range(3):
+                limiter.release_slot("sim", f"next-{n}")
     finally:
         worker.terminate()
         forget_redis_queue(broker_db, queue)

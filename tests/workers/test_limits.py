@@ -49,14 +49,16 @@ def client() -> redis.Redis:
 def make_limiter(client: redis.Redis) -> Iterator[Callable[..., Limiter]]:
     made: list[Limiter] = []
 
-    def build(**options: Any) -> Limiter:
+    def build(namespace: str | None = None, **options: Any) -> Limiter:
         options.setdefault("lease_s", 5.0)
         options.setdefault("grace_s", 0.0)
-        limiter = Limiter(redis_url(LIMITS_DB), uuid.uuid4().hex[:12], **options)
+        limiter = Limiter(redis_url(LIMITS_DB), namespace or uuid.uuid4().hex[:12], **options)
         made.append(limiter)
         return limiter
 
     yield build
+    for limiter in made:
+        limiter._held.clear()  # its renewer thread must not put slots back
     for limiter in made:
         for key in client.scan_iter(f"{limiter.prefix}:*"):
             client.delete(key)
@@ -65,7 +67,7 @@ def make_limiter(client: redis.Redis) -> Iterator[Callable[..., Limiter]]:
 def test_slots_are_capped_cluster_wide_and_come_back_when_released(make_limiter):
     # Given two processes' limiters on one deployment (same namespace), cap 3
     one = make_limiter()
-    other = Limiter(one.url, one.namespace, lease_s=5.0, grace_s=0.0)
+    other = make_limiter(namespace=one.namespace)
     # When both take slots
     taken = [one.try_slot("p", "a1", 3), one.try_slot("p", "a2", 3), other.try_slot("p", "b1", 3)]
     # Then the cap is for both together: the fourth is refused, whoever asks
@@ -103,7 +105,7 @@ def test_after_redis_lost_its_state_renewals_come_first_and_the_cap_holds(make_l
     # When Redis loses everything (as a restart without persistence does)
     client.delete(*limiter.keys("p"))
     # Then a newcomer gets no slot during the grace, the renewals put the held ones back
-    other = Limiter(limiter.url, limiter.namespace, lease_s=5.0, grace_s=1.0)
+    other = make_limiter(namespace=limiter.namespace, grace_s=1.0)
     assert not other.try_slot("p", "newcomer", 2)
     time.sleep(0.5)
     assert limiter.held("p") == 2
