@@ -9,6 +9,8 @@ submitted, watched, raised and resumed through the ``studyq`` commands.
 * Breaker: an agent that always fails pauses its study after about ``window`` of its 1,000
   runs; a second study on the same workers and queue finishes; ``resume`` continues it.
 * Bad input: a budget below what is spent is refused with one line, exit 2, nothing written.
+* ``wait`` publishes none of a paused study's runs, even those that look stale; a resume
+  publishes them again.
 """
 
 from __future__ import annotations
@@ -20,16 +22,24 @@ import uuid
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 from _services import Broker
 from dist_services import WorkerProcess
+from dist_studies import make_sweep
+from sqlalchemy import update
 
+from orchestrator import distributed
+from orchestrator.budget import resume
 from orchestrator.cli import main as studyq_main
+from orchestrator.contracts.settings import Settings
+from orchestrator.executors import celery as celery_executor
 from orchestrator.store import ResultStore
 from orchestrator.store.engine import transaction
-from orchestrator.store.pausing import budget_overrides, pause_of
+from orchestrator.store.models import RunRow
+from orchestrator.store.pausing import BREAKER, budget_overrides, pause, pause_of
+from orchestrator.store.sqltypes import db_now_plus
 
 pytestmark = [
     pytest.mark.integration,
@@ -252,3 +262,61 @@ def test_the_breaker_pauses_a_failing_study_and_leaves_the_other_running(
     assert counts["failed"] + WINDOW <= after["failed"] <= counts["failed"] + WINDOW + SLOTS
     executed = _executions(broken_journal)
     assert sum(executed.values()) == after["failed"] and set(executed.values()) == {1}
+
+
+class _RecordingTransport:
+    """The transport as ``wait_study`` uses it: an empty broker that records what is
+    published (so every queued run looks as if it had lost its message)."""
+
+    published: ClassVar[list[int]] = []
+
+    def __init__(self, settings: Any, broker_url: str) -> None:
+        pass
+
+    def __enter__(self) -> _RecordingTransport:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+    def queue_backlog(self, queue: str, *, delivered_within_s: float | None = None) -> int:
+        return 0
+
+    def publish(self, items: Any, *, queue: str, timeout_s: float | None) -> int:
+        indices = [spec.index for spec, _, _ in items]
+        self.published.extend(indices)
+        return len(indices)
+
+
+def test_wait_publishes_nothing_of_a_paused_study(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(celery_executor, "CeleryTransport", _RecordingTransport)
+    _RecordingTransport.published = []
+    # Given a paused study whose 4 queued runs were queued 10 minutes ago, and a broker that
+    # holds no message for them (a paused study's deliveries are acknowledged unexecuted)
+    url = f"sqlite:///{tmp_path / 'studyq.db'}"
+    with ResultStore.open(url) as store:
+        sweep = make_sweep(store, agents=["noop"], replicates=4)
+        with transaction(store.engine) as connection:
+            connection.execute(
+                update(RunRow)
+                .where(RunRow.study_id == sweep.study_id)
+                .values(queued_at=db_now_plus(-600))
+            )
+            pause(connection, sweep.study_id, BREAKER, {"failed": 4, "window": 4})
+    settings = Settings(
+        database_url=url,
+        broker_url="redis://127.0.0.1:1/0",
+        queued_timeout_s=300.0,
+        reconcile_interval_s=0.05,
+    )
+    # When `studyq wait` reconciles
+    report = distributed.wait_study(sweep.study_id, settings=settings, show_progress=False)
+    # Then it publishes none of them again (they would be stale), and ends saying it is paused
+    assert _RecordingTransport.published == [] and report.republished == 0
+    assert report.paused is not None and report.paused.startswith("paused: breaker")
+    assert report.counts["queued"] == 4
+    # And resumed, the same runs are published again
+    resumed = resume(sweep.study_id, db=url, broker="redis://127.0.0.1:1/0", settings=settings)
+    assert resumed.published == 4 and sorted(_RecordingTransport.published) == [0, 1, 2, 3]
