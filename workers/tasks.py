@@ -201,7 +201,8 @@ def register_run_task(app: StudyqCelery) -> Any:
             # Nothing ran (the claim never happened): put the message back for later.
             raise Reject(f"result store unavailable: {error}", requeue=True) from None
         if outcome is Outcome.HANDED_BACK:
-            raise Reject("handed back on warm shutdown", requeue=True)
+            # A warm shutdown, or no provider slot within the bounded wait (workers.limits).
+            raise Reject("handed back: warm shutdown, or its provider's limits", requeue=True)
         if outcome is Outcome.NOT_OURS:
             # Another deployment's study (shared queue): back to the broker, never acked.
             raise Reject(f"{outcome.value}: study not in this worker's database", requeue=True)
