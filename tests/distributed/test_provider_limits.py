@@ -221,14 +221,15 @@ def test_400_runs_on_4_workers_x_8_threads_never_exceed_the_providers_limits(
     cluster, pg_store: ResultStore, pg_url: str
 ):
     # Given a provider that refuses above 5 at once or 300 a minute, and 400 runs of an
-    # agent bound to it under the same limits (each call held 0.4 s)
+    # agent bound to it under the same limits (each call held 0.3 s: 5 at a time could make
+    # 1,000 calls a minute, so the 300 a minute binds even on a slow machine)
     queue, _ = cluster
     with SimProvider(max_concurrency=5, requests_per_minute=300) as provider:
         study_id, specs = register_sweep(
             pg_store,
             400,
             provider,
-            hold_s=0.4,
+            hold_s=0.3,
             limits={"max_concurrency": 5, "requests_per_minute": 300},
         )
         # When the 32 worker threads run them
