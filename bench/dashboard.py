@@ -7,6 +7,8 @@ Run from the repository root (PostgreSQL on 127.0.0.1:5432, trust auth for ``pos
     .venv/bin/python bench/dashboard.py --runs 20000 --requests 10   # quicker
     .venv/bin/python bench/dashboard.py --keep          # keep the database (prints its URL)
     .venv/bin/python bench/dashboard.py --check         # exit 1 when a page is over 200 ms
+    .venv/bin/python bench/dashboard.py --requests 3 --screenshot docs/images/dashboard.png
+                                     # README's picture: the big study's page in Chromium
 
 What it does:
 
@@ -270,12 +272,51 @@ def measure(url: str, requests: int, snapshot_s: float) -> list[dict[str, Any]]:
     return results
 
 
+def screenshot(url: str, path: Path) -> None:
+    """The big study's page in headless Chromium (tests/browser.py), 1,400 pixels high."""
+    import socket
+    import tempfile
+
+    import uvicorn
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from browser import Browser, outside
+
+    from orchestrator.contracts.settings import load_settings
+    from orchestrator.dashboard.app import create_app
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    app = create_app(url, load_settings(dashboard_token="bench"))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.02)
+    try:
+        with tempfile.TemporaryDirectory() as profile:
+            chromium = Browser(Path(profile))
+            try:
+                chromium.open(f"http://localhost:{port}/studies/{quote(BIG)}")
+                assert chromium.console_errors() == [], chromium.console_errors()
+                assert outside(chromium.requested_urls()) == []
+                chromium.screenshot(path, height=1400)
+            finally:
+                chromium.quit()
+        print(f"screenshot: {path} ({path.stat().st_size / 1024:.0f} KiB)")
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=100_000, help="runs of the big study")
     parser.add_argument("--requests", type=int, default=20, help="timed requests per page")
     parser.add_argument("--keep", action="store_true", help="keep the database")
     parser.add_argument("--check", action="store_true", help="exit 1 when a page is slow")
+    parser.add_argument("--screenshot", type=Path, default=None, help="save the study page")
     args = parser.parse_args()
 
     import tempfile
@@ -307,6 +348,8 @@ def main() -> int:
             )
             for result in measure(url, args.requests, snapshot_s):
                 results.append({**result, "snapshot_s": snapshot_s})
+        if args.screenshot:
+            screenshot(url, args.screenshot)
     finally:
         if args.keep:
             print(f"kept: {url}")

@@ -391,17 +391,20 @@ async def resubmit_action(request: Request) -> Response:
     from orchestrator.distributed import resubmit
 
     dashboard, study_id, form = await _action(request, "resubmit")
+    error_class = form.get("error_class", "").strip() or None
     contains = form.get("error_contains", "").strip() or None
     report = await run_in_threadpool(
         resubmit,
         study_id,
         statuses=("failed",),
         error_contains=contains,
+        error_class=error_class,
         db=dashboard.db_url,
         broker=dashboard.broker,
         settings=dashboard.settings,
     )
-    which = f" whose error contains {contains!r}" if contains else ""
+    which = f" of error class {error_class}" if error_class else ""
+    which += f" whose error contains {contains!r}" if contains else ""
     return _done(
         dashboard,
         study_id,

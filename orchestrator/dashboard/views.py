@@ -26,6 +26,7 @@ from orchestrator.dashboard.queries import (
     CostBurn,
     StudyFigures,
     condition_positions,
+    error_classes,
     failed_runs,
     outcome_sample,
     rebucket,
@@ -187,6 +188,7 @@ def study_view(
         caption=f"{chosen.label} by condition (dots: runs, bar: mean, whisker: 95 % CI)",
     )
     width, series, burn = rebucket(figures.minutes)
+    failed = failures(connection, study_id)
     total = Totals(dict(counts), figures.cost_usd, figures.input_tokens, figures.output_tokens, 0.0)
     return {
         "info": info,
@@ -204,7 +206,8 @@ def study_view(
         "conditions": conditions,
         "agents": agents,
         "problems": problems,
-        "failures": failures(connection, study_id),
+        "failures": failed,
+        "error_classes": error_classes(connection, study_id),
         "budget": budget_of(connection, info),
         "plots": {
             "throughput": Markup(throughput_line(Throughput(width, series))),
