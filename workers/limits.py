@@ -373,8 +373,8 @@ class _Bounces:
             self._logged[error.provider] = now
             self._counts[error.provider] = 0
         log.info(
-            "%d run(s) went back to the queue, attempt not charged, waiting for provider %s "
-            "(latest: %s)",
+            "%d run(s) went back to the queue here since the last such line, waiting for "
+            "provider %s; attempts not charged (latest: %s)",
             count,
             error.provider,
             error,

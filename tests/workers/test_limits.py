@@ -295,3 +295,23 @@ def test_a_study_with_limits_on_a_worker_without_redis_is_a_clear_error(runtime,
     # Then it is refused with the setting to fix
     with pytest.raises(LimitsUnavailable, match="STUDYQ_LIMITS_URL"):
         admit(worker, first)
+
+
+def test_the_first_run_of_a_deployment_waits_out_the_restart_grace_once(runtime, monkeypatch):
+    # Given a deployment whose Redis has never handed out a slot (no epoch: as after a
+    # restart), and a grace below the admission wait, as shipped (1.25 s < 2 s; here 0.5 s
+    # < 1.5 s)
+    monkeypatch.setattr(limits, "RESTART_GRACE_S", 0.5)
+    monkeypatch.setattr(limits, "ADMIT_WAIT_S", 1.5)
+    worker = runtime()
+    first, second, _ = writer_runs(register_study(worker.store, {"max_concurrency": 2}))
+    # When its first run is admitted
+    started = time.monotonic()
+    with admit(worker, first):
+        waited = time.monotonic() - started
+        # Then it waited for the grace (renewals first), then got its slot
+        assert 0.4 <= waited < 1.5
+        # And the next run does not wait
+        started = time.monotonic()
+        with admit(worker, second):
+            assert time.monotonic() - started < 0.3
