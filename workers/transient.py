@@ -52,6 +52,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from celery import signals
 from pydantic import ValidationError
 
 from orchestrator.contracts.errors import StoreError
@@ -371,16 +372,37 @@ class Redeliveries:
                     wait = None if not self._due else self._due[0][0] - time.monotonic()
                     self._changed.wait(wait)
                 _, _, app, queue, rules, spec, attempt = heapq.heappop(self._due)
-            try:
-                publish_run(app, queue, rules, spec, attempt)
-            except Exception:  # the run stays queued: the reconcile loop republishes it
-                log.exception(
-                    "could not publish the next attempt of run %s (index %d) of %s; the "
-                    "reconcile loop will republish it",
-                    spec.run_id,
-                    spec.index,
-                    spec.study_id,
-                )
+            self._publish(app, queue, rules, spec, attempt)
+
+    def flush(self) -> int:
+        """Publish every waiting message now, before its time; returns how many. Called when
+        this process stops: a message left in a dead process's memory would wait for the
+        reconcile loop (``queued_timeout_s`` after it was due), so the next attempt comes
+        early instead (at worst it meets the same error again, and waits again)."""
+        with self._changed:
+            due, self._due = self._due, []
+        for _, _, app, queue, rules, spec, attempt in sorted(due):
+            self._publish(app, queue, rules, spec, attempt)
+        if due:
+            log.info(
+                "published %d waiting retr%s early: this process is stopping",
+                len(due),
+                "y" if len(due) == 1 else "ies",
+            )
+        return len(due)
+
+    @staticmethod
+    def _publish(app: Any, queue: str, rules: RetryRules, spec: RunSpec, attempt: int) -> None:
+        try:
+            publish_run(app, queue, rules, spec, attempt)
+        except Exception:  # the run stays queued: the reconcile loop republishes it
+            log.exception(
+                "could not publish the next attempt of run %s (index %d) of %s; the "
+                "reconcile loop will republish it",
+                spec.run_id,
+                spec.index,
+                spec.study_id,
+            )
 
 
 _REDELIVERIES: Redeliveries | None = None
@@ -434,6 +456,20 @@ def run_message(
 
 
 _EMBED = ("callbacks", "errbacks", "chain", "chord")
+
+
+def _flush_on_shutdown(**_: Any) -> None:
+    """A worker process stopping (a prefork child, or the main process of a solo/threads
+    worker): publish its waiting retries (:meth:`Redeliveries.flush`)."""
+    pending = _REDELIVERIES
+    if pending is not None and pending._pid == os.getpid():
+        pending.flush()
+
+
+signals.worker_process_shutdown.connect(
+    _flush_on_shutdown, weak=False, dispatch_uid="studyq-retries-process-down"
+)
+signals.worker_shutdown.connect(_flush_on_shutdown, weak=False, dispatch_uid="studyq-retries-down")
 
 
 def publish_run(app: Any, queue: str, rules: RetryRules, spec: RunSpec, attempt: int) -> None:

@@ -306,3 +306,48 @@ def test_the_last_attempt_fails_with_its_error_and_resubmit_by_error_class(
     assert executions(journal, study.specs[0]) == 4
     outcomes = [a.outcome for a in pg_store.iter_attempts(study.study_id)]
     assert outcomes == ["retried", "failed", "retried", "failed"]
+
+
+def test_a_stopping_worker_publishes_its_waiting_retries_early(
+    live_broker: Broker,
+    pg_url: str,
+    pg_store: ResultStore,
+    publisher: StudyqCelery,
+    tmp_path: Path,
+):
+    # Given a worker of its own queue, and a run answered 429 with Retry-After 30 s
+    queue = f"studyq-retry-stop-{uuid.uuid4().hex[:8]}"
+    env = {"STUDYQ_TIME_LIMIT_GRACE_S": str(TEST_GRACE_S), "STUDYQ_SHUTDOWN_GRACE_S": "1"}
+
+    def worker(name: str) -> WorkerProcess:
+        return WorkerProcess(
+            f"{name}-{os.getpid()}", queue=queue, database_url=pg_url,
+            broker_url=live_broker.url, log_dir=tmp_path, env=env, concurrency=1, via_cli=True,
+        )  # fmt: skip
+
+    journal = tmp_path / "journal"
+    study = retry_sweep(pg_store, journal, agent="rate_limited_once", queue=queue, retry_after=30)
+    first = worker("retry-stop-a")
+    second: WorkerProcess | None = None
+    try:
+        first.wait_ready()
+        publish_runs(publisher, study.publishable(), queue=queue)
+        first.wait_for_log("re-queued, next attempt in 30.00 s")
+        started = time.monotonic()
+        # When that worker stops (warm shutdown) while the retry waits in its memory
+        assert first.terminate() == 0
+        # Then it publishes the waiting message before it exits, so another worker runs the
+        # next attempt now instead of after a reconcile (queued_timeout_s after it was due)
+        assert "published 1 waiting retry early: this process is stopping" in first.log
+        second = worker("retry-stop-b")
+        second.wait_ready()
+        wait_finished(pg_store, study.study_id, 1, timeout=20)
+        assert time.monotonic() - started < 25
+        [run] = pg_store.iter_runs(study.study_id)
+        assert (run.status, run.attempt) == ("success", 2)
+        assert executions(journal, study.specs[0]) == 2
+    finally:
+        for process in (first, second):
+            if process is not None:
+                process.terminate()
+        live_broker.forget(queue)

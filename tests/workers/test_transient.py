@@ -287,3 +287,37 @@ def test_the_retry_message_is_the_coordinators_run_message(make_spec: Callable[.
     task_id, body, headers = run_message(spec, 2, origin="1@host", hard_limit_s=12.0)
     # Then it is the same message: task id, body and headers
     assert (task_id, body, headers) == (built.task_id, built.body, built.headers)
+
+
+def test_redeliveries_publish_each_message_when_due_and_flush_the_rest(
+    make_spec: Callable[..., RunSpec], monkeypatch: pytest.MonkeyPatch
+):
+    import threading
+    import time
+
+    from workers import transient
+
+    published: list[tuple[str, float]] = []
+    done = threading.Event()
+
+    def publish(app: object, queue: str, rules: object, spec: RunSpec, attempt: int) -> None:
+        published.append((spec.run_id, time.monotonic()))
+        if len(published) == 3:
+            done.set()
+
+    monkeypatch.setattr(transient, "publish_run", publish)
+    rules = RetryRules(RetryPolicy(on=["TimeoutError"]), (TimeoutError,), "q", None)
+    timer = transient.Redeliveries()
+    # Given three messages scheduled out of order, and one due much later
+    start = time.monotonic()
+    for run_id, delay in (("late", 0.3), ("early", 0.05), ("middle", 0.15), ("far", 60.0)):
+        timer.schedule(delay, None, "q", rules, make_spec(run_id=run_id), 1)
+    # Then the first three are published in the order they are due, none before its time
+    assert done.wait(5)
+    assert [run_id for run_id, _ in published] == ["early", "middle", "late"]
+    for (_, at), delay in zip(published, (0.05, 0.15, 0.3), strict=True):
+        assert at - start >= delay
+    assert timer.pending == 1
+    # When the process stops, the one still waiting is published at once
+    assert timer.flush() == 1
+    assert published[-1][0] == "far" and timer.pending == 0
