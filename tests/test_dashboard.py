@@ -41,7 +41,7 @@ from pathlib import Path
 
 import pytest
 import redis
-from _services import ServiceSupplier, redis_url
+from _services import ServiceSupplier, forget_redis_queue, redis_url
 from browser import Browser, browser, outside
 from cli_support import one_clear_line, run_main
 
@@ -60,6 +60,8 @@ from orchestrator.dashboard.app import create_app  # noqa: E402
 
 REDIS_DB = 13
 """This suite's Redis database (tests/_services.py's REDIS_DBS uses 12, 14 and 15)."""
+QUEUE = f"dash-{os.getpid()}"
+"""The demo study's queue: this session's own, as another session may share the database."""
 TOKEN = "dash-secret-token"
 STUDY_ID = "dash-demo"
 LIVE_ID = "dash-live"
@@ -94,11 +96,12 @@ hypotheses:
     direction: less
 run_budget: {{replicates: {replicates}}}
 seed_policy: {{base_seed: 3}}
+execution: {{queue: {queue}}}
 """
 CONDITIONS = 3
 RUNS = CONDITIONS * 2 * 4
 BUDGET_ID = "dash-budget"
-BUDGET_QUEUE = "dash-budget-q"
+BUDGET_QUEUE = f"dash-budget-{os.getpid()}"
 COST_USD = 0.01
 
 
@@ -123,7 +126,7 @@ def sweep(services: ServiceSupplier, tmp_path_factory: pytest.TempPathFactory) -
     """The demo study, run once into a fresh PostgreSQL database by ``studyq run``."""
     folder = tmp_path_factory.mktemp("dashboard")
     study = folder / "study.yaml"
-    study.write_text(STUDY.format(study_id=STUDY_ID, replicates=4), encoding="utf-8")
+    study.write_text(STUDY.format(study_id=STUDY_ID, replicates=4, queue=QUEUE), encoding="utf-8")
     with services.pg_database("dashboard", migrate=True) as url:
         argv = ["run", str(study), "--db", url, "--jobs", "2", "--no-progress", "--no-export"]
         assert _run(argv) in (0, 1)
@@ -168,9 +171,13 @@ def _served(db_url: str, *, token: str | None, broker: str | None = None) -> Ite
 @pytest.fixture(scope="module")
 def site(sweep: Sweep, services: ServiceSupplier) -> Iterator[str]:
     """The dashboard of the sweep, with actions on (token) and the suite's Redis broker."""
-    services.redis(REDIS_DB)
-    with _served(sweep.url, token=TOKEN, broker=redis_url(REDIS_DB)) as base:
-        yield base
+    client = services.redis(REDIS_DB)
+    try:
+        with _served(sweep.url, token=TOKEN, broker=redis_url(REDIS_DB)) as base:
+            yield base
+    finally:
+        for queue in (QUEUE, BUDGET_QUEUE):
+            forget_redis_queue(client, queue)
 
 
 def _get(url: str) -> tuple[int, str]:
@@ -382,7 +389,7 @@ def test_live_part_updates_in_place_as_more_runs_finish(
 ) -> None:
     # Given a second study of which only 3 runs have run so far
     study = sweep.folder / "live.yaml"
-    study.write_text(STUDY.format(study_id=LIVE_ID, replicates=2), encoding="utf-8")
+    study.write_text(STUDY.format(study_id=LIVE_ID, replicates=2, queue=QUEUE), encoding="utf-8")
     base = ["run", str(study), "--db", sweep.url, "--jobs", "1", "--no-progress", "--no-export"]
     _run([*base, "--limit", "3"])
     browser.open(f"{site}/studies/{LIVE_ID}")
@@ -414,7 +421,7 @@ def test_live_part_updates_in_place_as_more_runs_finish(
 def test_study_page_on_a_sqlite_store(tmp_path: Path) -> None:
     # Given the demo study run into an embedded SQLite store
     study = tmp_path / "study.yaml"
-    study.write_text(STUDY.format(study_id=STUDY_ID, replicates=2), encoding="utf-8")
+    study.write_text(STUDY.format(study_id=STUDY_ID, replicates=2, queue=QUEUE), encoding="utf-8")
     url = f"sqlite:///{tmp_path / 'store.db'}"
     _run(["run", str(study), "--db", url, "--jobs", "1", "--no-progress", "--no-export"])
     runs = _runs(url)
@@ -465,14 +472,14 @@ def test_actions_without_the_right_token_are_401_and_change_nothing(
     # Given the store's statuses and the queue's length
     before = _statuses(sweep.url)
     queue = redis.Redis.from_url(redis_url(REDIS_DB))
-    queued_before = queue.llen("studyq")
+    queued_before = queue.llen(QUEUE)
     # When an action is posted without the token, or with a wrong one
     status, body = _post(f"{site}/studies/{STUDY_ID}/{action}", fields, headers)
     # Then it is a 401 page naming the fix, and neither the store nor the queue changed
     assert status == 401
     assert "401" in body and "STUDYQ_DASHBOARD_TOKEN" in body and "Traceback" not in body
     assert _statuses(sweep.url) == before
-    assert queue.llen("studyq") == queued_before
+    assert queue.llen(QUEUE) == queued_before
 
 
 def test_resubmit_then_cancel_with_the_token(site: str, sweep: Sweep, browser: Browser) -> None:
@@ -482,7 +489,7 @@ def test_resubmit_then_cancel_with_the_token(site: str, sweep: Sweep, browser: B
     failed = [r for r in runs if r.status == "failed"]
     assert flaky and len(flaky) < len(failed)
     queue = redis.Redis.from_url(redis_url(REDIS_DB))
-    queue.delete("studyq")
+    queue.delete(QUEUE)
     # When that class is resubmitted through the page's form, with the token
     browser.open(f"{site}/studies/{STUDY_ID}")
     browser.script(
@@ -499,7 +506,7 @@ def test_resubmit_then_cancel_with_the_token(site: str, sweep: Sweep, browser: B
     statuses = {r.run_id: r.status for r in _runs(sweep.url)}
     assert {statuses[r.run_id] for r in flaky} == {"queued"}
     assert {statuses[r.run_id] for r in failed if r not in flaky} == {"failed"}
-    assert queue.llen("studyq") == len(flaky)
+    assert queue.llen(QUEUE) == len(flaky)
     _clean(browser)
     # When the study is cancelled with the token as a Bearer header
     status, body = _post(

@@ -49,6 +49,7 @@ __all__ = [
     "condition_positions",
     "error_classes",
     "failed_runs",
+    "metric_keys",
     "outcome_sample",
     "rebucket",
     "study_figures",
@@ -289,6 +290,8 @@ class StudyFigures:
     """Minute (epoch // 60) -> (runs finished, their cost)."""
     latency_bins: dict[int, int]
     """Latency bin (:data:`LATENCY_EDGES_S`) -> finished runs with a latency in it."""
+    columns: dict[str, int] = field(default_factory=dict)
+    """Runs with a value in each token column (which metrics the select offers)."""
 
     def by(self, what: str) -> dict[str, dict[str, CellSums]]:
         """Sums per key of ``condition``, ``agent`` or ``problem``, then per status."""
@@ -389,6 +392,8 @@ def study_figures(connection: Connection, study_id: str, metric: Any) -> StudyFi
         func.min(c.started),
         func.max(c.ended),
         func.count(c.recent),
+        func.count(c.tin),
+        func.count(c.tout),
     )
     now: datetime = connection.execute(select(db_now())).scalar_one()
     figures = StudyFigures(
@@ -434,7 +439,9 @@ def study_figures(connection: Connection, study_id: str, metric: Any) -> StudyFi
 def _add_cell(figures: StudyFigures, key: Any, sums: Any) -> None:
     condition, agent, problem, status = key
     (count, n, total, squares, lat, lat_n, cost, tokens_in, tokens_out, first, last,
-     in_window) = sums  # fmt: skip
+     in_window, with_tokens_in, with_tokens_out) = sums  # fmt: skip
+    for column, present in (("input_tokens", with_tokens_in), ("output_tokens", with_tokens_out)):
+        figures.columns[column] = figures.columns.get(column, 0) + int(present or 0)
     figures.groups.setdefault((condition, agent, problem, status), CellSums()).add(
         CellSums(
             int(count),
@@ -553,3 +560,36 @@ def error_classes(
         .limit(limit)
     )
     return [(str(name), int(count)) for name, count in rows]
+
+
+_METRIC_SAMPLE = 200
+
+
+def metric_keys(connection: Connection, study_id: str) -> tuple[list[str], list[str]]:
+    """The numeric ``metrics`` keys of a sample of the study's finished runs (``LIMIT``),
+    and its evaluation metric names (at most 100): the select's other choices. Unlike
+    :func:`orchestrator.store.inspection.metric_names` this checks no result column, which
+    costs a scan of the study per column nobody filled (the page's scan counts them)."""
+    from orchestrator.store.models import EvaluationRow
+
+    keys: set[str] = set()
+    sample = (
+        select(_RESULT.metrics)
+        .where(RunRow.study_id == study_id, _RESULT.metrics.is_not(None))
+        .limit(_METRIC_SAMPLE)
+    )
+    for (metrics,) in connection.execute(sample):
+        keys.update(
+            k
+            for k, v in (metrics or {}).items()
+            if isinstance(v, int | float) and not isinstance(v, bool)
+        )
+    table = EvaluationRow.__table__.c
+    names = connection.execute(
+        select(table.metric_name)
+        .where(EvaluationRow.study_id == study_id, table.metric_name.is_not(None))
+        .distinct()
+        .order_by(table.metric_name)
+        .limit(100)
+    ).scalars()
+    return sorted(keys), [str(name) for name in names if name]

@@ -28,6 +28,7 @@ from orchestrator.dashboard.queries import (
     condition_positions,
     error_classes,
     failed_runs,
+    metric_keys,
     outcome_sample,
     rebucket,
     study_figures,
@@ -51,7 +52,6 @@ from orchestrator.insight.stats import summarize
 from orchestrator.store.inspection import (
     MetricRef,
     condition_labels,
-    metric_names,
     run_attempts,
     run_evaluations,
     run_events,
@@ -84,14 +84,21 @@ def parse_metric(text: str | None) -> MetricRef | None:
     return MetricRef(source, name)  # type: ignore[arg-type]
 
 
-def _choices(connection: Connection, study_id: str, primary: MetricRef) -> list[MetricChoice]:
-    names = metric_names(connection, study_id)
+_COLUMNS = ("input_tokens", "output_tokens")
+"""Result columns the select offers when some run has them (latency and cost have plots)."""
+
+
+def _choices(
+    connection: Connection, study_id: str, primary: MetricRef, figures: StudyFigures
+) -> list[MetricChoice]:
+    """The outcome select: the primary outcome, the token columns some run filled, the
+    numeric ``metrics`` keys and the evaluation metrics."""
+    keys, evaluations = metric_keys(connection, study_id)
     refs = [primary]
-    for source in ("column", "metrics", "evaluation"):
-        for name in names.get(source, []):
-            ref = MetricRef(source, name)
-            if ref not in refs and name not in ("latency_s", "cost_usd"):
-                refs.append(ref)
+    candidates = [MetricRef("column", c) for c in _COLUMNS if figures.columns.get(c)]
+    candidates += [MetricRef("metrics", k) for k in keys if k not in _COLUMNS]
+    candidates += [MetricRef("evaluation", name) for name in evaluations]
+    refs += [ref for ref in candidates if ref != primary]
     where = {"column": "", "metrics": "metrics.", "evaluation": "evaluation "}
     return [MetricChoice(f"{r.source}:{r.name}", f"{where[r.source]}{r.name}", r) for r in refs]
 
@@ -153,14 +160,15 @@ def study_view(
     if info is None:
         return None
     outcome = primary_outcome(info.definition)
-    choices = _choices(connection, study_id, outcome.metric)
-    wanted = parse_metric(metric_text)
+    wanted = parse_metric(metric_text) or outcome.metric
+    figures = study_figures(connection, study_id, wanted)
+    choices = _choices(connection, study_id, outcome.metric, figures)
     notice = ""
     chosen = next((c for c in choices if c.metric == wanted), None)
-    if metric_text and chosen is None:
+    if chosen is None:  # not a metric of this study: the primary outcome instead
         notice = f"no metric {metric_text!r} in this study; showing the primary outcome"
-    chosen = chosen or choices[0]
-    figures = study_figures(connection, study_id, chosen.metric)
+        chosen = choices[0]
+        figures = study_figures(connection, study_id, chosen.metric)
     positions = condition_positions(connection, study_id)
     condition_ids = {key[0] for key in figures.groups}
     labels = condition_labels(connection, study_id, condition_ids)
@@ -172,9 +180,13 @@ def study_view(
     counts = figures.counts
     remaining = sum(counts.get(s, 0) for s in _LEFT)
     rate = None
-    if remaining and figures.first_started_at is not None:
-        window = min(RATE_WINDOW_S, (figures.now - figures.first_started_at).total_seconds())
+    first, last = figures.first_started_at, figures.last_ended_at
+    if remaining and first is not None:  # running: over the last RATE_WINDOW_S
+        window = min(RATE_WINDOW_S, (figures.now - first).total_seconds())
         rate = figures.finished_recently / window if window > 0 else None
+    elif first is not None and last is not None and last > first:  # ended: over its span
+        done = sum(counts.get(s, 0) for s in (RunStatus.SUCCESS.value, RunStatus.FAILED.value))
+        rate = done / (last - first).total_seconds()
     samples = outcome_sample(
         connection, study_id, chosen.metric, run_count=info.run_count, groups=len(conditions)
     )
