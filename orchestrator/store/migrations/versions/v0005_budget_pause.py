@@ -166,6 +166,42 @@ def upgrade() -> None:
     if op.get_bind().dialect.name == "postgresql":
         op.execute(_grants_function(_TABLES, _PAUSE_GRANTS))
         op.execute("SELECT public.studyq_grant_roles()")
+        op.execute(_GRANT_LIKE_RUNS)
+
+
+# A deployment whose roles.sql predates revision 0003 has no studyq_role_name(): the grants
+# function above does nothing there, and its roles hold the rights that old roles.sql gave
+# them by name. The new table gets the same rights through the rights those roles hold on
+# runs: whoever may update runs (the worker) may read and insert pauses, whoever may read
+# runs may read pauses. The current roles.sql replaces all of this with the function's
+# grants.
+_GRANT_LIKE_RUNS = """
+DO $like_runs$
+DECLARE
+    grantee name;
+BEGIN
+    IF to_regprocedure('public.studyq_role_name(text)') IS NOT NULL THEN
+        RETURN;
+    END IF;
+    FOR grantee IN
+        SELECT DISTINCT g.grantee FROM information_schema.role_column_grants g
+        WHERE g.table_schema = 'public' AND g.table_name = 'runs'
+          AND g.privilege_type = 'UPDATE' AND g.grantee <> 'PUBLIC'
+          AND g.grantee <> g.grantor
+    LOOP
+        EXECUTE format('GRANT SELECT, INSERT ON study_pauses TO %I', grantee);
+    END LOOP;
+    FOR grantee IN
+        SELECT DISTINCT g.grantee FROM information_schema.role_table_grants g
+        WHERE g.table_schema = 'public' AND g.table_name = 'runs'
+          AND g.privilege_type = 'SELECT' AND g.grantee <> 'PUBLIC'
+          AND g.grantee <> g.grantor
+    LOOP
+        EXECUTE format('GRANT SELECT ON study_pauses TO %I', grantee);
+    END LOOP;
+END
+$like_runs$;
+"""
 
 
 def downgrade() -> None:
