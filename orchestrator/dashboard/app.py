@@ -12,6 +12,10 @@ Pages (HTML, server-rendered; plots are inline SVG drawn in Python):
   is set (``STUDYQ_DASHBOARD_TOKEN``) and the request carries it (``Authorization: Bearer
   TOKEN`` or a ``token`` form field); without it the dashboard is read-only.
 
+The studies list and a study's figures are served as snapshots at most :data:`SNAPSHOT_S`
+old, refreshed in the background (:meth:`Dashboard.snapshot`); runs, failure listings and
+actions read the database on every request.
+
 Errors are pages, never tracebacks: 404 for an unknown study, run or path, 503 while the
 database cannot be reached (the app starts anyway and recovers when it is back), 401 for a
 missing or wrong token, 400 for a bad form, 500 (logged) for anything else. Every response
