@@ -19,9 +19,10 @@ import pytest
 from _services import ServiceSupplier
 from browser import Browser, browser, outside
 from cli_support import one_clear_line, run_main
+from sqlalchemy import text
 
 from orchestrator.cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE, build_parser, main
-from orchestrator.insight.aggregates import latency_histogram, read_insight
+from orchestrator.insight.aggregates import finished_over_time, latency_histogram, read_insight
 from orchestrator.insight.stats import summarize, t_quantile_975
 from orchestrator.store import ResultStore
 from orchestrator.store.engine import transaction
@@ -392,6 +393,21 @@ def test_report_on_postgresql(
         insight = read_insight(c, STUDY_ID)
     assert insight is not None
     assert sum(n for _, n in insight.throughput.points) == 18
+    # And runs that ended in different minutes fall in whole-minute buckets, none lost
+    with ResultStore.open(pg_db) as store, transaction(store.engine) as c:
+        c.execute(
+            text(
+                "UPDATE runs SET ended_at = timestamptz '2026-01-01 00:00:00+00' "
+                "+ (plan_index * interval '25 seconds') "
+                "WHERE study_id = :s AND ended_at IS NOT NULL"
+            ),
+            {"s": STUDY_ID},
+        )
+    with ResultStore.open(pg_db) as store, transaction(store.engine, readonly=True) as c:
+        spread = finished_over_time(c, STUDY_ID)
+    assert spread.bucket_s == 60 and sum(n for _, n in spread.points) == 18
+    assert all(when.second == 0 for when, _ in spread.points)
+    assert [n for _, n in spread.points][:2] == [3, 2]  # 0, 25, 50 s; then 75, 100 s
     assert insight.latency is not None and sum(insight.latency.counts) == 18
     assert sum(len(v) for v in insight.samples.values()) == sum(len(v) for v in outcomes.values())
     page = tmp_path / "report.html"

@@ -455,7 +455,7 @@ def finished_over_time(
         return Throughput(60)
     span = int(last) - int(first)
     width = next((w for w in _BUCKET_WIDTHS_S if span // w < max_points), _BUCKET_WIDTHS_S[-1])
-    bucket = (epoch / width).label("bucket")
+    bucket = (epoch // width).label("bucket")
     rows = connection.execute(
         select(bucket, func.count()).where(*where).group_by(bucket).order_by(bucket)
     )
