@@ -45,6 +45,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from orchestrator.contracts.canonical import canonical_json
+from orchestrator.contracts.conditions import condition_label
 from orchestrator.contracts.errors import StoreError, StudyqError
 from orchestrator.contracts.results import RunStatus
 from orchestrator.export_records import RunFiles
@@ -312,12 +313,32 @@ def export_artifacts(
         "runs_planned": planned,
         "runs_pending": planned - runs,
         "attempts": {"file": "attempts.csv", "rows": attempts},
+        "condition_completion": _completion(store, study_id),
     }
     _write_json(manifest_path, manifest)
     validate_artifacts(target)
     return ExportReport(
         target, runs, planned, events, evaluations, runs < planned, files, with_files
     )
+
+
+def _completion(store: ResultStore, study_id: str) -> dict[str, dict[str, Any]]:
+    """How complete each condition is (a study stopped by a budget, the breaker or a cancel
+    is partial): its label, runs per status, and the share that finished (success or
+    failed)."""
+    grouped = store.count_by(study_id, "condition")
+    out: dict[str, dict[str, Any]] = {}
+    for condition in store.iter_conditions(study_id):
+        counts = {s: n for s, n in grouped.get(condition.condition_id, {}).items() if n}
+        total = sum(counts.values())
+        done = counts.get("success", 0) + counts.get("failed", 0)
+        out[condition.condition_id] = {
+            "label": condition_label(condition),
+            "runs": total,
+            "status_counts": counts,
+            "finished": round(done / total, 4) if total else 0.0,
+        }
+    return out
 
 
 def _condition_rows(study_id: str, rows: Iterable[Any]) -> Iterator[dict[str, Any]]:

@@ -9,11 +9,13 @@ against).
 
 from __future__ import annotations
 
+import json
 import os
 import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from _services import Broker
@@ -21,6 +23,7 @@ from dist_services import WorkerProcess
 
 from orchestrator.contracts.settings import Settings
 from orchestrator.distributed import cancel, submit_study
+from orchestrator.export import export_artifacts
 from orchestrator.store import ResultStore
 from orchestrator.study.model import Study, parse_study
 
@@ -108,7 +111,12 @@ def _cut_short(study: Study, settings: Settings) -> Counter[str]:
 
 @pytest.mark.parametrize("order", ["balanced", "plan"])
 def test_a_study_cut_short_is_balanced_only_when_published_balanced(
-    order: str, worker: WorkerProcess, pg_url: str, live_broker: Broker, balanced_queue: str
+    order: str,
+    worker: WorkerProcess,
+    pg_url: str,
+    live_broker: Broker,
+    balanced_queue: str,
+    tmp_path: Path,
 ) -> None:
     # Given a study of 4 conditions x 25 replicates published in `order` to a live worker
     settings = Settings(database_url=pg_url, broker_url=live_broker.url)
@@ -123,6 +131,19 @@ def test_a_study_cut_short_is_balanced_only_when_published_balanced(
         assert max(per_condition) - min(per_condition) <= 1, per_condition
     else:
         assert per_condition[0] == REPLICATES and per_condition[-1] == 0, per_condition
+    # And the export's manifest says how complete each condition is
+    with ResultStore.open(pg_url) as store:
+        export_artifacts(store, study.study_id, tmp_path / "out", run_files=False)
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    completion = manifest["condition_completion"]
+    assert set(completion) == set(_condition_ids(study))
+    for condition_id, successes in zip(_condition_ids(study), per_condition, strict=True):
+        entry = completion[condition_id]
+        assert entry["runs"] == REPLICATES and entry["label"].startswith("sleep_s=")
+        assert entry["status_counts"].get("success", 0) == successes
+        assert entry["finished"] == round(
+            (successes + entry["status_counts"].get("failed", 0)) / REPLICATES, 4
+        )
 
 
 def _condition_ids(study: Study) -> list[str]:
