@@ -204,3 +204,66 @@ def test_run_refuses_before_registering_anything(
     assert "bindings.agents.quad" in err and "on PYTHONPATH" in err
     assert "Traceback" not in err
     assert not db.exists(), "run registered the study before refusing it"
+
+
+SIDE_EFFECT = """\
+from pathlib import Path
+
+Path(__file__).with_name("imported.marker").write_text("ran")
+raise RuntimeError("the lab's API key is not set")
+
+
+def quadratic(problem, seed):
+    return {"text": "x"}
+"""
+
+
+def test_validate_checks_references_without_running_the_study_code(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Given an agent module whose import has side effects and fails (no API key here)
+    (tmp_path / "quadlab_effects.py").write_text(SIDE_EFFECT, encoding="utf-8")
+    study = tmp_path / "study.yaml"
+    study.write_text(BOUND.format(module="quadlab_effects"), encoding="utf-8")
+    # When it is validated by default
+    code, _, err = run_main(["validate", str(study)], capsys)
+    # Then the reference is found (module and name) without running the module
+    assert code == EXIT_OK, err
+    assert not (tmp_path / "imported.marker").exists(), "validate ran the agent's module"
+    assert "quadlab_effects" not in sys.modules
+    # When it is validated with --import
+    code, _out, err = run_main(["validate", "--import", str(study)], capsys)
+    # Then the module runs, as in a run, and its error is the problem
+    assert code == EXIT_USAGE
+    assert (tmp_path / "imported.marker").exists()
+    (line,) = err.strip().splitlines()
+    assert "bindings.agents.quad" in line and "the lab's API key is not set" in line
+    sys.modules.pop("quadlab_effects", None)
+
+
+def test_a_misspelled_name_after_the_colon_is_found_without_importing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "quadlab_named.py").write_text(AGENT, encoding="utf-8")
+    study = tmp_path / "study.yaml"
+    study.write_text(BOUND.format(module="quadlab_named").replace(":quadratic", ":quadratc"))
+
+    code, _, err = run_main(["validate", str(study)], capsys)
+
+    assert code == EXIT_USAGE
+    (line,) = err.strip().splitlines()
+    assert "module 'quadlab_named' has no attribute 'quadratc'" in line
+    assert "Fix: check the name after ':' in 'quadlab_named:quadratc'" in line
+    assert "quadlab_named" not in sys.modules
+
+
+def test_import_and_no_resolve_exclude_each_other(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    study = _bound_study(tmp_path, "quadlab_flags")
+
+    with pytest.raises(SystemExit) as stopped:
+        run_main(["validate", "--import", "--no-resolve", str(study)], capsys)
+
+    assert stopped.value.code == EXIT_USAGE
+    assert "not allowed with argument" in capsys.readouterr().err

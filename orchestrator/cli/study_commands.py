@@ -26,16 +26,26 @@ def register(subparsers: Any) -> None:
         subparsers,
         "validate",
         help="Check a study file and report every problem at once (exit 2 on any), "
-        "including every agent, problem and runner it names that does not resolve here.",
+        "including every agent, problem and runner it names that does not resolve here "
+        "(found without running them; --import imports them as a run does).",
         example="studyq validate study.yaml",
         handler=_validate,
     )
     parser.add_argument("study", help="study file (.yaml, .yml or .json)")
-    parser.add_argument(
+    resolving = parser.add_mutually_exclusive_group()
+    resolving.add_argument(
+        "--import",
+        dest="import_code",
+        action="store_true",
+        help="also import the study's modules and build its agents, problems and runner, as a "
+        "run does (their module-level code runs); by default each reference is checked "
+        "without running it: its module is found and defines the name",
+    )
+    resolving.add_argument(
         "--no-resolve",
         dest="resolve",
         action="store_false",
-        help="check the file only, without importing the study's agents, problems and runner "
+        help="check the file only, without looking for the study's agents, problems and runner "
         "(for a coordinator that only submits to workers that have other code installed)",
     )
 
@@ -90,7 +100,7 @@ def register(subparsers: Any) -> None:
 def _validate(args: argparse.Namespace) -> int:
     prepared = prepare(args.study)
     if args.resolve:
-        check_bindings(prepared)
+        check_bindings(prepared, import_code=args.import_code)
     study, summary = prepared.study, prepared.summary
     print(f"{args.study}: valid")
     print(f"  study      {study.study_id} - {study.title}")
@@ -106,15 +116,18 @@ def _validate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def check_bindings(prepared: PreparedStudy) -> None:
-    """Refuse a study whose agents, problems or runner do not resolve on this machine.
+def check_bindings(prepared: PreparedStudy, *, import_code: bool = True) -> None:
+    """Refuse a study whose agents, problems or runner do not resolve on this machine
+    (``import_code``: by importing them, as a run does; else without running their code).
 
     Raises:
         StudyValidationError: one problem per id that does not resolve, with its fix.
     """
     from orchestrator.study.bindings_check import binding_problems
 
-    problems = binding_problems(prepared, allowed_imports=load_settings().allowed_imports)
+    problems = binding_problems(
+        prepared, allowed_imports=load_settings().allowed_imports, import_code=import_code
+    )
     if problems:
         raise StudyValidationError(problems, prepared.source)
 

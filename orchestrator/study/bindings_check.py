@@ -20,6 +20,7 @@ would not find.
 
 from __future__ import annotations
 
+import ast
 import difflib
 import importlib
 import importlib.util
@@ -27,11 +28,12 @@ import sys
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from functools import partial
+from importlib.machinery import ModuleSpec
 from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any, Literal, Protocol, cast
 
-from orchestrator.contracts.errors import Problem
+from orchestrator.contracts.errors import BindingError, Problem
 from orchestrator.contracts.worker_api import worker_entry
 from orchestrator.study.model import Study
 from orchestrator.study.plan import PreparedStudy, plan_cells
@@ -57,33 +59,40 @@ class _Resolving(Protocol):
 
 
 def binding_problems(
-    prepared: PreparedStudy, *, allowed_imports: Iterable[str] = ()
+    prepared: PreparedStudy, *, allowed_imports: Iterable[str] = (), import_code: bool = True
 ) -> list[Problem]:
     """One problem per agent id, problem id or runner of ``prepared`` that does not resolve.
+
+    ``import_code`` asks the worker's own resolver, which imports the study's modules and
+    builds its problems (their module-level code runs); without it each reference is checked
+    without running it (:func:`_static_error`: the module is found, the name is defined).
 
     ``allowed_imports`` is ``STUDYQ_ALLOWED_IMPORTS``; the study's own references are trusted,
     as the embedded executor trusts them. Empty when the installed worker's resolver cannot
     be asked for single ids (another worker implementation).
     """
     study = prepared.study
-    built = worker_entry("resolver")(study.bindings, allowed_imports=tuple(allowed_imports))
-    if not all(callable(getattr(built, name, None)) for name in ("agent", "problem", "runner")):
-        return []
-    resolver = cast(_Resolving, built)
     here = _study_dir(prepared.source)
     problems: list[Problem] = []
     with _no_bytecode(), on_import_path(import_path_of(prepared.source)):
-        problems.extend(_retry_problems(study, here))
+        problems.extend(_retry_problems(study, here, import_code=import_code))
+        if import_code:
+            lookups = _resolver_lookups(study, allowed_imports)
+            if lookups is None:
+                return []
+        else:
+            lookups = _static_lookups(study)
+        agent, problem, runner = lookups
         if prepared.standalone:
             if study.bindings.runner is not None:
-                error = _attempt(resolver.runner)
+                error = _attempt(runner)
                 if error is not None:
                     problems.append(
                         _broken("bindings.runner", "runner", study.bindings.runner, error, here)
                     )
             return problems
         for kind in ("agent", "problem"):
-            lookup = resolver.agent if kind == "agent" else resolver.problem
+            lookup = agent if kind == "agent" else problem
             for key, where in _planned_ids(prepared, kind):
                 error = _attempt(partial(lookup, key))
                 if error is not None:
@@ -91,14 +100,116 @@ def binding_problems(
     return problems
 
 
-def _retry_problems(study: Study, here: Path | None) -> Iterator[Problem]:
+_Lookups = tuple[Callable[[str], Any], Callable[[str], Any], Callable[[], Any]]
+
+
+def _resolver_lookups(study: Study, allowed_imports: Iterable[str]) -> _Lookups | None:
+    built = worker_entry("resolver")(study.bindings, allowed_imports=tuple(allowed_imports))
+    if not all(callable(getattr(built, name, None)) for name in ("agent", "problem", "runner")):
+        return None
+    resolver = cast(_Resolving, built)
+    return resolver.agent, resolver.problem, resolver.runner
+
+
+def _static_lookups(study: Study) -> _Lookups:
+    """Lookups that raise what the resolver would, without importing the study's code: a
+    bound reference must be found and define its name; an unbound id must be an installed
+    entry point (which is not loaded)."""
+
+    def lookup(kind: Kind, key: str) -> None:
+        bound = study.bindings.agents if kind == "agent" else study.bindings.problems
+        reference = bound.get(key)
+        if reference is not None:
+            error = _static_error(reference)
+            if error is not None:
+                raise error
+        elif key not in _installed(kind):
+            raise LookupError(f"unknown {kind} {key!r}")
+
+    def runner() -> None:
+        error = _static_error(str(study.bindings.runner))
+        if error is not None:
+            raise error
+
+    return partial(lookup, "agent"), partial(lookup, "problem"), runner
+
+
+def _static_error(reference: str) -> BindingError | None:
+    """Why ``module:name`` would not import, found without running the module: the module
+    is looked up (``importlib.util.find_spec``; a dotted module imports its parent package,
+    as Python does) and its source is parsed for a top-level definition of ``name``. None
+    when it would import, or when the source cannot tell (compiled code, ``__getattr__``, a
+    star import)."""
+    module, _, attribute = reference.partition(":")
+    cause: Exception
+    try:
+        spec = importlib.util.find_spec(module)
+    except Exception as raised:  # a missing parent, or a parent package that raises
+        cause = raised
+    else:
+        if spec is None:
+            cause = ModuleNotFoundError(f"No module named '{module}'", name=module)
+        else:
+            missing = _undefined(spec, module, attribute.split(".")[0])
+            if missing is None:
+                return None
+            cause = AttributeError(missing)
+    failure = BindingError(f"cannot import '{reference}': {cause}")
+    failure.__cause__ = cause
+    return failure
+
+
+def _undefined(spec: ModuleSpec, module: str, name: str) -> str | None:
+    """Why ``module`` does not define ``name`` at its top level, or None (it does, or its
+    source cannot tell)."""
+    origin = spec.origin
+    if not origin or not origin.endswith(".py"):
+        return None
+    try:
+        tree = ast.parse(Path(origin).read_bytes(), origin)
+    except (OSError, SyntaxError, ValueError):
+        return None  # importing it reports the error; ``--import`` shows it
+    names: set[str] = set()
+    statements = list(tree.body)
+    while statements:
+        node = statements.pop()
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+            names.add(node.name)
+        elif isinstance(node, ast.Assign | ast.AnnAssign | ast.AugAssign):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            names.update(n.id for t in targets for n in ast.walk(t) if isinstance(n, ast.Name))
+        elif isinstance(node, ast.Import | ast.ImportFrom):
+            for alias in node.names:
+                if alias.name == "*":
+                    return None
+                names.add(alias.asname or alias.name.split(".")[0])
+        elif isinstance(node, ast.If | ast.Try | ast.With | ast.For | ast.While):
+            for field in ("body", "orelse", "finalbody", "handlers"):
+                for child in getattr(node, field, []):
+                    statements.extend(
+                        child.body if isinstance(child, ast.ExceptHandler) else [child]
+                    )
+    if name in names or "__getattr__" in names:
+        return None
+    if spec.submodule_search_locations and importlib.util.find_spec(f"{module}.{name}"):
+        return None  # a submodule of the package
+    return f"module '{module}' has no attribute '{name}'"
+
+
+def _retry_problems(study: Study, here: Path | None, *, import_code: bool) -> Iterator[Problem]:
     """One problem per import reference in ``execution.retry.on`` that does not import, or
-    is not an exception class (its errors would fail their runs instead of retrying)."""
+    (``import_code``) is not an exception class (its errors would fail their runs instead of
+    retrying)."""
     retry = study.execution.retry
     for index, name in enumerate(retry.on if retry is not None else ()):
         if ":" not in name:
             continue  # a builtin name or RateLimited: checked when the study file was read
         field = f"execution.retry.on[{index}]"
+        if not import_code:
+            failure = _static_error(name)
+            if failure is not None:
+                yield _broken(field, f"retry class '{name}'", name, failure, here)
+            continue
         module, _, path = name.partition(":")
         try:
             value: Any = importlib.import_module(module)

@@ -260,8 +260,16 @@ def test_validate_names_a_retry_reference_that_does_not_resolve(tmp_path: Path):
             capture_output=True, text=True, timeout=60, check=False,
         )  # fmt: skip
 
-    # When it is validated
+    # When it is validated without running the study's code
     done = validate()
+    # Then the reference whose module is missing is named, exit 2 (that the attribute is not
+    # an exception class takes an import to see)
+    assert done.returncode == 2, done.stdout + done.stderr
+    (line,) = [line for line in done.stderr.splitlines() if "execution.retry.on" in line]
+    assert line.startswith(f"{study}: execution.retry.on[3]: ")
+    assert "No module named 'lab_retry_missing'" in line and "Fix: " in line
+    # When it is validated with --import
+    done = validate("--import")
     # Then it exits 2 with one line per bad reference naming file, field and fix
     assert done.returncode == 2, done.stdout + done.stderr
     lines = [line for line in done.stderr.splitlines() if "execution.retry.on" in line]
