@@ -295,7 +295,7 @@ def export_artifacts(
         _union(EVENT_COLUMNS, (record.row for record in store.iter_events(study_id))),
         (_table_row(record.row) for record in store.iter_events(study_id)),
     )
-    attempts = _write_csv(files["attempts.csv"], ATTEMPT_COLUMNS, _attempt_rows(store, study_id))
+    _write_csv(files["attempts.csv"], ATTEMPT_COLUMNS, _attempt_rows(store, study_id))
     _write_json(files["hypotheses.json"], definition.get("hypotheses", []))
     _write_json(files["analysis_plan.json"], definition.get("analysis_plans", []))
 
@@ -312,7 +312,7 @@ def export_artifacts(
         "partial": runs < planned,
         "runs_planned": planned,
         "runs_pending": planned - runs,
-        "attempts": {"file": "attempts.csv", "rows": attempts},
+        "attempts_file": "attempts.csv",  # studyq's own (upstream readers ignore the key)
         "condition_completion": _completion(store, study_id),
     }
     _write_json(manifest_path, manifest)
