@@ -40,7 +40,6 @@ import builtins
 import heapq
 import importlib
 import itertools
-import json
 import logging
 import os
 import random
@@ -55,19 +54,12 @@ from typing import Any
 from celery import signals
 from pydantic import ValidationError
 
+from orchestrator.contracts import wire
 from orchestrator.contracts.errors import StoreError
 from orchestrator.contracts.extensions import RATE_LIMITED, ExecutionPolicy, RetryPolicy
 from orchestrator.contracts.results import RunResult
 from orchestrator.contracts.runspec import RunSpec
-from orchestrator.contracts.wire import (
-    CONTENT_ENCODING,
-    CONTENT_TYPE,
-    TASK_NAME,
-    WIRE_HEADER,
-    WIRE_VERSION,
-    describe_run,
-    task_id_for,
-)
+from orchestrator.contracts.wire import CONTENT_ENCODING, CONTENT_TYPE
 from orchestrator.store import Claim
 from orchestrator.store.engine import transaction
 from orchestrator.store.retries import requeue_transient
@@ -424,38 +416,10 @@ def run_message(
     """``(task id, body, headers)`` of the run message of ``spec`` for ``attempt``: the
     message the coordinator publishes (``orchestrator.executors.celery.messages``, which
     workers do not import; a test keeps the two equal), so a worker reads it as any other."""
-    task_id = task_id_for(spec, attempt)
-    body = json.dumps(
-        [[], {"spec": spec.to_message(), "attempt": attempt}, dict.fromkeys(_EMBED)],
-        separators=(",", ":"),
-        ensure_ascii=False,
+    parts = wire.run_message(
+        spec, attempt, label="", origin=origin, time_limit=[hard_limit_s, None]
     )
-    headers: dict[str, Any] = {
-        "lang": "py",
-        "task": TASK_NAME,
-        "id": task_id,
-        "shadow": None,
-        "eta": None,
-        "expires": None,
-        "group": None,
-        "group_index": None,
-        "retries": 0,
-        "timelimit": [hard_limit_s, None],
-        "root_id": task_id,
-        "parent_id": None,
-        "argsrepr": describe_run(spec, ""),
-        "kwargsrepr": f"run={spec.run_id} index={spec.index} attempt={attempt} seed={spec.seed}",
-        "origin": origin,
-        "ignore_result": True,
-        "replaced_task_nesting": 0,
-        "stamped_headers": None,
-        "stamps": {},
-        WIRE_HEADER: WIRE_VERSION,
-    }
-    return task_id, body, headers
-
-
-_EMBED = ("callbacks", "errbacks", "chain", "chord")
+    return parts.task_id, parts.body, parts.headers
 
 
 def _flush_on_shutdown(**_: Any) -> None:

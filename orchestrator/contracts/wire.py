@@ -18,6 +18,9 @@ delivery and a republished run gets a new row instead of overwriting the old one
 
 from __future__ import annotations
 
+import json
+from typing import Any, NamedTuple
+
 from orchestrator.contracts.runspec import RunSpec
 
 __all__ = [
@@ -27,7 +30,9 @@ __all__ = [
     "TASK_NAME",
     "WIRE_HEADER",
     "WIRE_VERSION",
+    "RunMessageParts",
     "describe_run",
+    "run_message",
     "task_id_for",
 ]
 
@@ -65,3 +70,56 @@ def describe_run(spec: RunSpec, label: str) -> str:
         f"problem={spec.problem_key or '-'} rep={spec.replicate}"
     )
     return text if len(text) <= _REPR_LIMIT else text[: _REPR_LIMIT - 3] + "..."
+
+
+_EMBED: dict[str, Any] = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
+_encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+
+
+class RunMessageParts(NamedTuple):
+    """A run message's task id, JSON body and Celery headers."""
+
+    task_id: str
+    body: str
+    headers: dict[str, Any]
+    argsrepr: str
+    kwargsrepr: str
+
+
+def run_message(
+    spec: RunSpec,
+    attempt: int,
+    *,
+    label: str,
+    origin: str,
+    time_limit: list[float | None],
+) -> RunMessageParts:
+    """The run message of ``spec`` published for ``attempt``: what the coordinator publishes
+    and what a worker re-publishes for a retry, built in one place so both are the same."""
+    task_id = task_id_for(spec, attempt)
+    argsrepr = describe_run(spec, label)
+    kwargsrepr = f"run={spec.run_id} index={spec.index} attempt={attempt} seed={spec.seed}"
+    body = _encode([[], {"spec": spec.to_message(), "attempt": attempt}, _EMBED])
+    headers: dict[str, Any] = {
+        "lang": "py",
+        "task": TASK_NAME,
+        "id": task_id,
+        "shadow": None,
+        "eta": None,
+        "expires": None,
+        "group": None,
+        "group_index": None,
+        "retries": 0,
+        "timelimit": time_limit,
+        "root_id": task_id,
+        "parent_id": None,
+        "argsrepr": argsrepr,
+        "kwargsrepr": kwargsrepr,
+        "origin": origin,
+        "ignore_result": True,
+        "replaced_task_nesting": 0,
+        "stamped_headers": None,
+        "stamps": {},
+        WIRE_HEADER: WIRE_VERSION,
+    }
+    return RunMessageParts(task_id, body, headers, argsrepr, kwargsrepr)

@@ -23,19 +23,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from orchestrator.contracts.runspec import RunSpec
-from orchestrator.contracts.wire import (
-    CONTENT_ENCODING,
-    CONTENT_TYPE,
-    TASK_NAME,
-    WIRE_HEADER,
-    WIRE_VERSION,
-    describe_run,
-    task_id_for,
-)
+from orchestrator.contracts.wire import CONTENT_ENCODING, CONTENT_TYPE, TASK_NAME, run_message
 
 __all__ = ["DeliveryTags", "MessageBuilder", "RunMessage"]
 
-_EMBED: dict[str, Any] = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
 _encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 
 
@@ -123,32 +114,9 @@ class MessageBuilder:
 
     def build(self, spec: RunSpec, attempt: int, label: str) -> RunMessage:
         """The message for ``spec`` published for ``attempt``."""
-        task_id = task_id_for(spec, attempt)
-        argsrepr = describe_run(spec, label)
-        kwargsrepr = f"run={spec.run_id} index={spec.index} attempt={attempt} seed={spec.seed}"
-        body = _encode([[], {"spec": spec.to_message(), "attempt": attempt}, _EMBED])
-        headers: dict[str, Any] = {
-            "lang": "py",
-            "task": TASK_NAME,
-            "id": task_id,
-            "shadow": None,
-            "eta": None,
-            "expires": None,
-            "group": None,
-            "group_index": None,
-            "retries": 0,
-            "timelimit": self.time_limit,
-            "root_id": task_id,
-            "parent_id": None,
-            "argsrepr": argsrepr,
-            "kwargsrepr": kwargsrepr,
-            "origin": self.origin,
-            "ignore_result": True,
-            "replaced_task_nesting": 0,
-            "stamped_headers": None,
-            "stamps": {},
-            WIRE_HEADER: WIRE_VERSION,
-        }
+        task_id, body, headers, argsrepr, kwargsrepr = run_message(
+            spec, attempt, label=label, origin=self.origin, time_limit=self.time_limit
+        )
         sent_event = {
             "uuid": task_id,
             "root_id": task_id,
