@@ -29,11 +29,13 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from orchestrator.contracts.errors import StudyError
+from orchestrator.contracts.extensions import RetryPolicy
 from orchestrator.contracts.results import RunResult, RunStatus
 from orchestrator.contracts.runspec import RunSpec
 from orchestrator.contracts.settings import Settings, load_settings
 from orchestrator.executors.embedded import Claimed, EmbeddedExecutor, PoolKind, ResolverSpec
 from orchestrator.executors.embedded_owner import EmbeddedOwner, is_dead_embedded_owner
+from orchestrator.executors.retries import retry_delay, take_mark
 from orchestrator.executors.start_journal import StartJournal
 from orchestrator.export import ExportReport, export_artifacts
 from orchestrator.progress import Progress
@@ -42,6 +44,7 @@ from orchestrator.store.budget_gate import after_results, describe
 from orchestrator.store.engine import transaction
 from orchestrator.store.pausing import pause_of
 from orchestrator.store.records import Claim, RegisterReport, TakeBackReport
+from orchestrator.store.retries import requeue_transient
 from orchestrator.study.bindings_check import import_path_of
 from orchestrator.study.model import Study
 from orchestrator.study.plan import PreparedStudy, prepare
@@ -243,9 +246,10 @@ def run_embedded(
             pool=options.pool,
             timeout_s=timeout_s,
             journal=journal.path if journal is not None else None,
+            retry_on=tuple(execution.retry.on) if execution.retry is not None else (),
         )
         with executor, Progress(total, desc=study.study_id, show=options.show_progress) as progress:
-            _drive(store, executor, specs, outcome, progress, stop_on_failure)
+            _drive(store, executor, specs, outcome, progress, stop_on_failure, execution.retry)
             outcome.paused = _paused(store, study.study_id)
             if outcome.paused is not None:
                 progress.write(outcome.paused)
@@ -426,11 +430,13 @@ def _drive(
     outcome: StudyRun,
     progress: Progress,
     stop_on_failure: bool,
+    retry: RetryPolicy | None = None,
 ) -> None:
     claims: dict[int, Claim] = {}
     recorder = _Recorder(store)
+    retries: list[tuple[float, int, RunSpec]] = []  # (due, index, spec) of re-queued runs
 
-    def claimed() -> Iterator[Claimed]:
+    def claimed(specs: Iterator[RunSpec]) -> Iterator[Claimed]:
         while batch := list(islice(specs, _CLAIM_BATCH)):
             won = recorder.call(
                 partial(
@@ -450,10 +456,37 @@ def _drive(
                 if spec.index in claims:
                     yield spec, claims[spec.index].attempt
 
+    def requeued(spec: RunSpec, result: RunResult) -> bool:
+        """A transient failure with attempts left goes back to the queue (.retries)."""
+        transient, retry_after = take_mark(result)
+        if not transient or retry is None:
+            return False
+        claim = claims[spec.index]
+        delay = retry_delay(retry, claim.attempt, retry_after)
+        if not recorder.call(partial(_requeue_transient, store, claim, result, delay)):
+            return False  # its last attempt: recorded as failed
+        del claims[spec.index]
+        retries.append((time.monotonic() + delay, spec.index, spec))
+        return True
+
+    def due_retries() -> list[RunSpec]:
+        """The re-queued runs due next, once their delay has passed; none when the sweep
+        stopped (they stay queued: the next ``studyq run`` takes them)."""
+        if not retries or executor.stopped or recorder.paused.is_set():
+            return []
+        retries.sort()
+        time.sleep(max(0.0, retries[0][0] - time.monotonic()))
+        now = time.monotonic()
+        due = [spec for at, _, spec in retries if at <= now]
+        retries[:] = [item for item in retries if item[0] > now]
+        return due
+
     try:
-        for chunk, results in executor.execute(claimed()):
+        for chunk, results in _passes(executor, claimed, specs, due_retries):
             ok = failed = 0
             for spec, result in zip(chunk, results, strict=True):
+                if requeued(spec, result):
+                    continue
                 recorder.put(claims[spec.index], result)
                 if result.status == RunStatus.SUCCESS:
                     ok += 1
@@ -479,3 +512,21 @@ def _drive(
                 if index not in recorder.recorded:
                     store.release_run(claim)
             claims.clear()
+
+
+def _passes(
+    executor: EmbeddedExecutor,
+    claimed: Callable[[Iterator[RunSpec]], Iterator[Claimed]],
+    specs: Iterator[RunSpec],
+    due_retries: Callable[[], list[RunSpec]],
+) -> Iterator[tuple[list[RunSpec], list[RunResult]]]:
+    """The sweep's runs, then the re-queued ones as they come due (a run re-queued during a
+    pass of retries is executed in a later pass)."""
+    yield from executor.execute(claimed(specs))
+    while due := due_retries():
+        yield from executor.execute(claimed(iter(due)))
+
+
+def _requeue_transient(store: ResultStore, claim: Claim, result: RunResult, delay: float) -> bool:
+    with transaction(store.engine) as connection:
+        return requeue_transient(connection, claim, result, delay)

@@ -42,7 +42,7 @@ from concurrent.futures import (
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from itertools import islice
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from orchestrator.contracts.errors import StudyError
 from orchestrator.contracts.extensions import Bindings
@@ -51,6 +51,7 @@ from orchestrator.contracts.results import RunResult
 from orchestrator.contracts.runspec import RunSpec
 from orchestrator.contracts.worker_api import RunResolver, worker_entry, worker_module
 from orchestrator.executors.embedded_owner import EmbeddedOwner, process_alive
+from orchestrator.executors.retries import mark_transient
 from orchestrator.executors.start_journal import StartLog
 
 __all__ = ["Claimed", "EmbeddedExecutor", "PoolKind", "ResolverSpec", "worker_name"]
@@ -97,12 +98,25 @@ def _execute(
     timeout_s: float | None,
     worker: str,
     interrupt: MainThreadInterrupt | None,
+    retry_on: tuple[str, ...] = (),
 ) -> RunResult:
-    """One run; under ``interrupt``'s timer when the caller is a process's main thread."""
+    """One run; under ``interrupt``'s timer when the caller is a process's main thread. A
+    failure whose exception ``retry_on`` names is marked transient (:mod:`.retries`)."""
     execute_run = worker_entry("execute_run")  # its first call imports it: not on the clock
     timer = interrupt.armed(timeout_s) if interrupt is not None else nullcontext()
+    if not retry_on:
+        with timer:
+            return execute_run(spec, resolver, timeout_s=timeout_s, worker=worker)
+    errors: list[BaseException] = []
     with timer:
-        return execute_run(spec, resolver, timeout_s=timeout_s, worker=worker)
+        # on_error: the worker's execute_run hands it the run's exception (the contract's
+        # ExecuteRun protocol predates it, hence the cast)
+        result: RunResult = cast(Any, execute_run)(
+            spec, resolver, timeout_s=timeout_s, worker=worker, on_error=errors.append
+        )
+    if errors:
+        mark_transient(result, errors[-1], retry_on)
+    return result
 
 
 def _main_thread_interrupt(timeout_s: float | None) -> MainThreadInterrupt | None:
@@ -131,6 +145,7 @@ def _init_process(
     timeout_s: float | None,
     coordinator: tuple[int, int | None],
     journal: str | None,
+    retry_on: tuple[str, ...] = (),
 ) -> None:
     # Ctrl-C goes to the coordinator, which stops cleanly; children must not die mid-run.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -141,6 +156,7 @@ def _init_process(
     _process_state["worker"] = worker_name()
     _process_state["starts"] = StartLog(journal) if journal is not None else None
     _process_state["parent"] = os.getppid()
+    _process_state["retry_on"] = retry_on
 
 
 def _run_chunk(items: list[tuple[int, dict[str, Any]]]) -> list[RunResult]:
@@ -160,7 +176,9 @@ def _run_chunk(items: list[tuple[int, dict[str, Any]]]) -> list[RunResult]:
         spec = RunSpec.from_message(message)
         if starts is not None:
             starts.started(spec.index, attempt)
-        results.append(_execute(spec, resolver, timeout_s, worker, interrupt))
+        results.append(
+            _execute(spec, resolver, timeout_s, worker, interrupt, _process_state["retry_on"])
+        )
     return results
 
 
@@ -185,6 +203,7 @@ class EmbeddedExecutor:
         timeout_s: float | None = None,
         chunk_size: int | None = None,
         journal: str | os.PathLike[str] | None = None,
+        retry_on: tuple[str, ...] = (),
     ) -> None:
         if jobs < 1:
             raise StudyError(f"--jobs must be 1 or more, got {jobs}.")
@@ -200,6 +219,8 @@ class EmbeddedExecutor:
         self._journal = os.fspath(journal) if journal is not None else None
         self._starts: StartLog | None = None
         self.worker = worker_name()
+        self.retry_on = tuple(retry_on)
+        """``execution.retry.on``: failures of these exceptions are marked transient."""
 
     def __enter__(self) -> EmbeddedExecutor:
         if self.pool == "process":
@@ -215,6 +236,7 @@ class EmbeddedExecutor:
                     self.timeout_s,
                     (os.getpid(), EmbeddedOwner.current().start),
                     self._journal,
+                    self.retry_on,
                 ),
             )
         else:
@@ -244,6 +266,11 @@ class EmbeddedExecutor:
     def stop(self) -> None:
         """Submit nothing more; runs already executing finish and are still yielded."""
         self._stopped.set()
+
+    @property
+    def stopped(self) -> bool:
+        """Whether :meth:`stop` was called."""
+        return self._stopped.is_set()
 
     def execute(self, runs: Iterable[Claimed]) -> Iterator[tuple[list[RunSpec], list[RunResult]]]:
         """Execute ``runs`` (spec, claim attempt); yield ``(specs, results)`` pairs in
@@ -289,7 +316,9 @@ class EmbeddedExecutor:
         results = []
         for spec, attempt in chunk:
             self._started(spec, attempt)
-            results.append(_execute(spec, self._resolver, self.timeout_s, self.worker, None))
+            results.append(
+                _execute(spec, self._resolver, self.timeout_s, self.worker, None, self.retry_on)
+            )
         return results
 
     def _inline(self, runs: Iterable[Claimed]) -> Iterator[tuple[list[RunSpec], list[RunResult]]]:
@@ -299,7 +328,10 @@ class EmbeddedExecutor:
             if self._stopped.is_set():
                 return
             self._started(spec, attempt)
-            yield [spec], [_execute(spec, resolver, timeout_s, worker, self._interrupt)]
+            yield (
+                [spec],
+                [_execute(spec, resolver, timeout_s, worker, self._interrupt, self.retry_on)],
+            )
 
 
 def _check_picklable(resolver_spec: ResolverSpec) -> None:
