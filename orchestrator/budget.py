@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import Connection, select
 
 from orchestrator.contracts.errors import StudyError
 from orchestrator.contracts.extensions import BreakerPolicy, ExecutionPolicy
@@ -77,6 +77,7 @@ __all__ = [
     "resume",
     "set_budget",
     "state_of",
+    "state_on",
 ]
 
 
@@ -131,17 +132,24 @@ def _execution(info: StudyInfo) -> ExecutionPolicy:
 
 def state_of(store: ResultStore, info: StudyInfo) -> BudgetState:
     """:class:`BudgetState` of a registered study on an open store."""
-    execution = _execution(info)
     with transaction(store.engine, readonly=True) as connection:
-        limits = limits_of(connection, info.study_id, execution)
-        pause = pause_of(connection, info.study_id)
-        # The aggregate only for a study with a budget (or a pause): status lists every study.
-        used = (
-            spent(connection, info.study_id)
-            if limits.declared or pause is not None
-            else Spent(0.0, 0, 0, None, None)
-        )
-        return BudgetState(info.study_id, limits, used, pause, execution.breaker)
+        return state_on(connection, info)
+
+
+def state_on(connection: Connection, info: StudyInfo) -> BudgetState:
+    """:class:`BudgetState` of a registered study, read on ``connection``: the effective
+    budget (``studyq budget``'s over the study file's), what its finished runs spent, and its
+    pause (budget, breaker)."""
+    execution = _execution(info)
+    limits = limits_of(connection, info.study_id, execution)
+    pause = pause_of(connection, info.study_id)
+    # The aggregate only for a study with a budget (or a pause): status lists every study.
+    used = (
+        spent(connection, info.study_id)
+        if limits.declared or pause is not None
+        else Spent(0.0, 0, 0, None, None)
+    )
+    return BudgetState(info.study_id, limits, used, pause, execution.breaker)
 
 
 def budget_state(

@@ -16,7 +16,6 @@ from markupsafe import Markup
 from sqlalchemy.engine import Connection
 
 from orchestrator.budget import BudgetState
-from orchestrator.contracts.extensions import ExecutionPolicy
 from orchestrator.contracts.results import RunStatus
 from orchestrator.dashboard.charts import cost_line, latency_bars
 from orchestrator.dashboard.queries import (
@@ -56,7 +55,6 @@ from orchestrator.store.inspection import (
     run_evaluations,
     run_events,
 )
-from orchestrator.store.pausing import Spent, limits_of, pause_of, spent
 from orchestrator.store.queries import find_runs_by_id, find_study
 from orchestrator.store.records import StudyInfo
 
@@ -104,20 +102,11 @@ def _choices(
 
 
 def budget_of(connection: Connection, info: StudyInfo) -> BudgetState:
-    """The study's effective budget (``studyq budget``'s over the study file's), what its
-    finished runs spent, and its pause (budget, breaker), as ``studyq status`` shows them."""
-    try:
-        execution = ExecutionPolicy.model_validate(info.definition.get("execution") or {})
-    except ValueError:
-        execution = ExecutionPolicy()
-    limits = limits_of(connection, info.study_id, execution)
-    pause = pause_of(connection, info.study_id)
-    used = (
-        spent(connection, info.study_id)
-        if limits.declared or pause is not None
-        else Spent(0.0, 0, 0, None, None)
-    )
-    return BudgetState(info.study_id, limits, used, pause, execution.breaker)
+    """The study's effective budget, what its finished runs spent, and its pause, as
+    ``studyq status`` shows them (:func:`orchestrator.budget.state_on`)."""
+    from orchestrator.budget import state_on
+
+    return state_on(connection, info)
 
 
 def studies_view(connection: Connection) -> dict[str, Any]:
