@@ -36,6 +36,7 @@ from orchestrator.contracts.errors import StoreError, StoreUnavailableError
 from orchestrator.contracts.results import ErrorKind, failed_result
 from orchestrator.contracts.runspec import RunSpec
 from orchestrator.store import Claim, ResultStore
+from orchestrator.store.budget_gate import after_results
 from workers.interrupt import HandBack, LeaseLost, MainThreadInterrupt
 from workers.retrying import retry_unavailable
 
@@ -322,7 +323,7 @@ class RunSupervisor:
             message,
         )
         try:
-            retry_unavailable(
+            won = retry_unavailable(
                 lambda: self.store.finish_run(self.claim, result),
                 what=f"recording the timeout of run {self.claim.run_id}",
                 budget_s=self.retry_s,
@@ -330,6 +331,9 @@ class RunSupervisor:
             )
         except StoreError as error:
             log.error("could not record the timeout of run %s: %s", self.claim.run_id, error)
+            return
+        if won:  # a timeout counts for the breaker (orchestrator.store.budget_gate)
+            after_results(self.store, [(self.claim, result)])
 
     def __repr__(self) -> str:
         return f"RunSupervisor({self.claim.run_id!r}, attempt={self.claim.attempt}, {self._ending})"

@@ -62,7 +62,7 @@ from orchestrator.contracts.errors import RunTimeoutError, StoreError, StudyqErr
 from orchestrator.contracts.results import ErrorKind, RunResult, RunStatus, failed_result
 from orchestrator.contracts.runspec import RunSpec, spec_digest
 from orchestrator.store import Claim, mask_url
-from orchestrator.store.budget_gate import writes_through
+from orchestrator.store.budget_gate import after_results, writes_through
 from orchestrator.store.registration import describe_difference
 from workers import limits as provider_limits
 from workers.execution import execute_run
@@ -467,6 +467,7 @@ def record_hard_kill(
         log.error("could not record the hard time limit of run %s: %s", spec.run_id, error)
         return False
     if won:
+        after_results(runtime.store, [(claim, result)])  # a timeout counts for the breaker
         runtime.count(Outcome.TIMED_OUT)
         log.warning(
             "run %s (index %d) of %s killed at its hard time limit (%s s); recorded as timeout",
