@@ -164,6 +164,7 @@ class RunSupervisor:
         self._ending = Ending.RUNNING
         self._hand_back_requested = False
         self._acting = False  # the keeper handed this run an ending; nothing more is due
+        self._timeout_recorded = threading.Event()  # _time_out's write and check are done
 
     @property
     def ending(self) -> Ending:
@@ -304,9 +305,20 @@ class RunSupervisor:
         if self.interrupt is not None:
             self.interrupt.interrupt(LeaseLost)
 
+    def wait_timeout_recorded(self, timeout_s: float) -> bool:
+        """A run that ended ``TIMED_OUT``: wait until its timeout is written and checked
+        (``_time_out`` may be on the keeper's thread); False if ``timeout_s`` ran out."""
+        return self._timeout_recorded.wait(timeout_s)
+
     def _time_out(self, message: str) -> None:
         if not self._decide(Ending.TIMED_OUT):
             return
+        try:
+            self._record_timeout(message)
+        finally:
+            self._timeout_recorded.set()
+
+    def _record_timeout(self, message: str) -> None:
         result = failed_result(
             self.spec,
             ErrorKind.TIMEOUT,

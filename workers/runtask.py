@@ -52,7 +52,7 @@ import logging
 import time
 import weakref
 from collections.abc import Mapping
-from contextlib import nullcontext
+from contextlib import nullcontext, suppress
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any, ClassVar
@@ -343,6 +343,19 @@ def _execute(runtime: WorkerRuntime, study: StudyContext, spec: RunSpec, claim: 
                 worker=claim.worker,
             ),
         )
+    except BaseException:
+        # SystemExit (a prefork child's SIGTERM) while waiting for a slot: give the claim back
+        # uncharged, as a hand-back of an executing run does, instead of leaving it running.
+        with suppress(StoreError):
+            _release(runtime, claim)
+        raise
+    if runtime.shutting_down:
+        # The warm shutdown handed back the executing runs while this one waited for a slot.
+        with admitted:
+            pass  # frees the slot just taken
+        _release(runtime, claim)
+        runtime.count(Outcome.HANDED_BACK)
+        return Outcome.HANDED_BACK
     interruptible = runtime.interrupt.usable
     supervisor = RunSupervisor(
         runtime.store,
@@ -394,6 +407,7 @@ def _execute(runtime: WorkerRuntime, study: StudyContext, spec: RunSpec, claim: 
         runtime.count(Outcome.HANDED_BACK)
         return Outcome.HANDED_BACK
     if ending is Ending.TIMED_OUT:
+        supervisor.wait_timeout_recorded(settings.result_retry_s)  # written and checked
         runtime.count(Outcome.TIMED_OUT)
         return Outcome.TIMED_OUT
     if ending is Ending.LEASE_LOST or result is None:

@@ -1,17 +1,28 @@
-"""Where the run path's hooks meet (issue 12/15 review): timeouts recorded outside the result
-writer still reach the budget gate, on real stores (PostgreSQL and SQLite), through the plain
-run function (``workers.runtask``) and the prefork parent's hard-kill record.
+"""Where the run path's hooks meet (issue 12/15 review), on real stores (PostgreSQL and
+SQLite) and a real Redis for the provider limits, through the plain run function
+(``workers.runtask``) and the prefork parent's hard-kill record:
+
+* timeouts recorded outside the result writer still reach the budget gate (breaker);
+* a warm shutdown while a claimed run waits for a provider slot hands the run back
+  (attempt refunded, slot freed) instead of executing it, or leaving it ``running``.
+
+Tests that signal the main thread use pytest-timeout's thread method.
 """
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 import dist_agents
 import pytest
+import redis
+from _services import redis_client, redis_url
 from dist_studies import Sweep
 
 from orchestrator.embedded import register
@@ -20,12 +31,17 @@ from orchestrator.store.engine import transaction
 from orchestrator.store.pausing import BREAKER, pause_of
 from orchestrator.study.model import parse_study
 from orchestrator.study.plan import prepare
+from workers import limits
+from workers.limits import Limiter, deployment_id
 from workers.runtask import Outcome, record_hard_kill, run_delivery
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 
 WAITING = {"agents": {"waiting": "dist_agents:waiting"}}
 BREAKER_2 = {"window": 2, "max_failure_rate": 0.5}
+LIMITS_DB = 11
+"""The provider limits' Redis database of tests/workers/test_limits.py: keys are namespaced
+per deployment and provider (a provider name of each test's own) and deleted afterwards."""
 
 
 def _sweep(
@@ -126,3 +142,86 @@ def test_runs_abandoned_on_a_thread_at_their_hard_limit_trip_the_breaker(
         for thread in threads:
             thread.join(10)
     assert boxes == [[Outcome.TIMED_OUT], [Outcome.TIMED_OUT]]
+
+
+# -- a warm shutdown while a claimed run waits for a provider slot --------------------------
+
+
+@pytest.fixture
+def limited(
+    store: ResultStore, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[tuple[Sweep, str, Limiter]]:
+    """A one-run study whose agent's provider allows one run at a time, and a limiter of
+    another process holding that slot (released by the test)."""
+    monkeypatch.setattr(limits, "ADMIT_WAIT_S", 5.0)
+    monkeypatch.setattr(limits, "RESTART_GRACE_S", 0.0)
+    provider = f"sim-{uuid.uuid4().hex[:8]}"
+    study = _sweep(
+        store,
+        agents=["noop"],
+        replicates=1,
+        execution={"limits": {provider: {"max_concurrency": 1}}},
+        bindings={"providers": {"noop": provider}},
+    )
+    namespace = deployment_id(store.engine.url)
+    holder = Limiter(redis_url(LIMITS_DB), namespace, lease_s=30.0, grace_s=0.0)
+    assert holder.try_slot(provider, "another-worker", 1)
+    yield study, provider, holder
+    client: redis.Redis = redis_client(LIMITS_DB)
+    for key in holder.keys(provider):
+        client.delete(key)
+
+
+def _waiting_for_a_slot(store: ResultStore, study: Sweep) -> None:
+    _wait_until(lambda: (store.find_run(study.study_id, 0) or pytest.fail("")).status == "running")
+    time.sleep(0.2)  # claimed, now in the admission wait
+
+
+def test_a_run_admitted_after_a_warm_shutdown_is_handed_back_not_executed(
+    store: ResultStore, runtime_for, limited
+):
+    # Given a claimed run waiting for its provider's only slot, on a thread (threads pool)
+    study, provider, holder = limited
+    runtime = runtime_for(store, limits_url=redis_url(LIMITS_DB))
+    box: list[Outcome] = []
+    thread = threading.Thread(
+        target=lambda: box.append(run_delivery(runtime, study.specs[0].to_message(), 0)),
+        daemon=True,
+    )
+    thread.start()
+    _waiting_for_a_slot(store, study)
+    # When the shutdown grace ends (runs handed back) and then the slot comes free
+    runtime.hand_back_all()
+    holder.release_slot(provider, "another-worker")
+    thread.join(15)
+    # Then the run is handed back, not executed: queued, attempt refunded, slot free again
+    assert box == [Outcome.HANDED_BACK]
+    run = store.find_run(study.study_id, 0)
+    assert run is not None and (run.status, run.attempts_used) == ("queued", 0)
+    assert holder.held(provider) == 0
+
+
+@pytest.mark.timeout(60, method="thread")
+def test_a_sigterm_while_waiting_for_a_slot_hands_the_claim_back(
+    store: ResultStore, runtime_for, limited
+):
+    # Given a claimed run waiting for its provider's only slot on the main thread (a prefork
+    # child), whose SIGTERM raises SystemExit as a prefork child's does
+    study, _provider, _holder = limited
+    runtime = runtime_for(store, limits_url=redis_url(LIMITS_DB))
+
+    def terminate(_signum: int, _frame: Any) -> None:
+        raise SystemExit(1)
+
+    previous = signal.signal(signal.SIGUSR1, terminate)
+    try:
+        timer = threading.Timer(1.0, os.kill, args=(os.getpid(), signal.SIGUSR1))
+        timer.start()
+        # When the process is told to stop during the admission wait
+        with pytest.raises(SystemExit):
+            run_delivery(runtime, study.specs[0].to_message(), 0)
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+    # Then its claim was given back uncharged (not left running until its lease expires)
+    run = store.find_run(study.study_id, 0)
+    assert run is not None and (run.status, run.attempts_used) == ("queued", 0)
