@@ -32,8 +32,10 @@ from orchestrator.store.pausing import BREAKER, pause_of
 from orchestrator.study.model import parse_study
 from orchestrator.study.plan import prepare
 from workers import limits
+from workers.failures import RunFailed
 from workers.limits import Limiter, deployment_id
 from workers.runtask import Outcome, record_hard_kill, run_delivery
+from workers.tasks import _run_failed
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 
@@ -51,6 +53,7 @@ def _sweep(
     replicates: int,
     execution: dict[str, Any],
     bindings: dict[str, Any] | None = None,
+    factors: dict[str, Any] | None = None,
 ) -> Sweep:
     """A queued study with its own ``execution`` section (a breaker, a budget, limits)."""
     study_id = f"interplay-{uuid.uuid4().hex[:10]}"
@@ -64,6 +67,12 @@ def _sweep(
     }
     if bindings:
         payload["bindings"] = bindings
+    if factors:
+        payload["factors"] = [
+            {"name": name, "kind": "manipulated", "levels": [{"name": "x", "value": value}]}
+            for name, value in factors.items()
+        ]
+        payload["design_spec"] = {"kind": "full_factorial"}
     prepared = prepare(parse_study(payload))
     register(store, prepared)
     specs = list(prepared.run_specs())
@@ -142,6 +151,47 @@ def test_runs_abandoned_on_a_thread_at_their_hard_limit_trip_the_breaker(
         for thread in threads:
             thread.join(10)
     assert boxes == [[Outcome.TIMED_OUT], [Outcome.TIMED_OUT]]
+
+
+def test_a_retried_attempt_is_no_failure_and_the_last_one_fails_once(
+    store: ResultStore, runtime_for, tmp_path
+):
+    # Given a run that always raises TimeoutError, transient for its study (2 attempts), and
+    # a breaker that trips at the first failed run
+    study = _sweep(
+        store,
+        agents=["timeouts"],
+        replicates=1,
+        execution={
+            "retry": {"on": ["TimeoutError"], "backoff_s": 0.01},
+            "max_attempts": 2,
+            "breaker": {"window": 1, "max_failure_rate": 0.5},
+        },
+        bindings={"agents": {"timeouts": "retry_agents:always_timeout"}},
+        factors={"journal": str(tmp_path)},
+    )
+    runtime = runtime_for(store)
+    message = study.specs[0].to_message()
+    # When its first attempt is delivered
+    first = run_delivery(runtime, message, 0)
+    # Then it is re-queued, no failure for Celery and none for the breaker
+    assert first is Outcome.RETRYING
+    assert _run_failed(first, message) is None
+    assert _paused(store, study.study_id) is None
+    run = store.find_run(study.study_id, 0)
+    assert run is not None and (run.status, run.attempts_used) == ("queued", 1)
+    # When its second (last) attempt is delivered
+    last = run_delivery(runtime, message, 1)
+    # Then it fails once with its own error, and only now the breaker counts it
+    assert last is Outcome.FAILED
+    failure = _run_failed(last, message)
+    assert isinstance(failure, RunFailed) and failure.error_type == "TimeoutError"
+    # (the note was taken: a later outcome on this thread never reuses its error)
+    again = _run_failed(last, message)
+    assert again is not None and again.error_type == "RunFailed"
+    assert _run_failed(Outcome.SUCCESS, message) is None
+    assert _paused(store, study.study_id) == BREAKER
+    assert [a.outcome for a in store.iter_attempts(study.study_id)] == ["retried", "failed"]
 
 
 # -- a warm shutdown while a claimed run waits for a provider slot --------------------------
