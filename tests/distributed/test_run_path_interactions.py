@@ -4,13 +4,18 @@ SQLite) and a real Redis for the provider limits, through the plain run function
 
 * timeouts recorded outside the result writer still reach the budget gate (breaker);
 * a warm shutdown while a claimed run waits for a provider slot hands the run back
-  (attempt refunded, slot freed) instead of executing it, or leaving it ``running``.
+  (attempt refunded, slot freed) instead of executing it, or leaving it ``running``;
+* evidence where the hooks already agree: a retried attempt is no failure (Celery, breaker)
+  and the last one fails once; a run with no slot in time is handed back uncharged and no
+  failure; a delivery of a paused study (a retry's included) is acknowledged unexecuted and
+  runs after the resume.
 
 Tests that signal the main thread use pytest-timeout's thread method.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import threading
@@ -28,7 +33,7 @@ from dist_studies import Sweep
 from orchestrator.embedded import register
 from orchestrator.store import ResultStore
 from orchestrator.store.engine import transaction
-from orchestrator.store.pausing import BREAKER, pause_of
+from orchestrator.store.pausing import BREAKER, pause, pause_of, unpause
 from orchestrator.study.model import parse_study
 from orchestrator.study.plan import prepare
 from workers import limits
@@ -41,6 +46,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 
 WAITING = {"agents": {"waiting": "dist_agents:waiting"}}
 BREAKER_2 = {"window": 2, "max_failure_rate": 0.5}
+BREAKER_1 = {"window": 1, "max_failure_rate": 0.5}
 LIMITS_DB = 11
 """The provider limits' Redis database of tests/workers/test_limits.py: keys are namespaced
 per deployment and provider (a provider name of each test's own) and deleted afterwards."""
@@ -165,7 +171,7 @@ def test_a_retried_attempt_is_no_failure_and_the_last_one_fails_once(
         execution={
             "retry": {"on": ["TimeoutError"], "backoff_s": 0.01},
             "max_attempts": 2,
-            "breaker": {"window": 1, "max_failure_rate": 0.5},
+            "breaker": BREAKER_1,
         },
         bindings={"agents": {"timeouts": "retry_agents:always_timeout"}},
         factors={"journal": str(tmp_path)},
@@ -210,7 +216,7 @@ def limited(
         store,
         agents=["noop"],
         replicates=1,
-        execution={"limits": {provider: {"max_concurrency": 1}}},
+        execution={"limits": {provider: {"max_concurrency": 1}}, "breaker": BREAKER_1},
         bindings={"providers": {"noop": provider}},
     )
     namespace = deployment_id(store.engine.url)
@@ -275,3 +281,75 @@ def test_a_sigterm_while_waiting_for_a_slot_hands_the_claim_back(
     # Then its claim was given back uncharged (not left running until its lease expires)
     run = store.find_run(study.study_id, 0)
     assert run is not None and (run.status, run.attempts_used) == ("queued", 0)
+
+
+def test_a_run_with_no_slot_in_time_is_handed_back_uncharged_and_no_failure(
+    store: ResultStore, runtime_for, limited, monkeypatch: pytest.MonkeyPatch
+):
+    # Given a claimed run of a breaker study whose provider's only slot stays taken
+    study, provider, holder = limited
+    monkeypatch.setattr(limits, "ADMIT_WAIT_S", 0.3)
+    runtime = runtime_for(store, limits_url=redis_url(LIMITS_DB))
+    message = study.specs[0].to_message()
+    # When it is delivered
+    outcome = run_delivery(runtime, message, 0)
+    # Then it goes back to the queue (Reject requeue), its attempt refunded, nothing held,
+    # and it is no failure: not for Celery, not for the breaker
+    assert outcome is Outcome.HANDED_BACK
+    assert _run_failed(outcome, message) is None
+    run = store.find_run(study.study_id, 0)
+    assert run is not None and (run.status, run.attempts_used) == ("queued", 0)
+    assert holder.held(provider) == 1  # only the other worker's
+    assert _paused(store, study.study_id) is None
+    assert [a.outcome for a in store.iter_attempts(study.study_id)] == ["released"]
+
+
+def test_a_delivery_of_a_paused_study_is_acknowledged_unexecuted(
+    store: ResultStore, runtime_for, caplog: pytest.LogCaptureFixture
+):
+    # Given a study paused by its breaker, with a queued run
+    study = _sweep(store, agents=["noop"], replicates=1, execution={"breaker": BREAKER_1})
+    with transaction(store.engine) as connection:
+        assert pause(connection, study.study_id, BREAKER, {"failed": 1, "window": 1})
+    runtime = runtime_for(store)
+    message = study.specs[0].to_message()
+    # When its run is delivered (a retry's timer, or a message published before the pause)
+    with caplog.at_level(logging.INFO, logger="studyq.worker"):
+        outcome = run_delivery(runtime, message, 0)
+    # Then nothing is claimed or executed; the task returns 'duplicate' (acknowledged), one
+    # INFO line, no failure; the run stays queued for the resume to publish again
+    assert outcome is Outcome.DUPLICATE
+    assert _run_failed(outcome, message) is None
+    run = store.find_run(study.study_id, 0)
+    assert run is not None and (run.status, run.attempts_used) == ("queued", 0)
+    lines = [r for r in caplog.records if r.name == "studyq.worker"]
+    assert [r.levelno for r in lines] == [logging.INFO]
+    assert "not claimable" in lines[0].getMessage()
+
+
+def test_a_retry_of_a_paused_study_waits_for_the_resume(store: ResultStore, runtime_for, tmp_path):
+    # Given a run re-queued for a transient error, then its study paused (its budget, say)
+    study = _sweep(
+        store,
+        agents=["timeouts"],
+        replicates=1,
+        execution={"retry": {"on": ["TimeoutError"], "backoff_s": 0.01}, "max_attempts": 2},
+        bindings={"agents": {"timeouts": "retry_agents:always_timeout"}},
+        factors={"journal": str(tmp_path)},
+    )
+    runtime = runtime_for(store)
+    message = study.specs[0].to_message()
+    assert run_delivery(runtime, message, 0) is Outcome.RETRYING
+    with transaction(store.engine) as connection:
+        assert pause(connection, study.study_id, "budget", {"reached": ["max_cost_usd"]})
+    # When the retry's message (published for the retried attempt) is delivered
+    outcome = run_delivery(runtime, message, 1)
+    # Then it is acknowledged unexecuted (not refused as a mismatch), the run still queued
+    # with its attempt left; after the resume the same message runs the last attempt
+    assert outcome is Outcome.DUPLICATE
+    run = store.find_run(study.study_id, 0)
+    assert run is not None and (run.status, run.attempts_used) == ("queued", 1)
+    with transaction(store.engine) as connection:
+        assert unpause(connection, study.study_id) is not None
+    assert run_delivery(runtime, message, 1) is Outcome.FAILED
+    assert [a.outcome for a in store.iter_attempts(study.study_id)] == ["retried", "failed"]
