@@ -100,6 +100,7 @@ __all__ = [
     "StudyLimits",
     "admit",
     "limits_url",
+    "release_killed",
     "request",
 ]
 
@@ -286,6 +287,23 @@ class Limiter:
                     error,
                     self.lease_s,
                 )
+
+    def release_prefixed(self, provider: str, prefix: str) -> int:
+        """Give back every slot of ``provider`` whose member starts with ``prefix`` (those of
+        a killed process, which renews and releases nothing any more); returns how many."""
+        key = self.keys(provider)[0]
+        try:
+            members: list[Any] = list(self.client.zrange(key, 0, -1))
+            killed = [m for m in members if bytes(m).decode("utf-8", "replace").startswith(prefix)]
+            return int(self.client.zrem(key, *killed)) if killed else 0
+        except RedisError as error:
+            log.warning(
+                "provider %s: could not release a killed run's slot (%s); it expires within %s s",
+                provider,
+                error,
+                self.lease_s,
+            )
+            return 0
 
     def held(self, provider: str) -> int:
         """Slots of ``provider`` held cluster-wide now (expired ones not counted)."""
@@ -505,6 +523,19 @@ def admit(runtime: WorkerRuntime, spec: RunSpec) -> AbstractContextManager[None]
                 _bounce(NoSlot(provider, "requests_per_minute reached", retry_after))
             scope.reserved = True
     return _admitted(scope, member if holding else None)
+
+
+def release_killed(runtime: WorkerRuntime, spec: RunSpec, worker: str) -> int:
+    """The prefork parent, after it killed its child ``worker`` at ``spec``'s hard time
+    limit: give back the slot the child held for the run (:func:`admit`'s member), at once
+    instead of a lease later. Returns how many slots it gave back."""
+    study = study_limits(runtime, spec.study_id)
+    url = limits_url(runtime.settings)
+    provider = None if study is None else study.providers.get(spec.agent_key)
+    if study is None or url is None or provider is None or provider not in study.limits:
+        return 0
+    limiter = limiter_for(url, deployment_id(runtime.store.engine.url), runtime.settings.lease_s)
+    return limiter.release_prefixed(provider, f"{worker}/{spec.run_id}/")
 
 
 def _bounce(error: NoSlot) -> NoReturn:

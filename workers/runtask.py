@@ -480,6 +480,8 @@ def record_hard_kill(
     except StoreError as error:
         log.error("could not record the hard time limit of run %s: %s", spec.run_id, error)
         return False
+    finally:
+        _release_killed_slot(runtime, spec, worker)
     if won:
         after_results(runtime.store, [(claim, result)])  # a timeout counts for the breaker
         runtime.count(Outcome.TIMED_OUT)
@@ -491,3 +493,11 @@ def record_hard_kill(
             limit_s,
         )
     return won
+
+
+def _release_killed_slot(runtime: WorkerRuntime, spec: RunSpec, worker: str) -> None:
+    """The killed child's provider slot for the run (:mod:`workers.limits`), given back."""
+    try:
+        provider_limits.release_killed(runtime, spec, worker)
+    except StoreError as error:
+        log.error("could not release the provider slot of killed run %s: %s", spec.run_id, error)

@@ -353,3 +353,23 @@ def test_a_retry_of_a_paused_study_waits_for_the_resume(store: ResultStore, runt
         assert unpause(connection, study.study_id) is not None
     assert run_delivery(runtime, message, 1) is Outcome.FAILED
     assert [a.outcome for a in store.iter_attempts(study.study_id)] == ["retried", "failed"]
+
+
+def test_a_hard_kill_gives_the_killed_childs_provider_slot_back(
+    store: ResultStore, runtime_for, limited
+):
+    # Given a run whose prefork child took its provider's only slot and was then killed at
+    # the hard time limit (its slot is no longer renewed, nor released)
+    study, provider, holder = limited
+    holder.release_slot(provider, "another-worker")
+    child = "pair@host:4242"
+    spec = study.specs[0]
+    assert store.claim_run(study.study_id, 0, worker=child, lease_s=60) is not None
+    slots = holder.keys(provider)[0]
+    redis_client(LIMITS_DB).zadd(slots, {f"{child}/{spec.run_id}/1": time.time() + 30})
+    assert holder.held(provider) == 1
+    runtime = runtime_for(store, worker="pair@host:4241", limits_url=redis_url(LIMITS_DB))
+    # When the parent records the kill
+    assert record_hard_kill(runtime, spec.to_message(), child, 3.0) is True
+    # Then the slot is free at once, not a lease later
+    assert holder.held(provider) == 0
