@@ -263,7 +263,11 @@ def retry_if_transient(
     ``runtime`` is the process's :class:`~workers.runtime.WorkerRuntime`."""
     if error is None:
         return None
-    rules = _rules(runtime, spec.study_id)
+    try:
+        rules = _rules(runtime, spec.study_id)
+    except StoreError as failure:  # the run executed: record it as failed (that write retries)
+        log.error("could not load the retry policy of %s: %s", spec.study_id, failure)
+        return None
     if rules is None or not is_transient(error, rules.classes):
         return None
     retry_after = getattr(error, "retry_after_s", None)

@@ -28,10 +28,11 @@ import dist_agents
 import pytest
 import redis
 from _services import redis_client, redis_url
+from dist_services import PG_PORT, TcpLink
 from dist_studies import Sweep
 
 from orchestrator.embedded import register
-from orchestrator.store import ResultStore
+from orchestrator.store import ResultStore, create_engine_for
 from orchestrator.store.engine import transaction
 from orchestrator.store.pausing import BREAKER, pause, pause_of, unpause
 from orchestrator.study.model import parse_study
@@ -373,3 +374,39 @@ def test_a_hard_kill_gives_the_killed_childs_provider_slot_back(
     assert record_hard_kill(runtime, spec.to_message(), child, 3.0) is True
     # Then the slot is free at once, not a lease later
     assert holder.held(provider) == 0
+
+
+@pytest.mark.timeout(60, method="thread")
+def test_a_failed_run_during_an_outage_is_recorded_not_requeued(pg_store: ResultStore, runtime_for):
+    # Given a worker that reaches PostgreSQL through a link we can cut, retrying each store
+    # call for 1 s, and a run that fails while the database is away for 1.5 s
+    link = TcpLink(PG_PORT)
+    url = pg_store.engine.url.set(port=link.port).render_as_string(hide_password=False)
+    worker_store = ResultStore(create_engine_for(url))
+    try:
+        study = _sweep(
+            pg_store,
+            agents=["counting"],
+            replicates=1,
+            execution={},
+            bindings={"agents": {"counting": "dist_agents:counting"}},
+        )
+        runtime = runtime_for(worker_store, result_retry_s=1.0)
+
+        def outage_then_fail() -> None:
+            link.cut()
+            threading.Timer(1.5, link.restore).start()
+            raise ValueError("bad prompt template")
+
+        dist_agents.during.append(outage_then_fail)
+        # When the run fails and its error is classified (is it transient for its study?)
+        outcome = run_delivery(runtime, study.specs[0].to_message(), 0)
+        # Then the classification's store read failing does not drop the executed run's
+        # result (the task would requeue its message as if nothing ran): it is written
+        assert outcome is Outcome.FAILED
+        assert dist_agents.calls == [study.specs[0].seed]
+        run = pg_store.find_run(study.study_id, 0)
+        assert run is not None and (run.status, run.error_type) == ("failed", "ValueError")
+    finally:
+        worker_store.close()
+        link.close()
