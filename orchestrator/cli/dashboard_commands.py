@@ -34,7 +34,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         help="a study to open first (the printed URL is its page); all studies are served",
     )
     parser.add_argument(
-        "--db", default=None, help="result store URL (default: STUDYQ_DATABASE_URL)"
+        "--db",
+        default=None,
+        help="result store URL (default: $STUDYQ_DATABASE_URL, else sqlite:///studyq.db)",
     )
     parser.add_argument(
         "--broker",
@@ -89,6 +91,11 @@ def _dashboard(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return EXIT_USAGE
+    if args.study_id:  # a study that is not there is a usage error, before listening
+        from orchestrator.store.lookup import open_existing, require_study
+
+        with open_existing(url, command="dashboard") as store:
+            require_study(store, args.study_id, command="dashboard")
     broker = secure_broker_url(args.broker) if args.broker else None
     if not _port_free(args.host, args.port):
         print(
