@@ -60,3 +60,67 @@ def test_dashboard_help_names_the_sqlite_default(capsys: pytest.CaptureFixture[s
     out = capsys.readouterr().out
     # Then --db's default is the one the command uses without STUDYQ_DATABASE_URL
     assert "sqlite:///studyq.db" in " ".join(out.split())
+
+
+def test_the_export_help_example_works_after_the_quickstart(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given the quickstart run as the README says, in a folder of its own
+    quickstart = Path(__file__).resolve().parents[1] / "examples" / "quickstart" / "study.yaml"
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("STUDYQ_DATABASE_URL", raising=False)
+    assert run_main(["run", str(quickstart), "--jobs", "1"], capsys)[0] == EXIT_OK
+    # When the example that ends `studyq export --help` is copied and pasted
+    with pytest.raises(SystemExit):
+        run_main(["export", "--help"], capsys)
+    help_text = capsys.readouterr().out
+    example = help_text.split("example:")[1].split()
+    assert example[:2] == ["studyq", "export"]
+    code, out, err = run_main(example[1:], capsys)
+    # Then it exports the quickstart's study (its id is the one the example names)
+    assert code == EXIT_OK, err
+    assert (tmp_path / "artifacts" / "quickstart" / "runs.csv").is_file(), out
+
+
+FAILING_STUDY = """\
+study_id: failing-study
+title: A study whose agent fails
+factors:
+  - name: size
+    levels:
+      - {name: small, value: 1}
+agent_specs: [failing]
+problem_ids: [noop]
+run_budget: {replicates: 2}
+bindings:
+  agents: {failing: "reviewlab:failing"}
+"""
+
+FAILING_AGENT = """\
+class Flaky(Exception):
+    pass
+
+
+def failing(seed):
+    raise Flaky("the provider said no")
+"""
+
+
+def test_resubmit_error_class_that_matches_nothing_names_the_classes_there(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Given a study whose two runs failed with Flaky
+    (tmp_path / "reviewlab.py").write_text(FAILING_AGENT, encoding="utf-8")
+    study = tmp_path / "study.yaml"
+    study.write_text(FAILING_STUDY, encoding="utf-8")
+    url = f"sqlite:///{tmp_path / 'store.db'}"
+    run_main(["run", str(study), "--db", url, "--jobs", "1"], capsys)
+    # When runs of a misspelt class are resubmitted (nothing matches: the broker is not used)
+    broker = "redis://127.0.0.1:6379/9"
+    argv = ["resubmit", "failing-study", "--error-class", "Flakey", "--db", url]
+    code, out, err = run_main([*argv, "--broker", broker], capsys)
+    # Then nothing is reset, and one note names the class asked for and the classes there are
+    assert code == EXIT_OK, err
+    assert "0 runs reset" in out
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Flakey" in lines[0] and "Flaky (2)" in lines[0], err

@@ -56,7 +56,8 @@ def register(subparsers: Any) -> None:
         help="Show progress from the store and reconcile (re-queue runs whose worker vanished "
         "or whose message was lost) until every run finished. Exit 0 if all succeeded, "
         "1 if some failed.",
-        example="studyq wait my-study --db postgresql://studyq@127.0.0.1/studyq",
+        example="studyq wait my-study --db postgresql://studyq@127.0.0.1/studyq "
+        "--broker redis://127.0.0.1:6379/0",
         handler=_wait,
     )
     parser.add_argument("study_id", help="the study's study_id")
@@ -390,6 +391,8 @@ def _resubmit(args: argparse.Namespace) -> int:
         error_class=args.error_class,
     )
     print(f"{args.study_id}: {report.planned} runs reset, {report.published} enqueued")
+    if args.error_class and not report.planned:
+        _error_class_note(args)
     if report.published:
         print(
             "note: a running worker keeps the agent code it imported at its first run of the "
@@ -397,6 +400,24 @@ def _resubmit(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     return EXIT_OK
+
+
+def _error_class_note(args: argparse.Namespace) -> None:
+    """Say which error classes the study's failed runs have, when --error-class matched none
+    (a misspelt class is then seen at once)."""
+    from orchestrator.contracts.settings import load_settings
+    from orchestrator.dashboard.queries import error_classes
+    from orchestrator.store.lookup import open_existing
+
+    url = args.db or load_settings().database_url
+    with open_existing(url, command="resubmit") as store, store.engine.connect() as connection:
+        classes = error_classes(connection, args.study_id)
+    listed = ", ".join(f"{name} ({count})" for name, count in classes) or "none"
+    print(
+        f"note: no run of {args.study_id} matched --error-class {args.error_class}; the error "
+        f"classes of its failed runs: {listed}.",
+        file=sys.stderr,
+    )
 
 
 def _cancel(args: argparse.Namespace) -> int:

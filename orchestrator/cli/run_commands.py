@@ -81,7 +81,7 @@ def register(subparsers: Any) -> None:
         "export",
         help="Write a study's canonical artifacts (design-research-experiments 0.4.0 layout) "
         "from the store; works while the sweep is still running.",
-        example="studyq export quickstart-demo --out artifacts/quickstart",
+        example="studyq export quickstart-design-search --out artifacts/quickstart",
         handler=_export,
     )
     parser.add_argument("study_id", help="the study's study_id")
