@@ -30,6 +30,7 @@ import redis
 from _services import redis_client, redis_url
 from dist_services import PG_PORT, TcpLink
 from dist_studies import Sweep
+from publishing import publish_runs
 
 from orchestrator.embedded import register
 from orchestrator.store import ResultStore, create_engine_for
@@ -410,3 +411,33 @@ def test_a_failed_run_during_an_outage_is_recorded_not_requeued(pg_store: Result
     finally:
         worker_store.close()
         link.close()
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.redis_only("the provider limits live in the Redis broker")
+def test_a_real_prefork_hard_kill_frees_the_provider_slot_at_once(
+    worker_pair: Any, pg_store: ResultStore, publisher: Any, live_broker: Any, pg_url: str
+):
+    # Given a run of a study whose provider allows one run at a time, hung in C code (only
+    # killing its prefork child stops it, and that child neither renews nor releases its slot)
+    provider = f"sim-{uuid.uuid4().hex[:8]}"
+    study = _sweep(
+        pg_store,
+        agents=["hung"],
+        replicates=1,
+        execution={"timeout_s": 1, "limits": {provider: {"max_concurrency": 1}}},
+        bindings={"agents": {"hung": "dist_agents:hung_in_c"}, "providers": {"hung": provider}},
+    )
+    watcher = Limiter(live_broker.url, deployment_id(pg_url), lease_s=60.0, grace_s=0.0)
+    try:
+        # When it is published and killed at its hard limit (1 s + 1 s of grace)
+        publish_runs(publisher, study.publishable(), queue=worker_pair.queue, time_limit_s=1)
+        _wait_until(
+            lambda: (pg_store.find_run(study.study_id, 0) or pytest.fail("")).status == "failed",
+            timeout=30,
+        )
+        # Then the worker's main process gave the killed child's slot back, not a lease later
+        _wait_until(lambda: watcher.held(provider) == 0, timeout=3.0)
+    finally:
+        for key in watcher.keys(provider):
+            watcher.client.delete(key)
