@@ -225,8 +225,8 @@ def _fmt_duration(seconds: float) -> str:
 def _fmt_eta(snapshot: Snapshot) -> str:
     if snapshot.done:
         return "done"
-    eta = snapshot.eta_s
-    return "-" if eta is None else _fmt_duration(eta)
+    eta = snapshot.eta_s  # none while dispatch is paused: the paused reason follows
+    return "-" if eta is None or snapshot.paused else _fmt_duration(eta)
 
 
 def _fmt_budget(snapshot: Snapshot) -> str:

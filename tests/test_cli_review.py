@@ -124,3 +124,22 @@ def test_resubmit_error_class_that_matches_nothing_names_the_classes_there(
     assert "0 runs reset" in out
     lines = err.strip().splitlines()
     assert len(lines) == 1 and "Flakey" in lines[0] and "Flaky (2)" in lines[0], err
+
+
+def test_status_of_a_paused_study_shows_no_eta(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Given an embedded study whose failure breaker paused it with runs left
+    (tmp_path / "reviewlab.py").write_text(FAILING_AGENT, encoding="utf-8")
+    study = tmp_path / "study.yaml"
+    paused = FAILING_STUDY.replace("replicates: 2", "replicates: 40")
+    study.write_text(paused + "execution:\n  breaker: {window: 2, max_failure_rate: 0.5}\n")
+    url = f"sqlite:///{tmp_path / 'store.db'}"
+    run_main(["run", str(study), "--db", url, "--jobs", "1"], capsys)
+    # When its status is read
+    code, out, err = run_main(["status", "failing-study", "--db", url], capsys)
+    # Then the study's row says paused where the ETA goes (nothing runs until it is resumed)
+    assert code == EXIT_OK, err
+    assert "paused: breaker" in out, out
+    row = next(line for line in out.splitlines() if line.startswith("failing-study"))
+    assert row.split()[-2] == "paused", out

@@ -281,7 +281,8 @@ def _status(args: argparse.Namespace) -> int:
             f"{status.submitted_by[:20]:<20} {status.run_count:>8,} {c.get('success', 0):>8,} "
             f"{c.get('failed', 0):>7,} {c.get('cancelled', 0):>9,} {c.get('running', 0):>8,} "
             f"{c.get('queued', 0) + c.get('planned', 0):>8,} {_fmt_rate(status.rate_per_s):>9} "
-            f"{_fmt_eta(status.eta_s):>8} {status.cost_usd:>9.2f}"
+            f"{'paused' if status.dispatch_fix else _fmt_eta(status.eta_s):>8} "
+            f"{status.cost_usd:>9.2f}"
         )
         if status.dispatch:  # stopped: budget / paused: breaker / the budget so far
             fix = f"; `{status.dispatch_fix}` continues it" if status.dispatch_fix else ""
