@@ -31,10 +31,9 @@ from orchestrator.store.models import (
     RunRow,
     StudyRow,
 )
-from orchestrator.store.queries import _RUN_COLUMNS, find_runs_by_id
+from orchestrator.store.queries import _RUN_COLUMNS, condition_record, find_runs_by_id
 from orchestrator.store.records import (
     AttemptRecord,
-    ConditionRecord,
     EvaluationRecord,
     EventRecord,
     RunRecord,
@@ -222,21 +221,8 @@ def condition_labels(
         )
     )
     for row in rows:
-        labels[row.condition_id] = condition_label(_condition(row))
+        labels[row.condition_id] = condition_label(condition_record(row))
     return labels
-
-
-def _condition(row: Any) -> ConditionRecord:
-    return ConditionRecord(
-        study_id=row.study_id,
-        position=row.position,
-        condition_id=row.condition_id,
-        admissible=row.admissible,
-        constraint_messages=list(row.constraint_messages),
-        factor_assignments=dict(row.factor_assignments),
-        block_assignments=dict(row.block_assignments),
-        metadata=dict(row._mapping["metadata"]),
-    )
 
 
 def finished_span(connection: Connection, study_id: str) -> FinishedSpan:

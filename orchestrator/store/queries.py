@@ -266,16 +266,21 @@ def iter_conditions(
 
     for page in _pages(engine, build, lambda row: (row.position,)):
         for row in page:
-            yield ConditionRecord(
-                study_id=row.study_id,
-                position=row.position,
-                condition_id=row.condition_id,
-                admissible=row.admissible,
-                constraint_messages=list(row.constraint_messages),
-                factor_assignments=dict(row.factor_assignments),
-                block_assignments=dict(row.block_assignments),
-                metadata=dict(row._mapping["metadata"]),
-            )
+            yield condition_record(row)
+
+
+def condition_record(row: Any) -> ConditionRecord:
+    """A ``conditions`` row as a :class:`ConditionRecord`."""
+    return ConditionRecord(
+        study_id=row.study_id,
+        position=row.position,
+        condition_id=row.condition_id,
+        admissible=row.admissible,
+        constraint_messages=list(row.constraint_messages),
+        factor_assignments=dict(row.factor_assignments),
+        block_assignments=dict(row.block_assignments),
+        metadata=dict(row._mapping["metadata"]),
+    )
 
 
 def iter_evaluations(
