@@ -1,28 +1,27 @@
-"""Run messages of studies this worker's database does not hold: given back, never acked away.
+"""Run messages of studies this worker's database does not hold: given back, never lost.
 
 Two deployments (two databases) that share one broker queue (the default queue name
 ``studyq`` on one Redis database, say) see each other's messages. A worker cannot run a
-study its database does not hold, and it must not acknowledge the message either: that
-would lose the other deployment's run. So such a delivery is *returned to the broker*
-(``Reject(requeue=True)``; on Redis it goes to the far end of the list, behind the
-messages waiting, on RabbitMQ back to its place in the queue) for a worker of the
-deployment that holds the study.
+study its database does not hold, and it must not just acknowledge the message either: that
+would lose the other deployment's run. So such a delivery is *given back*: a copy of the
+message is published to the same queue after a short back-off (the worker's timer
+thread, :func:`workers.transient.publish_later`) and the delivery is acknowledged, for a
+worker of the deployment that holds the study.
+(Should the worker die in the back-off, that deployment's ``studyq wait`` publishes the run
+again once it finds its message missing.)
 
 Two things keep that from going wrong:
 
 * **No hot loop.** A worker set that sees only foreign messages (the other deployment's
   workers are down) would take and return the same messages as fast as the broker hands
   them out. Each process counts the foreign deliveries it has had in a row (any delivery
-  of a study it holds resets the count) and waits before returning one: nothing for the
-  first, then :data:`FIRST_BACKOFF_S` doubling up to :data:`MAX_BACKOFF_S`, each wait
-  times a random factor between 0.5 and 1. A queue of foreign messages costs a worker slot
-  a few deliveries (study lookups) a second; where the deployments' runs mix, almost
-  nothing. The cap is short and the wait random on purpose: a message being held takes
-  its worker's prefetch slot, and a returned message goes straight to a consumer with a
-  free slot. When each deployment's workers hold only the other's messages (the end of two
-  studies on one queue), the returner is the only one with a free slot and gets its
-  message back: a long, fixed hold would keep both sides trading their own messages for
-  minutes, short random ones let the messages cross within seconds.
+  of a study it holds resets the count) and delays the copy: nothing for the first, then
+  :data:`FIRST_BACKOFF_S` doubling up to :data:`MAX_BACKOFF_S`, each wait times a random
+  factor between 0.5 and 1. The message is not held during the wait: a held message
+  fills the worker's slot, and when each deployment's workers held only the other's last
+  messages, every returned message went straight back to the only consumer with a free
+  slot, its returner, for minutes. Acknowledged at once, both sides' slots stay free, and
+  the copy goes to whichever worker waits for it.
 * **No message bouncing forever.** A study deleted from the database while its messages
   are still on the broker is foreign to every worker. A process that has returned the same
   message at least :data:`DEAD_LETTER_MIN_RETURNS` times over at least

@@ -8,10 +8,12 @@
                                                         └─► supervise ─► execute_run ─► record
 
 * **Study context.** A message of a study this worker's database does not hold (another
-  deployment's study on a shared queue, or one deleted since) is never acknowledged:
-  :func:`run_delivery` returns ``NOT_OURS`` after a short, bounded back-off and the task
-  gives the message back to the broker (``Reject(requeue=True)``) for a worker of the
-  deployment that holds it. A process that keeps being handed the same such message
+  deployment's study on a shared queue, or one deleted since) is never acknowledged away:
+  :func:`run_delivery` schedules a copy to be published to the same queue after a short,
+  bounded back-off (:func:`workers.transient.publish_later`) and returns ``RETURNED``, for a
+  worker of the deployment that holds it; outside a Celery task it returns ``NOT_OURS``
+  after the back-off and the caller gives the message back (``Reject(requeue=True)``). A
+  process that keeps being handed the same such message
   (:data:`~workers.foreign.DEAD_LETTER_MIN_RETURNS` times over
   :data:`~workers.foreign.DEAD_LETTER_AFTER_S` seconds) dead-letters it as
   ``unknown_study`` instead (:class:`UnknownStudy`); see :mod:`workers.foreign`.
@@ -72,7 +74,7 @@ from workers.heartbeat import Ending, RunSupervisor
 from workers.interrupt import HandBack, LeaseLost, deferred_termination
 from workers.retrying import retry_unavailable
 from workers.runtime import StudyContext, WorkerRuntime
-from workers.transient import ErrorCatch, retry_if_transient
+from workers.transient import ErrorCatch, publish_later, retry_if_transient
 
 __all__ = [
     "InvalidRunMessage",
@@ -100,6 +102,7 @@ class Outcome(StrEnum):
     HANDED_BACK = "handed_back"  # warm shutdown: released, attempt refunded; requeue it
     TIMED_OUT = "timed_out"  # over the hard limit; recorded as failed/timeout
     NOT_OURS = "not_ours"  # its study is not in this database: returned to the broker
+    RETURNED = "returned"  # not ours: acknowledged, published again after the back-off
     UNKNOWN_STUDY = "unknown_study"  # returned too often, too long (deleted?): dead-lettered
     MISMATCH = "mismatch"  # disagrees with the registered run (forged, or a stale message)
     NOT_RECORDED = "not_recorded"  # the database stayed unreachable for result_retry_s
@@ -264,7 +267,13 @@ def _not_ours(runtime: WorkerRuntime, spec: RunSpec, attempt: int) -> Outcome:
         database,
         count,
     )
-    if verdict.backoff_s:
+    # Given back without holding it: a copy goes to the queue after the back-off and this
+    # delivery is acknowledged, so this worker's slot is free while the message waits. (A
+    # held message fills the slot the other deployment's returns would land in: two
+    # deployments each holding the other's last messages took their own back, for minutes.)
+    if publish_later(spec, attempt, verdict.backoff_s):
+        return Outcome.RETURNED
+    if verdict.backoff_s:  # outside a Celery task: the caller requeues it
         time.sleep(verdict.backoff_s)
     return Outcome.NOT_OURS
 

@@ -310,8 +310,26 @@ def retry_if_transient(
             spec.run_id,
         )
     else:
-        redeliveries().schedule(delay, app, queue or rules.queue, rules, spec, claim.attempt)
+        redeliveries().schedule(
+            delay, app, queue or rules.queue, rules.hard_limit_s, spec, claim.attempt
+        )
     return delay
+
+
+def publish_later(spec: RunSpec, attempt: int, delay_s: float) -> bool:
+    """Publish the delivered run message of ``spec`` for ``attempt`` again, to the queue it
+    came from, in ``delay_s`` seconds (the timer thread of :class:`Redeliveries`); False
+    outside a Celery task (nothing scheduled). Used to give another deployment's message
+    back to a shared queue (:mod:`workers.foreign`)."""
+    from celery import current_task
+
+    app, queue = _current_delivery()
+    if app is None or queue is None:
+        return False
+    limits = getattr(current_task.request, "timelimit", None) or (None, None)
+    hard = limits[0] if isinstance(limits, list | tuple) and limits else None
+    redeliveries().schedule(delay_s, app, queue, float(hard) if hard else None, spec, attempt)
+    return True
 
 
 def _current_delivery() -> tuple[Any, str | None]:
@@ -332,7 +350,7 @@ class Redeliveries:
     """One timer thread per process that publishes run messages when they are due."""
 
     def __init__(self) -> None:
-        self._due: list[tuple[float, int, Any, str, RetryRules, RunSpec, int]] = []
+        self._due: list[tuple[float, int, Any, str, float | None, RunSpec, int]] = []
         self._order = itertools.count()
         self._changed = threading.Condition()
         self._thread: threading.Thread | None = None
@@ -345,10 +363,16 @@ class Redeliveries:
             return len(self._due)
 
     def schedule(
-        self, delay_s: float, app: Any, queue: str, rules: RetryRules, spec: RunSpec, attempt: int
+        self,
+        delay_s: float,
+        app: Any,
+        queue: str,
+        hard_limit_s: float | None,
+        spec: RunSpec,
+        attempt: int,
     ) -> None:
-        """Publish ``spec``'s message for ``attempt`` to ``queue`` through ``app`` in
-        ``delay_s`` seconds."""
+        """Publish ``spec``'s message for ``attempt`` (hard time limit ``hard_limit_s``) to
+        ``queue`` through ``app`` in ``delay_s`` seconds."""
         with self._changed:
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(
@@ -357,7 +381,15 @@ class Redeliveries:
                 self._thread.start()
             heapq.heappush(
                 self._due,
-                (time.monotonic() + delay_s, next(self._order), app, queue, rules, spec, attempt),
+                (
+                    time.monotonic() + delay_s,
+                    next(self._order),
+                    app,
+                    queue,
+                    hard_limit_s,
+                    spec,
+                    attempt,
+                ),
             )
             self._changed.notify_all()
 
@@ -367,8 +399,8 @@ class Redeliveries:
                 while not self._due or self._due[0][0] > time.monotonic():
                     wait = None if not self._due else self._due[0][0] - time.monotonic()
                     self._changed.wait(wait)
-                _, _, app, queue, rules, spec, attempt = heapq.heappop(self._due)
-            self._publish(app, queue, rules, spec, attempt)
+                _, _, app, queue, hard_limit_s, spec, attempt = heapq.heappop(self._due)
+            self._publish(app, queue, hard_limit_s, spec, attempt)
 
     def flush(self) -> int:
         """Publish every waiting message now, before its time; returns how many. Called when
@@ -377,8 +409,8 @@ class Redeliveries:
         early instead (at worst it meets the same error again, and waits again)."""
         with self._changed:
             due, self._due = self._due, []
-        for _, _, app, queue, rules, spec, attempt in sorted(due):
-            self._publish(app, queue, rules, spec, attempt)
+        for _, _, app, queue, hard_limit_s, spec, attempt in sorted(due, key=lambda d: d[:2]):
+            self._publish(app, queue, hard_limit_s, spec, attempt)
         if due:
             log.info(
                 "published %d waiting retr%s early: this process is stopping",
@@ -388,9 +420,11 @@ class Redeliveries:
         return len(due)
 
     @staticmethod
-    def _publish(app: Any, queue: str, rules: RetryRules, spec: RunSpec, attempt: int) -> None:
+    def _publish(
+        app: Any, queue: str, hard_limit_s: float | None, spec: RunSpec, attempt: int
+    ) -> None:
         try:
-            publish_run(app, queue, rules, spec, attempt)
+            publish_run(app, queue, hard_limit_s, spec, attempt)
         except Exception:  # the run stays queued: the reconcile loop republishes it
             log.exception(
                 "could not publish the next attempt of run %s (index %d) of %s; the "
@@ -440,14 +474,16 @@ signals.worker_process_shutdown.connect(
 signals.worker_shutdown.connect(_flush_on_shutdown, weak=False, dispatch_uid="studyq-retries-down")
 
 
-def publish_run(app: Any, queue: str, rules: RetryRules, spec: RunSpec, attempt: int) -> None:
+def publish_run(
+    app: Any, queue: str, hard_limit_s: float | None, spec: RunSpec, attempt: int
+) -> None:
     """Publish the run message of ``spec`` for ``attempt`` to ``queue`` (:func:`run_message`)
     through ``app``'s producer pool (the worker's own broker connection settings)."""
     task_id, body, headers = run_message(
         spec,
         attempt,
         origin=f"{os.getpid()}@{socket.gethostname()}",
-        hard_limit_s=rules.hard_limit_s,
+        hard_limit_s=hard_limit_s,
     )
     with app.producer_or_acquire() as producer:
         producer.publish(
