@@ -52,7 +52,7 @@ from orchestrator.store.models import (
     RunRow,
     StudyRow,
 )
-from orchestrator.store.predicates import FENCE, fence_params, in_chunks
+from orchestrator.store.predicates import FENCE, fence_params, in_chunks, where_status
 from orchestrator.store.records import Claim, spec_from_row
 from orchestrator.store.sqltypes import db_now, db_now_plus
 
@@ -112,7 +112,7 @@ def queue_next(connection: Connection, study_id: str, batch: int) -> list[tuple[
     """
     page = (
         select(RunRow.plan_index)
-        .where(RunRow.study_id == study_id, RunRow.status == RunStatus.PLANNED.value)
+        .where(RunRow.study_id == study_id, where_status(RunStatus.PLANNED))
         .order_by(RunRow.plan_index)
         .limit(batch)
         .with_for_update(skip_locked=True)
@@ -122,7 +122,7 @@ def queue_next(connection: Connection, study_id: str, batch: int) -> list[tuple[
             update(RunRow)
             .where(
                 RunRow.study_id == study_id,
-                RunRow.status == RunStatus.PLANNED.value,
+                where_status(RunStatus.PLANNED),
                 RunRow.plan_index.in_(page),
             )
             .values(status=RunStatus.QUEUED.value, queued_at=db_now())

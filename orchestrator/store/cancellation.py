@@ -29,7 +29,7 @@ from orchestrator.store.models import (
     RunRow,
     StudyRow,
 )
-from orchestrator.store.predicates import in_chunks, where_filters
+from orchestrator.store.predicates import in_chunks, where_filters, where_status
 from orchestrator.store.records import publishable
 from orchestrator.store.sqltypes import db_now
 
@@ -75,11 +75,7 @@ def cancel_where(
     return list(
         connection.execute(
             update(RunRow)
-            .where(
-                where_unlocked(
-                    connection, study_id, RunRow.status.in_([status.value for status in statuses])
-                )
-            )
+            .where(where_unlocked(connection, study_id, where_status(*statuses)))
             .values(
                 status=RunStatus.CANCELLED.value,
                 lease_expires_at=None,
@@ -144,7 +140,7 @@ def cancel_study(connection: Connection, study_id: str, *, terminate: bool) -> C
             select(RunRow.status, func.count())
             .where(
                 RunRow.study_id == study_id,
-                RunRow.status.in_([RunStatus.RUNNING.value, *(s.value for s in waiting)]),
+                where_status(RunStatus.RUNNING, *waiting),
             )
             .group_by(RunRow.status)
         ).all()
@@ -191,7 +187,7 @@ def requeue_for_resubmit(
     _mark_cancelled(connection, study_id, False)  # runs of the study may be claimed again
     clauses: list[ColumnElement[bool]] = [
         RunRow.study_id == study_id,
-        RunRow.status.in_([status.value for status in wanted]),
+        where_status(*wanted),
         *where_filters(where),
     ]
     if error_contains:

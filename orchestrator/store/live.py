@@ -16,6 +16,7 @@ from sqlalchemy.engine import Connection
 
 from orchestrator.contracts.results import RunStatus
 from orchestrator.store.models import AttemptRow, RunRow
+from orchestrator.store.predicates import where_status
 from orchestrator.store.sqltypes import db_now, db_now_plus
 
 __all__ = ["FailureClass", "WorkerSeen", "database_now", "failure_classes", "workers_seen"]
@@ -74,7 +75,7 @@ def failure_classes(
             )
             .label("rank"),
         )
-        .where(RunRow.study_id == study_id, RunRow.status == RunStatus.FAILED.value)
+        .where(RunRow.study_id == study_id, where_status(RunStatus.FAILED))
         .subquery()
     )
     rows = connection.execute(
@@ -127,7 +128,7 @@ def workers_seen(
         select(RunRow.lease_owner, func.count(), func.max(RunRow.lease_expires_at))
         .where(
             RunRow.study_id == study_id,
-            RunRow.status == RunStatus.RUNNING.value,
+            where_status(RunStatus.RUNNING),
             RunRow.lease_owner.is_not(None),
             RunRow.lease_expires_at > db_now(),
         )

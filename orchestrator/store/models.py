@@ -23,9 +23,11 @@ resets it.
 JSON. Values are JSONB on PostgreSQL, except where key order is data and plain ``json``
 keeps it (see :data:`~orchestrator.store.sqltypes.OrderedJSONType`).
 
-Indexes are chosen for a 1,000,000-run study: ``(study_id, status, plan_index)`` serves
-progress counts and the plan-order scans of one status (enqueue, export), a partial index
-over running rows serves lease expiry, and ``(study_id, run_id)`` serves lookups by id.
+Indexes are chosen for a 1,000,000-run study: ``(study_id, status, plan_index)`` over the
+runs that did not succeed serves progress counts (succeeded = ``studies.run_count`` minus
+the rest) and the plan-order scans of one status (enqueue, cancel, resubmit), so their cost
+follows what is left of a study, not what is done; a partial index over running rows serves
+lease expiry, and ``(study_id, run_id)`` serves lookups by id (revision 0006).
 """
 
 from __future__ import annotations
@@ -62,6 +64,7 @@ from orchestrator.store.columns import (
 from orchestrator.store.sqltypes import JSONType, OrderedJSONType, UTCDateTime
 
 __all__ = [
+    "NOT_SUCCEEDED",
     "SPEC_COLUMNS",
     "AttemptOutcome",
     "AttemptRow",
@@ -107,6 +110,10 @@ def _mapped(specs: Iterable[ColumnSpec]) -> dict[str, MappedColumn[Any]]:
 
 
 _STATUSES = ", ".join(f"'{status.value}'" for status in RunStatus)
+
+NOT_SUCCEEDED = f"status <> '{RunStatus.SUCCESS.value}'"
+"""The predicate of ``ix_runs_not_succeeded``: a query that names it as literal SQL reads only
+the runs a study has left, failed or cancelled, never its succeeded ones (v0006)."""
 
 
 class StudyRow(Base):
@@ -176,9 +183,22 @@ class RunRow(Base):
     __tablename__ = "runs"
     __table_args__ = (
         CheckConstraint(f"status IN ({_STATUSES})", name="status"),
-        Index(None, "study_id", "status", "plan_index"),
+        Index(
+            "ix_runs_not_succeeded",  # counts and one-status scans of what is left (v0006)
+            "study_id",
+            "status",
+            "plan_index",
+            postgresql_where=sql_text(NOT_SUCCEEDED),
+            sqlite_where=sql_text(NOT_SUCCEEDED),
+        ),
         Index(None, "study_id", "run_id"),
-        Index(None, "study_id", "ended_at"),  # a breaker's latest finished runs (v0005)
+        Index(
+            "ix_runs_ended",  # a breaker's latest finished runs (v0005, partial since v0006)
+            "study_id",
+            "ended_at",
+            postgresql_where=sql_text("ended_at IS NOT NULL"),
+            sqlite_where=sql_text("ended_at IS NOT NULL"),
+        ),
         Index(
             "ix_runs_running_lease",
             "study_id",

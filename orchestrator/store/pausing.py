@@ -37,6 +37,7 @@ from orchestrator.contracts.extensions import ExecutionPolicy
 from orchestrator.contracts.results import RunStatus
 from orchestrator.contracts.runspec import RunSpec
 from orchestrator.store.models import SPEC_COLUMNS, PauseRow, RunRow, StudyRow
+from orchestrator.store.predicates import where_status
 from orchestrator.store.records import publishable
 from orchestrator.store.sqltypes import db_now
 
@@ -209,7 +210,7 @@ def queued_to_publish(connection: Connection, study_id: str) -> list[tuple[RunSp
     publishes again, since deliveries of a paused study were acknowledged unexecuted."""
     rows = connection.execute(
         update(RunRow)
-        .where(RunRow.study_id == study_id, RunRow.status == RunStatus.QUEUED.value)
+        .where(RunRow.study_id == study_id, where_status(RunStatus.QUEUED))
         .values(queued_at=db_now())
         .returning(*SPEC_COLUMNS, RunRow.attempt)
     ).all()

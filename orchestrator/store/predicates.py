@@ -10,10 +10,11 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from sqlalchemy import ColumnElement, and_, bindparam, literal_column, or_
+from sqlalchemy import text as sql_text
 
 from orchestrator.contracts.canonical import to_jsonable
 from orchestrator.contracts.results import RunStatus
-from orchestrator.store.models import RunRow
+from orchestrator.store.models import NOT_SUCCEEDED, RunRow
 from orchestrator.store.records import Claim
 from orchestrator.store.sqltypes import db_now, json_field_equals
 
@@ -25,6 +26,7 @@ __all__ = [
     "where_filters",
     "where_lease_expired",
     "where_run",
+    "where_status",
 ]
 
 IN_CHUNK = 1_000
@@ -34,6 +36,20 @@ IN_CHUNK = 1_000
 def where_run(study_id: str, index: int) -> ColumnElement[bool]:
     """The one run at ``index`` in the plan of ``study_id``."""
     return and_(RunRow.study_id == study_id, RunRow.plan_index == index)
+
+
+def where_status(*statuses: RunStatus) -> ColumnElement[bool]:
+    """Runs in one of ``statuses``. Unless success is among them, the clause also names the
+    predicate of ``ix_runs_not_succeeded`` as literal SQL, so that index serves the query on
+    SQLite and in PostgreSQL's generic plans too (neither can match a partial index from a
+    bound ``status = $1``): the scan reads what the study has left, not every run. The
+    statuses are rendered as literals for the same reason (they are the enum's own values),
+    which lets ``status = 'running'`` match ``ix_runs_running_lease`` as well."""
+    values = [literal_column(f"'{RunStatus(status).value}'") for status in statuses]
+    wanted = RunRow.status == values[0] if len(values) == 1 else RunRow.status.in_(values)
+    if RunStatus.SUCCESS in statuses:
+        return wanted
+    return and_(wanted, sql_text(NOT_SUCCEEDED))
 
 
 def where_lease_expired(study_id: str) -> ColumnElement[bool]:

@@ -13,12 +13,14 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import fields
 from typing import Any, TypeVar
 
-from sqlalchemy import Engine, Select, func, select, tuple_
+from sqlalchemy import Engine, Select, String, func, literal, select, tuple_
+from sqlalchemy import text as sql_text
 from sqlalchemy.engine import Connection, Row
 
 from orchestrator.contracts.results import RunStatus
 from orchestrator.store.engine import transaction
 from orchestrator.store.models import (
+    NOT_SUCCEEDED,
     AttemptOutcome,
     AttemptRow,
     ConditionRow,
@@ -27,6 +29,7 @@ from orchestrator.store.models import (
     RunRow,
     StudyRow,
 )
+from orchestrator.store.predicates import where_status
 from orchestrator.store.records import (
     AttemptRecord,
     ConditionRecord,
@@ -99,15 +102,31 @@ def list_studies(connection: Connection) -> list[StudyInfo]:
 
 
 def count_by_status(connection: Connection, study_id: str) -> dict[str, int]:
-    """Runs per status, every status present (zero when none)."""
+    """Runs per status, every status present (zero when none).
+
+    Only the runs that did not succeed are counted, from ``ix_runs_not_succeeded``; the
+    succeeded ones are the study's ``run_count`` minus those. A study's rows are all written
+    with its ``run_count`` in one transaction and only ever deleted with it, so the two agree,
+    and one statement reads both in one snapshot. The cost follows what is left of the study
+    (a reconcile tick counts twice), not how many of its runs are done.
+    """
     counts = {status.value: 0 for status in RunStatus}
-    rows = connection.execute(
-        select(RunRow.status, func.count())
-        .where(RunRow.study_id == study_id)
+    left = (
+        select(RunRow.status.label("status"), func.count().label("n"))
+        .where(RunRow.study_id == study_id, sql_text(NOT_SUCCEEDED))
         .group_by(RunRow.status)
     )
-    for status, count in rows:
-        counts[status] = count
+    total = select(literal(None, String).label("status"), StudyRow.run_count.label("n")).where(
+        StudyRow.study_id == study_id
+    )
+    planned: int | None = None
+    for status, count in connection.execute(left.union_all(total)):
+        if status is None:
+            planned = int(count)
+        else:
+            counts[status] = int(count)
+    if planned:
+        counts[RunStatus.SUCCESS.value] = planned - sum(counts.values())
     return counts
 
 
@@ -171,7 +190,7 @@ def top_errors(connection: Connection, study_id: str, *, limit: int = 10) -> lis
             func.min(_RESULT.error_message),
             func.min(RunRow.run_id),
         )
-        .where(RunRow.study_id == study_id, RunRow.status == RunStatus.FAILED.value)
+        .where(RunRow.study_id == study_id, where_status(RunStatus.FAILED))
         .group_by(kind, kind_type)
         .order_by(func.count().desc(), kind, kind_type)
         .limit(limit)

@@ -42,7 +42,7 @@ from orchestrator.store.cancellation import (
 from orchestrator.store.endings import attempt_end, close_attempts
 from orchestrator.store.locking import RECONCILE_LOCK_TIMEOUT_MS, bound_lock_waits, where_unlocked
 from orchestrator.store.models import SPEC_COLUMNS, AttemptOutcome, RunRow
-from orchestrator.store.predicates import in_chunks, where_lease_expired
+from orchestrator.store.predicates import in_chunks, where_lease_expired, where_status
 from orchestrator.store.records import ReconcileReport, TakeBackReport, publishable
 from orchestrator.store.sqltypes import db_now, db_now_plus
 
@@ -163,7 +163,7 @@ def reconcile(
                     connection,
                     study_id,
                     and_(
-                        RunRow.status == RunStatus.QUEUED.value,
+                        where_status(RunStatus.QUEUED),
                         or_(
                             RunRow.queued_at.is_(None),
                             RunRow.queued_at < db_now_plus(-queued_timeout_s),
@@ -212,7 +212,7 @@ def take_back_orphans(
     bound_lock_waits(connection, RECONCILE_LOCK_TIMEOUT_MS)
     owners = connection.execute(
         select(RunRow.lease_owner)
-        .where(RunRow.study_id == study_id, RunRow.status == RunStatus.RUNNING.value)
+        .where(RunRow.study_id == study_id, where_status(RunStatus.RUNNING))
         .distinct()
     ).scalars()
     dead = sorted(owner for owner in owners if owner is not None and is_dead(owner))
@@ -220,7 +220,7 @@ def take_back_orphans(
     requeued: list[Row[Any]] = []
     failed_lost = 0
     for owner in dead:
-        held = and_(RunRow.status == RunStatus.RUNNING.value, RunRow.lease_owner == owner)
+        held = and_(where_status(RunStatus.RUNNING), RunRow.lease_owner == owner)
         started = started_by(owner)
         if started is not None:
             rows = connection.execute(

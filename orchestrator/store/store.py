@@ -29,7 +29,7 @@ from orchestrator.store.engine import (
     transaction,
 )
 from orchestrator.store.models import RunRow, StudyRow
-from orchestrator.store.predicates import IN_CHUNK
+from orchestrator.store.predicates import IN_CHUNK, where_status
 from orchestrator.store.records import (
     AttemptRecord,
     Claim,
@@ -58,7 +58,7 @@ is not deleted."""
 
 
 def _in_flight(study_id: str) -> tuple[ColumnElement[bool], ...]:
-    return RunRow.study_id == study_id, RunRow.status.in_([s.value for s in IN_FLIGHT])
+    return RunRow.study_id == study_id, where_status(*IN_FLIGHT)
 
 
 def _fast_commit(connection: Any) -> None:

@@ -1,0 +1,119 @@
+"""Revision 0006: counts and one-status scans read only what a study has left.
+
+A reconcile tick counts runs per status twice and searches stale queued runs; on a study
+whose runs have mostly succeeded those statements must read the index over the runs that
+did not succeed (``ix_runs_not_succeeded``), not every run of the study. The plans are
+checked with the database's own EXPLAIN on the statements the store issues.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from sqlalchemy import event, func, select, text, update
+from sqlalchemy.engine import Connection
+from store_factories import STUDY_ID, claim, make_result, queue_all, register
+
+from orchestrator.contracts.results import RunStatus
+from orchestrator.store import ResultStore
+from orchestrator.store.models import RunRow
+
+INDEX = "ix_runs_not_succeeded"
+
+
+def _true_counts(store: ResultStore) -> dict[str, int]:
+    with store.engine.connect() as connection:
+        rows = connection.execute(
+            select(RunRow.status, func.count())
+            .where(RunRow.study_id == STUDY_ID)
+            .group_by(RunRow.status)
+        ).all()
+    return {status.value: 0 for status in RunStatus} | {status: n for status, n in rows}
+
+
+def test_counts_take_the_succeeded_runs_from_the_planned_total(store: ResultStore) -> None:
+    register(store, 12)
+    assert store.count_by_status(STUDY_ID) == _true_counts(store)
+    queue_all(store)
+    for index in range(7):
+        won = claim(store, index)
+        status = RunStatus.FAILED if index == 3 else RunStatus.SUCCESS
+        store.finish_run(won, make_result(won, status, error_type="E", error_message="x"))
+    claim(store, 9)
+
+    counts = store.count_by_status(STUDY_ID)
+
+    assert counts == _true_counts(store)
+    assert (counts["success"], counts["failed"], counts["running"], counts["queued"]) == (
+        6,
+        1,
+        1,
+        4,
+    )
+    assert store.count_by_status("no-such-study") == {status.value: 0 for status in RunStatus}
+
+
+@contextmanager
+def _statements(store: ResultStore) -> Iterator[list[tuple[str, Any]]]:
+    seen: list[tuple[str, Any]] = []
+
+    def record(_c: Any, _cursor: Any, statement: str, parameters: Any, *_: Any) -> None:
+        seen.append((statement, parameters))
+
+    event.listen(store.engine, "before_cursor_execute", record)
+    try:
+        yield seen
+    finally:
+        event.remove(store.engine, "before_cursor_execute", record)
+
+
+def _plan(connection: Connection, statement: str, parameters: Any) -> str:
+    if connection.dialect.name == "postgresql":
+        rows = connection.exec_driver_sql(f"EXPLAIN {statement}", parameters).all()
+        return "\n".join(str(row[0]) for row in rows)
+    rows = connection.exec_driver_sql(f"EXPLAIN QUERY PLAN {statement}", parameters).all()
+    return "\n".join(str(row[-1]) for row in rows)
+
+
+def _mostly_succeeded(store: ResultStore, n: int, left: int) -> None:
+    """``n`` runs of which all but the last ``left`` succeeded (set directly: the plan, not
+    the path, is under test), statistics fresh."""
+    register(store, n)
+    with store.engine.begin() as connection:
+        connection.execute(
+            update(RunRow)
+            .where(RunRow.study_id == STUDY_ID, RunRow.plan_index < n - left)
+            .values(status=RunStatus.SUCCESS.value)
+        )
+        connection.execute(
+            update(RunRow)
+            .where(RunRow.study_id == STUDY_ID, RunRow.plan_index >= n - left)
+            .values(status=RunStatus.QUEUED.value, queued_at=None)
+        )
+        connection.execute(text("ANALYZE"))
+
+
+def _plans_of(store: ResultStore, call: Callable[[], object]) -> list[str]:
+    with _statements(store) as seen:
+        call()
+    plans = []
+    with store.engine.begin() as connection:
+        for statement, parameters in seen:
+            if " runs" in statement and not statement.lstrip().upper().startswith("SET"):
+                plans.append(_plan(connection, statement, parameters))
+    return plans
+
+
+def test_the_tick_reads_the_index_of_what_is_left(store: ResultStore) -> None:
+    _mostly_succeeded(store, 3000, left=20)
+
+    counted = _plans_of(store, lambda: store.count_by_status(STUDY_ID))
+    # queued_timeout_s=0: every queued run is stale, so the stale-queued search runs
+    reconciled = _plans_of(store, lambda: store.reconcile(STUDY_ID, queued_timeout_s=0.0))
+
+    assert counted and all(INDEX in plan for plan in counted), counted
+    stale = [plan for plan in reconciled if INDEX in plan]
+    assert stale, reconciled
+    assert store.count_by_status(STUDY_ID)["success"] == 2980
