@@ -380,9 +380,13 @@ def test_a_hard_kill_gives_the_killed_childs_provider_slot_back(
 @pytest.mark.timeout(60, method="thread")
 def test_a_failed_run_during_an_outage_is_recorded_not_requeued(pg_store: ResultStore, runtime_for):
     # Given a worker that reaches PostgreSQL through a link we can cut, retrying each store
-    # call for 1 s, and a run that fails while the database is away for 1.2 s (the policy
-    # read gives up within the outage; the result write after it outlasts the outage)
+    # call for 1 s, and a run that fails while the database is away until the policy read
+    # has given up (the link comes back when the worker logs that; a timed outage raced the
+    # read's and the write's retry budgets on a loaded machine)
     link = TcpLink(PG_PORT)
+    gave_up = _RestoreOnRecord(link, "could not load the retry policy")
+    backstop = threading.Timer(10.0, link.restore)
+    logging.getLogger("studyq.worker").addHandler(gave_up)
     url = pg_store.engine.url.set(port=link.port).render_as_string(hide_password=False)
     worker_store = ResultStore(create_engine_for(url))
     try:
@@ -397,7 +401,7 @@ def test_a_failed_run_during_an_outage_is_recorded_not_requeued(pg_store: Result
 
         def outage_then_fail() -> None:
             link.cut()
-            threading.Timer(1.2, link.restore).start()
+            backstop.start()  # restores the link only if the read never gives up
             raise ValueError("bad prompt template")
 
         dist_agents.during.append(outage_then_fail)
@@ -405,13 +409,31 @@ def test_a_failed_run_during_an_outage_is_recorded_not_requeued(pg_store: Result
         outcome = run_delivery(runtime, study.specs[0].to_message(), 0)
         # Then the classification's store read failing does not drop the executed run's
         # result (the task would requeue its message as if nothing ran): it is written
+        assert gave_up.seen, "the policy read did not fail during the outage"
         assert outcome is Outcome.FAILED
         assert dist_agents.calls == [study.specs[0].seed]
         run = pg_store.find_run(study.study_id, 0)
         assert run is not None and (run.status, run.error_type) == ("failed", "ValueError")
     finally:
+        logging.getLogger("studyq.worker").removeHandler(gave_up)
+        backstop.cancel()
         worker_store.close()
         link.close()
+
+
+class _RestoreOnRecord(logging.Handler):
+    """Restores ``link`` when a log record containing ``text`` is emitted."""
+
+    def __init__(self, link: TcpLink, text: str) -> None:
+        super().__init__()
+        self.link = link
+        self.text = text
+        self.seen = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.text in record.getMessage():
+            self.seen = True
+            self.link.restore()
 
 
 @pytest.mark.timeout(90)
