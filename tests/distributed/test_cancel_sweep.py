@@ -233,5 +233,12 @@ def test_a_cancelled_run_stops_through_its_heartbeat_even_without_the_revoke(
         wait_for(store, after.study_id, lambda counts: counts["success"] == 2, timeout=10)
         assert time.monotonic() - stopped_at < 10, "the 30 s agents kept their slots"
         run_ids = [run.run_id for run in store.iter_runs(study.study_id)]
-    stopped = [line for line in worker.log.splitlines() if "is no longer this worker's" in line]
-    assert all(any(run_id in line for line in stopped) for run_id in run_ids), stopped
+
+    def stopped() -> list[str]:
+        return [line for line in worker.log.splitlines() if "is no longer this worker's" in line]
+
+    # a pool child's log line reaches the shared log file on its own schedule: wait for it
+    deadline = time.monotonic() + 5.0
+    while not all(any(run_id in line for line in stopped()) for run_id in run_ids):
+        assert time.monotonic() < deadline, (run_ids, stopped(), worker.log[-3000:])
+        time.sleep(0.1)
