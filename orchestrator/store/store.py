@@ -234,13 +234,14 @@ class ResultStore:
     # -- enqueue and claim -------------------------------------------------------------------
 
     def queue_next(
-        self, study_id: str, *, batch: int = queries.PAGE_SIZE
+        self, study_id: str, *, batch: int = queries.PAGE_SIZE, after: int = -1
     ) -> list[tuple[RunSpec, int]]:
-        """Mark the next ``batch`` planned runs queued and return their specs with their
-        attempt counts, in plan order; publish exactly those (a concurrent coordinator
-        gets other runs). Empty when no planned run is left. Call it until it is empty."""
+        """Mark the next ``batch`` planned runs past index ``after`` queued and return their
+        specs with their attempt counts, in plan order; publish exactly those (a concurrent
+        coordinator gets other runs). Empty when no planned run is left past ``after``. Call
+        it until it is empty, passing the last index of each page as the next ``after``."""
         with transaction(self.engine) as connection:
-            return attempts.queue_next(connection, study_id, batch)
+            return attempts.queue_next(connection, study_id, batch, after)
 
     def queue_runs(self, study_id: str, indices: Sequence[int]) -> list[tuple[int, int]]:
         """``planned -> queued``; returns ``(index, attempt)`` of the runs this call moved, in

@@ -117,3 +117,14 @@ def test_the_tick_reads_the_index_of_what_is_left(store: ResultStore) -> None:
     stale = [plan for plan in reconciled if INDEX in plan]
     assert stale, reconciled
     assert store.count_by_status(STUDY_ID)["success"] == 2980
+
+
+def test_paging_planned_runs_starts_past_the_last_page(store: ResultStore) -> None:
+    register(store, 10)
+
+    first = [spec.index for spec, _ in store.queue_next(STUDY_ID, batch=3)]
+    past = [spec.index for spec, _ in store.queue_next(STUDY_ID, batch=3, after=5)]
+    rest = [spec.index for spec, _ in store.queue_next(STUDY_ID, batch=10)]
+
+    assert (first, past, rest) == ([0, 1, 2], [6, 7, 8], [3, 4, 5, 9])
+    assert store.queue_next(STUDY_ID, after=-1) == []
