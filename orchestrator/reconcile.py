@@ -115,7 +115,7 @@ def enqueue_planned(
     """
     published = 0
     pages = (
-        _pages_ahead(lambda: store.queue_next(study_id, batch=batch))
+        _pages_ahead(_pages_in_plan_order(store, study_id, batch))
         if order is None
         else _pages_ahead(_pages_in_order(store, study_id, order, batch))
     )
@@ -131,6 +131,23 @@ def enqueue_planned(
         if progress is not None:
             progress.update(len(page))
     return published
+
+
+def _pages_in_plan_order(
+    store: ResultStore, study_id: str, batch: int
+) -> Callable[[], list[tuple[RunSpec, int]]]:
+    """``next_page`` for :func:`_pages_ahead` in plan order: each page starts past the last
+    index of the one before (``ResultStore.queue_next``'s ``after``)."""
+    last = -1
+
+    def next_page() -> list[tuple[RunSpec, int]]:
+        nonlocal last
+        page = store.queue_next(study_id, batch=batch, after=last)
+        if page:
+            last = page[-1][0].index
+        return page
+
+    return next_page
 
 
 def _pages_in_order(
