@@ -39,6 +39,7 @@ from orchestrator.contracts.errors import (
 
 __all__ = [
     "DEFAULT_URL",
+    "PREPARE_THRESHOLD",
     "AutocommitLane",
     "Execute",
     "create_engine_for",
@@ -215,7 +216,8 @@ def create_engine_for(url: str | URL = DEFAULT_URL, **kwargs: Any) -> Engine:
 
     Args:
         url: ``sqlite:///file.db``, ``sqlite://`` (in-memory, one shared connection) or
-            ``postgresql[+psycopg]://...``.
+            ``postgresql[+psycopg]://...``; ``?prepare_threshold=none`` for a URL that goes
+            through a transaction pooler (:data:`PREPARE_THRESHOLD`).
         **kwargs: passed to :func:`sqlalchemy.create_engine` (e.g. ``pool_size``).
 
     Raises:
@@ -234,10 +236,48 @@ def create_engine_for(url: str | URL = DEFAULT_URL, **kwargs: Any) -> Engine:
         _configure_sqlite(engine)
         return engine
     _require_driver(parsed, url)
+    prepare = _prepare_threshold(parsed)
+    if parsed.get_driver_name() == "psycopg2":  # never prepares; its DSN has no such key
+        parsed = parsed.difference_update_query([PREPARE_THRESHOLD])
     options["pool_pre_ping"] = True
     options["json_deserializer"] = _json_loads
     options.update(kwargs)
+    if prepare is not _KEEP:
+        options["connect_args"] = {**options.get("connect_args", {}), PREPARE_THRESHOLD: prepare}
     return create_engine(parsed, **options)
+
+
+PREPARE_THRESHOLD = "prepare_threshold"
+"""The URL query parameter (psycopg's own keyword) that says how soon psycopg prepares a
+statement on the server; ``?prepare_threshold=none`` never does, which a transaction pooler
+without prepared-statement support (PgBouncer before 1.21) needs: the next transaction may
+run on another server connection, where the prepared statement does not exist."""
+
+_KEEP = object()
+"""No ``prepare_threshold`` in the URL: psycopg's default (prepare after 5 executions)."""
+
+
+def _prepare_threshold(parsed: URL) -> Any:
+    """The value psycopg takes for the URL's ``prepare_threshold`` (``None`` for ``none``, an
+    integer), or :data:`_KEEP`. It stays in the URL, so an engine made again from
+    ``engine.url`` keeps it; ``connect_args`` replaces the text SQLAlchemy would pass.
+
+    Raises:
+        StoreURLError: the value is neither ``none`` nor an integer >= 0.
+    """
+    if PREPARE_THRESHOLD not in parsed.query or parsed.get_driver_name() != "psycopg":
+        return _KEEP
+    raw = parsed.query[PREPARE_THRESHOLD]
+    text = (raw[-1] if isinstance(raw, tuple) else raw).strip().lower()
+    if text in ("none", "null", ""):
+        return None
+    if text.isdigit():
+        return int(text)
+    raise StoreURLError(
+        f"Invalid {PREPARE_THRESHOLD}={text!r} in database URL {mask_url(parsed)!r}. "
+        f"Use ?{PREPARE_THRESHOLD}=none behind a transaction pooler such as PgBouncer, or a "
+        "number of executions (psycopg's default is 5)."
+    )
 
 
 _POSTGRES_DRIVERS = {
