@@ -7,7 +7,8 @@ write lock (SQLite), then finds it and reports ``created=False``. Because it is 
 transaction, nobody ever sees a half-registered study, and a crash mid-way leaves nothing.
 
 Specs are consumed from an iterator in batches of :data:`BATCH_SIZE` rows, so a
-1,000,000-run plan never sits in memory.
+1,000,000-run plan never sits in memory; on PostgreSQL each batch is streamed with ``COPY``
+in the same transaction (:mod:`orchestrator.store.bulk`).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from itertools import islice
 from typing import Any, TypeVar
 
-from sqlalchemy import insert, select, update
+from sqlalchemy import Table, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 
@@ -24,17 +25,59 @@ from orchestrator.contracts.canonical import to_jsonable
 from orchestrator.contracts.errors import StoreError, StudyConflictError
 from orchestrator.contracts.results import RunStatus
 from orchestrator.contracts.runspec import RunSpec, spec_digest
-from orchestrator.store.models import ConditionRow, RunRow, StudyRow
+from orchestrator.store.bulk import BulkWriter
+from orchestrator.store.models import Base, ConditionRow, RunRow, StudyRow
 from orchestrator.store.records import RegisterReport
 from orchestrator.store.sqltypes import db_now
 
 __all__ = ["BATCH_SIZE", "describe_difference", "register_study"]
 
 BATCH_SIZE = 5_000
-"""Rows per executemany: large enough to amortize round trips (ANCHORS.md section 3 measures
-~26,000 rows/s this way on PostgreSQL), small enough to bound memory."""
+"""Rows per ``COPY`` (PostgreSQL) or executemany (SQLite): large enough to amortize round
+trips, small enough to bound memory."""
+
+_CONDITION_COLUMNS = (
+    "study_id",
+    "position",
+    "condition_id",
+    "admissible",
+    "constraint_messages",
+    "factor_assignments",
+    "block_assignments",
+    "metadata",
+)
+_CONDITION_JSON = ("constraint_messages", "factor_assignments", "block_assignments", "metadata")
+
+_RUN_COLUMNS = (
+    "study_id",
+    "plan_index",
+    "run_id",
+    "condition_id",
+    "replicate",
+    "seed",
+    "agent_id",
+    "problem_id",
+    "agent_key",
+    "problem_key",
+    "factor_assignments",
+    "block_assignments",
+    "condition_fingerprint",
+    "spec_digest",
+    "status",
+    "attempt",
+    "attempts_used",
+    "max_attempts",
+)
+"""The columns a registered run has; every other column of ``runs`` starts ``NULL``."""
+_RUN_JSON = ("agent_id", "problem_id", "factor_assignments", "block_assignments")
+
+_PLANNED = RunStatus.PLANNED.value
 
 _T = TypeVar("_T")
+
+
+def _table(model: type[Base]) -> Table:
+    return model.metadata.tables[model.__tablename__]
 
 
 def _batched(items: Iterable[_T], size: int) -> Iterator[list[_T]]:
@@ -87,23 +130,28 @@ def register_study(
     if inserted is None:
         return _existing(connection, study_id, definition, definition_hash, plan_fingerprint)
 
+    condition_writer = BulkWriter(
+        connection, _table(ConditionRow), _CONDITION_COLUMNS, json_columns=_CONDITION_JSON
+    )
     condition_count = 0
     for condition_batch in _batched(conditions, batch_size):
-        rows = [
+        condition_rows = [
             _condition_row(study_id, condition_count + offset, condition)
             for offset, condition in enumerate(condition_batch)
         ]
-        connection.execute(insert(ConditionRow), rows)
-        condition_count += len(rows)
+        condition_writer.write(condition_rows)
+        condition_count += len(condition_rows)
 
+    run_writer = BulkWriter(connection, _table(RunRow), _RUN_COLUMNS, json_columns=_RUN_JSON)
     run_count = 0
+    jsonable = _Jsonable()
     for spec_batch in _batched(run_specs, batch_size):
-        rows = [
-            _run_row(study_id, run_count + offset, spec, max_attempts)
+        run_rows = [
+            _run_row(study_id, run_count + offset, spec, max_attempts, jsonable)
             for offset, spec in enumerate(spec_batch)
         ]
-        connection.execute(insert(RunRow), rows)
-        run_count += len(rows)
+        run_writer.write(run_rows)
+        run_count += len(run_rows)
 
     connection.execute(
         update(StudyRow)
@@ -198,22 +246,45 @@ def describe_difference(old: Any, new: Any, *, limit: int = 8) -> list[str]:
     return found
 
 
-def _condition_row(study_id: str, position: int, condition: Mapping[str, Any]) -> dict[str, Any]:
+def _condition_row(study_id: str, position: int, condition: Mapping[str, Any]) -> tuple[Any, ...]:
+    """One ``conditions`` row, in :data:`_CONDITION_COLUMNS` order."""
     if "condition_id" not in condition:
         raise StoreError(f"Condition at position {position} has no condition_id.")
-    return {
-        "study_id": study_id,
-        "position": position,
-        "condition_id": str(condition["condition_id"]),
-        "admissible": bool(condition.get("admissible", True)),
-        "constraint_messages": to_jsonable(list(condition.get("constraint_messages") or [])),
-        "factor_assignments": to_jsonable(dict(condition.get("factor_assignments") or {})),
-        "block_assignments": to_jsonable(dict(condition.get("block_assignments") or {})),
-        "metadata": to_jsonable(dict(condition.get("metadata") or {})),
-    }
+    return (
+        study_id,
+        position,
+        str(condition["condition_id"]),
+        bool(condition.get("admissible", True)),
+        to_jsonable(list(condition.get("constraint_messages") or [])),
+        to_jsonable(dict(condition.get("factor_assignments") or {})),
+        to_jsonable(dict(condition.get("block_assignments") or {})),
+        to_jsonable(dict(condition.get("metadata") or {})),
+    )
 
 
-def _run_row(study_id: str, position: int, spec: RunSpec, max_attempts: int) -> dict[str, Any]:
+class _Jsonable:
+    """``to_jsonable`` of the assignments every run of a condition shares (the same dict
+    object in each of its specs), converted once per condition: the converted object is
+    the same too, so the writer encodes it once (:class:`~orchestrator.store.bulk.BulkWriter`)."""
+
+    def __init__(self) -> None:
+        self._known: dict[int, tuple[Any, Any]] = {}
+
+    def of(self, value: Any) -> Any:
+        known = self._known.get(id(value))
+        if known is not None and known[0] is value:
+            return known[1]
+        if len(self._known) >= BATCH_SIZE:
+            self._known.clear()
+        converted = to_jsonable(value)
+        self._known[id(value)] = (value, converted)  # holding it keeps its id unique
+        return converted
+
+
+def _run_row(
+    study_id: str, position: int, spec: RunSpec, max_attempts: int, jsonable: _Jsonable
+) -> tuple[Any, ...]:
+    """One ``runs`` row, in :data:`_RUN_COLUMNS` order."""
     if spec.study_id != study_id:
         raise StoreError(
             f"Run spec {spec.run_id} belongs to study {spec.study_id!r}, not {study_id!r}."
@@ -225,23 +296,23 @@ def _run_row(study_id: str, position: int, spec: RunSpec, max_attempts: int) -> 
             "with index 0, 1, 2, ..."
         )
     message = spec.to_message()
-    return {
-        "study_id": study_id,
-        "plan_index": position,
-        "run_id": spec.run_id,
-        "condition_id": spec.condition_id,
-        "replicate": spec.replicate,
-        "seed": spec.seed,
-        "agent_id": message["agent_id"],
-        "problem_id": message["problem_id"],
-        "agent_key": spec.agent_key,
-        "problem_key": spec.problem_key,
-        "factor_assignments": message["factor_assignments"],
-        "block_assignments": message["block_assignments"],
-        "condition_fingerprint": spec.condition_fingerprint,
-        "spec_digest": spec_digest(message),
-        "status": RunStatus.PLANNED.value,
-        "attempt": 0,
-        "attempts_used": 0,
-        "max_attempts": max_attempts,
-    }
+    return (
+        study_id,
+        position,
+        spec.run_id,
+        spec.condition_id,
+        spec.replicate,
+        spec.seed,
+        message["agent_id"],
+        message["problem_id"],
+        spec.agent_key,
+        spec.problem_key,
+        jsonable.of(spec.factor_assignments),
+        jsonable.of(spec.block_assignments),
+        spec.condition_fingerprint,
+        spec_digest(message),
+        _PLANNED,
+        0,
+        0,
+        max_attempts,
+    )
