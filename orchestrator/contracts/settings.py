@@ -105,6 +105,13 @@ class Settings(BaseSettings):
     publish_batch: int = Field(
         default=1000, gt=0, description="Runs marked queued and published per transaction."
     )
+    task_sent_events: bool = Field(
+        default=False,
+        description="Send a Celery task-sent event per published run, so Flower lists runs "
+        "while they wait in the queue. Off: Flower lists each run from the worker's "
+        "task-received event on (every run, once a worker takes it), and publishing is "
+        "faster (docs/distributed.md).",
+    )
     limits_url: str | None = Field(
         default=None,
         description="Redis holding the cluster-wide provider limits (execution.limits), e.g. "

@@ -149,7 +149,7 @@ class CeleryTransport:
         *,
         queue: str,
         timeout_s: float | None,
-        sent_events: bool = True,
+        sent_events: bool | None = None,
     ) -> int:
         """Publish one ``studyq.run`` message per item, through one connection; no ETA or
         countdown is ever set. Mark the runs queued in the store first: a worker refuses a
@@ -160,7 +160,8 @@ class CeleryTransport:
             queue: The study's ``execution.queue``.
             timeout_s: The study's ``execution.timeout_s``; the prefork parent kills a run
                 still going ``time_limit_grace_s`` after it and records a timeout.
-            sent_events: Send a ``task-sent`` event per run (Flower then lists queued runs).
+            sent_events: Send a ``task-sent`` event per run (Flower then lists queued runs);
+                default ``STUDYQ_TASK_SENT_EVENTS`` (off).
 
         Raises:
             BrokerUnavailableError: the broker failed. Runs published before the failure
@@ -186,7 +187,10 @@ class CeleryTransport:
 
         try:
             return broker.publish(
-                builder, counted(items), events=sent_events, check_size=self._check_size
+                builder,
+                counted(items),
+                events=self._settings.task_sent_events if sent_events is None else sent_events,
+                check_size=self._check_size,
             )
         except (StudyError, BrokerUnavailableError):
             raise
