@@ -74,27 +74,36 @@ class BulkWriter:
         self._objects[id(value)] = (value, text)  # holding it keeps its id from being reused
         return text
 
-    def write(self, rows: Sequence[Sequence[Any]]) -> None:
-        """Insert ``rows`` (one batch: the caller bounds its size)."""
-        if not rows:
-            return
+    def write(self, batches: Iterable[Sequence[Sequence[Any]]]) -> int:
+        """Insert the rows of ``batches`` (the caller bounds a batch's size) and return how
+        many there were: on PostgreSQL
+        one ``COPY`` for all of them, so the server never waits between batches, and
+        psycopg sends its buffer as it fills; elsewhere one executemany per batch. An error
+        raised while a batch is produced aborts the ``COPY`` and propagates as it is."""
+        written = 0
         if not self.copy:
-            self.connection.execute(
-                insert(self.table), [dict(zip(self.columns, row, strict=True)) for row in rows]
-            )
-            return
+            for rows in batches:
+                if rows:
+                    self.connection.execute(
+                        insert(self.table),
+                        [dict(zip(self.columns, row, strict=True)) for row in rows],
+                    )
+                    written += len(rows)
+            return written
         driver = self.connection.connection.driver_connection
         if driver is None:  # pragma: no cover - a checked-out connection always has one
             raise RuntimeError("the connection has no driver connection")
         json_positions = self.json_positions
         try:
             with driver.cursor() as cursor, cursor.copy(self.copy_sql) as copy:
-                for row in rows:
-                    if json_positions:
-                        row = list(row)
-                        for position in json_positions:
-                            row[position] = self._json(row[position])
-                    copy.write_row(row)
+                for rows in batches:
+                    for row in rows:
+                        if json_positions:
+                            row = list(row)
+                            for position in json_positions:
+                                row[position] = self._json(row[position])
+                        copy.write_row(row)
+                    written += len(rows)
         except exc.DBAPIError:
             raise
         except Exception as error:
@@ -105,3 +114,4 @@ class BulkWriter:
             raise exc.DBAPIError.instance(
                 self.copy_sql, None, error, dbapi.Error, dialect=self.connection.dialect
             ) from error
+        return written

@@ -7,8 +7,8 @@ write lock (SQLite), then finds it and reports ``created=False``. Because it is 
 transaction, nobody ever sees a half-registered study, and a crash mid-way leaves nothing.
 
 Specs are consumed from an iterator in batches of :data:`BATCH_SIZE` rows, so a
-1,000,000-run plan never sits in memory; on PostgreSQL each batch is streamed with ``COPY``
-in the same transaction (:mod:`orchestrator.store.bulk`).
+1,000,000-run plan never sits in memory; on PostgreSQL the batches are streamed through one
+``COPY`` per table in the same transaction (:mod:`orchestrator.store.bulk`).
 """
 
 from __future__ import annotations
@@ -130,29 +130,21 @@ def register_study(
     if inserted is None:
         return _existing(connection, study_id, definition, definition_hash, plan_fingerprint)
 
-    condition_writer = BulkWriter(
-        connection, _table(ConditionRow), _CONDITION_COLUMNS, json_columns=_CONDITION_JSON
+    condition_rows = (
+        _condition_row(study_id, position, condition)
+        for position, condition in enumerate(conditions)
     )
-    condition_count = 0
-    for condition_batch in _batched(conditions, batch_size):
-        condition_rows = [
-            _condition_row(study_id, condition_count + offset, condition)
-            for offset, condition in enumerate(condition_batch)
-        ]
-        condition_writer.write(condition_rows)
-        condition_count += len(condition_rows)
-
-    run_writer = BulkWriter(connection, _table(RunRow), _RUN_COLUMNS, json_columns=_RUN_JSON)
-    run_count = 0
+    condition_count = BulkWriter(
+        connection, _table(ConditionRow), _CONDITION_COLUMNS, json_columns=_CONDITION_JSON
+    ).write(_batched(condition_rows, batch_size))
     jsonable = _Jsonable()
-    for spec_batch in _batched(run_specs, batch_size):
-        run_rows = [
-            _run_row(study_id, run_count + offset, spec, max_attempts, jsonable)
-            for offset, spec in enumerate(spec_batch)
-        ]
-        run_writer.write(run_rows)
-        run_count += len(run_rows)
-
+    run_rows = (
+        _run_row(study_id, position, spec, max_attempts, jsonable)
+        for position, spec in enumerate(run_specs)
+    )
+    run_count = BulkWriter(connection, _table(RunRow), _RUN_COLUMNS, json_columns=_RUN_JSON).write(
+        _batched(run_rows, batch_size)
+    )
     connection.execute(
         update(StudyRow)
         .where(StudyRow.study_id == study_id)
