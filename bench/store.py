@@ -34,7 +34,7 @@ statements so each rate is measured alone; runs/s is ``runs / (claim s + result 
 each store cell every run must be ``success``, or the bench stops. Reported per cell: rates,
 the ratio to the floor's UPSERT/s at the same writer count in the same repeat (median of the
 per-repeat ratios), CPU of the writers' PostgreSQL backends (``pg_stat_activity`` by
-``application_name``, ``/proc/<pid>/stat``) and of the writers, per run, and how busy the
+``application_name``, ``/proc/<pid>/schedstat``) and of the writers, per run, and how busy the
 whole machine was (``/proc/stat``). Cells alternate: modes rotate and the writer counts run
 up then down between repeats. Figures are medians of ``--repeats`` with [min-max].
 
