@@ -1,8 +1,9 @@
 """The embedded sweep: plan, register, execute on this machine, record, export.
 
-The coordinator claims runs in batches (one transaction per batch), hands the claimed specs
-to the :class:`~orchestrator.executors.embedded.EmbeddedExecutor`, and records results in
-batches through the same fenced ``finish`` transition the distributed workers use. The store
+The coordinator claims runs in batches (one transaction per batch, the next one claimed
+while the last one executes), hands the claimed specs to the
+:class:`~orchestrator.executors.embedded.EmbeddedExecutor`, and records results in batches
+through the same fenced ``finish`` transition the distributed workers use. The store
 is the source of truth: a run is done when its success is recorded, so Ctrl-C (which releases
 unfinished claims without charging an attempt) or SIGKILL (whose claims a later start
 recognises as orphaned) never loses a recorded result, and the same command resumes.
@@ -28,12 +29,20 @@ from itertools import islice
 from pathlib import Path
 from typing import Any, TypeVar
 
+from sqlalchemy import select
+
 from orchestrator.contracts.errors import StudyError
 from orchestrator.contracts.extensions import RetryPolicy
 from orchestrator.contracts.results import RunResult, RunStatus
 from orchestrator.contracts.runspec import RunSpec
 from orchestrator.contracts.settings import Settings, load_settings
-from orchestrator.executors.embedded import Claimed, EmbeddedExecutor, PoolKind, ResolverSpec
+from orchestrator.executors.embedded import (
+    Claimed,
+    EmbeddedExecutor,
+    PoolKind,
+    ResolverSpec,
+    start_process_pool_server,
+)
 from orchestrator.executors.embedded_owner import EmbeddedOwner, is_dead_embedded_owner
 from orchestrator.executors.retries import retry_delay, take_mark
 from orchestrator.executors.start_journal import StartJournal
@@ -42,7 +51,9 @@ from orchestrator.progress import Progress
 from orchestrator.store import ResultStore
 from orchestrator.store.budget_gate import after_results, describe
 from orchestrator.store.engine import transaction
+from orchestrator.store.models import RunRow
 from orchestrator.store.pausing import pause_of
+from orchestrator.store.predicates import where_status
 from orchestrator.store.records import Claim, RegisterReport, TakeBackReport
 from orchestrator.store.retries import requeue_transient
 from orchestrator.study.bindings_check import import_path_of
@@ -172,7 +183,7 @@ def register(
 
 
 def run_embedded(
-    study: Study | str | Path,
+    study: PreparedStudy | Study | str | Path,
     options: SweepOptions | None = None,
     *,
     settings: Settings | None = None,
@@ -180,22 +191,21 @@ def run_embedded(
 ) -> StudyRun:
     """Run every run of ``study`` that has no recorded success, on this machine.
 
-    ``changes`` set :class:`SweepOptions` fields over ``options``.
+    ``changes`` set :class:`SweepOptions` fields over ``options``. A :class:`PreparedStudy`
+    (a caller that checked it already, as ``studyq run`` does) is not prepared again.
     """
     options = replace(options or SweepOptions(), **changes)
     settings = settings or load_settings()
     condition_runner = options.condition_runner
-    prepared = prepare(
-        study,
-        max_bytes=settings.max_study_bytes,
-        standalone=True if condition_runner is not None else None,
-    )
+    prepared = _prepared(study, settings, standalone=condition_runner is not None)
     study = prepared.study
     url = options.db or settings.database_url
     outcome = StudyRun(study.study_id, url, prepared.summary.planned)
     if options.dry_run:
         return outcome
     jobs = options.jobs or _default_jobs(study)
+    if jobs > 1 and options.pool == "process":
+        start_process_pool_server()  # its imports overlap the registration below
     execution = study.execution
     timeout_s = options.timeout_s if options.timeout_s is not None else execution.timeout_s
     fail_fast = options.fail_fast
@@ -263,6 +273,20 @@ def run_embedded(
     return outcome
 
 
+def _prepared(
+    study: PreparedStudy | Study | str | Path, settings: Settings, *, standalone: bool
+) -> PreparedStudy:
+    """``study`` prepared; a prepared one as it is when it was prepared for the same mode
+    (a condition runner makes a study standalone)."""
+    if isinstance(study, PreparedStudy):
+        if study.standalone or not standalone:
+            return study
+        study = study.study
+    return prepare(
+        study, max_bytes=settings.max_study_bytes, standalone=True if standalone else None
+    )
+
+
 def _default_jobs(study: Study) -> int:
     if "parallelism" in study.run_budget.model_fields_set:
         return study.run_budget.parallelism
@@ -326,8 +350,13 @@ def _paused(store: ResultStore, study_id: str) -> str | None:
 
 
 def _pending_indices(store: ResultStore, study_id: str) -> set[int]:
-    statuses = [RunStatus.PLANNED.value, RunStatus.QUEUED.value]
-    return {run.index for run in store.iter_runs(study_id, statuses=statuses)}
+    """The plan indices of the runs left to run; only the index is read (whole run records,
+    their JSON decoded, cost as much as a no-op run each)."""
+    query = select(RunRow.plan_index).where(
+        RunRow.study_id == study_id, where_status(RunStatus.PLANNED, RunStatus.QUEUED)
+    )
+    with transaction(store.engine, readonly=True) as connection:
+        return set(connection.scalars(query))
 
 
 class _Recorder:
@@ -356,11 +385,15 @@ class _Recorder:
 
     def call(self, function: Callable[[], _T]) -> _T:
         """Run ``function`` on the writer thread, after the results queued before it."""
+        return self.submit(function).result()
+
+    def submit(self, function: Callable[[], _T]) -> Future[_T]:
+        """Queue ``function`` for the writer thread, after the results queued before it."""
         if self.error is not None:
             raise self.error
         future: Future[_T] = Future()
         self._queue.put((function, future))
-        return future.result()
+        return future
 
     def close(self) -> None:
         """Write everything handed in, then stop; re-raises a write failure."""
@@ -435,26 +468,42 @@ def _drive(
     claims: dict[int, Claim] = {}
     recorder = _Recorder(store)
     retries: list[tuple[float, int, RunSpec]] = []  # (due, index, spec) of re-queued runs
+    ahead: list[Future[list[Claim]]] = []  # the claim of the next batch, under way
+
+    def claim(batch: list[RunSpec]) -> Future[list[Claim]]:
+        future = recorder.submit(
+            partial(
+                store.claim_runs,
+                outcome.study_id,
+                [spec.index for spec in batch],
+                worker=executor.worker,
+                lease_s=_EMBEDDED_LEASE_S,
+                allow_planned=True,
+            )
+        )
+        ahead.append(future)
+        return future
+
+    def won(future: Future[list[Claim]]) -> None:
+        ahead.remove(future)
+        for held in future.result():
+            claims[held.index] = held
 
     def claimed(specs: Iterator[RunSpec]) -> Iterator[Claimed]:
-        while batch := list(islice(specs, _CLAIM_BATCH)):
-            won = recorder.call(
-                partial(
-                    store.claim_runs,
-                    outcome.study_id,
-                    [spec.index for spec in batch],
-                    worker=executor.worker,
-                    lease_s=_EMBEDDED_LEASE_S,
-                    allow_planned=True,
-                )
-            )
-            for claim in won:
-                claims[claim.index] = claim
+        """The runs of ``specs`` this sweep won, claimed a batch ahead of execution: the
+        writer thread claims the next batch while this one executes."""
+        batch = list(islice(specs, _CLAIM_BATCH))
+        future = claim(batch) if batch else None
+        while future is not None:
+            won(future)
+            following = list(islice(specs, _CLAIM_BATCH))
+            next_future = claim(following) if following else None
             for spec in batch:
                 if recorder.paused.is_set():
                     return  # no new run starts; the claims not handed out are released below
                 if spec.index in claims:
                     yield spec, claims[spec.index].attempt
+            batch, future = following, next_future
 
     def requeued(spec: RunSpec, result: RunResult) -> bool:
         """A transient failure with attempts left goes back to the queue (.retries)."""
@@ -508,9 +557,12 @@ def _drive(
         try:
             recorder.close()
         finally:
-            for index, claim in claims.items():
+            for future in list(ahead):  # claimed ahead, never handed out: released too
+                if future.done() and future.exception() is None:
+                    won(future)
+            for index, held in claims.items():
                 if index not in recorder.recorded:
-                    store.release_run(claim)
+                    store.release_run(held)
             claims.clear()
 
 

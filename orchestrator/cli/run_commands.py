@@ -129,7 +129,7 @@ def _run_embedded(args: argparse.Namespace) -> int:
     # On a terminal the live view of `studyq status --watch` replaces the tqdm bar.
     with live_run_view(prepared.study.study_id, args.db, show=args.progress) as live:
         outcome = run_embedded(
-            args.study,
+            prepared,  # checked above: not loaded and planned a second time
             jobs=args.jobs,
             pool="thread" if args.threads else "process",
             db=args.db,
