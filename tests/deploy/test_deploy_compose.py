@@ -19,8 +19,10 @@ import time
 import urllib.error
 import urllib.request
 import zipfile
+from configparser import ConfigParser
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import pytest
 import yaml
@@ -106,6 +108,7 @@ def test_the_stack_has_every_service(compose: dict[str, Any]) -> None:
         "db-roles",
         "migrate",
         "db-grants",
+        "pgbouncer",
         "worker",
         "flower",
         "coordinator",
@@ -157,9 +160,11 @@ def test_roles_and_migrations_run_in_order_before_anything_uses_the_database(
     assert after("db-roles") == {"postgres": "service_healthy"}
     assert after("migrate") == {"db-roles": "service_completed_successfully"}
     assert after("db-grants") == {"migrate": "service_completed_successfully"}
+    assert after("pgbouncer") == {"db-roles": "service_completed_successfully"}
     for name in ("worker", "coordinator"):
         assert after(name) == {
             "redis": "service_healthy",
+            "pgbouncer": "service_healthy",
             "migrate": "service_completed_successfully",
             "db-grants": "service_completed_successfully",
         }, name
@@ -179,6 +184,32 @@ def test_each_role_connects_as_its_own_database_role(resolved: dict[str, Any]) -
     assert user("worker") == "studyq_worker"
     assert user("migrate") == "studyq_coordinator"
     assert user("coordinator") == "studyq_coordinator"
+
+
+def test_workers_and_coordinator_go_through_pgbouncer_and_migrations_do_not(
+    resolved: dict[str, Any],
+) -> None:
+    def url(name: str) -> Any:
+        return urlsplit(_service(resolved, name)["environment"]["STUDYQ_DATABASE_URL"])
+
+    ini = ConfigParser()
+    ini.read(REPO / "deploy" / "pgbouncer" / "pgbouncer.ini")
+    assert ini["pgbouncer"]["pool_mode"] == "transaction"
+    port = int(ini["pgbouncer"]["listen_port"])
+    for name in ("worker", "coordinator"):
+        assert (url(name).hostname, url(name).port) == ("pgbouncer", port), name
+        assert parse_qs(url(name).query) == {"prepare_threshold": ["none"]}, name
+    assert (url("migrate").hostname, url("migrate").port) == ("postgres", 5432)
+    assert ini["databases"]["studyq"].split()[0] == "host=postgres"
+    pgbouncer = _service(resolved, "pgbouncer")
+    mounts = {volume.split(":")[1]: volume.split(":")[0] for volume in pgbouncer["volumes"]}
+    assert (
+        REPO / mounts["/etc/pgbouncer/pgbouncer.ini"]
+    ) == REPO / "deploy/pgbouncer/pgbouncer.ini"
+    auth_dir = ini["pgbouncer"]["auth_file"].rsplit("/", 1)[0]
+    assert any(entry.startswith(f"{auth_dir}:") for entry in pgbouncer["tmpfs"]), "on a tmpfs"
+    assert pgbouncer["entrypoint"][-1] == ini["pgbouncer"]["auth_file"]
+    assert "ports" not in pgbouncer, "reached only inside the compose network"
 
 
 def test_studyq_processes_are_configured_only_with_settings_that_exist(

@@ -6,8 +6,10 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+from configparser import ConfigParser
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import pytest
 import yaml
@@ -23,6 +25,7 @@ SETTINGS_VARIABLES = {f"STUDYQ_{name.upper()}" for name in WorkerSettings.model_
     "STUDYQ_BROKER_URL_FILE",
 }
 PLACEHOLDER = "REPLACE_ME"
+PGBOUNCER = "studyq-pgbouncer"
 
 
 @pytest.fixture(scope="module")
@@ -207,6 +210,11 @@ def test_the_migration_job_upgrades_the_schema_as_the_coordinator(
     assert container["args"] == ["db", "upgrade"]
     (secret_volume,) = [v for v in _pod(job)["volumes"] if "secret" in v]
     assert secret_volume["secret"]["secretName"] == "studyq-coordinator"
+    # directly to PostgreSQL, not through PgBouncer
+    (item,) = secret_volume["secret"]["items"]
+    assert item == {"key": "direct_database_url", "path": "database_url"}
+    url = _one(objects, "Secret", "studyq-coordinator")["stringData"][item["key"]]
+    assert urlsplit(url).hostname != PGBOUNCER and urlsplit(url).port == 5432
     assert _pod(job)["restartPolicy"] == "Never"
 
 
@@ -277,6 +285,59 @@ def test_no_secret_is_written_in_any_manifest(objects: list[dict[str, Any]]) -> 
     assert secret_leaks(planted, reference), "the scanner must find a planted password"
 
 
+# -- PgBouncer ------------------------------------------------------------------------------
+
+
+def _pgbouncer_ini(objects: list[dict[str, Any]]) -> ConfigParser:
+    parser = ConfigParser()
+    parser.read_string(_one(objects, "ConfigMap", PGBOUNCER)["data"]["pgbouncer.ini"])
+    return parser
+
+
+def test_pgbouncer_pools_transactions_with_the_settings_of_the_compose_file(
+    objects: list[dict[str, Any]],
+) -> None:
+    ini = _pgbouncer_ini(objects)
+    assert ini["pgbouncer"]["pool_mode"] == "transaction"
+    shipped = ConfigParser()
+    shipped.read(REPO / "deploy" / "pgbouncer" / "pgbouncer.ini")
+    assert dict(ini["pgbouncer"]) == dict(shipped["pgbouncer"]), "one set of settings"
+    assert set(ini["databases"]) == set(shipped["databases"]) == {"studyq"}
+    assert int(ini["pgbouncer"]["max_db_connections"]) < 100, "PostgreSQL's max_connections"
+
+
+def test_workers_and_coordinator_reach_postgresql_through_pgbouncer(
+    objects: list[dict[str, Any]],
+) -> None:
+    service = _one(objects, "Service", PGBOUNCER)
+    deployment = _one(objects, "Deployment", PGBOUNCER)
+    port = _pgbouncer_ini(objects)["pgbouncer"]["listen_port"]
+    assert service["spec"]["type"] == "ClusterIP"
+    assert service["spec"]["selector"] == deployment["spec"]["selector"]["matchLabels"]
+    assert service["spec"]["ports"][0]["port"] == int(port)
+    for name in ("studyq-worker", "studyq-coordinator"):
+        url = urlsplit(_one(objects, "Secret", name)["stringData"]["database_url"])
+        assert (url.hostname, url.port) == (PGBOUNCER, int(port)), name
+        assert parse_qs(url.query) == {"prepare_threshold": ["none"]}, name
+
+
+def test_pgbouncer_authenticates_every_role_from_its_secret(
+    objects: list[dict[str, Any]],
+) -> None:
+    container = _container(_one(objects, "Deployment", PGBOUNCER))
+    auth_file = _pgbouncer_ini(objects)["pgbouncer"]["auth_file"]
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in _pod(_one(objects, "Deployment", PGBOUNCER))["volumes"]}
+    (auth,) = [name for name, v in volumes.items() if "secret" in v]
+    assert auth_file == f"{mounts[auth]}/userlist.txt"
+    secret = _one(objects, "Secret", volumes[auth]["secret"]["secretName"])
+    users = [
+        line.split()[0].strip('"') for line in secret["stringData"]["userlist.txt"].splitlines()
+    ]
+    assert users == ["studyq_coordinator", "studyq_worker", "studyq_analyst"]
+    assert volumes[auth]["secret"]["defaultMode"] & 0o007 == 0, "not world-readable"
+
+
 # -- rendered -------------------------------------------------------------------------------
 
 
@@ -299,8 +360,11 @@ def test_kustomize_renders_the_stack_in_the_studyq_namespace(
             assert document["metadata"]["namespace"] == "studyq", document["metadata"]
     image = f"{kustomization['images'][0]['newName']}:{kustomization['images'][0]['newTag']}"
     for workload in _workloads(objects):
-        assert _container(workload)["image"] == image
-    (config_map,) = [o for o in objects if o["kind"] == "ConfigMap"]
+        if workload["metadata"]["name"] != "studyq-pgbouncer":
+            assert _container(workload)["image"] == image
+    (config_map,) = [
+        o for o in objects if o["kind"] == "ConfigMap" and o["metadata"]["name"] != PGBOUNCER
+    ]
     assert config_map["metadata"]["name"].startswith("studyq-study-"), "content-hashed"
     job = _one(objects, "Job", "studyq-coordinator")
     (study,) = [v for v in _pod(job)["volumes"] if "configMap" in v]
