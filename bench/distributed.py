@@ -1323,7 +1323,7 @@ def side_by_side(s: dict[str, Series], sizes: Sizes, only: set[str], kinds: tupl
              "a.ratio.publish", ".1f", PUBLISH_GOAL, False),
             (f"(a) whole submit {X} own `apply_async` loop", "a.ratio.total", ".1f", None,
              False),
-            ("(a) publisher CPU \u00b5s/run inside `CeleryTransport.publish` (with events)",
+            ("(a) publisher CPU \u00b5s/run inside `CeleryTransport.publish` (events as submitted)",
              "a.studyq.publish_cpu_us", ",.0f", None, True),
             ("(a) `sent_events=False` publish, runs/s", "a.studyq.quiet_rate", ",.0f", None,
              True),
