@@ -49,9 +49,12 @@ from orchestrator.contracts.conditions import condition_label
 from orchestrator.contracts.errors import StoreError, StudyqError
 from orchestrator.contracts.results import RunStatus
 from orchestrator.export_records import RunFiles
+from orchestrator.export_tables import JSON_CELLS, SpooledCsv, write_child_table
 from orchestrator.store.columns import EVALUATION_COLUMNS as STORED_EVALUATIONS
 from orchestrator.store.columns import EVENT_COLUMNS as STORED_EVENTS
 from orchestrator.store.columns import RESULT_COLUMNS
+from orchestrator.store.export_reads import iter_attempt_rows, iter_run_records
+from orchestrator.store.models import EvaluationRow, EventRow
 
 if TYPE_CHECKING:
     from orchestrator.store import ResultStore
@@ -209,20 +212,17 @@ then attempt order. ``status`` is how the attempt ended (``success``, ``failed``
 id."""
 
 
-def _attempt_rows(store: ResultStore, study_id: str) -> Iterator[dict[str, Any]]:
-    for attempt in store.iter_attempts(study_id):
-        yield {
-            "run_id": attempt.run_id,
-            "attempt": attempt.attempt,
-            "worker": attempt.worker,
-            "started": _iso(attempt.started_at),
-            "ended": _iso(attempt.ended_at),
-            "status": attempt.outcome,
-            "error_kind": attempt.error_kind,
-            "error_type": attempt.error_type,
-            "error_message": attempt.error_message,
-            "plan_index": attempt.index,
-        }
+def _write_attempts(store: ResultStore, study_id: str, path: Path) -> int:
+    count = 0
+    with path.open("w", encoding="utf-8", newline="") as handle:
+        write = csv.writer(handle).writerow
+        write(ATTEMPT_COLUMNS)
+        for run_id, attempt, worker, started, ended, *rest in iter_attempt_rows(
+            store.engine, study_id
+        ):
+            write((run_id, attempt, worker, _iso(started), _iso(ended), *rest))
+            count += 1
+    return count
 
 
 def _union(required: Sequence[str], extra_keys: Iterable[Iterable[str]]) -> list[str]:
@@ -285,17 +285,11 @@ def export_artifacts(
     runs, with_files = _write_runs(
         store, study_id, target, manifest_path, status_counts, model_ids, run_files=run_files
     )
-    evaluations = _write_csv(
-        files["evaluations.csv"],
-        _union(EVALUATION_COLUMNS, (record.row for record in store.iter_evaluations(study_id))),
-        (_table_row(record.row) for record in store.iter_evaluations(study_id)),
+    evaluations = write_child_table(
+        store.engine, EvaluationRow, STORED_EVALUATIONS, study_id, files["evaluations.csv"]
     )
-    events = _write_csv(
-        files["events.csv"],
-        _union(EVENT_COLUMNS, (record.row for record in store.iter_events(study_id))),
-        (_table_row(record.row) for record in store.iter_events(study_id)),
-    )
-    _write_csv(files["attempts.csv"], ATTEMPT_COLUMNS, _attempt_rows(store, study_id))
+    events = write_child_table(store.engine, EventRow, STORED_EVENTS, study_id, files["events.csv"])
+    _write_attempts(store, study_id, files["attempts.csv"])
     _write_json(files["hypotheses.json"], definition.get("hypotheses", []))
     _write_json(files["analysis_plan.json"], definition.get("analysis_plans", []))
 
@@ -362,10 +356,20 @@ _PREFIX = {"factor": "factor_", "block": "block_", "metric": "metric_"}
 class _ExtraColumns:
     """runs.csv's columns after the fixed ones, named once each, in first-seen order."""
 
-    def __init__(self, fixed: Iterable[str]) -> None:
+    def __init__(self, fixed: Sequence[str]) -> None:
         self.order: list[str] = []
         self._taken = set(fixed)
         self._names: dict[tuple[str, str], str] = {}
+        self._first = len(fixed)
+        self._positions: dict[tuple[str, str], int] = {}
+
+    def position(self, kind: str, key: str) -> int:
+        """The row position of :meth:`name`'s column (after the fixed columns)."""
+        known = self._positions.get((kind, key))
+        if known is None:
+            self.name(kind, key)
+            known = self._positions[(kind, key)] = self._first + len(self.order) - 1
+        return known
 
     def name(self, kind: str, key: str) -> str:
         """The column of a factor, block or metric ``key``: a factor keeps its name, a
@@ -386,12 +390,17 @@ def _flat_metrics(metrics: Mapping[str, Any], prefix: str = "") -> Iterator[tupl
     """``(name, scalar)`` of each metric: mappings flattened with ``.``, lists as JSON."""
     for key, value in metrics.items():
         name = f"{prefix}{key}"
-        if isinstance(value, Mapping) and value:
+        if type(value) in _SCALARS:  # most metrics; skips the slow Mapping checks
+            yield name, value
+        elif isinstance(value, Mapping) and value:
             yield from _flat_metrics(value, f"{name}.")
         elif isinstance(value, Mapping | list | tuple):
             yield name, canonical_json(value)
         else:
             yield name, value
+
+
+_SCALARS = frozenset((str, int, float, bool, type(None)))
 
 
 class _ByRun:
@@ -423,32 +432,32 @@ def _write_runs(
 ) -> tuple[int, int]:
     """runs.csv (through a spool file) and, with ``run_files``, each run's checkpoint and
     evidence record; returns the rows written and the runs given files."""
-    path = target / "runs.csv"
-    spool = target / ".runs.csv.spool"
     extra = _ExtraColumns(RUN_CSV_COLUMNS)
-    count = 0
-    try:
-        with (
-            spool.open("w", encoding="utf-8") as out,
-            RunFiles(target) if run_files else nullcontext() as records,
-        ):
-            # with run files: every run (the unfinished get evidence only), and each run's
-            # evaluations and events merged in from their plan-ordered streams
-            every = store.iter_runs(study_id, statuses=None if run_files else _TERMINAL)
-            runs = _terminal(every, records)
-            evaluations = _ByRun(store.iter_evaluations(study_id) if run_files else ())
-            events = _ByRun(store.iter_events(study_id) if run_files else ())
-            for run, row in _run_rows(study_id, runs, manifest_path, status_counts, model_ids):
-                if records is not None:
-                    records.write(run, row, evaluations.take(run.index), events.take(run.index))
-                row.update(_extra_cells(run, extra))
-                out.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
-                count += 1
-            written = records.written if records is not None else 0
-        with spool.open(encoding="utf-8") as spooled:
-            _write_csv(path, [*RUN_CSV_COLUMNS, *extra.order], map(json.loads, spooled))
-    finally:
-        spool.unlink(missing_ok=True)
+    assignments = _AssignmentCells(extra)
+    with (
+        SpooledCsv(target / "runs.csv") as out,
+        RunFiles(target) if run_files else nullcontext() as records,
+    ):
+        # with run files: every run (the unfinished get evidence only), and each run's
+        # evaluations and events merged in from their plan-ordered streams
+        statuses = None if run_files else _TERMINAL
+        runs = _terminal(iter_run_records(store.engine, study_id, statuses=statuses), records)
+        evaluations = _ByRun(store.iter_evaluations(study_id) if run_files else ())
+        events = _ByRun(store.iter_events(study_id) if run_files else ())
+        for run, cells in _run_rows(study_id, runs, manifest_path, status_counts, model_ids):
+            if records is not None:
+                row = dict(zip(RUN_CSV_COLUMNS, cells, strict=True))
+                records.write(run, row, evaluations.take(run.index), events.take(run.index))
+            placed = assignments(run)
+            metrics = list(_metric_cells(run, extra))
+            cells.extend([None] * len(extra.order))
+            for at, value in placed:
+                cells[at] = value
+            for at, value in metrics:
+                cells[at] = value
+            out.write(cells)
+        written = records.written if records is not None else 0
+        count = out.finish([*RUN_CSV_COLUMNS, *extra.order])
     return count, written
 
 
@@ -461,15 +470,45 @@ def _terminal(runs: Iterable[RunRecord], records: RunFiles | None) -> Iterator[R
             records.write_unfinished(run)
 
 
-def _extra_cells(run: RunRecord, extra: _ExtraColumns) -> Iterator[tuple[str, Any]]:
-    """The factor, block and metric cells of one run."""
-    for key, value in (run.factor_assignments or {}).items():
-        yield extra.name("factor", str(key)), value
-    for key, value in (run.block_assignments or {}).items():
-        yield extra.name("block", str(key)), value
+def _assignment_cells(run: RunRecord, extra: _ExtraColumns) -> list[tuple[int, Any]]:
+    """The factor and block cells of one run, by row position."""
+    cells = [
+        (extra.position("factor", str(key)), value)
+        for key, value in (run.factor_assignments or {}).items()
+    ]
+    cells.extend(
+        (extra.position("block", str(key)), value)
+        for key, value in (run.block_assignments or {}).items()
+    )
+    return cells
+
+
+class _AssignmentCells:
+    """:func:`_assignment_cells`, computed once per distinct pair of assignment mappings
+    (the reader shares one decoded mapping between the runs of a condition)."""
+
+    def __init__(self, extra: _ExtraColumns) -> None:
+        self._extra = extra
+        self._known: dict[tuple[int, int], tuple[Any, Any, list[tuple[int, Any]]]] = {}
+
+    def __call__(self, run: RunRecord) -> list[tuple[int, Any]]:
+        factors, blocks = run.factor_assignments, run.block_assignments
+        key = (id(factors), id(blocks))
+        known = self._known.get(key)
+        if known is not None and known[0] is factors and known[1] is blocks:
+            return known[2]
+        if len(self._known) >= 4096:
+            self._known.clear()
+        cells = _assignment_cells(run, self._extra)
+        self._known[key] = (factors, blocks, cells)  # holds them: their ids stay theirs
+        return cells
+
+
+def _metric_cells(run: RunRecord, extra: _ExtraColumns) -> Iterator[tuple[int, Any]]:
+    """The metric cells of one run, by row position."""
     for key, value in _flat_metrics(run.metrics or {}):
         if key not in _FIXED_RUN_COLUMNS:  # latency_s, cost_usd, ...: already a column
-            yield extra.name("metric", key), value
+            yield extra.position("metric", key), value
 
 
 def _run_rows(
@@ -478,8 +517,9 @@ def _run_rows(
     manifest_path: Path,
     status_counts: dict[str, int],
     model_ids: set[str],
-) -> Iterator[tuple[RunRecord, dict[str, Any]]]:
-    """Each run with its runs.csv row (the fixed columns, :data:`RUN_CSV_COLUMNS`)."""
+) -> Iterator[tuple[RunRecord, list[Any]]]:
+    """Each run with the cells of its runs.csv row (:data:`RUN_CSV_COLUMNS`, in order)."""
+    manifest = str(manifest_path)
     for run in runs:
         status = _UPSTREAM_STATUS.get(run.status, run.status)
         status_counts[status] = status_counts.get(status, 0) + 1
@@ -487,35 +527,42 @@ def _run_rows(
         model_name = provenance.get("model_name")
         if model_name:
             model_ids.add(str(model_name))
-        row: dict[str, Any] = {
-            "study_id": study_id,
-            "condition_id": run.condition_id,
-            "run_id": run.run_id,
-            "problem_id": run.problem_key,
-            "problem_family": provenance.get("problem_family") or "unknown",
-            "agent_id": "" if run.agent_id is None else run.agent_key,
-            "agent_kind": provenance.get("agent_kind") or "unknown",
-            "pattern_name": provenance.get("pattern_name") or "unknown",
-            "model_name": model_name or "unknown",
-            "seed": run.seed,
-            "replicate": run.replicate,
-            "status": status,
-            "start_time": _iso(run.started_at),
-            "end_time": _iso(run.ended_at),
-            "manifest_path": str(manifest_path),
-        }
-        row.update((name, cell(run)) for name, cell in _RESULT_CELLS)
-        yield run, row
+        cells: list[Any] = [
+            study_id,
+            run.condition_id,
+            run.run_id,
+            run.problem_key,
+            provenance.get("problem_family") or "unknown",
+            "" if run.agent_id is None else run.agent_key,
+            provenance.get("agent_kind") or "unknown",
+            provenance.get("pattern_name") or "unknown",
+            model_name or "unknown",
+            run.seed,
+            run.replicate,
+            status,
+            _iso(run.started_at),
+            _iso(run.ended_at),
+            *_BLANK_RESULT,
+            manifest,
+            *_BLANK_TAIL,
+        ]
+        for at, cell in _RESULT_AT:
+            cells[at] = cell(run)
+        yield run, cells
 
 
-_JSON_CELLS = (*STORED_EVALUATIONS.csv_json, *STORED_EVENTS.csv_json)
+_FIXED_AT = {name: at for at, name in enumerate(RUN_CSV_COLUMNS)}
+_RESULT_AT = tuple((_FIXED_AT[name], cell) for name, cell in _RESULT_CELLS)
+"""Where each declared result column's cell goes in a runs.csv row."""
+_BLANK_RESULT = (None,) * (_FIXED_AT["manifest_path"] - _FIXED_AT["end_time"] - 1)
+_BLANK_TAIL = (None,) * (len(RUN_CSV_COLUMNS) - _FIXED_AT["manifest_path"] - 1)
 
 
 def _table_row(row: Mapping[str, Any]) -> dict[str, Any]:
     """Mappings in the declared JSON cells (``notes_json``, ``meta_json``) as
     ``json.dumps(sort_keys=True)``, as the upstream writes raw mappings."""
     out = dict(row)
-    for key in _JSON_CELLS:
+    for key in JSON_CELLS:
         if isinstance(out.get(key), Mapping):
             out[key] = json.dumps(out[key], sort_keys=True)
     return out

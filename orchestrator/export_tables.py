@@ -1,0 +1,125 @@
+"""CSV tables whose columns are known only after their last row, written in one pass.
+
+runs.csv, events.csv and evaluations.csv have a header that depends on every row (extra
+keys, in first-seen order). Rather than reading the rows twice (once for the header, once
+for the cells) or holding them, each row is written at once with ``csv.writer`` to a spool
+file next to the table, as the cells of the columns known so far; the table is then the
+header followed by the spool, copied as bytes. Rows written before a later column appeared
+are short: only then is the spool read back and those rows padded (empty cells, what
+``csv.DictWriter`` writes for a missing key). The bytes are those ``csv.DictWriter`` (excel
+dialect) writes for the same rows.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from sqlalchemy import Engine
+
+from orchestrator.store.columns import EVALUATION_COLUMNS, EVENT_COLUMNS, ChildColumns
+from orchestrator.store.export_reads import iter_child_rows
+from orchestrator.store.models import EvaluationRow, EventRow
+
+__all__ = ["JSON_CELLS", "SpooledCsv", "write_child_table"]
+
+JSON_CELLS = frozenset((*EVALUATION_COLUMNS.csv_json, *EVENT_COLUMNS.csv_json))
+"""Cells whose mappings are written as ``json.dumps(sort_keys=True)`` (as the upstream
+writes raw mappings), in either table, declared or extra."""
+
+
+class SpooledCsv:
+    """One CSV table written through a spool file (see the module docstring)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.rows = 0
+        self._spool = path.with_name(f".{path.name}.spool")
+        self._handle = self._spool.open("w", encoding="utf-8", newline="")
+        self._write = csv.writer(self._handle).writerow
+        self._narrowest: int | None = None
+
+    def write(self, cells: Sequence[Any]) -> None:
+        """One row: a cell for each column known so far, in column order (a row with fewer
+        cells is padded at :meth:`finish`, at the cost of reading the spool back)."""
+        self._write(cells)
+        width = len(cells)
+        if self._narrowest is None or width < self._narrowest:
+            self._narrowest = width
+        self.rows += 1
+
+    def finish(self, columns: Sequence[str]) -> int:
+        """Write the table with its header ``columns``; returns the rows written."""
+        self._handle.close()
+        with self.path.open("w", encoding="utf-8", newline="") as out:
+            writer = csv.writer(out)
+            writer.writerow(columns)
+            with self._spool.open(encoding="utf-8", newline="") as spooled:
+                if self._narrowest is None or self._narrowest >= len(columns):
+                    shutil.copyfileobj(spooled, out, 1 << 20)
+                else:
+                    width = len(columns)
+                    for row in csv.reader(spooled):
+                        if len(row) < width:
+                            row.extend([""] * (width - len(row)))
+                        writer.writerow(row)
+        self._spool.unlink(missing_ok=True)
+        return self.rows
+
+    def __enter__(self) -> SpooledCsv:
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        trace: TracebackType | None,
+    ) -> None:
+        self._handle.close()
+        self._spool.unlink(missing_ok=True)
+
+
+def write_child_table(
+    store_engine: Engine,
+    table: type[EvaluationRow] | type[EventRow],
+    columns: ChildColumns,
+    study_id: str,
+    path: Path,
+) -> int:
+    """evaluations.csv or events.csv in one pass over the table: the required columns (from
+    the row's columns), then each extra key in first-seen order (a key that is a required
+    column is not repeated); returns the rows written."""
+    required = columns.csv_columns
+    position = {name: i for i, name in enumerate(required)}
+    header = list(required)
+    json_at = [position[name] for name in required if name in JSON_CELLS]
+    with SpooledCsv(path) as spool:
+        for values in iter_child_rows(store_engine, table, study_id, required):
+            extra: Mapping[str, Any] = values[-1] or {}
+            cells = values[1:-1]
+            for at in json_at:
+                if isinstance(cells[at], Mapping):
+                    cells[at] = json.dumps(cells[at], sort_keys=True)
+            for key, value in extra.items():
+                known = position.get(key)
+                if known is None:
+                    at = position[key] = len(header)
+                    header.append(key)
+                elif known < len(required):
+                    continue  # a required column keeps the row's own value
+                else:
+                    at = known
+                if len(cells) <= at:
+                    cells.extend([None] * (at + 1 - len(cells)))
+                if key in JSON_CELLS and isinstance(value, Mapping):
+                    value = json.dumps(value, sort_keys=True)
+                cells[at] = value
+            if len(cells) < len(header):
+                cells.extend([None] * (len(header) - len(cells)))
+            spool.write(cells)
+        return spool.finish(header)

@@ -1,0 +1,194 @@
+"""The exporter's reads: every run, evaluation, event and attempt of a study, as plain tuples.
+
+An export of 1,000,000 runs reads every row once, so what each row costs matters more than
+anywhere else in the store. These readers select columns (never ORM entities), page through
+the primary key (keyset pagination: bounded memory, one short read transaction per page, so
+they work through a transaction pooler too), and take JSON columns as their text and decode
+each distinct text once per page window: the factor and block assignments, agent and problem
+ids and provenance of a study repeat from run to run, and ``json.loads`` was the largest
+single cost of an export. Decoded values may be shared between rows: callers must not
+mutate them.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
+
+from sqlalchemy import JSON, Engine, Select, Text, cast, select, tuple_
+from sqlalchemy.sql.elements import ColumnElement
+
+from orchestrator.contracts.results import RunStatus
+from orchestrator.store.engine import transaction
+from orchestrator.store.models import AttemptRow, EvaluationRow, EventRow, RunRow
+from orchestrator.store.records import RunRecord
+
+__all__ = ["EXPORT_PAGE", "iter_attempt_rows", "iter_child_rows", "iter_run_records"]
+
+EXPORT_PAGE = 5_000
+"""Rows per page: large enough that a page's query overhead is noise, small enough that a
+page of runs stays a few MB."""
+
+_MEMO_LIMIT = 8_192
+"""Distinct JSON texts kept decoded; the memo is emptied when it grows past this."""
+
+
+class _Decoder:
+    """``json.loads`` of a text, remembered for texts seen before (bounded)."""
+
+    def __init__(self) -> None:
+        self._memo: dict[str, Any] = {}
+
+    def __call__(self, raw: str | None) -> Any:
+        if raw is None:
+            return None
+        try:
+            return self._memo[raw]
+        except KeyError:
+            if len(self._memo) >= _MEMO_LIMIT:
+                self._memo.clear()
+            value = self._memo[raw] = json.loads(raw)
+            return value
+
+
+def _is_json(column: ColumnElement[Any]) -> bool:
+    return isinstance(column.type, JSON)
+
+
+def _as_read(column: Any) -> ColumnElement[Any]:
+    """JSON columns as their text (decoded by :class:`_Decoder`), the others as they are."""
+    return cast(column, Text).label(column.name) if _is_json(column) else column
+
+
+def _keyset_pages(
+    engine: Engine,
+    build: Callable[[tuple[Any, ...] | None], Select[Any]],
+    width: int,
+) -> Iterator[Sequence[Any]]:
+    """Pages of ``build(last key)``; the key is each row's first ``width`` cells."""
+    last: tuple[Any, ...] | None = None
+    while True:
+        with transaction(engine, readonly=True) as connection:
+            page = connection.execute(build(last)).fetchall()
+        if not page:
+            return
+        yield page
+        last = tuple(page[-1][:width])
+
+
+def _decoding(
+    columns: Sequence[Any], repeating: frozenset[str] = frozenset()
+) -> Callable[[Sequence[Any]], list[Any]]:
+    """A function turning a fetched row into a list with its JSON cells decoded; the texts
+    of ``repeating`` columns are decoded once each (:class:`_Decoder`)."""
+    remembered = _Decoder()
+    memo = [i for i, c in enumerate(columns) if _is_json(c) and c.name in repeating]
+    plain = [i for i, c in enumerate(columns) if _is_json(c) and c.name not in repeating]
+    loads = json.loads
+
+    def convert(row: Sequence[Any]) -> list[Any]:
+        values = list(row)
+        for i in memo:
+            values[i] = remembered(values[i])
+        for i in plain:
+            raw = values[i]
+            if raw is not None:
+                values[i] = loads(raw)
+        return values
+
+    return convert
+
+
+_RUN_TABLE_COLUMNS = tuple(
+    RunRow.__table__.c["plan_index" if name == "index" else name]
+    for name in RunRecord.__dataclass_fields__
+)
+_REPEATING = frozenset(
+    ("agent_id", "problem_id", "factor_assignments", "block_assignments", "provenance")
+)
+"""Run columns whose text repeats between runs (the spec's side, and provenance); outputs and
+metrics are each run's own."""
+
+
+def iter_run_records(
+    engine: Engine,
+    study_id: str,
+    *,
+    statuses: Iterable[RunStatus | str] | None = None,
+    batch: int = EXPORT_PAGE,
+) -> Iterator[RunRecord]:
+    """Runs of a study in plan order (optionally only those in ``statuses``), as
+    :class:`RunRecord` values: the same records ``ResultStore.iter_runs`` gives."""
+    wanted = None if statuses is None else [RunStatus(status).value for status in statuses]
+    selected = [RunRow.plan_index, *(_as_read(c) for c in _RUN_TABLE_COLUMNS)]
+    convert = _decoding([RunRow.plan_index, *_RUN_TABLE_COLUMNS], _REPEATING)
+
+    def build(last: tuple[Any, ...] | None) -> Select[Any]:
+        query = select(*selected).where(RunRow.study_id == study_id)
+        if wanted is not None:
+            query = query.where(RunRow.status.in_(wanted))
+        if last is not None:
+            query = query.where(RunRow.plan_index > last[0])
+        return query.order_by(RunRow.plan_index).limit(batch)
+
+    make = RunRecord
+    for page in _keyset_pages(engine, build, 1):
+        for row in page:
+            yield make(*convert(row)[1:])
+
+
+def iter_child_rows(
+    engine: Engine,
+    table: type[EvaluationRow] | type[EventRow],
+    study_id: str,
+    names: Sequence[str],
+    *,
+    batch: int = EXPORT_PAGE,
+) -> Iterator[list[Any]]:
+    """``[plan_index, *names, extra]`` of each evaluation or event row, in plan order then
+    ``seq`` order; JSON cells (``extra`` too) decoded."""
+    columns = [table.__table__.c[name] for name in names]
+    extra = table.__table__.c.extra
+    keys = [table.__table__.c.plan_index, table.__table__.c.seq]
+    selected = [*keys, *(_as_read(c) for c in columns), _as_read(extra)]
+    convert = _decoding([*keys, *columns, extra])
+
+    def build(last: tuple[Any, ...] | None) -> Select[Any]:
+        query = select(*selected).where(table.__table__.c.study_id == study_id)
+        if last is not None:
+            query = query.where(tuple_(*keys) > tuple_(*last))
+        return query.order_by(*keys).limit(batch)
+
+    for page in _keyset_pages(engine, build, 2):
+        for row in page:
+            values = convert(row)
+            del values[1]  # seq: the order, not a cell
+            yield values
+
+
+ATTEMPT_CELLS = (
+    "run_id", "attempt", "worker", "started_at", "ended_at", "outcome", "error_kind",
+    "error_type", "error_message", "plan_index",
+)  # fmt: skip
+"""The ``run_attempts`` columns :func:`iter_attempt_rows` gives, in attempts.csv's order."""
+
+
+def iter_attempt_rows(
+    engine: Engine, study_id: str, *, batch: int = EXPORT_PAGE
+) -> Iterator[Sequence[Any]]:
+    """Each claim of each run as :data:`ATTEMPT_CELLS` (datetimes as stored: aware, UTC),
+    in plan order then attempt order."""
+    table = AttemptRow.__table__
+    keys = [table.c.plan_index, table.c.attempt]
+    selected = [*keys, *(table.c[name] for name in ATTEMPT_CELLS)]
+
+    def build(last: tuple[Any, ...] | None) -> Select[Any]:
+        query = select(*selected).where(table.c.study_id == study_id)
+        if last is not None:
+            query = query.where(tuple_(*keys) > tuple_(*last))
+        return query.order_by(*keys).limit(batch)
+
+    for page in _keyset_pages(engine, build, 2):
+        for row in page:
+            yield row[2:]
