@@ -45,7 +45,9 @@ def where_status(*statuses: RunStatus) -> ColumnElement[bool]:
     bound ``status = $1``): the scan reads what the study has left, not every run. The
     statuses are rendered as literals for the same reason (they are the enum's own values),
     which lets ``status = 'running'`` match ``ix_runs_running_lease`` as well."""
-    values = [literal_column(f"'{RunStatus(status).value}'") for status in statuses]
+    values: list[ColumnElement[Any]] = [
+        literal_column(f"'{RunStatus(status).value}'") for status in statuses
+    ]
     wanted = RunRow.status == values[0] if len(values) == 1 else RunRow.status.in_(values)
     if RunStatus.SUCCESS in statuses:
         return wanted
