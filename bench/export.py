@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -50,6 +51,7 @@ from typing import Any
 from _upstream import find_upstream_python
 from embedded import Sample, _child, _clean_env, write_study
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
 PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
 TEMPLATE_RUNS = 2000
 REPLICATE_RUNS = 200  # runs per replicate of the bench study (2 x 5 agents x 20 problems)
@@ -221,13 +223,20 @@ def backend(kind: str, work: Path) -> Iterator[str]:
             admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 
-def measure_studyq(study_id: str, url: str, runs: int, *, run_files: bool) -> Sample:
+def measure_studyq(
+    study_id: str, url: str, runs: int, *, run_files: bool, tree: Path | None = None
+) -> Sample:
+    """One export in a fresh child; ``tree``: a checkout of another studyq version whose
+    ``orchestrator`` package the child imports instead (``--before``)."""
+    env = _clean_env(keep_pythonpath=True)
+    if tree is not None:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(tree), env.get("PYTHONPATH")]))
     with tempfile.TemporaryDirectory(prefix="studyq-bench-export-") as folder:
         command = [
             sys.executable, "-c", _PEAK + _STUDYQ_CHILD, study_id, url, folder,
             "1" if run_files else "0", "0",
         ]  # fmt: skip
-        result, _ = _child(command, cwd=Path(folder), env=_clean_env(keep_pythonpath=True))
+        result, _ = _child(command, cwd=Path(folder), env=env)
     if result["runs"] != runs:
         raise RuntimeError(f"export wrote {result['runs']} runs, expected {runs}")
     return Sample(float(result["seconds"]), runs, float(result["hwm_mb"]), result)
@@ -282,6 +291,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--backends", default="sqlite,postgresql")
     parser.add_argument("--no-upstream", action="store_true", help="skip upstream's export")
     parser.add_argument("--no-run-files", action="store_true", help="skip the full export")
+    parser.add_argument(
+        "--before",
+        metavar="COMMIT",
+        help="also measure the export of this commit (its orchestrator/, from git archive)",
+    )
     parser.add_argument("--profile", choices=("sqlite", "postgresql"), help="cProfile once")
     args = parser.parse_args(argv)
     if args.runs <= 0 or args.runs % REPLICATE_RUNS:
@@ -301,6 +315,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             replicates=args.runs // REPLICATE_RUNS,
             agent="noop",
         )
+        before = _checkout(args.before, work) if args.before else None
         with contextmanager_stack(kinds, work) as urls:
             configs: list[Config] = []
             for kind, url in urls.items():
@@ -317,6 +332,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                     seconds, peak = result["seconds"], result["hwm_mb"]
                     print(f"{seconds:.2f} s, peak RSS {peak:.0f} MB (under cProfile)")
                     return 0
+                if before is not None:
+                    label = f"studyq {args.before[:7]} {kind}, --no-run-files"
+                    configs.append(Config(label, _bind(study_id, url, runs, False, before)))
                 configs.append(
                     Config(f"studyq {kind}, --no-run-files", _bind(study_id, url, runs, False))
                 )
@@ -347,8 +365,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def _bind(study_id: str, url: str, runs: int, run_files: bool) -> Callable[[], Sample]:
-    return lambda: measure_studyq(study_id, url, runs, run_files=run_files)
+def _bind(
+    study_id: str, url: str, runs: int, run_files: bool, tree: Path | None = None
+) -> Callable[[], Sample]:
+    return lambda: measure_studyq(study_id, url, runs, run_files=run_files, tree=tree)
+
+
+def _checkout(commit: str, work: Path) -> Path:
+    """``orchestrator/`` and ``workers/`` of ``commit``, extracted under ``work``."""
+    tree = work / f"tree-{commit[:12]}"
+    tree.mkdir()
+    archive = subprocess.run(
+        ["git", "-C", str(REPO_ROOT), "archive", commit, "orchestrator", "workers"],
+        capture_output=True,
+        check=True,
+    ).stdout
+    subprocess.run(["tar", "-x", "-C", str(tree)], input=archive, check=True)
+    return tree
 
 
 @contextmanager

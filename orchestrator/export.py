@@ -441,7 +441,13 @@ def _write_runs(
         # with run files: every run (the unfinished get evidence only), and each run's
         # evaluations and events merged in from their plan-ordered streams
         statuses = None if run_files else _TERMINAL
-        runs = _terminal(iter_run_records(store.engine, study_id, statuses=statuses), records)
+        every = iter_run_records(
+            store.engine,
+            study_id,
+            statuses=statuses,
+            without=() if run_files else ("outputs",),  # only a checkpoint holds them
+        )
+        runs = _terminal(every, records)
         evaluations = _ByRun(store.iter_evaluations(study_id) if run_files else ())
         events = _ByRun(store.iter_events(study_id) if run_files else ())
         for run, cells in _run_rows(study_id, runs, manifest_path, status_counts, model_ids):

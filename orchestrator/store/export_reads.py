@@ -16,7 +16,7 @@ import json
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
-from sqlalchemy import JSON, Engine, Select, Text, cast, select, tuple_
+from sqlalchemy import JSON, Engine, Select, Text, cast, null, select, tuple_
 from sqlalchemy.sql.elements import ColumnElement
 
 from orchestrator.contracts.results import RunStatus
@@ -116,12 +116,24 @@ def iter_run_records(
     study_id: str,
     *,
     statuses: Iterable[RunStatus | str] | None = None,
+    without: Iterable[str] = (),
     batch: int = EXPORT_PAGE,
 ) -> Iterator[RunRecord]:
     """Runs of a study in plan order (optionally only those in ``statuses``), as
-    :class:`RunRecord` values: the same records ``ResultStore.iter_runs`` gives."""
+    :class:`RunRecord` values: the same records ``ResultStore.iter_runs`` gives.
+
+    ``without`` names JSON columns the caller does not read (runs.csv has no cell for
+    ``outputs``, which can be a model's whole answer): they are not fetched, and are None.
+    """
     wanted = None if statuses is None else [RunStatus(status).value for status in statuses]
-    selected = [RunRow.plan_index, *(_as_read(c) for c in _RUN_TABLE_COLUMNS)]
+    skipped = set(without)
+    unknown = skipped - {c.name for c in _RUN_TABLE_COLUMNS if _is_json(c)}
+    if unknown:
+        raise ValueError(f"not JSON columns of runs: {sorted(unknown)}")
+    selected = [
+        RunRow.plan_index,
+        *(null().label(c.name) if c.name in skipped else _as_read(c) for c in _RUN_TABLE_COLUMNS),
+    ]
     convert = _decoding([RunRow.plan_index, *_RUN_TABLE_COLUMNS], _REPEATING)
 
     def build(last: tuple[Any, ...] | None) -> Select[Any]:

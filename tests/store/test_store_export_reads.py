@@ -7,8 +7,10 @@ once; these tests pin that the values (key order included) are those of ``iter_r
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
+import pytest
 from store_factories import STUDY_ID, claim, make_result, queue_all, register
 
 from orchestrator.contracts.results import RunStatus
@@ -72,3 +74,13 @@ def test_attempt_rows_equal_the_stores_records(store: ResultStore) -> None:
     got = [tuple(row) for row in iter_attempt_rows(store.engine, STUDY_ID, batch=2)]
     assert got == expected
     assert len(got) == 5
+
+
+def test_columns_left_out_are_none_and_the_rest_unchanged(store: ResultStore) -> None:
+    _finish_some(store)
+    expected = list(store.iter_runs(STUDY_ID))
+    got = list(iter_run_records(store.engine, STUDY_ID, without=("outputs",)))
+    assert [r.outputs for r in got] == [None] * len(expected)
+    assert [replace(r, outputs=None) for r in expected] == got
+    with pytest.raises(ValueError, match="seed"):
+        next(iter_run_records(store.engine, STUDY_ID, without=("seed",)))
