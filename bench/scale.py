@@ -25,6 +25,7 @@ drain of 50,000 runs within 10 % of the rate at 5,000).
 
     .venv/bin/python bench/scale.py --sizes 10000,100000 --save scale.json
     .venv/bin/python bench/scale.py --sizes 1000000 --save scale-1m.json   # ~40 min here
+    .venv/bin/python bench/scale.py --sizes 1000000 --no-drain               # submit side only
     .venv/bin/python bench/scale.py --drain-only 5000,50000 --repeats 3
     .venv/bin/python bench/scale.py --from scale.json scale-1m.json        # tables again
 
@@ -245,7 +246,9 @@ def drain(
     return {"drain_s": seconds, "drain_rate": n / seconds}
 
 
-def one_size(svc: Services, n: int, *, pool: str, concurrency: int) -> dict[str, float]:
+def one_size(
+    svc: Services, n: int, *, pool: str, concurrency: int, drained: bool = True
+) -> dict[str, float]:
     broker = svc.brokers["redis"]
     queue = broker.queue("scale")
     study_id = f"scale-{n}-{uuid.uuid4().hex[:6]}"
@@ -259,6 +262,10 @@ def one_size(svc: Services, n: int, *, pool: str, concurrency: int) -> dict[str,
     row["db_b_submitted"] = (_db_bytes(svc) - bytes0) / n
     print(f"# {n:,}: submitted in {submit['seconds']:.1f} s", file=sys.stderr, flush=True)
     row.update({f"{k}_0": v for k, v in measure_tick(svc, broker, study_id, queue).items()})
+    if not drained:  # --no-drain: the submit side only
+        row["count_ms"] = measure_count(svc, study_id)
+        broker.drop(queue)
+        return row
     updates0, hot0 = _hot_share(svc)
     wal1 = _wal_lsn(svc)
     row.update(drain(svc, broker, study_id, queue, n, pool=pool, concurrency=concurrency))
@@ -379,6 +386,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", default="10000,100000", help="runs per study, comma-separated")
     parser.add_argument("--drain-only", default="", help="only drain rates at these sizes")
     parser.add_argument("--repeats", type=int, default=3, help="--drain-only: repeats (3)")
+    parser.add_argument(
+        "--no-drain", action="store_true", help="submit, tick and count only (no workers)"
+    )
     parser.add_argument("--pool", default="prefork", choices=("prefork", "threads"))
     parser.add_argument("--concurrency", type=int, default=2)
     parser.add_argument("--redis-db", type=int, default=12)
@@ -401,7 +411,15 @@ def main(argv: list[str] | None = None) -> int:
             output = drain_table(rows)
         else:
             for n in (int(size) for size in args.sizes.split(",")):
-                rows.append(one_size(svc, n, pool=args.pool, concurrency=args.concurrency))
+                rows.append(
+                    one_size(
+                        svc,
+                        n,
+                        pool=args.pool,
+                        concurrency=args.concurrency,
+                        drained=not args.no_drain,
+                    )
+                )
                 if args.save:
                     Path(args.save).write_text(json.dumps({"rows": rows}, indent=1))
             output = table(rows)
