@@ -348,9 +348,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if python is None:
                     print("no upstream interpreter: upstream row skipped", file=sys.stderr)
                 else:
+                    seeds = write_study(  # upstream executes one replicate, copied to --runs
+                        work / "upstream-seeds.yaml", "bench-export", replicates=1, agent="noop"
+                    )
                     base = Config(
                         "upstream export_canonical_artifacts (in-memory results)",
-                        lambda: measure_upstream(python, study, args.runs),
+                        lambda: measure_upstream(python, seeds, args.runs),
                     )
                     configs.insert(0, base)
             for round_ in range(1, args.repeats + 1):
