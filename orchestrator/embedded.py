@@ -1,9 +1,8 @@
 """The embedded sweep: plan, register, execute on this machine, record, export.
 
-The coordinator claims runs in batches (one transaction per batch, the next one claimed
-while the last one executes), hands the claimed specs to the
-:class:`~orchestrator.executors.embedded.EmbeddedExecutor`, and records results in batches
-through the same fenced ``finish`` transition the distributed workers use. The store
+The coordinator claims runs in batches (one transaction per batch), hands the claimed specs
+to the :class:`~orchestrator.executors.embedded.EmbeddedExecutor`, and records results in
+batches through the same fenced ``finish`` transition the distributed workers use. The store
 is the source of truth: a run is done when its success is recorded, so Ctrl-C (which releases
 unfinished claims without charging an attempt) or SIGKILL (whose claims a later start
 recognises as orphaned) never loses a recorded result, and the same command resumes.
@@ -36,13 +35,7 @@ from orchestrator.contracts.extensions import RetryPolicy
 from orchestrator.contracts.results import RunResult, RunStatus
 from orchestrator.contracts.runspec import RunSpec
 from orchestrator.contracts.settings import Settings, load_settings
-from orchestrator.executors.embedded import (
-    Claimed,
-    EmbeddedExecutor,
-    PoolKind,
-    ResolverSpec,
-    start_process_pool_server,
-)
+from orchestrator.executors.embedded import Claimed, EmbeddedExecutor, PoolKind, ResolverSpec
 from orchestrator.executors.embedded_owner import EmbeddedOwner, is_dead_embedded_owner
 from orchestrator.executors.retries import retry_delay, take_mark
 from orchestrator.executors.start_journal import StartJournal
@@ -204,8 +197,6 @@ def run_embedded(
     if options.dry_run:
         return outcome
     jobs = options.jobs or _default_jobs(study)
-    if jobs > 1 and options.pool == "process":
-        start_process_pool_server()  # its imports overlap the registration below
     execution = study.execution
     timeout_s = options.timeout_s if options.timeout_s is not None else execution.timeout_s
     fail_fast = options.fail_fast
@@ -385,15 +376,11 @@ class _Recorder:
 
     def call(self, function: Callable[[], _T]) -> _T:
         """Run ``function`` on the writer thread, after the results queued before it."""
-        return self.submit(function).result()
-
-    def submit(self, function: Callable[[], _T]) -> Future[_T]:
-        """Queue ``function`` for the writer thread, after the results queued before it."""
         if self.error is not None:
             raise self.error
         future: Future[_T] = Future()
         self._queue.put((function, future))
-        return future
+        return future.result()
 
     def close(self) -> None:
         """Write everything handed in, then stop; re-raises a write failure."""
@@ -468,42 +455,26 @@ def _drive(
     claims: dict[int, Claim] = {}
     recorder = _Recorder(store)
     retries: list[tuple[float, int, RunSpec]] = []  # (due, index, spec) of re-queued runs
-    ahead: list[Future[list[Claim]]] = []  # the claim of the next batch, under way
-
-    def claim(batch: list[RunSpec]) -> Future[list[Claim]]:
-        future = recorder.submit(
-            partial(
-                store.claim_runs,
-                outcome.study_id,
-                [spec.index for spec in batch],
-                worker=executor.worker,
-                lease_s=_EMBEDDED_LEASE_S,
-                allow_planned=True,
-            )
-        )
-        ahead.append(future)
-        return future
-
-    def won(future: Future[list[Claim]]) -> None:
-        ahead.remove(future)
-        for held in future.result():
-            claims[held.index] = held
 
     def claimed(specs: Iterator[RunSpec]) -> Iterator[Claimed]:
-        """The runs of ``specs`` this sweep won, claimed a batch ahead of execution: the
-        writer thread claims the next batch while this one executes."""
-        batch = list(islice(specs, _CLAIM_BATCH))
-        future = claim(batch) if batch else None
-        while future is not None:
-            won(future)
-            following = list(islice(specs, _CLAIM_BATCH))
-            next_future = claim(following) if following else None
+        while batch := list(islice(specs, _CLAIM_BATCH)):
+            won = recorder.call(
+                partial(
+                    store.claim_runs,
+                    outcome.study_id,
+                    [spec.index for spec in batch],
+                    worker=executor.worker,
+                    lease_s=_EMBEDDED_LEASE_S,
+                    allow_planned=True,
+                )
+            )
+            for claim in won:
+                claims[claim.index] = claim
             for spec in batch:
                 if recorder.paused.is_set():
                     return  # no new run starts; the claims not handed out are released below
                 if spec.index in claims:
                     yield spec, claims[spec.index].attempt
-            batch, future = following, next_future
 
     def requeued(spec: RunSpec, result: RunResult) -> bool:
         """A transient failure with attempts left goes back to the queue (.retries)."""
@@ -557,12 +528,9 @@ def _drive(
         try:
             recorder.close()
         finally:
-            for future in list(ahead):  # claimed ahead, never handed out: released too
-                if future.done() and future.exception() is None:
-                    won(future)
-            for index, held in claims.items():
+            for index, claim in claims.items():
                 if index not in recorder.recorded:
-                    store.release_run(held)
+                    store.release_run(claim)
             claims.clear()
 
 

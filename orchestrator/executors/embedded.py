@@ -10,9 +10,8 @@ charges an attempt only to the claims that really started.
 
 ``jobs=1`` executes in the calling process (no pickling, no IPC: the cheapest path, and the
 ancestor's default); ``pool="process"`` uses a process pool whose workers build the study's
-resolver once and execute chunks of runs, sized from the run times so far
-(:mod:`.chunking`); ``pool="thread"`` uses threads, for I/O-bound agents (API calls) whose
-cost is waiting.
+resolver once and execute chunks of runs; ``pool="thread"`` uses threads, for I/O-bound
+agents (API calls) whose cost is waiting.
 
 Time limits: in-process and process-pool runs execute on their process's main thread under
 the timer the workers use too (:class:`~orchestrator.contracts.interrupt.MainThreadInterrupt`),
@@ -26,7 +25,6 @@ with threads only agents that use the ``seed``/``rng`` they are handed are deter
 from __future__ import annotations
 
 import multiprocessing
-import multiprocessing.forkserver
 import os
 import signal
 import sys
@@ -52,19 +50,11 @@ from orchestrator.contracts.interrupt import MainThreadInterrupt
 from orchestrator.contracts.results import RunResult
 from orchestrator.contracts.runspec import RunSpec
 from orchestrator.contracts.worker_api import RunResolver, worker_entry, worker_module
-from orchestrator.executors.chunking import ChunkSizer
 from orchestrator.executors.embedded_owner import EmbeddedOwner, process_alive
 from orchestrator.executors.retries import mark_transient
 from orchestrator.executors.start_journal import StartLog
 
-__all__ = [
-    "Claimed",
-    "EmbeddedExecutor",
-    "PoolKind",
-    "ResolverSpec",
-    "start_process_pool_server",
-    "worker_name",
-]
+__all__ = ["Claimed", "EmbeddedExecutor", "PoolKind", "ResolverSpec", "worker_name"]
 
 PoolKind = Literal["process", "thread"]
 
@@ -169,10 +159,8 @@ def _init_process(
     _process_state["retry_on"] = retry_on
 
 
-def _run_chunk(items: list[tuple[int, dict[str, Any]]]) -> tuple[list[RunResult], float]:
-    """Execute ``(attempt, message)`` items in order, noting each start in the journal;
-    returns the results and the seconds they took (what the next chunk is sized from)."""
-    started = time.perf_counter()
+def _run_chunk(items: list[tuple[int, dict[str, Any]]]) -> list[RunResult]:
+    """Execute ``(attempt, message)`` items in order, noting each start in the journal."""
     resolver: RunResolver = _process_state["resolver"]
     timeout_s: float | None = _process_state["timeout_s"]
     interrupt: MainThreadInterrupt | None = _process_state["interrupt"]
@@ -191,23 +179,10 @@ def _run_chunk(items: list[tuple[int, dict[str, Any]]]) -> tuple[list[RunResult]
         results.append(
             _execute(spec, resolver, timeout_s, worker, interrupt, _process_state["retry_on"])
         )
-    return results, time.perf_counter() - started
+    return results
 
 
 # --- coordinator side ------------------------------------------------------------------
-
-
-def _process_context() -> Any:
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload([worker_module("execute_run"), "numpy"])
-    return context
-
-
-def start_process_pool_server() -> None:
-    """Start the forkserver now, so that it imports the run code and NumPy while the caller
-    plans and registers the study, instead of the first chunk waiting for it (~0.5 s)."""
-    _process_context()
-    multiprocessing.forkserver.ensure_running()
 
 
 class EmbeddedExecutor:
@@ -235,8 +210,7 @@ class EmbeddedExecutor:
         self.jobs = jobs
         self.pool: PoolKind | Literal["inline"] = "inline" if jobs == 1 else pool
         self.timeout_s = timeout_s
-        self.chunk_size = chunk_size
-        """Runs per message to a pool process; None sizes them from the run times so far."""
+        self.chunk_size = chunk_size or (8 if self.pool == "process" else 1)
         self._resolver_spec = resolver_spec
         self._executor: Executor | None = None
         self._resolver: RunResolver | None = None
@@ -251,9 +225,11 @@ class EmbeddedExecutor:
     def __enter__(self) -> EmbeddedExecutor:
         if self.pool == "process":
             _check_picklable(self._resolver_spec)
+            context = multiprocessing.get_context("forkserver")
+            context.set_forkserver_preload([worker_module("execute_run"), "numpy"])
             self._executor = ProcessPoolExecutor(
                 max_workers=self.jobs,
-                mp_context=_process_context(),
+                mp_context=context,
                 initializer=_init_process,
                 initargs=(
                     self._resolver_spec,
@@ -308,13 +284,12 @@ class EmbeddedExecutor:
             return
         assert self._executor is not None
         iterator = iter(runs)
-        in_flight: dict[Future[tuple[list[RunResult], float]], list[RunSpec]] = {}
+        in_flight: dict[Future[list[RunResult]], list[RunSpec]] = {}
         limit = self.jobs * 2
-        sizer = ChunkSizer(first=self.chunk_size or 1)
         exhausted = False
         while True:
             while not exhausted and not self._stopped.is_set() and len(in_flight) < limit:
-                chunk = list(islice(iterator, self.chunk_size or sizer.size))
+                chunk = list(islice(iterator, self.chunk_size))
                 if not chunk:
                     exhausted = True
                     break
@@ -323,11 +298,9 @@ class EmbeddedExecutor:
                 return
             done, _ = wait(in_flight, return_when=FIRST_COMPLETED)
             for future in done:
-                results, seconds = future.result()
-                sizer.observe(len(results), seconds)
-                yield in_flight.pop(future), results
+                yield in_flight.pop(future), future.result()
 
-    def _submit(self, chunk: list[Claimed]) -> Future[tuple[list[RunResult], float]]:
+    def _submit(self, chunk: list[Claimed]) -> Future[list[RunResult]]:
         assert self._executor is not None
         if self.pool == "process":
             items = [(attempt, spec.to_message()) for spec, attempt in chunk]
@@ -338,16 +311,15 @@ class EmbeddedExecutor:
         if self._starts is not None:
             self._starts.started(spec.index, attempt)
 
-    def _run_threaded(self, chunk: list[Claimed]) -> tuple[list[RunResult], float]:
+    def _run_threaded(self, chunk: list[Claimed]) -> list[RunResult]:
         assert self._resolver is not None
-        started = time.perf_counter()
         results = []
         for spec, attempt in chunk:
             self._started(spec, attempt)
             results.append(
                 _execute(spec, self._resolver, self.timeout_s, self.worker, None, self.retry_on)
             )
-        return results, time.perf_counter() - started
+        return results
 
     def _inline(self, runs: Iterable[Claimed]) -> Iterator[tuple[list[RunSpec], list[RunResult]]]:
         assert self._resolver is not None
