@@ -14,7 +14,7 @@ from typing import Any
 
 from orchestrator.contracts.canonical import to_jsonable
 
-__all__ = ["RunSpec", "spec_digest"]
+__all__ = ["RunSpec", "SpecTexts", "spec_digest"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,3 +103,93 @@ def spec_digest(message: dict[str, Any]) -> str:
     cost two thirds of the digest, computed once per run at registration and per delivery.
     """
     return hashlib.sha256(_encode_canonical(message).encode("utf-8")).hexdigest()
+
+
+_encode_message = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+"""How a message body encodes a spec (``orchestrator.contracts.wire``)."""
+_plain_str = json.encoder.encode_basestring  # what ``_encode_message`` writes for a str
+_ascii_str = json.encoder.encode_basestring_ascii  # what ``_encode_canonical`` writes
+
+_TEXTS_LIMIT = 10_000
+"""Distinct shared values :class:`SpecTexts` keeps encoded; past this many it starts over."""
+
+
+class SpecTexts:
+    """The JSON texts of many specs' messages: the body text (``to_message()`` encoded as
+    the wire encodes it) and :func:`spec_digest`, the same strings as encoding each
+    ``to_message()`` whole, for a fraction of the work.
+
+    The specs of one plan share their condition's assignment mappings and their agent and
+    problem values (the same objects run after run), and encoding those was most of the cost
+    of a message (about two thirds of a digest). Each shared value is encoded once, keyed by
+    its identity (held, so the identity stays its own): callers must not mutate a spec's
+    values between calls. A spec whose scalar fields are not plain ``str``/``int`` is
+    encoded whole.
+    """
+
+    def __init__(self) -> None:
+        self._known: dict[int, tuple[Any, str, str]] = {}
+
+    def _shared(self, value: Any) -> tuple[str, str]:
+        """``value`` converted as ``to_message`` converts it, encoded both ways."""
+        kind = type(value)
+        if kind is str:
+            return _plain_str(value), _ascii_str(value)
+        if kind is int or value is None:
+            text = "null" if value is None else int.__repr__(value)
+            return text, text
+        known = self._known.get(id(value))
+        if known is not None and known[0] is value:
+            return known[1], known[2]
+        if len(self._known) >= _TEXTS_LIMIT:
+            self._known.clear()
+        converted = to_jsonable(value)
+        texts = (value, _encode_message(converted), _encode_canonical(converted))
+        self._known[id(value)] = texts
+        return texts[1], texts[2]
+
+    def _plain(self, spec: RunSpec) -> bool:
+        return (
+            type(spec.study_id) is str
+            and type(spec.run_id) is str
+            and type(spec.condition_id) is str
+            and type(spec.condition_fingerprint) is str
+            and type(spec.replicate) is int
+            and type(spec.seed) is int
+            and type(spec.index) is int
+        )
+
+    def message(self, spec: RunSpec) -> str:
+        """``spec.to_message()`` as the run message's body encodes it."""
+        if not self._plain(spec):
+            return _encode_message(spec.to_message())
+        agent = self._shared(spec.agent_id)[0]
+        problem = self._shared(spec.problem_id)[0]
+        factors = self._shared(spec.factor_assignments)[0]
+        blocks = self._shared(spec.block_assignments)[0]
+        return (
+            f'{{"study_id":{_plain_str(spec.study_id)},"run_id":{_plain_str(spec.run_id)},'
+            f'"condition_id":{_plain_str(spec.condition_id)},"replicate":{spec.replicate},'
+            f'"seed":{spec.seed},"agent_id":{agent},"problem_id":{problem},'
+            f'"factor_assignments":{factors},"block_assignments":{blocks},'
+            f'"index":{spec.index},'
+            f'"condition_fingerprint":{_plain_str(spec.condition_fingerprint)}}}'
+        )
+
+    def digest(self, spec: RunSpec) -> str:
+        """``spec_digest(spec.to_message())``."""
+        if not self._plain(spec):
+            return spec_digest(spec.to_message())
+        agent = self._shared(spec.agent_id)[1]
+        problem = self._shared(spec.problem_id)[1]
+        factors = self._shared(spec.factor_assignments)[1]
+        blocks = self._shared(spec.block_assignments)[1]
+        text = (  # the keys in sorted order, as ``_encode_canonical`` writes them
+            f'{{"agent_id":{agent},"block_assignments":{blocks},'
+            f'"condition_fingerprint":{_ascii_str(spec.condition_fingerprint)},'
+            f'"condition_id":{_ascii_str(spec.condition_id)},"factor_assignments":{factors},'
+            f'"index":{spec.index},"problem_id":{problem},"replicate":{spec.replicate},'
+            f'"run_id":{_ascii_str(spec.run_id)},"seed":{spec.seed},'
+            f'"study_id":{_ascii_str(spec.study_id)}}}'
+        )
+        return hashlib.sha256(text.encode("utf-8")).hexdigest()

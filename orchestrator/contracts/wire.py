@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 from typing import Any, NamedTuple
 
-from orchestrator.contracts.runspec import RunSpec
+from orchestrator.contracts.runspec import RunSpec, SpecTexts
 
 __all__ = [
     "CONTENT_ENCODING",
@@ -74,6 +74,7 @@ def describe_run(spec: RunSpec, label: str) -> str:
 
 _EMBED: dict[str, Any] = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
 _encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+_EMBED_TEXT = _encode(_EMBED)
 
 
 class RunMessageParts(NamedTuple):
@@ -93,13 +94,18 @@ def run_message(
     label: str,
     origin: str,
     time_limit: list[float | None],
+    texts: SpecTexts | None = None,
 ) -> RunMessageParts:
     """The run message of ``spec`` published for ``attempt``: what the coordinator publishes
-    and what a worker re-publishes for a retry, built in one place so both are the same."""
+    and what a worker re-publishes for a retry, built in one place so both are the same.
+
+    ``texts``: a publisher of many runs passes one :class:`SpecTexts` for all of them, so
+    what their specs share is encoded once; the body is the same either way."""
     task_id = task_id_for(spec, attempt)
     argsrepr = describe_run(spec, label)
     kwargsrepr = f"run={spec.run_id} index={spec.index} attempt={attempt} seed={spec.seed}"
-    body = _encode([[], {"spec": spec.to_message(), "attempt": attempt}, _EMBED])
+    spec_text = (texts or SpecTexts()).message(spec)
+    body = f'[[],{{"spec":{spec_text},"attempt":{int(attempt)}}},{_EMBED_TEXT}]'
     headers: dict[str, Any] = {
         "lang": "py",
         "task": TASK_NAME,

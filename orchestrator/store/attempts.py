@@ -52,7 +52,7 @@ from orchestrator.store.models import (
     RunRow,
     StudyRow,
 )
-from orchestrator.store.predicates import FENCE, fence_params, in_chunks, where_status
+from orchestrator.store.predicates import FENCE, fence_params, in_chunks, index_in, where_status
 from orchestrator.store.records import Claim, spec_from_row
 from orchestrator.store.sqltypes import db_now, db_now_plus
 
@@ -90,7 +90,7 @@ def queue_runs(
                 update(RunRow)
                 .where(
                     RunRow.study_id == study_id,
-                    RunRow.plan_index.in_(chunk),
+                    index_in(chunk),
                     RunRow.status == RunStatus.PLANNED.value,
                 )
                 .values(status=RunStatus.QUEUED.value, queued_at=db_now())

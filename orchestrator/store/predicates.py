@@ -23,6 +23,7 @@ __all__ = [
     "IN_CHUNK",
     "fence_params",
     "in_chunks",
+    "index_in",
     "where_filters",
     "where_lease_expired",
     "where_run",
@@ -139,6 +140,21 @@ def where_filters(where: Mapping[str, Any] | None) -> list[ColumnElement[bool]]:
             field = RunRow.factor_assignments
             clauses.append(or_(*(json_field_equals(field, key, to_jsonable(v)) for v in values)))
     return clauses
+
+
+def index_in(chunk: Sequence[int]) -> ColumnElement[bool]:
+    """``runs.plan_index`` among ``chunk`` (one of :func:`in_chunks`): a range when the
+    chunk is a run of consecutive indices in order (what a submit's pages are), which binds
+    two parameters instead of one per index; at 1,000 a page the driver parsing and the
+    compiler rendering the ``IN`` list took a third of the marking thread's time."""
+    first = chunk[0] if chunk else 0
+    if (
+        chunk
+        and chunk[-1] - first == len(chunk) - 1
+        and list(chunk) == list(range(first, first + len(chunk)))
+    ):
+        return RunRow.plan_index.between(first, chunk[-1])
+    return RunRow.plan_index.in_(chunk)
 
 
 def in_chunks(indices: Sequence[int]) -> Iterable[Sequence[int]]:

@@ -24,7 +24,7 @@ from sqlalchemy.engine import Connection
 from orchestrator.contracts.canonical import to_jsonable
 from orchestrator.contracts.errors import StoreError, StudyConflictError
 from orchestrator.contracts.results import RunStatus
-from orchestrator.contracts.runspec import RunSpec, spec_digest
+from orchestrator.contracts.runspec import RunSpec, SpecTexts
 from orchestrator.store.bulk import BulkWriter
 from orchestrator.store.models import Base, ConditionRow, RunRow, StudyRow
 from orchestrator.store.records import RegisterReport
@@ -137,9 +137,9 @@ def register_study(
     condition_count = BulkWriter(
         connection, _table(ConditionRow), _CONDITION_COLUMNS, json_columns=_CONDITION_JSON
     ).write(_batched(condition_rows, batch_size))
-    jsonable = _Jsonable()
+    jsonable, texts = _Jsonable(), SpecTexts()
     run_rows = (
-        _run_row(study_id, position, spec, max_attempts, jsonable)
+        _run_row(study_id, position, spec, max_attempts, jsonable, texts)
         for position, spec in enumerate(run_specs)
     )
     run_count = BulkWriter(connection, _table(RunRow), _RUN_COLUMNS, json_columns=_RUN_JSON).write(
@@ -274,7 +274,12 @@ class _Jsonable:
 
 
 def _run_row(
-    study_id: str, position: int, spec: RunSpec, max_attempts: int, jsonable: _Jsonable
+    study_id: str,
+    position: int,
+    spec: RunSpec,
+    max_attempts: int,
+    jsonable: _Jsonable,
+    texts: SpecTexts,
 ) -> tuple[Any, ...]:
     """One ``runs`` row, in :data:`_RUN_COLUMNS` order."""
     if spec.study_id != study_id:
@@ -287,7 +292,6 @@ def _run_row(
             "order; the store keys runs by plan index, so specs must be passed in plan order "
             "with index 0, 1, 2, ..."
         )
-    message = spec.to_message()
     return (
         study_id,
         position,
@@ -295,14 +299,14 @@ def _run_row(
         spec.condition_id,
         spec.replicate,
         spec.seed,
-        message["agent_id"],
-        message["problem_id"],
+        jsonable.of(spec.agent_id),
+        jsonable.of(spec.problem_id),
         spec.agent_key,
         spec.problem_key,
         jsonable.of(spec.factor_assignments),
         jsonable.of(spec.block_assignments),
         spec.condition_fingerprint,
-        spec_digest(message),
+        texts.digest(spec),
         _PLANNED,
         0,
         0,

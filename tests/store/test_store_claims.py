@@ -35,6 +35,20 @@ def test_queue_runs_moves_planned_runs_once(store: ResultStore) -> None:
     assert run is not None and run.queued_at is not None
 
 
+def test_queue_runs_takes_exactly_the_named_runs_as_a_range_or_a_list(store: ResultStore) -> None:
+    """Consecutive indices in order are marked through a range, others through a list: both
+    move exactly the runs named, never a neighbour."""
+    register(store, 12)
+
+    assert store.queue_runs(STUDY_ID, [3, 4, 5]) == [(3, 0), (4, 0), (5, 0)]  # a range
+    assert store.queue_runs(STUDY_ID, [7, 9]) == [(7, 0), (9, 0)]  # a gap
+    assert store.queue_runs(STUDY_ID, [11, 10]) == [(10, 0), (11, 0)]  # out of order
+    assert store.queue_runs(STUDY_ID, [0, 0, 1]) == [(0, 0), (1, 0)]  # a repeat, same length
+    assert store.queue_runs(STUDY_ID, [1, 2, 3]) == [(2, 0)]  # the others were queued
+    queued = {i for i in range(12) if store.find_run(STUDY_ID, i).status == "queued"}  # type: ignore[union-attr]
+    assert queued == {0, 1, 2, 3, 4, 5, 7, 9, 10, 11}
+
+
 def test_queue_next_marks_pages_of_planned_runs_queued_in_plan_order(store: ResultStore) -> None:
     register(store, 7)
     store.mark_queued(STUDY_ID, [2])

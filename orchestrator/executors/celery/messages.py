@@ -22,7 +22,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from orchestrator.contracts.runspec import RunSpec
+from orchestrator.contracts.runspec import RunSpec, SpecTexts
 from orchestrator.contracts.wire import CONTENT_ENCODING, CONTENT_TYPE, TASK_NAME, run_message
 
 __all__ = ["DeliveryTags", "MessageBuilder", "RunMessage"]
@@ -169,6 +169,7 @@ class MessageBuilder:
         self.origin = origin
         self.time_limit = [hard_limit_s, None]
         self._template: _EnvelopeTemplate | None = None
+        self._texts = SpecTexts()  # what the runs of one publish share, encoded once
 
     @staticmethod
     def sent_event(
@@ -230,6 +231,11 @@ class MessageBuilder:
     def build(self, spec: RunSpec, attempt: int, label: str) -> RunMessage:
         """The message for ``spec`` published for ``attempt``."""
         task_id, body, headers, argsrepr, kwargsrepr = run_message(
-            spec, attempt, label=label, origin=self.origin, time_limit=self.time_limit
+            spec,
+            attempt,
+            label=label,
+            origin=self.origin,
+            time_limit=self.time_limit,
+            texts=self._texts,
         )
         return RunMessage(task_id, body, headers, argsrepr, kwargsrepr, self.queue)
