@@ -54,10 +54,10 @@ raw tasks record their completions in Redis on either broker (``bench/_raw_app.p
     pre-enqueued count: raw Celery no-op tasks (``bench/_raw_app.py``: JSON,
     ``task_ignore_result``, each task records its completion with one pipelined Redis round
     trip, as in ANCHORS) with studyq's delivery settings (``acks_late``, prefetch 1).
-    ``--extras`` adds: studyq with durable claims; raw Celery with Celery's defaults
-    (prefetch 4, ``acks_late`` off); the ANCHORS "stack floor" (raw tasks that each UPSERT
-    one row into PostgreSQL in their own transaction); raw no-op tasks with task events on
-    (flushed as stock Celery does).
+    Also, the peer of issue 14's goal: the ANCHORS "stack floor" (raw tasks that each
+    UPSERT one row into PostgreSQL in their own transaction). ``--extras`` adds: studyq with
+    durable claims; raw Celery with Celery's defaults (prefetch 4, ``acks_late`` off); raw
+    no-op tasks with task events on (flushed as stock Celery does).
 (c) **2,000 runs that sleep 20 ms** (the ``sleep`` demo agent, factor ``sleep_s``) on
     ``-P threads -c 32``, same clock, against raw Celery 20 ms sleep tasks on the same pool
     (``--extras``: and with task events on) and the ideal ``2000 * 0.02 / 32 = 1.25 s``.
@@ -111,7 +111,7 @@ PG_ADMIN_URL = f"postgresql+psycopg://postgres@{HOST}:5432/postgres"
 
 PUBLISH_GOAL = 8.0  # publish part x the apply_async loop (issue 14)
 SUBMIT_GOAL = 5.0  # whole submit (prepare + register + publish) x the apply_async loop
-NOOP_GOAL = 0.5  # x raw Celery no-op rate
+NOOP_GOAL = 1.0  # x raw Celery + one PostgreSQL UPSERT per task, the stack floor (issue 14)
 SLEEP_GOAL = 0.8  # x raw Celery 20 ms rate
 SLEEP_S = 0.02
 THREADS = 32
@@ -991,6 +991,11 @@ def run(args: argparse.Namespace) -> int:
                         raw("noop", sizes.noop, "prefork", PREFORK, 1, True),
                     ),
                     Step("b.studyq", "studyq noop", studyq("noop", sizes.noop, "prefork", PREFORK)),
+                    Step(  # the peer of issue 14's (b) goal
+                        "b.floor",
+                        "raw + PG upsert (acks_late, prefetch 1)",
+                        raw("upsert", sizes.noop, "prefork", PREFORK, 1, True),
+                    ),
                 ],
                 "c": [
                     Step(
@@ -1016,11 +1021,6 @@ def run(args: argparse.Namespace) -> int:
                         "b.raw_default",
                         "raw no-op (prefetch 4, acks_late off)",
                         raw("noop", sizes.noop, "prefork", PREFORK, 4, False),
-                    ),
-                    Step(
-                        "b.floor",
-                        "raw + PG upsert (acks_late, prefetch 1)",
-                        raw("upsert", sizes.noop, "prefork", PREFORK, 1, True),
                     ),
                     Step(
                         "b.raw_events",
@@ -1103,7 +1103,7 @@ def goals_missed(s: dict[str, Series], only: set[str]) -> list[str]:
         missed.append("(a) publish")
     if "a" in only and s["a.ratio.total"].median < SUBMIT_GOAL:
         missed.append("(a) whole submit")
-    if "b" in only and s["b.ratio.raw_same"].median < NOOP_GOAL:
+    if "b" in only and s["b.ratio.floor"].median < NOOP_GOAL:
         missed.append("(b) no-op")
     if "c" in only and s["c.ratio"].median < SLEEP_GOAL:
         missed.append("(c) 20 ms sleep")
@@ -1227,7 +1227,7 @@ def report(s: dict[str, Series], sizes: Sizes, only: set[str], label: str = "Red
             _row(
                 "raw Celery no-op, studyq's delivery settings (acks_late, prefetch 1)",
                 rate("b.raw_same.rate"), span("b.raw_same.rate"),
-                ratio("b.ratio.raw_same", NOOP_GOAL, pct=True), cpu("b.raw_same"), "",
+                ratio("b.ratio.raw_same", pct=True), cpu("b.raw_same"), "",
             ),
             *opt("b.raw_default", lambda: _row(
                 "raw Celery no-op, Celery's defaults (prefetch 4, acks_late off)",
@@ -1237,7 +1237,8 @@ def report(s: dict[str, Series], sizes: Sizes, only: set[str], label: str = "Red
             *opt("b.floor", lambda: _row(
                 "raw Celery + one PostgreSQL UPSERT per task in its own transaction "
                 "(ANCHORS stack floor; acks_late, prefetch 1)",
-                rate("b.floor.rate"), span("b.floor.rate"), ratio("b.ratio.floor", pct=True),
+                rate("b.floor.rate"), span("b.floor.rate"),
+                ratio("b.ratio.floor", NOOP_GOAL, pct=True),
                 cpu("b.floor"), med("b.floor.pg_cpu_ms", ".2f"),
             )),
             *opt("b.raw_events", lambda: _row(
@@ -1321,8 +1322,8 @@ def side_by_side(s: dict[str, Series], sizes: Sizes, only: set[str], kinds: tupl
              "a.studyq.total_rate", ",.0f", None, True),
             (f"(a) publish part {X} own `apply_async` loop (goal {GE} {PUBLISH_GOAL:.0f}{X})",
              "a.ratio.publish", ".1f", PUBLISH_GOAL, False),
-            (f"(a) whole submit {X} own `apply_async` loop", "a.ratio.total", ".1f", None,
-             False),
+            (f"(a) whole submit {X} own `apply_async` loop (goal {GE} {SUBMIT_GOAL:.0f}{X})",
+             "a.ratio.total", ".1f", SUBMIT_GOAL, False),
             ("(a) publisher CPU \u00b5s/run inside `CeleryTransport.publish` (events as submitted)",
              "a.studyq.publish_cpu_us", ",.0f", None, True),
             ("(a) `sent_events=False` publish, runs/s", "a.studyq.quiet_rate", ",.0f", None,
@@ -1338,8 +1339,11 @@ def side_by_side(s: dict[str, Series], sizes: Sizes, only: set[str], kinds: tupl
              "b.raw_same.rate", ",.0f", None, True),
             (f"(b) studyq no-op runs, {sizes.noop:,}, runs/s", "b.studyq.rate", ",.0f", None,
              True),
-            (f"(b) studyq as % of own raw Celery (goal {GE} {NOOP_GOAL:.0%})",
-             "b.ratio.raw_same", "%", NOOP_GOAL, False),
+            ("(b) studyq as % of own raw Celery", "b.ratio.raw_same", "%", None, False),
+            ("(b) raw Celery + one PostgreSQL UPSERT per task, tasks/s", "b.floor.rate",
+             ",.0f", None, True),
+            (f"(b) studyq as % of raw Celery + one UPSERT (goal {GE} {NOOP_GOAL:.0%})",
+             "b.ratio.floor", "%", NOOP_GOAL, False),
             ("(b) worker CPU ms/task, studyq", "b.studyq.worker_cpu_ms", ".2f", None, True),
             ("(b) worker CPU ms/task, raw Celery", "b.raw_same.worker_cpu_ms", ".2f", None,
              True),
