@@ -18,6 +18,7 @@ both read back alike with ``json.load``), as this writes three small files per r
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -59,10 +60,18 @@ REDACTED = "[REDACTED]"
 
 
 _MAYBE_SENSITIVE = re.compile(
-    r"api|authorization|bearer|secret|credential|password|private|token|sk-|gh[pousr]_"
+    r"api|authorization|bearer|secret|credential|password|private"
+    r"|(?:access|refresh)[_ -]?token|sk-|gh[pousr]_|\\u"
 )
-"""A lowercased JSON text without any of these has nothing :func:`redact` would change
-(every sensitive key and text pattern contains one), so the walk is skipped."""
+"""A lowercased JSON text (ASCII-escaped) without any of these has nothing :func:`redact`
+would change (every sensitive key, normalized or not, and every text pattern contains one),
+so the walk is skipped. Any escaped non-ASCII character walks too: ``str.lower`` maps a few
+of them to ASCII letters (the Kelvin sign to ``k``). A bare ``token`` is not one: the
+``input_tokens`` / ``output_tokens`` metrics of every LLM run would make every record walk."""
+_MAYBE_SENSITIVE_TEXT = re.compile(
+    r"(?i)bearer|api[_ -]?key|access[_ -]?token|refresh[_ -]?token|sk-|gh[pousr]_"
+)
+"""A string none of :data:`_SENSITIVE_TEXT` can change lacks all of these."""
 
 
 def _compact(payload: Any) -> str:
@@ -73,6 +82,7 @@ def _compact(payload: Any) -> str:
     )
 
 
+@functools.lru_cache(maxsize=4096)  # the keys of a study's records repeat run after run
 def _sensitive(key: str) -> bool:
     normalized = key.strip().lower().replace("-", "_").replace(" ", "_")
     return normalized in _SENSITIVE_KEYS or normalized.endswith(_SENSITIVE_SUFFIXES)
@@ -87,7 +97,7 @@ def redact(value: Any) -> Any:
         }
     if isinstance(value, list):
         return [redact(item) for item in value]
-    if isinstance(value, str):
+    if isinstance(value, str) and _MAYBE_SENSITIVE_TEXT.search(value):
         for pattern in _SENSITIVE_TEXT:
             value = pattern.sub(REDACTED, value)
     return value

@@ -1,0 +1,36 @@
+"""The evidence records' redaction shortcut: a record is written without the redaction walk
+only when the walk could not change it, and the usual LLM metrics do not force the walk."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from orchestrator.export_records import _MAYBE_SENSITIVE, _compact, redact
+
+KEYS = (
+    "api_key", "API-KEY", " Authorization ", "bearer_token", "client_secret", "credential",
+    "credentials", "Password", "private_key", "refresh_token", "Refresh Token", "secret",
+    "access_token", "access-token", "openai_api_key", "my_access_token", "db_password",
+    "x_secret", "aws_credentials", "ssh_private_key", "access_to\u212aen", "s\u212aey",
+    "input_tokens", "output_tokens", "token", "tokens_per_s", "prompt", "latency_s",
+)  # fmt: skip
+TEXTS = (
+    "Bearer abc.def", "bearer\tzzz", "API key: 123", "access-token=xyz", "refresh token : q",
+    "sk-abcdefghijklmno", "ghp_abcdefghijklmnopqrstuvwxyz", "GHP_abcdefghijklmnopqrstuv",
+    "plain words", "tokens: 12", "", "é \u212a", "see api docs",
+)  # fmt: skip
+
+
+@pytest.mark.parametrize(("key", "text"), list(itertools.product(KEYS, TEXTS)))
+def test_a_record_redaction_would_change_is_never_skipped(key: str, text: str) -> None:
+    record = {"metrics": {key: 1, "note": text}, "observations": [{key: text}], key: [text]}
+    if redact(record) != record:
+        assert _MAYBE_SENSITIVE.search(_compact(record).lower()), (key, text)
+
+
+def test_token_counts_alone_skip_the_walk() -> None:
+    record = {"metrics": {"input_tokens": 10, "output_tokens": 3, "cost_usd": 0.1}}
+    assert not _MAYBE_SENSITIVE.search(_compact(record).lower())
+    assert redact(record) == record
