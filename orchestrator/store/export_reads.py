@@ -2,8 +2,9 @@
 
 An export of 1,000,000 runs reads every row once, so what each row costs matters more than
 anywhere else in the store. These readers select columns (never ORM entities), page through
-the primary key (keyset pagination: bounded memory, one short read transaction per page, so
-they work through a transaction pooler too), and take JSON columns as their text and decode
+the primary key (keyset pagination within windows of plan indices: bounded memory, bounded
+work per statement whatever the planner's statistics, one short read transaction per page,
+so they work through a transaction pooler too), and take JSON columns as their text and decode
 each distinct text once per page window: the factor and block assignments, agent and problem
 ids and provenance of a study repeat from run to run, and ``json.loads`` was the largest
 single cost of an export. Decoded values may be shared between rows: callers must not
@@ -20,8 +21,8 @@ from sqlalchemy import JSON, Engine, Select, Text, cast, null, select, tuple_
 from sqlalchemy.sql.elements import ColumnElement
 
 from orchestrator.contracts.results import RunStatus
-from orchestrator.store.engine import transaction
 from orchestrator.store.models import AttemptRow, EvaluationRow, EventRow, RunRow
+from orchestrator.store.queries import plan_pages
 from orchestrator.store.records import RunRecord
 
 __all__ = ["EXPORT_PAGE", "iter_attempt_rows", "iter_child_rows", "iter_run_records"]
@@ -61,20 +62,12 @@ def _as_read(column: Any) -> ColumnElement[Any]:
     return cast(column, Text).label(column.name) if _is_json(column) else column
 
 
-def _keyset_pages(
-    engine: Engine,
-    build: Callable[[tuple[Any, ...] | None], Select[Any]],
-    width: int,
-) -> Iterator[Sequence[Any]]:
-    """Pages of ``build(last key)``; the key is each row's first ``width`` cells."""
-    last: tuple[Any, ...] | None = None
-    while True:
-        with transaction(engine, readonly=True) as connection:
-            page = connection.execute(build(last)).fetchall()
-        if not page:
-            return
-        yield page
-        last = tuple(page[-1][:width])
+def _first(row: Sequence[Any]) -> tuple[Any, ...]:
+    return (row[0],)
+
+
+def _first_two(row: Sequence[Any]) -> tuple[Any, ...]:
+    return (row[0], row[1])
 
 
 def _decoding(
@@ -136,16 +129,18 @@ def iter_run_records(
     ]
     convert = _decoding([RunRow.plan_index, *_RUN_TABLE_COLUMNS], _REPEATING)
 
-    def build(last: tuple[Any, ...] | None) -> Select[Any]:
-        query = select(*selected).where(RunRow.study_id == study_id)
+    def build(low: int, high: int, last: tuple[Any, ...] | None) -> Select[Any]:
+        query = select(*selected).where(
+            RunRow.study_id == study_id, RunRow.plan_index >= low, RunRow.plan_index < high
+        )
         if wanted is not None:
             query = query.where(RunRow.status.in_(wanted))
         if last is not None:
             query = query.where(RunRow.plan_index > last[0])
-        return query.order_by(RunRow.plan_index).limit(batch)
+        return query.order_by(RunRow.plan_index)
 
     make = RunRecord
-    for page in _keyset_pages(engine, build, 1):
+    for page in plan_pages(engine, RunRow.__table__, study_id, build, _first, batch):
         for row in page:
             yield make(*convert(row)[1:])
 
@@ -166,13 +161,15 @@ def iter_child_rows(
     selected = [*keys, *(_as_read(c) for c in columns), _as_read(extra)]
     convert = _decoding([*keys, *columns, extra])
 
-    def build(last: tuple[Any, ...] | None) -> Select[Any]:
-        query = select(*selected).where(table.__table__.c.study_id == study_id)
+    def build(low: int, high: int, last: tuple[Any, ...] | None) -> Select[Any]:
+        query = select(*selected).where(
+            table.__table__.c.study_id == study_id, keys[0] >= low, keys[0] < high
+        )
         if last is not None:
             query = query.where(tuple_(*keys) > tuple_(*last))
-        return query.order_by(*keys).limit(batch)
+        return query.order_by(*keys)
 
-    for page in _keyset_pages(engine, build, 2):
+    for page in plan_pages(engine, table.__table__, study_id, build, _first_two, batch):
         for row in page:
             values = convert(row)
             del values[1]  # seq: the order, not a cell
@@ -195,12 +192,14 @@ def iter_attempt_rows(
     keys = [table.c.plan_index, table.c.attempt]
     selected = [*keys, *(table.c[name] for name in ATTEMPT_CELLS)]
 
-    def build(last: tuple[Any, ...] | None) -> Select[Any]:
-        query = select(*selected).where(table.c.study_id == study_id)
+    def build(low: int, high: int, last: tuple[Any, ...] | None) -> Select[Any]:
+        query = select(*selected).where(
+            table.c.study_id == study_id, keys[0] >= low, keys[0] < high
+        )
         if last is not None:
             query = query.where(tuple_(*keys) > tuple_(*last))
-        return query.order_by(*keys).limit(batch)
+        return query.order_by(*keys)
 
-    for page in _keyset_pages(engine, build, 2):
+    for page in plan_pages(engine, table, study_id, build, _first_two, batch):
         for row in page:
             yield row[2:]

@@ -84,3 +84,31 @@ def test_columns_left_out_are_none_and_the_rest_unchanged(store: ResultStore) ->
     assert [replace(r, outputs=None) for r in expected] == got
     with pytest.raises(ValueError, match="seed"):
         next(iter_run_records(store.engine, STUDY_ID, without=("seed",)))
+
+
+def test_pages_cross_windows_with_no_rows_and_runs_with_more_rows_than_a_page(
+    store: ResultStore,
+) -> None:
+    """Pages go by windows of plan indices: a window whose runs are all unfinished reads
+    nothing and the next window follows; a run with more child rows than a page continues
+    in the same window."""
+    register(store, 9)
+    queue_all(store)
+    for index in (0, 1, 7, 8):  # indices 2-6 stay queued: windows [2, 4) and [4, 6) empty
+        won = claim(store, index)
+        result = make_result(won)
+        if index == 7:
+            many = [{"event_type": "step", "text": f"e{i}", "meta_json": {}} for i in range(5)]
+            result = replace(result, events=many)
+        assert store.finish_run(won, result)
+    finished = list(iter_run_records(store.engine, STUDY_ID, statuses=("success",), batch=2))
+    assert [run.index for run in finished] == [0, 1, 7, 8]
+    names = EVENT_COLUMNS.csv_columns
+    expected = [
+        [record.index, *(getattr(record, name) for name in names), record.extra]
+        for record in store.iter_events(STUDY_ID)
+    ]
+    got = list(iter_child_rows(store.engine, EventRow, STUDY_ID, names, batch=2))
+    assert got == expected
+    assert [row[0] for row in got] == [0, 1, 7, 7, 7, 7, 7, 8]
+    assert list(iter_run_records(store.engine, "no-such-study")) == []
