@@ -139,6 +139,8 @@ class ExportReport:
 def _iso(value: datetime | None) -> str | None:
     if value is None:
         return None
+    if value.tzinfo is UTC:  # what the store returns: no conversion to make
+        return value.isoformat()
     if value.tzinfo is None:
         value = value.replace(tzinfo=UTC)
     return value.astimezone(UTC).isoformat()
