@@ -159,14 +159,21 @@ class SpecTexts:
             and type(spec.index) is int
         )
 
+    def _values(self, spec: RunSpec, form: int) -> tuple[str, str, str, str]:
+        """The agent, problem, factor and block texts: ``form`` 0 as the body writes them,
+        1 as the digest does."""
+        return (
+            self._shared(spec.agent_id)[form],
+            self._shared(spec.problem_id)[form],
+            self._shared(spec.factor_assignments)[form],
+            self._shared(spec.block_assignments)[form],
+        )
+
     def message(self, spec: RunSpec) -> str:
         """``spec.to_message()`` as the run message's body encodes it."""
         if not self._plain(spec):
             return _encode_message(spec.to_message())
-        agent = self._shared(spec.agent_id)[0]
-        problem = self._shared(spec.problem_id)[0]
-        factors = self._shared(spec.factor_assignments)[0]
-        blocks = self._shared(spec.block_assignments)[0]
+        agent, problem, factors, blocks = self._values(spec, 0)
         return (
             f'{{"study_id":{_plain_str(spec.study_id)},"run_id":{_plain_str(spec.run_id)},'
             f'"condition_id":{_plain_str(spec.condition_id)},"replicate":{spec.replicate},'
@@ -180,10 +187,7 @@ class SpecTexts:
         """``spec_digest(spec.to_message())``."""
         if not self._plain(spec):
             return spec_digest(spec.to_message())
-        agent = self._shared(spec.agent_id)[1]
-        problem = self._shared(spec.problem_id)[1]
-        factors = self._shared(spec.factor_assignments)[1]
-        blocks = self._shared(spec.block_assignments)[1]
+        agent, problem, factors, blocks = self._values(spec, 1)
         text = (  # the keys in sorted order, as ``_encode_canonical`` writes them
             f'{{"agent_id":{agent},"block_assignments":{blocks},'
             f'"condition_fingerprint":{_ascii_str(spec.condition_fingerprint)},'
