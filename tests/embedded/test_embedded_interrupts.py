@@ -40,14 +40,14 @@ EXIT_INTERRUPTED = 130
 RUNS = 400
 
 
-def _slow_study(path: Path, study_id: str, runs: int = RUNS) -> Path:
-    """``runs`` runs of the counting agent, 10 ms each."""
+def _slow_study(path: Path, study_id: str, runs: int = RUNS, sleep_s: float = 0.01) -> Path:
+    """``runs`` runs of the counting agent, ``sleep_s`` each."""
     return write_study(
         path,
         {
             "study_id": study_id,
             "title": "Interrupted sweep",
-            "factors": [factor("arm", "a", "b"), factor("sleep_s", 0.01)],
+            "factors": [factor("arm", "a", "b"), factor("sleep_s", sleep_s)],
             "agent_specs": ["counted"],
             "problem_ids": ["noop"],
             "design_spec": {"kind": "full_factorial"},
@@ -161,7 +161,9 @@ def test_ctrl_c_exits_130_keeps_results_and_the_same_command_completes(
     same command completes the sweep without executing a recorded run again."""
     study_id = f"ctrl-c-{jobs}"
     runs = 120
-    study = _slow_study(tmp_path / "study.yaml", study_id, runs)
+    # 50 ms runs: after the 30th success the sweep has seconds left, not a fraction of one,
+    # so a loaded machine's slow polls cannot let it finish before the Ctrl-C lands
+    study = _slow_study(tmp_path / "study.yaml", study_id, runs, sleep_s=0.05)
     calls_file = tmp_path / "calls.txt"
     command = ["run", str(study), "--db", db_url, "--jobs", str(jobs)]
 
