@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,6 +19,12 @@ import pytest
 from _services import ServiceSupplier
 
 from workers import bindings
+
+# A suite started in the background by a shell without job control inherits SIGINT (and
+# SIGQUIT) ignored, and every process it starts inherits that too: the tests that press
+# Ctrl-C would then see it ignored. They test a terminal's default, so restore it.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(scope="session")
