@@ -425,8 +425,7 @@ def study_status(
             budget = state_of(store, info)
             status.dispatch, status.dispatch_fix = budget.line, budget.fix
             if detail:
-                status.by = {by: store.count_by(info.study_id, by) for by in
-                             ("condition", "agent", "problem")}  # fmt: skip
+                status.by = store.count_by_each(info.study_id)
                 status.by["condition"] = _by_label(
                     status.by["condition"], _labels(store.iter_conditions(info.study_id))
                 )

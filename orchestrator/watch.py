@@ -173,7 +173,7 @@ def read_snapshot(store: ResultStore, info: StudyInfo, *, lease_s: float) -> Sna
     study_id = info.study_id
     with transaction(store.engine, readonly=True) as connection:
         counts = queries.count_by_status(connection, study_id)
-        by = {name: queries.count_by(connection, study_id, name) for name in queries.GROUP_COLUMNS}
+        by = queries.count_by_each(connection, study_id)
         labelled = _by_label(
             by["condition"], condition_labels(connection, study_id, by["condition"])
         )

@@ -24,10 +24,10 @@ JSON. Values are JSONB on PostgreSQL, except where key order is data and plain `
 keeps it (see :data:`~orchestrator.store.sqltypes.OrderedJSONType`).
 
 Indexes are chosen for a 1,000,000-run study: ``(study_id, status, plan_index)`` over the
-runs that did not succeed serves progress counts (succeeded = ``studies.run_count`` minus
-the rest) and the plan-order scans of one status (enqueue, cancel, resubmit), so their cost
-follows what is left of a study, not what is done; a partial index over running rows serves
-lease expiry, and ``(study_id, run_id)`` serves lookups by id (revision 0006).
+runs that did not succeed serves the plan-order scans of one status (enqueue, cancel,
+resubmit, lease expiry), so their cost follows what is left of a study, not what is done,
+and ``(study_id, run_id)`` serves lookups by id (revision 0006). Progress counts read
+``study_counts``, which triggers keep as runs change status (revision 0007).
 """
 
 from __future__ import annotations
@@ -74,6 +74,7 @@ __all__ = [
     "EventRow",
     "PauseRow",
     "RunRow",
+    "StudyCountRow",
     "StudyRow",
 ]
 
@@ -158,6 +159,28 @@ class PauseRow(Base):
     """What tripped it: spent and limits (budget), failed/window and the top error (breaker)."""
 
 
+class StudyCountRow(Base):
+    """How many of a study's runs are in each status, kept by triggers on ``runs`` (v0007),
+    so a count costs a few rows however large the study is.
+
+    On PostgreSQL every backend adds its own deltas to its own row (``shard`` is its
+    ``pg_backend_pid()``): concurrent workers never wait on one another's counter, and a
+    study's count is the sum of its rows. The rows of backends that have gone are folded
+    into shard 0 by the reconcile tick (:func:`orchestrator.store.counts.fold`). SQLite has one
+    writer and writes shard 0 only. Runs are only ever deleted with their study, which takes
+    its counts with it.
+    """
+
+    __tablename__ = "study_counts"
+
+    study_id: Mapped[str] = mapped_column(
+        String, ForeignKey("studies.study_id", ondelete="CASCADE"), primary_key=True
+    )
+    shard: Mapped[int] = mapped_column(Integer, primary_key=True)
+    status: Mapped[str] = mapped_column(String, primary_key=True)
+    n: Mapped[int] = mapped_column(BigInteger)
+
+
 class ConditionRow(Base):
     """One condition of the design, in design order (inadmissible ones included)."""
 
@@ -184,7 +207,7 @@ class RunRow(Base):
     __table_args__ = (
         CheckConstraint(f"status IN ({_STATUSES})", name="status"),
         Index(
-            "ix_runs_not_succeeded",  # counts and one-status scans of what is left (v0006)
+            "ix_runs_not_succeeded",  # one-status scans of what is left (v0006)
             "study_id",
             "status",
             "plan_index",

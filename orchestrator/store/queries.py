@@ -13,14 +13,13 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import fields
 from typing import Any, TypeVar
 
-from sqlalchemy import Engine, Select, String, func, literal, select, tuple_
-from sqlalchemy import text as sql_text
+from sqlalchemy import Engine, Select, func, select, tuple_
 from sqlalchemy.engine import Connection, Row
 
 from orchestrator.contracts.results import RunStatus
+from orchestrator.store.counts import count_by_status
 from orchestrator.store.engine import transaction
 from orchestrator.store.models import (
-    NOT_SUCCEEDED,
     AttemptOutcome,
     AttemptRow,
     ConditionRow,
@@ -45,6 +44,7 @@ from orchestrator.store.sqltypes import db_now, db_now_plus
 __all__ = [
     "GROUP_COLUMNS",
     "count_by",
+    "count_by_each",
     "count_by_status",
     "find_run",
     "find_runs_by_id",
@@ -102,51 +102,32 @@ def list_studies(connection: Connection) -> list[StudyInfo]:
     return [_study(row) for row in rows]
 
 
-def count_by_status(connection: Connection, study_id: str) -> dict[str, int]:
-    """Runs per status, every status present (zero when none).
-
-    Only the runs that did not succeed are counted, from ``ix_runs_not_succeeded``; the
-    succeeded ones are the study's ``run_count`` minus those. A study's rows are all written
-    with its ``run_count`` in one transaction and only ever deleted with it, so the two agree,
-    and one statement reads both in one snapshot. The cost follows what is left of the study
-    (a reconcile tick counts twice), not how many of its runs are done.
-    """
-    counts = {status.value: 0 for status in RunStatus}
-    left = (
-        select(RunRow.status.label("status"), func.count().label("n"))
-        .where(RunRow.study_id == study_id, sql_text(NOT_SUCCEEDED))
-        .group_by(RunRow.status)
-    )
-    total = select(literal(None, String).label("status"), StudyRow.run_count.label("n")).where(
-        StudyRow.study_id == study_id
-    )
-    planned: int | None = None
-    for status, count in connection.execute(left.union_all(total)):
-        if status is None:
-            planned = int(count)
-        else:
-            counts[status] = int(count)
-    if planned:
-        counts[RunStatus.SUCCESS.value] = planned - sum(counts.values())
-    return counts
-
-
 def count_by(connection: Connection, study_id: str, by: str) -> dict[str, dict[str, int]]:
     """Runs per status within each condition, agent or problem (``by`` is a key of
     :data:`GROUP_COLUMNS`), groups in first-plan-appearance order is not guaranteed: sorted."""
-    column = GROUP_COLUMNS.get(by)
-    if column is None:
-        raise ValueError(f"count_by: by must be one of {sorted(GROUP_COLUMNS)}, got {by!r}.")
-    grouped: dict[str, dict[str, int]] = {}
+    return count_by_each(connection, study_id, (by,))[by]
+
+
+def count_by_each(
+    connection: Connection, study_id: str, names: Sequence[str] = tuple(GROUP_COLUMNS)
+) -> dict[str, dict[str, dict[str, int]]]:
+    """:func:`count_by` for each of ``names`` at once, from one pass over the study's runs
+    (``studyq status`` and ``watch`` show all three: one pass instead of three)."""
+    for name in names or ("",):
+        if name not in GROUP_COLUMNS:
+            raise ValueError(f"count_by: by must be one of {sorted(GROUP_COLUMNS)}, got {name!r}.")
+    columns = [GROUP_COLUMNS[name] for name in names]
+    grouped: dict[str, dict[str, dict[str, int]]] = {name: {} for name in names}
     rows = connection.execute(
-        select(column, RunRow.status, func.count())
+        select(*columns, RunRow.status, func.count())
         .where(RunRow.study_id == study_id)
-        .group_by(column, RunRow.status)
-        .order_by(column)
+        .group_by(*columns, RunRow.status)
     )
-    for key, status, count in rows:
-        grouped.setdefault(key, {})[status] = count
-    return grouped
+    for *keys, status, count in rows:
+        for name, key in zip(names, keys, strict=True):
+            per_status = grouped[name].setdefault(key, {})
+            per_status[status] = per_status.get(status, 0) + count
+    return {name: dict(sorted(groups.items())) for name, groups in grouped.items()}
 
 
 def progress_stats(

@@ -429,6 +429,11 @@ class ResultStore:
         with transaction(self.engine, readonly=True) as connection:
             return queries.count_by(connection, study_id, by)
 
+    def count_by_each(self, study_id: str) -> dict[str, dict[str, dict[str, int]]]:
+        """:meth:`count_by` for ``condition``, ``agent`` and ``problem``, in one pass."""
+        with transaction(self.engine, readonly=True) as connection:
+            return queries.count_by_each(connection, study_id)
+
     def progress_stats(self, study_id: str, *, window_s: float = 300.0) -> ProgressStats:
         """Cost so far and the recent finishing rate (for a rate and an ETA)."""
         with transaction(self.engine, readonly=True) as connection:

@@ -11,6 +11,7 @@ STUDY_TABLES = (
     "evaluations",
     "events",
     "study_pauses",
+    "study_counts",
     "studyq_alembic_version",
 )
 
@@ -157,6 +158,13 @@ WORKER_FORBIDDEN: list[Forbidden] = [
     ("lock-study-row", "SELECT * FROM studies FOR UPDATE", False),
     ("resume-paused-study", "DELETE FROM study_pauses", False),
     ("rewrite-pause", "UPDATE study_pauses SET reason = 'budget'", False),
+    # the counts are the triggers' alone (SECURITY DEFINER): a worker cannot forge progress
+    ("forge-count", "UPDATE study_counts SET n = n + 1", False),
+    ("insert-count", "INSERT INTO study_counts VALUES ({study}, 0, 'success', 1)", False),
+    ("read-counts", "SELECT * FROM study_counts", False),
+    ("replace-count-function", "CREATE OR REPLACE FUNCTION studyq_count_runs() RETURNS trigger "
+     "LANGUAGE plpgsql AS 'BEGIN RETURN NULL; END'", False),
+    ("drop-count-trigger", "DROP TRIGGER studyq_count_runs_update ON runs", False),
 ]
 
 

@@ -147,6 +147,11 @@ def audit(
         if indices != list(range(planned)):
             missing = sorted(set(range(planned)) - set(indices))
             problems.append(f"lost runs: plan indices {missing[:20]} have no row in runs")
+        counted = {row.status: row.n for row in rows(
+            "SELECT status, count(*) AS n FROM runs WHERE study_id = :s GROUP BY status"
+        )}  # fmt: skip
+        if {k: v for k, v in report.counts.items() if v} != counted:
+            problems.append(f"study_counts {report.counts} disagree with the runs {counted}")
         success = report.counts.get("success", 0)
         failed = report.counts.get("failed", 0)
         if success != planned - failed_expected or failed != failed_expected:

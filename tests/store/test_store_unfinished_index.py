@@ -1,9 +1,10 @@
-"""Revision 0006: counts and one-status scans read only what a study has left.
+"""Revisions 0006 and 0007: a tick reads only what a study has left, and counts read no run.
 
 A reconcile tick counts runs per status twice and searches stale queued runs; on a study
-whose runs have mostly succeeded those statements must read the index over the runs that
-did not succeed (``ix_runs_not_succeeded``), not every run of the study. The plans are
-checked with the database's own EXPLAIN on the statements the store issues.
+whose runs have mostly succeeded the search must read the index over the runs that did not
+succeed (``ix_runs_not_succeeded``), not every run of the study, and the counts must not
+read ``runs`` at all (``study_counts``, revision 0007). The plans are checked with the
+database's own EXPLAIN on the statements the store issues.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ def _true_counts(store: ResultStore) -> dict[str, int]:
     return {status.value: 0 for status in RunStatus} | {status: n for status, n in rows}
 
 
-def test_counts_take_the_succeeded_runs_from_the_planned_total(store: ResultStore) -> None:
+def test_counts_follow_claims_and_results(store: ResultStore) -> None:
     register(store, 12)
     assert store.count_by_status(STUDY_ID) == _true_counts(store)
     queue_all(store)
@@ -109,11 +110,16 @@ def _plans_of(store: ResultStore, call: Callable[[], object]) -> list[str]:
 def test_the_tick_reads_the_index_of_what_is_left(store: ResultStore) -> None:
     _mostly_succeeded(store, 3000, left=20)
 
-    counted = _plans_of(store, lambda: store.count_by_status(STUDY_ID))
+    with _statements(store) as seen:
+        store.count_by_status(STUDY_ID)
     # queued_timeout_s=0: every queued run is stale, so the stale-queued search runs
     reconciled = _plans_of(store, lambda: store.reconcile(STUDY_ID, queued_timeout_s=0.0))
 
-    assert counted and all(INDEX in plan for plan in counted), counted
+    counted = [statement for statement, _ in seen if " study_counts" in statement]
+    assert len(counted) == 1 and not any(" runs" in statement for statement, _ in seen), seen
+    with store.engine.connect() as connection:
+        plan = _plan(connection, *seen[-1])
+    assert "study_counts" in plan and " runs" not in plan, plan
     stale = [plan for plan in reconciled if INDEX in plan]
     assert stale, reconciled
     assert store.count_by_status(STUDY_ID)["success"] == 2980

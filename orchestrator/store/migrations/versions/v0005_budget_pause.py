@@ -75,7 +75,11 @@ def _array(names: Sequence[str]) -> str:
     return "ARRAY[" + ", ".join(f"'{name}'" for name in names) + "]"
 
 
-def _grants_function(tables: Sequence[str], extra_worker_grants: str) -> str:
+def _grants_function(
+    tables: Sequence[str], extra_worker_grants: str, functions: Sequence[str] = _FUNCTIONS
+) -> str:
+    """The grants function over ``tables`` and ``functions`` (revision 0007 reuses it with
+    its own table and trigger function; the defaults are this revision's)."""
     return f"""
 CREATE OR REPLACE FUNCTION public.studyq_grant_roles() RETURNS void
 LANGUAGE plpgsql SET search_path = pg_catalog, public AS $grants$
@@ -112,7 +116,7 @@ BEGIN
         SELECT p.oid::regprocedure::text, 'f', p.proowner, 'FUNCTION'
         FROM pg_proc p
         WHERE p.pronamespace = 'public'::regnamespace
-          AND p.oid::regprocedure::text = ANY({_array(_FUNCTIONS)})
+          AND p.oid::regprocedure::text = ANY({_array(functions)})
           AND p.proowner <> to_regrole(quote_ident(coordinator))
     LOOP
         IF NOT (pg_has_role(object.owner, 'USAGE') AND pg_has_role(coordinator, 'MEMBER')) THEN
