@@ -17,8 +17,10 @@ Configuration, and why:
   nobody acknowledged after this long; it must exceed the longest run's hard limit. On
   RabbitMQ, queues are quorum queues and a message of a closed connection comes back at once;
   the broker's ``consumer_timeout`` (30 min by default) must exceed the longest run instead.
-* Task events on, ``task-sent`` included: Flower sees every run by its readable name. The
-  worker sends them in batches (:mod:`workers.consumer`), at most 0.1 s late.
+* Task events on: Flower sees every run by its readable name from ``task-received`` on. The
+  worker sends them in batches (:mod:`workers.consumer`), at most 0.1 s late. ``task-sent``
+  (a queued run in Flower before any worker took it) is off unless
+  ``STUDYQ_TASK_SENT_EVENTS`` is set: it costs submit one more message per run.
 * ``task_ignore_result``: results live in the store, not in a result backend.
 * ``worker_cancel_long_running_tasks_on_connection_loss=False``: a Redis blip must not kill
   running agents; their results go to the database, and a redelivered duplicate is refused.
