@@ -167,15 +167,16 @@ class StudyCountRow(Base):
     ``pg_backend_pid()``): concurrent workers never wait on one another's counter, and a
     study's count is the sum of its rows. The rows of backends that have gone are folded
     into shard 0 by the reconcile tick (:func:`orchestrator.store.counts.fold`). SQLite has one
-    writer and writes shard 0 only. Runs are only ever deleted with their study, which takes
-    its counts with it.
+    writer and writes shard 0 only. Runs are only ever deleted with their study, and its
+    counts with it.
     """
 
     __tablename__ = "study_counts"
 
-    study_id: Mapped[str] = mapped_column(
-        String, ForeignKey("studies.study_id", ondelete="CASCADE"), primary_key=True
-    )
+    study_id: Mapped[str] = mapped_column(String, primary_key=True)
+    """No foreign key: a worker's first count row would lock the ``studies`` row (a key
+    check), which a study's deletion holds while it waits for the worker's run row.
+    :meth:`~orchestrator.store.ResultStore.delete_study` deletes the counts itself."""
     shard: Mapped[int] = mapped_column(Integer, primary_key=True)
     status: Mapped[str] = mapped_column(String, primary_key=True)
     n: Mapped[int] = mapped_column(BigInteger)

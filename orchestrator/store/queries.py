@@ -111,23 +111,46 @@ def count_by(connection: Connection, study_id: str, by: str) -> dict[str, dict[s
 def count_by_each(
     connection: Connection, study_id: str, names: Sequence[str] = tuple(GROUP_COLUMNS)
 ) -> dict[str, dict[str, dict[str, int]]]:
-    """:func:`count_by` for each of ``names`` at once, from one pass over the study's runs
-    (``studyq status`` and ``watch`` show all three: one pass instead of three)."""
+    """:func:`count_by` for each of ``names``. On PostgreSQL one pass over the study's runs
+    (``GROUPING SETS``: ``studyq status`` and ``watch`` show all three groupings); SQLite has
+    no grouping sets and groups once per name."""
     for name in names or ("",):
         if name not in GROUP_COLUMNS:
             raise ValueError(f"count_by: by must be one of {sorted(GROUP_COLUMNS)}, got {name!r}.")
-    columns = [GROUP_COLUMNS[name] for name in names]
     grouped: dict[str, dict[str, dict[str, int]]] = {name: {} for name in names}
-    rows = connection.execute(
-        select(*columns, RunRow.status, func.count())
-        .where(RunRow.study_id == study_id)
-        .group_by(*columns, RunRow.status)
-    )
-    for *keys, status, count in rows:
-        for name, key in zip(names, keys, strict=True):
-            per_status = grouped[name].setdefault(key, {})
-            per_status[status] = per_status.get(status, 0) + count
+    for name, key, status, count in _grouped_counts(connection, study_id, names):
+        grouped[name].setdefault(key, {})[status] = count
     return {name: dict(sorted(groups.items())) for name, groups in grouped.items()}
+
+
+def _grouped_counts(
+    connection: Connection, study_id: str, names: Sequence[str]
+) -> Iterator[tuple[str, str, str, int]]:
+    """``(name, key, status, count)`` rows of :func:`count_by_each`."""
+    columns = [GROUP_COLUMNS[name] for name in names]
+    study = RunRow.study_id == study_id
+    if connection.dialect.name != "postgresql" or len(names) == 1:
+        for name, column in zip(names, columns, strict=True):
+            rows = connection.execute(
+                select(column, RunRow.status, func.count())
+                .where(study)
+                .group_by(column, RunRow.status)
+            )
+            for key, status, count in rows:
+                yield name, key, status, count
+        return
+    # grouping(c1, .., cn) has bit n-1-i set when column i is not in the row's grouping set
+    width = len(columns)
+    rows = connection.execute(
+        select(func.grouping(*columns), *columns, RunRow.status, func.count())
+        .where(study)
+        .group_by(func.grouping_sets(*(tuple_(column, RunRow.status) for column in columns)))
+    )
+    for mask, *keys_status_count in rows:
+        *keys, status, count = keys_status_count
+        for i, name in enumerate(names):
+            if not mask >> (width - 1 - i) & 1:
+                yield name, keys[i], status, count
 
 
 def progress_stats(

@@ -39,7 +39,6 @@ from orchestrator.store.cancellation import (
     is_cancelled,
     requeue_for_resubmit,
 )
-from orchestrator.store.counts import fold
 from orchestrator.store.endings import attempt_end, close_attempts
 from orchestrator.store.locking import RECONCILE_LOCK_TIMEOUT_MS, bound_lock_waits, where_unlocked
 from orchestrator.store.models import SPEC_COLUMNS, AttemptOutcome, RunRow
@@ -140,11 +139,9 @@ def reconcile(
 
     On PostgreSQL, rows another session holds locked are left for a later pass and no
     statement waits on a lock longer than :data:`RECONCILE_LOCK_TIMEOUT_MS` (this sets
-    ``lock_timeout`` for the rest of the caller's transaction). The pass also folds the
-    study's count rows of backends that have gone (:func:`~.counts.fold`).
+    ``lock_timeout`` for the rest of the caller's transaction).
     """
     bound_lock_waits(connection, RECONCILE_LOCK_TIMEOUT_MS)
-    fold(connection, study_id)
     requeued, failed_lost = _expire(connection, study_id, where_lease_expired(study_id))
     if is_cancelled(connection, study_id):
         # A run a cancel left running came back (its worker died, or handed it back): it is

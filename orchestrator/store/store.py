@@ -21,6 +21,7 @@ from orchestrator.contracts.errors import StudyInFlightError
 from orchestrator.contracts.results import RunResult, RunStatus
 from orchestrator.contracts.runspec import RunSpec
 from orchestrator.store import attempts, queries, recovery, registration
+from orchestrator.store.counts import delete_counts, fold, lock_out_folds
 from orchestrator.store.engine import (
     DEFAULT_URL,
     AutocommitLane,
@@ -212,7 +213,10 @@ class ResultStore:
         if if_idle:
             statement = statement.where(~exists().where(*_in_flight(study_id)))
         with transaction(self.engine) as connection:
+            lock_out_folds(connection, study_id)
             deleted = connection.execute(statement)
+            if deleted.rowcount == 1:
+                delete_counts(connection, study_id)
             if deleted.rowcount == 1 or not if_idle:
                 return deleted.rowcount == 1
             counts = queries.count_by_status(connection, study_id)
@@ -360,6 +364,8 @@ class ResultStore:
         """Expire lost leases (requeue, or fail as ``lost`` after ``max_attempts``) and find
         queued runs nobody claimed for ``queued_timeout_s``, in one transaction. Publish
         ``report.to_publish`` after this returns."""
+        with transaction(self.engine) as connection:
+            fold(connection, study_id)  # its own transaction: its locks end here
         with transaction(self.engine) as connection:
             return recovery.reconcile(connection, study_id, queued_timeout_s=queued_timeout_s)
 

@@ -152,6 +152,23 @@ def test_migrations_run_by_the_coordinator_leave_it_owning_every_object(
     assert set(owners.values()) == {roles.group("coordinator")}
 
 
+def test_the_count_trigger_runs_with_the_coordinators_rights_and_a_fixed_search_path(
+    roles: Roles, roles_db: str
+) -> None:
+    # The worker has no right on study_counts: its claims and results are counted by a
+    # SECURITY DEFINER function, which must be the coordinator's and resolve no name through
+    # a search_path the caller controls.
+    with admin_connect(roles_db) as admin:
+        row = admin.execute(
+            "SELECT pg_get_userbyid(p.proowner), p.prosecdef, p.proconfig FROM pg_proc p "
+            "WHERE p.oid = 'public.studyq_count_runs()'::regprocedure"
+        ).fetchone()
+    assert row is not None
+    owner, definer, config = row
+    assert (owner, definer) == (roles.group("coordinator"), True)
+    assert config == ["search_path=pg_catalog, public, pg_temp"]
+
+
 def test_a_sweep_completes_with_the_worker_connected_as_the_worker_role(
     roles: Roles, roles_db: str, sweep: Sweep
 ) -> None:

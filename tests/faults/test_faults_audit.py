@@ -1,5 +1,6 @@
 """The audit can fail: it passes a fault-free sweep and catches each kind of damage planted in
-one (a duplicate row, a lost run, an attempt too many, a stale write, a changed value)."""
+one (a duplicate row, a lost run, an attempt too many, a stale write, a changed value, a
+count out of step with the runs)."""
 
 from __future__ import annotations
 
@@ -94,6 +95,10 @@ DAMAGE = {
     "changed run field": (
         "UPDATE runs SET seed = seed + 1 WHERE study_id = :s AND plan_index = 0",
         "runs.csv: sorted row",
+    ),
+    "a count the triggers did not keep": (
+        "INSERT INTO study_counts (study_id, shard, status, n) VALUES (:s, -1, 'running', 1)",
+        "study_counts",
     ),
 }
 

@@ -19,10 +19,12 @@ reconcile, cancel, resubmit) counts without knowing it:
   the statement's transition tables, so a 1,000,000-row ``COPY`` or a batch of results
   costs one aggregate, and add the net change per status to the row of the backend that
   made it (``shard = pg_backend_pid()``): two workers never wait on one counter, and no
-  lock order between counters exists to deadlock on. The function is ``SECURITY DEFINER``
+  lock order between counters exists to deadlock on. The table has no foreign key (a key
+  check would lock the ``studies`` row; ``ResultStore.delete_study`` deletes a study's
+  counts). The function is ``SECURITY DEFINER``
   (owned by the coordinator once ``studyq_grant_roles()`` ran): the worker role has no
-  right on ``study_counts`` and cannot forge a count. The reconcile tick folds the rows of
-  backends that have gone into shard 0 (:func:`orchestrator.store.counts.fold`).
+  right on ``study_counts`` and cannot forge a count. Every reconcile pass folds the rows
+  of backends that have gone into shard 0 (:func:`orchestrator.store.counts.fold`).
 * SQLite: row-level triggers (one writer) on shard 0.
 
 ``studyq_grant_roles()`` is replaced by one that also hands ``study_counts`` and the
@@ -58,7 +60,7 @@ _FUNCTIONS = (*_FUNCTIONS_0005, "studyq_count_runs()")
 
 _COUNT_FUNCTION = r"""
 CREATE OR REPLACE FUNCTION public.studyq_count_runs() RETURNS trigger
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, public AS $count$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, public, pg_temp AS $count$
 BEGIN
     IF TG_OP = 'INSERT' THEN
         INSERT INTO public.study_counts AS c (study_id, shard, status, n)
@@ -152,12 +154,9 @@ def upgrade() -> None:
         sa.Column("shard", sa.Integer(), nullable=False),
         sa.Column("status", sa.String(), nullable=False),
         sa.Column("n", sa.BigInteger(), nullable=False),
-        sa.ForeignKeyConstraint(
-            ["study_id"],
-            ["studies.study_id"],
-            name=op.f("fk_study_counts_studies"),
-            ondelete="CASCADE",
-        ),
+        # No foreign key to studies: its key check would have a worker's first count row
+        # lock the studies row, which a deletion holds while it waits for the worker's run.
+        # ResultStore.delete_study deletes a study's counts with it.
         sa.PrimaryKeyConstraint("study_id", "shard", "status", name=op.f("pk_study_counts")),
     )
     postgresql = op.get_bind().dialect.name == "postgresql"
