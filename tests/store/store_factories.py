@@ -6,7 +6,7 @@ from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import update
+from sqlalchemy import func, select, update
 
 from orchestrator.contracts.results import ErrorKind, RunResult, RunStatus
 from orchestrator.contracts.runspec import RunSpec
@@ -134,3 +134,14 @@ def expire_lease(store: ResultStore, claim: Claim, seconds_ago: float = 5.0) -> 
             .where(RunRow.study_id == claim.study_id, RunRow.plan_index == claim.index)
             .values(lease_expires_at=db_now_plus(-seconds_ago))
         )
+
+
+def true_counts(store: ResultStore, study_id: str = STUDY_ID) -> dict[str, int]:
+    """Runs per status counted from ``runs`` itself (what ``study_counts`` must agree with)."""
+    with store.engine.connect() as connection:
+        rows = connection.execute(
+            select(RunRow.status, func.count())
+            .where(RunRow.study_id == study_id)
+            .group_by(RunRow.status)
+        ).all()
+    return {status.value: 0 for status in RunStatus} | {status: n for status, n in rows}

@@ -15,32 +15,30 @@ import time
 
 import pytest
 from alembic import command
-from sqlalchemy import func, select, text
-from store_factories import STUDY_ID, claim, expire_lease, make_result, queue_all, register
+from sqlalchemy import select, text
+from store_factories import (
+    STUDY_ID,
+    claim,
+    expire_lease,
+    make_result,
+    queue_all,
+    register,
+    true_counts,
+)
 
 from orchestrator.contracts.results import RunStatus
 from orchestrator.store import ResultStore, upgrade
 from orchestrator.store.counts import fold
 from orchestrator.store.engine import create_engine_for, transaction
-from orchestrator.store.models import RunRow, StudyCountRow
+from orchestrator.store.models import StudyCountRow
 from orchestrator.store.schema import alembic_config
 
 OTHER = "other-study"
 
 
-def _true_counts(store: ResultStore, study_id: str = STUDY_ID) -> dict[str, int]:
-    with store.engine.connect() as connection:
-        rows = connection.execute(
-            select(RunRow.status, func.count())
-            .where(RunRow.study_id == study_id)
-            .group_by(RunRow.status)
-        ).all()
-    return {status.value: 0 for status in RunStatus} | {status: n for status, n in rows}
-
-
 def _agrees(store: ResultStore, study_id: str = STUDY_ID) -> dict[str, int]:
     counts = store.count_by_status(study_id)
-    assert counts == _true_counts(store, study_id)
+    assert counts == true_counts(store, study_id)
     return counts
 
 

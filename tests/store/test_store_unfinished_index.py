@@ -13,9 +13,9 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from sqlalchemy import event, func, select, text, update
+from sqlalchemy import event, text, update
 from sqlalchemy.engine import Connection
-from store_factories import STUDY_ID, claim, make_result, queue_all, register
+from store_factories import STUDY_ID, claim, make_result, queue_all, register, true_counts
 
 from orchestrator.contracts.results import RunStatus
 from orchestrator.store import ResultStore
@@ -24,19 +24,9 @@ from orchestrator.store.models import RunRow
 INDEX = "ix_runs_not_succeeded"
 
 
-def _true_counts(store: ResultStore) -> dict[str, int]:
-    with store.engine.connect() as connection:
-        rows = connection.execute(
-            select(RunRow.status, func.count())
-            .where(RunRow.study_id == STUDY_ID)
-            .group_by(RunRow.status)
-        ).all()
-    return {status.value: 0 for status in RunStatus} | {status: n for status, n in rows}
-
-
 def test_counts_follow_claims_and_results(store: ResultStore) -> None:
     register(store, 12)
-    assert store.count_by_status(STUDY_ID) == _true_counts(store)
+    assert store.count_by_status(STUDY_ID) == true_counts(store)
     queue_all(store)
     for index in range(7):
         won = claim(store, index)
@@ -46,7 +36,7 @@ def test_counts_follow_claims_and_results(store: ResultStore) -> None:
 
     counts = store.count_by_status(STUDY_ID)
 
-    assert counts == _true_counts(store)
+    assert counts == true_counts(store)
     assert (counts["success"], counts["failed"], counts["running"], counts["queued"]) == (
         6,
         1,
