@@ -166,8 +166,8 @@ class StudyCountRow(Base):
     On PostgreSQL every backend adds its own deltas to its own row (``shard`` is its
     ``pg_backend_pid()``): concurrent workers never wait on one another's counter, and a
     study's count is the sum of its rows. The rows of backends that have gone are folded
-    into shard 0 by the reconcile tick (:func:`orchestrator.store.counts.fold`). SQLite has one
-    writer and writes shard 0 only. Runs are only ever deleted with their study, and its
+    into shard 0 before every reconcile pass (:func:`orchestrator.store.counts.fold`). SQLite
+    has one writer and writes shard 0 only. Runs are only ever deleted with their study, and its
     counts with it.
     """
 

@@ -364,8 +364,9 @@ class ResultStore:
         """Expire lost leases (requeue, or fail as ``lost`` after ``max_attempts``) and find
         queued runs nobody claimed for ``queued_timeout_s``, in one transaction. Publish
         ``report.to_publish`` after this returns."""
-        with transaction(self.engine) as connection:
-            fold(connection, study_id)  # its own transaction: its locks end here
+        if self.engine.dialect.name == "postgresql":  # SQLite counts on shard 0 only
+            with transaction(self.engine) as connection:
+                fold(connection, study_id)  # its own transaction: its locks end here
         with transaction(self.engine) as connection:
             return recovery.reconcile(connection, study_id, queued_timeout_s=queued_timeout_s)
 
@@ -436,7 +437,7 @@ class ResultStore:
             return queries.count_by(connection, study_id, by)
 
     def count_by_each(self, study_id: str) -> dict[str, dict[str, dict[str, int]]]:
-        """:meth:`count_by` for ``condition``, ``agent`` and ``problem``, in one pass."""
+        """:meth:`count_by` for ``condition``, ``agent`` and ``problem`` (PostgreSQL: one pass)."""
         with transaction(self.engine, readonly=True) as connection:
             return queries.count_by_each(connection, study_id)
 
