@@ -18,6 +18,7 @@ both read back alike with ``json.load``), as this writes three small files per r
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -68,18 +69,41 @@ would change (every sensitive key, normalized or not, and every text pattern con
 so the walk is skipped. Any escaped non-ASCII character walks too: ``str.lower`` maps a few
 of them to ASCII letters (the Kelvin sign to ``k``). A bare ``token`` is not one: the
 ``input_tokens`` / ``output_tokens`` metrics of every LLM run would make every record walk."""
+_PLAIN_MARKS = (
+    "api", "authorization", "bearer", "secret", "credential", "password", "private", "sk-",
+    "ghp_", "gho_", "ghu_", "ghs_", "ghr_", "\\u",
+)  # fmt: skip
+"""The alternatives of :data:`_MAYBE_SENSITIVE` as plain substrings, all but the tokens."""
+
+
+def maybe_sensitive(lowered: str) -> bool:
+    """``_MAYBE_SENSITIVE.search(lowered) is not None`` at a fifth of its cost on a run's
+    record (7 against 34 µs on 1.3 KB): substring tests make no regex step at each position.
+    The regex runs only where a ``(access|refresh)[_ -]?token`` could be."""
+    for mark in _PLAIN_MARKS:  # a loop, not any(): no generator frame per call
+        if mark in lowered:
+            return True
+    return (
+        "token" in lowered
+        and ("access" in lowered or "refresh" in lowered)
+        and _MAYBE_SENSITIVE.search(lowered) is not None
+    )
+
+
 _MAYBE_SENSITIVE_TEXT = re.compile(
     r"(?i)bearer|api[_ -]?key|access[_ -]?token|refresh[_ -]?token|sk-|gh[pousr]_"
 )
 """A string none of :data:`_SENSITIVE_TEXT` can change lacks all of these."""
 
 
+_ENCODER = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=True, default=str)
+"""One encoder for every file: ``json.dumps`` with options builds a new one per call."""
+
+
 def _compact(payload: Any) -> str:
     """Upstream's ``stable_json_dumps`` (sorted keys, no spaces, ASCII): the C encoder, so a
     million runs stay fast (the files are read back with ``json.load``, format-agnostic)."""
-    return json.dumps(
-        payload, sort_keys=True, separators=(",", ":"), ensure_ascii=True, default=str
-    )
+    return _ENCODER.encode(payload)
 
 
 @functools.lru_cache(maxsize=4096)  # the keys of a study's records repeat run after run
@@ -182,10 +206,11 @@ class RunFiles:
             return  # upstream could not name its files either
         payload = checkpoint_payload(run, row, evaluations, events)
         text = _compact(payload)
-        with open(self.checkpoints / f"{run.run_id}.json", "w", encoding="utf-8") as handle:
+        path = os.path.join(self.checkpoints, f"{run.run_id}.json")
+        with open(path, "w", encoding="utf-8") as handle:
             handle.write(text + "\n")
         self._ledger.write(text + "\n")
-        self._write_evidence(payload, clean=not _MAYBE_SENSITIVE.search(text.lower()))
+        self._write_evidence(payload, clean=not maybe_sensitive(text.lower()))
         self.written += 1
 
     def write_unfinished(self, run: Any) -> None:
@@ -214,18 +239,21 @@ class RunFiles:
     def _write_evidence(self, checkpoint: Mapping[str, Any], *, clean: bool) -> None:
         """``clean``: the checkpoint's text has nothing to redact (see _MAYBE_SENSITIVE)."""
         scrub: Callable[[Any], Any] = _as_is if clean else redact
-        run_dir = self.evidence / str(checkpoint["run_id"])
-        (run_dir / "attachments").mkdir(parents=True, exist_ok=True)
+        run_dir = os.path.join(self.evidence, str(checkpoint["run_id"]))
+        for folder in (run_dir, os.path.join(run_dir, "attachments")):
+            with contextlib.suppress(FileExistsError):  # Path.mkdir(parents=True): 3 calls
+                os.mkdir(folder)
         lines = [_compact(scrub(event)) for event in checkpoint["observations"]]
         observations = "\n".join(lines) + "\n" if lines else ""
-        with open(run_dir / "observations.jsonl", "w", encoding="utf-8", newline="") as handle:
+        path = os.path.join(run_dir, "observations.jsonl")
+        with open(path, "w", encoding="utf-8", newline="") as handle:
             handle.write(observations)
         record = evidence_payload(
             checkpoint,
             self.root,
             hashlib.sha256(observations.encode("utf-8")).hexdigest(),
         )
-        with open(run_dir / "run.json", "w", encoding="utf-8") as handle:
+        with open(os.path.join(run_dir, "run.json"), "w", encoding="utf-8") as handle:
             handle.write(_compact(scrub(record)) + "\n")
 
 

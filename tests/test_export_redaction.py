@@ -7,7 +7,7 @@ import itertools
 
 import pytest
 
-from orchestrator.export_records import _MAYBE_SENSITIVE, _compact, redact
+from orchestrator.export_records import _MAYBE_SENSITIVE, _compact, maybe_sensitive, redact
 
 KEYS = (
     "api_key", "API-KEY", " Authorization ", "bearer_token", "client_secret", "credential",
@@ -27,10 +27,25 @@ TEXTS = (
 def test_a_record_redaction_would_change_is_never_skipped(key: str, text: str) -> None:
     record = {"metrics": {key: 1, "note": text}, "observations": [{key: text}], key: [text]}
     if redact(record) != record:
-        assert _MAYBE_SENSITIVE.search(_compact(record).lower()), (key, text)
+        assert maybe_sensitive(_compact(record).lower()), (key, text)
+
+
+@pytest.mark.parametrize(("key", "text"), list(itertools.product(KEYS, TEXTS)))
+def test_the_substring_shortcut_is_the_pattern(key: str, text: str) -> None:
+    for record in ({key: text}, {"metrics": {key: 1}, "note": text}, {"k": f"{key} {text}"}):
+        lowered = _compact(record).lower()
+        assert maybe_sensitive(lowered) == (_MAYBE_SENSITIVE.search(lowered) is not None)
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["access token", "refresh-token", "accesstoken", "ghs_", "gh_", "ghx_", "token", "\\u00e9"],
+)
+def test_each_alternative_of_the_pattern(text: str) -> None:
+    assert maybe_sensitive(text) == (_MAYBE_SENSITIVE.search(text) is not None)
 
 
 def test_token_counts_alone_skip_the_walk() -> None:
     record = {"metrics": {"input_tokens": 10, "output_tokens": 3, "cost_usd": 0.1}}
-    assert not _MAYBE_SENSITIVE.search(_compact(record).lower())
+    assert not maybe_sensitive(_compact(record).lower())
     assert redact(record) == record
