@@ -43,6 +43,11 @@ runs, ratio of medians >= 0.95: the noise of one sample is larger than that); sl
 of ``--threads --jobs 32`` >= 5x upstream at parallelism 32; peak RSS of the 100,000-run
 export < 300 MB. ``--check`` exits 1 when a goal is missed.
 
+Where the files go: each configuration works in a temporary directory of ``$TMPDIR``. On
+this machine's root file system (ext4 without a journal) file creation slows down after
+many recent deletions (``bench/file_creates.py``; docs/embedded.md, "What the disk was"),
+so ``TMPDIR=/dev/shm`` measures the runners, not that allocator.
+
 The upstream interpreter is, in order: ``$STUDYQ_UPSTREAM_PYTHON``,
 ``<repo>/.cache/upstream-venv`` (the venv ``tests/test_compat_upstream.py`` builds),
 ``/tmp/dre/bin/python``; if none has the package, a venv is built in ``.cache/upstream-venv``
