@@ -209,6 +209,8 @@ def run_embedded(
         runner=condition_runner,
         import_path=import_path_of(prepared.source),
     )
+    # the pool's server loads while the store opens (its migrations) and the study registers
+    EmbeddedExecutor.start_server(jobs=jobs, pool=options.pool)
     store = ResultStore.open(url)
     try:
         register(store, prepared)
