@@ -43,6 +43,7 @@ from concurrent.futures import (
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from itertools import islice
+from multiprocessing.context import ForkServerContext
 from typing import Any, Literal, cast
 
 from orchestrator.contracts.errors import StudyError
@@ -186,7 +187,7 @@ def _run_chunk(items: list[tuple[int, dict[str, Any]]]) -> list[RunResult]:
 # --- coordinator side ------------------------------------------------------------------
 
 
-def _forkserver_context() -> Any:
+def _forkserver_context() -> ForkServerContext:
     """The process pool's context: a forkserver that has imported the worker's execution
     module and NumPy, so that each pool process starts as a fork of it."""
     context = multiprocessing.get_context("forkserver")
