@@ -237,7 +237,7 @@ class RunFiles:
         self._write_evidence(payload, clean=False)
 
     def _write_evidence(self, checkpoint: Mapping[str, Any], *, clean: bool) -> None:
-        """``clean``: the checkpoint's text has nothing to redact (see _MAYBE_SENSITIVE)."""
+        """``clean``: the checkpoint's text has nothing to redact (see maybe_sensitive)."""
         scrub: Callable[[Any], Any] = _as_is if clean else redact
         run_dir = os.path.join(self.evidence, str(checkpoint["run_id"]))
         for folder in (run_dir, os.path.join(run_dir, "attachments")):
