@@ -16,6 +16,7 @@ import socket
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
+from functools import cache
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
@@ -147,6 +148,7 @@ def process_provenance(worker: str) -> dict[str, Any]:
     return {**_process_info, "worker": worker}
 
 
+@cache  # each lookup scans the installed distributions' metadata (2 ms)
 def _version(distribution: str) -> str:
     try:
         return version(distribution)

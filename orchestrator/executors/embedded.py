@@ -189,9 +189,12 @@ def _run_chunk(items: list[tuple[int, dict[str, Any]]]) -> list[RunResult]:
 
 def _forkserver_context() -> ForkServerContext:
     """The process pool's context: a forkserver that has imported the worker's execution
-    module and NumPy, so that each pool process starts as a fork of it."""
+    module and NumPy and looked up the entry points (:mod:`.pool_preload`), so that each
+    pool process starts as a fork of it."""
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload([worker_module("execute_run"), "numpy"])
+    context.set_forkserver_preload(
+        [worker_module("execute_run"), "numpy", "orchestrator.executors.pool_preload"]
+    )
     return context
 
 
