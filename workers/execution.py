@@ -32,7 +32,6 @@ from orchestrator.contracts.results import (
     process_provenance,
 )
 from orchestrator.contracts.runspec import RunSpec
-from orchestrator.contracts.settings import load_settings
 from workers.bindings import ProblemPacket, Resolver
 from workers.calling import AgentCall, RunnerCall, plan_call
 from workers.evaluation import compose_metrics, evaluate, event_rows, jsonable
@@ -117,6 +116,9 @@ def execute_run(
             result = _execute_agent(spec, resolver, started_at, start)
         result.provenance.update(process_provenance(worker))
         if result.trace_refs:
+            # imported here: pydantic-settings is a tenth of every pool process's start
+            from orchestrator.contracts.settings import load_settings
+
             trace_dir = load_settings().trace_dir
             if trace_dir is not None:
                 result.trace_refs = store_traces(result.trace_refs, spec, trace_dir)
