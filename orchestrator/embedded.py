@@ -260,7 +260,12 @@ def run_embedded(
             journal.remove()  # every claim is recorded or handed back
         outcome.counts = store.count_by_status(study.study_id)
         if options.export and not outcome.interrupted:
-            outcome.export = export_artifacts(store, study.study_id, options.output_dir)
+            # a process pool's sweep writes the per-run files in processes too (its
+            # forkserver is warm); threads and jobs=1 keep every process of theirs
+            writers = jobs if options.pool == "process" else 1
+            outcome.export = export_artifacts(
+                store, study.study_id, options.output_dir, jobs=writers
+            )
     finally:
         store.close()
     return outcome

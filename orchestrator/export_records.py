@@ -24,7 +24,9 @@ import hashlib
 import json
 import os
 import re
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Executor, Future
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
@@ -148,9 +150,14 @@ class RunFiles:
     ledger, and evidence ``run.json`` / ``observations.jsonl``, then directories left
     empty), so a run that is no longer terminal does not linger; anything else a user put
     there is kept.
+
+    With ``writers`` (an executor of processes), the files of each batch of runs are
+    written there and this process only builds each run's checkpoint payload and keeps the
+    ledger, in plan order: encoding and writing three files is most of a run's export cost
+    (docs/embedded.md), and it is the part that parallelizes.
     """
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *, writers: Executor | None = None) -> None:
         self.root = root
         self.checkpoints = root / CHECKPOINTS_DIR
         self.evidence = root / EVIDENCE_DIR
@@ -161,6 +168,9 @@ class RunFiles:
             "w", encoding="utf-8", newline="\n"
         )
         self.written = 0
+        self._writers = writers
+        self._batch: list[dict[str, Any]] = []
+        self._pending: deque[Future[str]] = deque()
 
     def _clear(self) -> None:
         with os.scandir(self.checkpoints) as entries:
@@ -191,7 +201,15 @@ class RunFiles:
         exc: BaseException | None,
         traceback: TracebackType | None,
     ) -> None:
-        self._ledger.close()
+        try:
+            if exc is None:
+                self._hand_off()
+                while self._pending:
+                    self._ledger.write(self._pending.popleft().result())
+        finally:
+            for future in self._pending:
+                future.cancel()
+            self._ledger.close()
 
     def write(
         self,
@@ -205,13 +223,23 @@ class RunFiles:
         if not _safe_run_id(str(run.run_id)):
             return  # upstream could not name its files either
         payload = checkpoint_payload(run, row, evaluations, events)
-        text = _compact(payload)
-        path = os.path.join(self.checkpoints, f"{run.run_id}.json")
-        with open(path, "w", encoding="utf-8") as handle:
-            handle.write(text + "\n")
-        self._ledger.write(text + "\n")
-        self._write_evidence(payload, clean=not maybe_sensitive(text.lower()))
         self.written += 1
+        if self._writers is None:
+            self._ledger.write(write_run_files(self.root, payload))
+            return
+        self._batch.append(payload)
+        if len(self._batch) >= _WRITER_BATCH:
+            self._hand_off()
+
+    def _hand_off(self) -> None:
+        """Send the batch to a writer; write the ledger lines of the batches done, in order,
+        keeping at most ``_WRITERS_AHEAD`` batches in flight (bounded memory)."""
+        assert self._writers is not None or not self._batch
+        if self._batch and self._writers is not None:
+            self._pending.append(self._writers.submit(write_batch, self.root, self._batch))
+            self._batch = []
+        while self._pending and (self._pending[0].done() or len(self._pending) > _WRITERS_AHEAD):
+            self._ledger.write(self._pending.popleft().result())
 
     def write_unfinished(self, run: Any) -> None:
         """The evidence record of a run not finished yet (``pending``, or ``running`` with
@@ -234,27 +262,51 @@ class RunFiles:
         payload = checkpoint_payload(run, row, (), ())
         payload.update(outputs={}, metrics={}, trace_refs=[], provenance_info={})
         payload["observed_execution_metadata"] = {}
-        self._write_evidence(payload, clean=False)
+        _write_evidence(self.root, payload, clean=False)
 
-    def _write_evidence(self, checkpoint: Mapping[str, Any], *, clean: bool) -> None:
-        """``clean``: the checkpoint's text has nothing to redact (see maybe_sensitive)."""
-        scrub: Callable[[Any], Any] = _as_is if clean else redact
-        run_dir = os.path.join(self.evidence, str(checkpoint["run_id"]))
-        for folder in (run_dir, os.path.join(run_dir, "attachments")):
-            with contextlib.suppress(FileExistsError):  # Path.mkdir(parents=True): 3 calls
-                os.mkdir(folder)
-        lines = [_compact(scrub(event)) for event in checkpoint["observations"]]
-        observations = "\n".join(lines) + "\n" if lines else ""
-        path = os.path.join(run_dir, "observations.jsonl")
-        with open(path, "w", encoding="utf-8", newline="") as handle:
-            handle.write(observations)
-        record = evidence_payload(
-            checkpoint,
-            self.root,
-            hashlib.sha256(observations.encode("utf-8")).hexdigest(),
-        )
-        with open(os.path.join(run_dir, "run.json"), "w", encoding="utf-8") as handle:
-            handle.write(_compact(scrub(record)) + "\n")
+
+_WRITER_BATCH = 64
+"""Runs per batch handed to a writer process: one pickled list, one reply."""
+_WRITERS_AHEAD = 16
+"""Batches in flight at most (about 2 MB of payloads for no-op runs)."""
+
+
+def write_batch(root: Path, payloads: Sequence[Mapping[str, Any]]) -> str:
+    """A writer process's task: the files of each payload, and their ledger lines."""
+    return "".join([write_run_files(root, payload) for payload in payloads])
+
+
+def write_run_files(root: Path, payload: Mapping[str, Any]) -> str:
+    """The checkpoint and the evidence record of one run's ``payload``
+    (:func:`checkpoint_payload`); returns its line of the ledger (``runs.jsonl``)."""
+    text = _compact(payload)
+    line = text + "\n"
+    path = os.path.join(root, CHECKPOINTS_DIR, f"{payload['run_id']}.json")
+    with open(path, "w", encoding="utf-8") as handle:
+        handle.write(line)
+    _write_evidence(root, payload, clean=not maybe_sensitive(text.lower()))
+    return line
+
+
+def _write_evidence(root: Path, checkpoint: Mapping[str, Any], *, clean: bool) -> None:
+    """``clean``: the checkpoint's text has nothing to redact (see maybe_sensitive)."""
+    scrub: Callable[[Any], Any] = _as_is if clean else redact
+    run_dir = os.path.join(root, EVIDENCE_DIR, str(checkpoint["run_id"]))
+    for folder in (run_dir, os.path.join(run_dir, "attachments")):
+        with contextlib.suppress(FileExistsError):  # Path.mkdir(parents=True): 3 calls
+            os.mkdir(folder)
+    lines = [_compact(scrub(event)) for event in checkpoint["observations"]]
+    observations = "\n".join(lines) + "\n" if lines else ""
+    path = os.path.join(run_dir, "observations.jsonl")
+    with open(path, "w", encoding="utf-8", newline="") as handle:
+        handle.write(observations)
+    record = evidence_payload(
+        checkpoint,
+        root,
+        hashlib.sha256(observations.encode("utf-8")).hexdigest(),
+    )
+    with open(os.path.join(run_dir, "run.json"), "w", encoding="utf-8") as handle:
+        handle.write(_compact(scrub(record)) + "\n")
 
 
 def checkpoint_payload(

@@ -81,7 +81,7 @@ def register(subparsers: Any) -> None:
         "export",
         help="Write a study's canonical artifacts (design-research-experiments 0.4.0 layout) "
         "from the store; works while the sweep is still running.",
-        example="studyq export quickstart-design-search --out artifacts/quickstart",
+        example="studyq export quickstart-design-search --out artifacts/quickstart --jobs 4",
         handler=_export,
     )
     parser.add_argument("study_id", help="the study's study_id")
@@ -94,6 +94,13 @@ def register(subparsers: Any) -> None:
         help="CSV and JSON files only: skip upstream's per-run checkpoint and evidence files "
         "under artifacts/ (about 20 KB and 1 ms per run; drexp export-analysis and draft-paper "
         "need them)",
+    )
+    parser.add_argument(
+        "--jobs",
+        type=positive_int,
+        default=1,
+        help="processes that write the per-run files, at most one per core (default: 1, "
+        "in this process); the files are the same either way",
     )
 
     parser = add_command(
@@ -223,7 +230,9 @@ def _export(args: argparse.Namespace) -> int:
     url = args.db or load_settings().database_url
     with open_existing(url, command="export") as store:
         require_study(store, args.study_id, command="export")
-        report = export_artifacts(store, args.study_id, args.out, run_files=args.run_files)
+        report = export_artifacts(
+            store, args.study_id, args.out, run_files=args.run_files, jobs=args.jobs
+        )
     state = (
         f"partial: {report.runs} of {report.runs_planned} runs finished"
         if report.partial

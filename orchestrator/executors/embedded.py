@@ -56,7 +56,14 @@ from orchestrator.executors.embedded_owner import EmbeddedOwner, process_alive
 from orchestrator.executors.retries import mark_transient
 from orchestrator.executors.start_journal import StartLog
 
-__all__ = ["Claimed", "EmbeddedExecutor", "PoolKind", "ResolverSpec", "worker_name"]
+__all__ = [
+    "Claimed",
+    "EmbeddedExecutor",
+    "PoolKind",
+    "ResolverSpec",
+    "file_writers",
+    "worker_name",
+]
 
 PoolKind = Literal["process", "thread"]
 
@@ -142,6 +149,13 @@ def _exit_with(coordinator: int, start: int | None) -> None:
             os._exit(1)
 
 
+def _watch_coordinator(coordinator: tuple[int, int | None]) -> None:
+    """Every pool process's start: Ctrl-C goes to the coordinator, which stops cleanly
+    (children must not die mid-run), and the process leaves when its coordinator is gone."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    threading.Thread(target=_exit_with, args=coordinator, daemon=True).start()
+
+
 def _init_process(
     resolver_spec: ResolverSpec,
     timeout_s: float | None,
@@ -149,9 +163,7 @@ def _init_process(
     journal: str | None,
     retry_on: tuple[str, ...] = (),
 ) -> None:
-    # Ctrl-C goes to the coordinator, which stops cleanly; children must not die mid-run.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    threading.Thread(target=_exit_with, args=coordinator, daemon=True).start()
+    _watch_coordinator(coordinator)
     _process_state["resolver"] = resolver_spec.build()
     _process_state["timeout_s"] = timeout_s
     _process_state["interrupt"] = _main_thread_interrupt(timeout_s)
@@ -196,6 +208,18 @@ def _forkserver_context() -> ForkServerContext:
         [worker_module("execute_run"), "numpy", "orchestrator.executors.pool_preload"]
     )
     return context
+
+
+def file_writers(processes: int) -> ProcessPoolExecutor:
+    """Processes that write an export's per-run files
+    (:class:`~orchestrator.export_records.RunFiles`), forked from the process pool's
+    forkserver: after a sweep it is running already, with everything they need imported."""
+    return ProcessPoolExecutor(
+        max_workers=processes,
+        mp_context=_forkserver_context(),
+        initializer=_watch_coordinator,
+        initargs=((os.getpid(), EmbeddedOwner.current().start),),
+    )
 
 
 class EmbeddedExecutor:

@@ -1,0 +1,139 @@
+"""Per-run files written by processes are the files written by one.
+
+``export_artifacts(..., jobs=N)`` hands batches of runs' checkpoint payloads to writer
+processes and keeps the ledger in plan order itself. A real embedded sweep (SQLite) of more
+runs than two batches hold, with failures, credentials to redact and runs left pending, is
+exported with one process and with writers; every file must be byte for byte the same.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from orchestrator.api import run_study
+from orchestrator.cli import main
+from orchestrator.contracts.errors import StudyqError
+from orchestrator.export import export_artifacts
+from orchestrator.export_records import _WRITER_BATCH
+from orchestrator.store import ResultStore
+from workers.execution import agent_result
+
+STUDY_ID = "export-parallel"
+REPLICATES = 60
+RUNS = 2 * 2 * REPLICATES  # temperature x problems x replicates
+FINISHED = RUNS - 17  # the rest stay pending: they get evidence records only
+
+
+def flaky_agent(factors: dict[str, Any], seed: int) -> dict[str, Any]:
+    """Fails one run in nine; the others return credentials (redacted in evidence) and
+    metrics."""
+    if seed % 9 == 0:
+        raise ValueError(f"seed {seed} is unlucky")
+    return agent_result(
+        {"text": f"t={factors['temperature']} Bearer tok3n", "api_key": "sk-0123456789abcdef"},
+        metrics={"quality": seed % 7, "tokens": {"prompt": 3}},
+    )
+
+
+def _study(path: Path) -> Path:
+    study = {
+        "study_id": STUDY_ID,
+        "title": "Parallel export",
+        "factors": [
+            {
+                "name": "temperature",
+                "levels": [{"name": "lo", "value": 0.1}, {"name": "hi", "value": 0.9}],
+            },
+        ],
+        "agent_specs": ["flaky-agent"],
+        "problem_ids": ["noop", "noop-too"],
+        "design_spec": {"kind": "full_factorial"},
+        "run_budget": {"replicates": REPLICATES},
+        "bindings": {"problems": {"noop-too": "workers.demo.problems:noop"}},
+    }
+    path.write_text(json.dumps(study), encoding="utf-8")
+    return path
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    """Every file under ``root`` by relative path; the manifest without its clock."""
+    found: dict[str, bytes] = {}
+    for folder, _, names in os.walk(root):
+        for name in names:
+            path = Path(folder) / name
+            found[str(path.relative_to(root))] = path.read_bytes()
+    manifest = json.loads(found.pop("manifest.json"))
+    manifest.pop("generated_at")
+    found["manifest.json"] = json.dumps(manifest, sort_keys=True).encode()
+    return found
+
+
+@pytest.fixture
+def swept(tmp_path: Path) -> str:
+    db = f"sqlite:///{tmp_path / 'store.db'}"
+    outcome = run_study(
+        _study(tmp_path / "study.json"),
+        jobs=1,
+        db=db,
+        limit=FINISHED,
+        export=False,
+        agent_bindings={"flaky-agent": flaky_agent},
+    )
+    assert outcome.executed == FINISHED and outcome.failed > 0, outcome
+    return db
+
+
+@pytest.mark.timeout(180)
+def test_writer_processes_write_the_same_bytes(swept: str, tmp_path: Path) -> None:
+    """Given a sweep of 240 runs, 223 finished (some failed) and 17 pending,
+    when it is exported with one process, then with jobs=3 (writers: one per core at most)
+    into the same folder (replacing the first export's files),
+    then every file is byte for byte the same (the manifest but for its clock): the
+    ledger in plan order across batches, every checkpoint and evidence record, redacted
+    alike."""
+    assert FINISHED > 3 * _WRITER_BATCH  # several batches, so their order matters
+    out = tmp_path / "out"  # one folder: runs.csv names its manifest's path
+    with ResultStore.open(swept) as store:
+        serial = export_artifacts(store, STUDY_ID, out)
+        one = _files(out)
+        parallel = export_artifacts(store, STUDY_ID, out, jobs=3)
+        many = _files(out)
+
+    assert serial.run_files == parallel.run_files == FINISHED
+    assert sorted(one) == sorted(many)
+    assert [name for name in one if one[name] != many[name]] == []
+    ledger = one[os.path.join("artifacts", "checkpoints", "runs.jsonl")].decode().splitlines()
+    assert len(ledger) == FINISHED
+    record = json.loads(
+        many[os.path.join("artifacts", "runs", json.loads(ledger[1])["run_id"], "run.json")]
+    )
+    assert record["observed"]["outputs"]["api_key"] == "[REDACTED]"
+
+
+@pytest.mark.timeout(180)
+def test_cli_export_jobs_writes_every_run(swept: str, tmp_path: Path) -> None:
+    """Given the sweep, when `studyq export --jobs 2` writes it, then every finished run has
+    its checkpoint and every planned run its evidence record; --jobs 0 is a usage error
+    that writes nothing."""
+    out = tmp_path / "cli"
+
+    code = main(["export", STUDY_ID, "--db", swept, "--out", str(out), "--jobs", "2"])
+
+    assert code == 0
+    assert len(list((out / "artifacts" / "checkpoints").glob("*.json"))) == FINISHED
+    assert len(list((out / "artifacts" / "runs").glob("*/run.json"))) == RUNS
+    with pytest.raises(SystemExit) as exit_info:
+        main(["export", STUDY_ID, "--db", swept, "--out", str(tmp_path / "no"), "--jobs", "0"])
+    assert exit_info.value.code == 2
+    assert not (tmp_path / "no").exists()
+
+
+def test_export_refuses_jobs_below_one(swept: str, tmp_path: Path) -> None:
+    with ResultStore.open(swept) as store, pytest.raises(StudyqError, match="jobs must be 1"):
+        export_artifacts(store, STUDY_ID, tmp_path / "out", jobs=0)
+    assert not (tmp_path / "out").exists()
