@@ -7,6 +7,8 @@ Run from the repository root::
     .venv/bin/python bench/export.py                       # 100k, both backends, 3 repeats
     .venv/bin/python bench/export.py --runs 1000000 --repeats 3 --no-upstream
     .venv/bin/python bench/export.py --runs 100000 --profile sqlite   # cProfile of one export
+    TMPDIR=/dev/shm .venv/bin/python bench/export.py --runs 20000 --backends sqlite --jobs 2
+                                                      # per-run files in 2 writer processes
 
 What is compared (like for like): upstream's export writes study.yaml, manifest.json, the
 four CSV tables and the two JSON files from run results it holds in memory; it writes no
@@ -73,9 +75,11 @@ import json, sys, time
 from orchestrator.export import export_artifacts
 from orchestrator.store import ResultStore
 
-study_id, url, out, run_files, profile = sys.argv[1:6]
+study_id, url, out, run_files, profile, jobs = sys.argv[1:7]
 with ResultStore.open(url) as store:
-    call = lambda: export_artifacts(store, study_id, out, run_files=run_files == "1")
+    call = lambda: export_artifacts(
+        store, study_id, out, run_files=run_files == "1", jobs=int(jobs)
+    )
     started = time.perf_counter()
     if profile == "1":
         import cProfile, pstats
@@ -224,17 +228,24 @@ def backend(kind: str, work: Path) -> Iterator[str]:
 
 
 def measure_studyq(
-    study_id: str, url: str, runs: int, *, run_files: bool, tree: Path | None = None
+    study_id: str,
+    url: str,
+    runs: int,
+    *,
+    run_files: bool,
+    tree: Path | None = None,
+    jobs: int = 1,
 ) -> Sample:
     """One export in a fresh child; ``tree``: a checkout of another studyq version whose
-    ``orchestrator`` package the child imports instead (``--before``)."""
+    ``orchestrator`` package the child imports instead (``--before``); ``jobs``: the
+    export's ``jobs`` (its per-run files' writer processes)."""
     env = _clean_env(keep_pythonpath=True)
     if tree is not None:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(tree), env.get("PYTHONPATH")]))
     with tempfile.TemporaryDirectory(prefix="studyq-bench-export-") as folder:
         command = [
             sys.executable, "-c", _PEAK + _STUDYQ_CHILD, study_id, url, folder,
-            "1" if run_files else "0", "0",
+            "1" if run_files else "0", "0", str(jobs),
         ]  # fmt: skip
         result, _ = _child(command, cwd=Path(folder), env=env)
     if result["runs"] != runs:
@@ -297,6 +308,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="also measure the export of this commit (its orchestrator/, from git archive)",
     )
     parser.add_argument("--profile", choices=("sqlite", "postgresql"), help="cProfile once")
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        nargs="*",
+        default=[],
+        help="also the full export with these jobs (per-run files written in processes)",
+    )
     args = parser.parse_args(argv)
     if args.runs <= 0 or args.runs % REPLICATE_RUNS:
         print(f"--runs must be a positive multiple of {REPLICATE_RUNS}", file=sys.stderr)
@@ -325,7 +343,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if args.profile:
                     with tempfile.TemporaryDirectory(prefix="studyq-bench-export-") as out:
                         command = [sys.executable, "-c", _PEAK + _STUDYQ_CHILD, study_id, url, out,
-                                   "0" if args.no_run_files else "1", "1"]  # fmt: skip
+                                   "0" if args.no_run_files else "1", "1", "1"]  # fmt: skip
                         result, _ = _child(command, cwd=Path(out),
                                              env=_clean_env(keep_pythonpath=True),
                                              stderr_to=sys.stderr.fileno())  # fmt: skip
@@ -342,6 +360,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                     configs.append(
                         Config(f"studyq {kind}, with run files", _bind(study_id, url, runs, True))
                     )
+                    for jobs in args.jobs:
+                        configs.append(
+                            Config(
+                                f"studyq {kind}, with run files, jobs={jobs}",
+                                _bind(study_id, url, runs, True, jobs=jobs),
+                            )
+                        )
             base = None
             if not args.no_upstream:
                 python = find_upstream_python(build=False)
@@ -369,9 +394,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _bind(
-    study_id: str, url: str, runs: int, run_files: bool, tree: Path | None = None
+    study_id: str,
+    url: str,
+    runs: int,
+    run_files: bool,
+    tree: Path | None = None,
+    *,
+    jobs: int = 1,
 ) -> Callable[[], Sample]:
-    return lambda: measure_studyq(study_id, url, runs, run_files=run_files, tree=tree)
+    return lambda: measure_studyq(study_id, url, runs, run_files=run_files, tree=tree, jobs=jobs)
 
 
 def _checkout(commit: str, work: Path) -> Path:
