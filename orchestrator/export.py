@@ -55,7 +55,11 @@ from orchestrator.export_tables import JSON_CELLS, SpooledCsv, write_child_table
 from orchestrator.store.columns import EVALUATION_COLUMNS as STORED_EVALUATIONS
 from orchestrator.store.columns import EVENT_COLUMNS as STORED_EVENTS
 from orchestrator.store.columns import RESULT_COLUMNS
-from orchestrator.store.export_reads import iter_attempt_rows, iter_run_records
+from orchestrator.store.export_reads import (
+    has_repeated_run_ids,
+    iter_attempt_rows,
+    iter_run_records,
+)
 from orchestrator.store.models import EvaluationRow, EventRow
 
 if TYPE_CHECKING:
@@ -299,7 +303,7 @@ def export_artifacts(
         status_counts,
         model_ids,
         run_files=run_files,
-        writers=min(jobs, os.cpu_count() or 1) if run_files else 1,
+        writers=_writers(store, study_id, jobs) if run_files else 1,
     )
     evaluations = write_child_table(
         store.engine, EvaluationRow, STORED_EVALUATIONS, study_id, files["evaluations.csv"]
@@ -330,6 +334,16 @@ def export_artifacts(
     return ExportReport(
         target, runs, planned, events, evaluations, runs < planned, files, with_files
     )
+
+
+def _writers(store: ResultStore, study_id: str, jobs: int) -> int:
+    """Processes for the per-run files: ``jobs``, one per core at most, and one (this
+    process) when two runs share a run id and so the paths of their files: the later run's
+    files are the ones kept, as when one process writes them in plan order."""
+    writers = min(jobs, os.cpu_count() or 1)
+    if writers > 1 and has_repeated_run_ids(store.engine, study_id):
+        return 1
+    return writers
 
 
 def _completion(store: ResultStore, study_id: str) -> dict[str, dict[str, Any]]:

@@ -18,9 +18,10 @@ import pytest
 from orchestrator.api import run_study
 from orchestrator.cli import main
 from orchestrator.contracts.errors import StudyqError
-from orchestrator.export import export_artifacts
+from orchestrator.export import _writers, export_artifacts
 from orchestrator.export_records import _WRITER_BATCH
 from orchestrator.store import ResultStore
+from orchestrator.store.export_reads import has_repeated_run_ids
 from workers.execution import agent_result
 
 STUDY_ID = "export-parallel"
@@ -61,7 +62,7 @@ def _study(path: Path) -> Path:
 
 
 def _files(root: Path) -> dict[str, bytes]:
-    """Every file under ``root`` by relative path; the manifest without its clock."""
+    """Every file under ``root`` by relative path; the manifest without its clocks."""
     found: dict[str, bytes] = {}
     for folder, _, names in os.walk(root):
         for name in names:
@@ -69,6 +70,7 @@ def _files(root: Path) -> dict[str, bytes]:
             found[str(path.relative_to(root))] = path.read_bytes()
     manifest = json.loads(found.pop("manifest.json"))
     manifest.pop("generated_at")
+    manifest["provenance"].pop("captured_at")
     found["manifest.json"] = json.dumps(manifest, sort_keys=True).encode()
     return found
 
@@ -93,7 +95,7 @@ def test_writer_processes_write_the_same_bytes(swept: str, tmp_path: Path) -> No
     """Given a sweep of 240 runs, 223 finished (some failed) and 17 pending,
     when it is exported with one process, then with jobs=3 (writers: one per core at most)
     into the same folder (replacing the first export's files),
-    then every file is byte for byte the same (the manifest but for its clock): the
+    then every file is byte for byte the same (the manifest but for its clocks): the
     ledger in plan order across batches, every checkpoint and evidence record, redacted
     alike."""
     assert FINISHED > 3 * _WRITER_BATCH  # several batches, so their order matters
@@ -137,3 +139,40 @@ def test_export_refuses_jobs_below_one(swept: str, tmp_path: Path) -> None:
     with ResultStore.open(swept) as store, pytest.raises(StudyqError, match="jobs must be 1"):
         export_artifacts(store, STUDY_ID, tmp_path / "out", jobs=0)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.timeout(180)
+def test_repeated_run_ids_are_written_by_one_process(tmp_path: Path, swept: str) -> None:
+    """Given a study whose two temperature levels have the same value (so every run id is
+    planned twice, UPSTREAM.md 6.4, and two runs' files share each path),
+    when it is exported with jobs=3,
+    then has_repeated_run_ids says so (and not for the study without repeats), and the files
+    are those of one process writing in plan order: each path holds the later run's files."""
+    study = json.loads(_study(tmp_path / "plain.json").read_text(encoding="utf-8"))
+    study["study_id"] = "export-repeated"
+    study["factors"][0]["levels"][1]["value"] = 0.1
+    study["run_budget"]["replicates"] = 40
+    path = tmp_path / "repeated.json"
+    path.write_text(json.dumps(study), encoding="utf-8")
+    db = f"sqlite:///{tmp_path / 'repeated.db'}"
+    outcome = run_study(
+        path, jobs=1, db=db, export=False, agent_bindings={"flaky-agent": flaky_agent}
+    )
+    assert outcome.executed == 2 * 2 * 40
+
+    with ResultStore.open(db) as store:
+        assert has_repeated_run_ids(store.engine, "export-repeated")
+        assert _writers(store, "export-repeated", 3) == 1
+        export_artifacts(store, "export-repeated", tmp_path / "out")
+        one = _files(tmp_path / "out")
+        export_artifacts(store, "export-repeated", tmp_path / "out", jobs=3)
+        many = _files(tmp_path / "out")
+    with ResultStore.open(swept) as store:
+        assert not has_repeated_run_ids(store.engine, STUDY_ID)
+        assert _writers(store, STUDY_ID, 3) == min(3, os.cpu_count() or 1)
+
+    assert one == many
+    checkpoints = [
+        name for name in one if name.startswith(os.path.join("artifacts", "checkpoints"))
+    ]
+    assert len(checkpoints) == 2 * 40 + 1  # one per distinct run id, and the ledger

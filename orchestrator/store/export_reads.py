@@ -17,7 +17,7 @@ import json
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
-from sqlalchemy import JSON, Engine, Select, Text, cast, null, select, tuple_
+from sqlalchemy import JSON, Engine, Select, Text, cast, func, null, select, tuple_
 from sqlalchemy.sql.elements import ColumnElement
 
 from orchestrator.contracts.results import RunStatus
@@ -25,7 +25,13 @@ from orchestrator.store.models import AttemptRow, EvaluationRow, EventRow, RunRo
 from orchestrator.store.queries import plan_pages
 from orchestrator.store.records import RunRecord
 
-__all__ = ["EXPORT_PAGE", "iter_attempt_rows", "iter_child_rows", "iter_run_records"]
+__all__ = [
+    "EXPORT_PAGE",
+    "has_repeated_run_ids",
+    "iter_attempt_rows",
+    "iter_child_rows",
+    "iter_run_records",
+]
 
 EXPORT_PAGE = 5_000
 """Rows per page: large enough that a page's query overhead is noise, small enough that a
@@ -102,6 +108,22 @@ _REPEATING = frozenset(
 )
 """Run columns whose text repeats between runs (the spec's side, and provenance); outputs and
 metrics are each run's own."""
+
+
+def has_repeated_run_ids(engine: Engine, study_id: str) -> bool:
+    """Whether two runs of the study share a run id (repeated level values give repeated
+    ids, UPSTREAM.md 6.4). Their per-run files share a path, so the later run's files must
+    be written after the earlier's, as one process writes them. One pass over the
+    ``(study_id, run_id)`` index, stopping at the first repeat."""
+    repeated = (
+        select(RunRow.run_id)
+        .where(RunRow.study_id == study_id)
+        .group_by(RunRow.run_id)
+        .having(func.count() > 1)
+        .limit(1)
+    )
+    with engine.connect() as connection:
+        return connection.execute(repeated).first() is not None
 
 
 def iter_run_records(
