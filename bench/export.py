@@ -47,6 +47,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -350,23 +351,20 @@ def main(argv: Sequence[str] | None = None) -> int:
                     seconds, peak = result["seconds"], result["hwm_mb"]
                     print(f"{seconds:.2f} s, peak RSS {peak:.0f} MB (under cProfile)")
                     return 0
+                export = partial(measure_studyq, study_id, url, runs)
                 if before is not None:
                     label = f"studyq {args.before[:7]} {kind}, --no-run-files"
-                    configs.append(Config(label, _bind(study_id, url, runs, False, before)))
+                    configs.append(Config(label, partial(export, run_files=False, tree=before)))
                 configs.append(
-                    Config(f"studyq {kind}, --no-run-files", _bind(study_id, url, runs, False))
+                    Config(f"studyq {kind}, --no-run-files", partial(export, run_files=False))
                 )
                 if not args.no_run_files:
                     configs.append(
-                        Config(f"studyq {kind}, with run files", _bind(study_id, url, runs, True))
+                        Config(f"studyq {kind}, with run files", partial(export, run_files=True))
                     )
                     for jobs in args.jobs:
-                        configs.append(
-                            Config(
-                                f"studyq {kind}, with run files, jobs={jobs}",
-                                _bind(study_id, url, runs, True, jobs=jobs),
-                            )
-                        )
+                        label = f"studyq {kind}, with run files, jobs={jobs}"
+                        configs.append(Config(label, partial(export, run_files=True, jobs=jobs)))
             base = None
             if not args.no_upstream:
                 python = find_upstream_python(build=False)
@@ -391,18 +389,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"\nlargest median peak RSS of studyq's exports: {worst_rss:.0f} MB "
           f"(goal at 1,000,000 runs: < {RSS_GOAL_MB:.0f} MB)")  # fmt: skip
     return 0
-
-
-def _bind(
-    study_id: str,
-    url: str,
-    runs: int,
-    run_files: bool,
-    tree: Path | None = None,
-    *,
-    jobs: int = 1,
-) -> Callable[[], Sample]:
-    return lambda: measure_studyq(study_id, url, runs, run_files=run_files, tree=tree, jobs=jobs)
 
 
 def _checkout(commit: str, work: Path) -> Path:
