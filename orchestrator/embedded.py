@@ -260,8 +260,8 @@ def run_embedded(
             journal.remove()  # every claim is recorded or handed back
         outcome.counts = store.count_by_status(study.study_id)
         if options.export and not outcome.interrupted:
-            # a process pool's sweep writes the per-run files in processes too (its
-            # forkserver is warm); threads and jobs=1 keep every process of theirs
+            # after a process pool's sweep, the per-run files are written in processes too
+            # (its forkserver is warm); after threads or jobs=1, in this process
             writers = jobs if options.pool == "process" else 1
             outcome.export = export_artifacts(
                 store, study.study_id, options.output_dir, jobs=writers
