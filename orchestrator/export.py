@@ -142,16 +142,6 @@ class ExportReport:
     """Runs given an upstream checkpoint and evidence record (0 with ``run_files=False``)."""
 
 
-def _iso(value: datetime | None) -> str | None:
-    if value is None:
-        return None
-    if value.tzinfo is UTC:  # what the store returns: no conversion to make
-        return value.isoformat()
-    if value.tzinfo is None:
-        value = value.replace(tzinfo=UTC)
-    return value.astimezone(UTC).isoformat()
-
-
 def utc_now_iso() -> str:
     """UTC ISO-8601 without microseconds, ``+00:00`` offset (the upstream's format)."""
     return datetime.now(UTC).replace(microsecond=0).isoformat()
@@ -225,10 +215,8 @@ def _write_attempts(store: ResultStore, study_id: str, path: Path) -> int:
     with path.open("w", encoding="utf-8", newline="") as handle:
         write = csv.writer(handle).writerow
         write(ATTEMPT_COLUMNS)
-        for run_id, attempt, worker, started, ended, *rest in iter_attempt_rows(
-            store.engine, study_id
-        ):
-            write((run_id, attempt, worker, _iso(started), _iso(ended), *rest))
+        for cells in iter_attempt_rows(store.engine, study_id):
+            write(cells)
             count += 1
     return count
 
@@ -500,13 +488,18 @@ def _write_runs(
     return count, written
 
 
-def _terminal(runs: Iterable[RunRecord], records: RunFiles | None) -> Iterator[RunRecord]:
+_TimedRun = tuple["RunRecord", str | None, str | None]
+"""A run with its start and end time as ISO text (``iter_run_records``)."""
+
+
+def _terminal(runs: Iterable[_TimedRun], records: RunFiles | None) -> Iterator[_TimedRun]:
     """The terminal runs; the others get their evidence record only (with ``records``)."""
-    for run in runs:
+    for timed in runs:
+        run = timed[0]
         if run.status in _TERMINAL:
-            yield run
+            yield timed
         elif records is not None:
-            records.write_unfinished(run)
+            records.write_unfinished(run, started=timed[1])
 
 
 def _assignment_cells(run: RunRecord, extra: _ExtraColumns) -> list[tuple[int, Any]]:
@@ -552,14 +545,14 @@ def _metric_cells(run: RunRecord, extra: _ExtraColumns) -> Iterator[tuple[int, A
 
 def _run_rows(
     study_id: str,
-    runs: Iterable[RunRecord],
+    runs: Iterable[_TimedRun],
     manifest_path: Path,
     status_counts: dict[str, int],
     model_ids: set[str],
 ) -> Iterator[tuple[RunRecord, list[Any]]]:
     """Each run with the cells of its runs.csv row (:data:`RUN_CSV_COLUMNS`, in order)."""
     manifest = str(manifest_path)
-    for run in runs:
+    for run, started, ended in runs:
         status = _UPSTREAM_STATUS.get(run.status, run.status)
         status_counts[status] = status_counts.get(status, 0) + 1
         provenance = run.provenance or {}
@@ -579,8 +572,8 @@ def _run_rows(
             run.seed,
             run.replicate,
             status,
-            _iso(run.started_at),
-            _iso(run.ended_at),
+            started,
+            ended,
             *_BLANK_RESULT,
             manifest,
             *_BLANK_TAIL,

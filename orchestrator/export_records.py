@@ -241,13 +241,14 @@ class RunFiles:
         while self._pending and (self._pending[0].done() or len(self._pending) > _WRITERS_AHEAD):
             self._ledger.write(self._pending.popleft().result())
 
-    def write_unfinished(self, run: Any) -> None:
+    def write_unfinished(self, run: Any, *, started: str | None) -> None:
         """The evidence record of a run not finished yet (``pending``, or ``running`` with
-        its start time), as upstream keeps one for every planned run; no checkpoint."""
+        its start time, ``started`` as ISO text), as upstream keeps one for every planned
+        run; no checkpoint."""
         if not _safe_run_id(str(run.run_id)):
             return
         status = "running" if run.status == "running" else "pending"
-        started = run.started_at.isoformat() if status == "running" and run.started_at else None
+        started = started if status == "running" else None
         row = {
             "status": status,
             "agent_id": "" if run.agent_id is None else run.agent_key,

@@ -24,6 +24,7 @@ from orchestrator.contracts.results import RunStatus
 from orchestrator.store.models import AttemptRow, EvaluationRow, EventRow, RunRow
 from orchestrator.store.queries import plan_pages
 from orchestrator.store.records import RunRecord
+from orchestrator.store.sqltypes import iso_from_utc_text, utc_text
 
 __all__ = [
     "EXPORT_PAGE",
@@ -133,9 +134,11 @@ def iter_run_records(
     statuses: Iterable[RunStatus | str] | None = None,
     without: Iterable[str] = (),
     batch: int = EXPORT_PAGE,
-) -> Iterator[RunRecord]:
-    """Runs of a study in plan order (optionally only those in ``statuses``), as
-    :class:`RunRecord` values: the same records ``ResultStore.iter_runs`` gives.
+) -> Iterator[tuple[RunRecord, str | None, str | None]]:
+    """Runs of a study in plan order (optionally only those in ``statuses``), each as the
+    :class:`RunRecord` ``ResultStore.iter_runs`` gives, with its start and end time as ISO
+    text beside it (:func:`~orchestrator.store.sqltypes.iso_from_utc_text`, what the
+    artifacts hold); the record's own ``started_at`` and ``ended_at`` are None.
 
     ``without`` names JSON columns the caller does not read (runs.csv has no cell for
     ``outputs``, which can be a model's whole answer): they are not fetched, and are None.
@@ -145,9 +148,12 @@ def iter_run_records(
     unknown = skipped - {c.name for c in _RUN_TABLE_COLUMNS if _is_json(c)}
     if unknown:
         raise ValueError(f"not JSON columns of runs: {sorted(unknown)}")
+    skipped.update(("started_at", "ended_at"))  # read as text, below
     selected = [
         RunRow.plan_index,
         *(null().label(c.name) if c.name in skipped else _as_read(c) for c in _RUN_TABLE_COLUMNS),
+        utc_text(RunRow.started_at).label("started_text"),
+        utc_text(RunRow.ended_at).label("ended_text"),
     ]
     convert = _decoding([RunRow.plan_index, *_RUN_TABLE_COLUMNS], _REPEATING)
 
@@ -161,10 +167,11 @@ def iter_run_records(
             query = query.where(RunRow.plan_index > last[0])
         return query.order_by(RunRow.plan_index)
 
-    make = RunRecord
+    make, iso = RunRecord, iso_from_utc_text
     for page in plan_pages(engine, RunRow.__table__, study_id, build, _first, batch):
         for row in page:
-            yield make(*convert(row)[1:])
+            values = convert(row)
+            yield make(*values[1:-2]), iso(values[-2]), iso(values[-1])
 
 
 def iter_child_rows(
@@ -208,11 +215,16 @@ ATTEMPT_CELLS = (
 def iter_attempt_rows(
     engine: Engine, study_id: str, *, batch: int = EXPORT_PAGE
 ) -> Iterator[Sequence[Any]]:
-    """Each claim of each run as :data:`ATTEMPT_CELLS` (datetimes as stored: aware, UTC),
-    in plan order then attempt order."""
+    """Each claim of each run as :data:`ATTEMPT_CELLS` (its times as ISO text, as in
+    :func:`iter_run_records`), in plan order then attempt order."""
     table = AttemptRow.__table__
     keys = [table.c.plan_index, table.c.attempt]
-    selected = [*keys, *(table.c[name] for name in ATTEMPT_CELLS)]
+    times = ("started_at", "ended_at")
+    selected = [
+        *keys,
+        *(utc_text(table.c[n]).label(n) if n in times else table.c[n] for n in ATTEMPT_CELLS),
+    ]
+    started, ended = (ATTEMPT_CELLS.index(name) + 2 for name in times)
 
     def build(low: int, high: int, last: tuple[Any, ...] | None) -> Select[Any]:
         query = select(*selected).where(
@@ -222,6 +234,9 @@ def iter_attempt_rows(
             query = query.where(tuple_(*keys) > tuple_(*last))
         return query.order_by(*keys)
 
+    iso = iso_from_utc_text
     for page in plan_pages(engine, table, study_id, build, _first_two, batch):
         for row in page:
-            yield row[2:]
+            cells = list(row)
+            cells[started], cells[ended] = iso(cells[started]), iso(cells[ended])
+            yield cells[2:]

@@ -8,9 +8,11 @@ once; these tests pin that the values (key order included) are those of ``iter_r
 from __future__ import annotations
 
 from dataclasses import replace
+from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 import pytest
+from sqlalchemy import update
 from store_factories import STUDY_ID, claim, make_result, queue_all, register
 
 from orchestrator.contracts.results import RunStatus
@@ -21,7 +23,9 @@ from orchestrator.store.export_reads import (
     iter_child_rows,
     iter_run_records,
 )
-from orchestrator.store.models import EvaluationRow, EventRow
+from orchestrator.store.models import AttemptRow, EvaluationRow, EventRow, RunRow
+from orchestrator.store.records import RunRecord
+from orchestrator.store.sqltypes import iso_from_utc_text
 
 
 def _finish_some(store: ResultStore) -> None:
@@ -34,16 +38,27 @@ def _finish_some(store: ResultStore) -> None:
         assert store.finish_run(won, make_result(won, status, score=index / 10))
 
 
+def _iso(value: datetime | None) -> str | None:
+    return None if value is None else value.isoformat()
+
+
+def _timed(record: RunRecord) -> tuple[RunRecord, str | None, str | None]:
+    """What iter_run_records gives for a record of ``ResultStore.iter_runs``."""
+    untimed = replace(record, started_at=None, ended_at=None)
+    return untimed, _iso(record.started_at), _iso(record.ended_at)
+
+
 def test_run_records_equal_the_stores_records_in_every_page(store: ResultStore) -> None:
     _finish_some(store)
     for statuses in (None, ("success", "failed")):
-        expected = list(store.iter_runs(STUDY_ID, statuses=statuses))
+        expected = [_timed(r) for r in store.iter_runs(STUDY_ID, statuses=statuses)]
         got = list(iter_run_records(store.engine, STUDY_ID, statuses=statuses, batch=2))
         assert got == expected
-        assert [list(r.factor_assignments) for r in got] == [
-            list(r.factor_assignments) for r in expected
+        assert [list(r.factor_assignments) for r, _, _ in got] == [
+            list(r.factor_assignments) for r, _, _ in expected
         ]
     assert len(expected) == 5
+    assert all(started and ended for _, started, ended in got)
 
 
 def test_child_rows_equal_the_stores_records(store: ResultStore) -> None:
@@ -67,8 +82,8 @@ def test_child_rows_equal_the_stores_records(store: ResultStore) -> None:
 def test_attempt_rows_equal_the_stores_records(store: ResultStore) -> None:
     _finish_some(store)
     expected = [
-        (a.run_id, a.attempt, a.worker, a.started_at, a.ended_at, a.outcome, a.error_kind,
-         a.error_type, a.error_message, a.index)
+        (a.run_id, a.attempt, a.worker, _iso(a.started_at), _iso(a.ended_at), a.outcome,
+         a.error_kind, a.error_type, a.error_message, a.index)
         for a in store.iter_attempts(STUDY_ID)
     ]  # fmt: skip
     got = [tuple(row) for row in iter_attempt_rows(store.engine, STUDY_ID, batch=2)]
@@ -78,10 +93,10 @@ def test_attempt_rows_equal_the_stores_records(store: ResultStore) -> None:
 
 def test_columns_left_out_are_none_and_the_rest_unchanged(store: ResultStore) -> None:
     _finish_some(store)
-    expected = list(store.iter_runs(STUDY_ID))
+    expected = [_timed(r) for r in store.iter_runs(STUDY_ID)]
     got = list(iter_run_records(store.engine, STUDY_ID, without=("outputs",)))
-    assert [r.outputs for r in got] == [None] * len(expected)
-    assert [replace(r, outputs=None) for r in expected] == got
+    assert [r.outputs for r, _, _ in got] == [None] * len(expected)
+    assert [(replace(r, outputs=None), *times) for r, *times in expected] == got
     with pytest.raises(ValueError, match="seed"):
         next(iter_run_records(store.engine, STUDY_ID, without=("seed",)))
 
@@ -102,7 +117,7 @@ def test_pages_cross_windows_with_no_rows_and_runs_with_more_rows_than_a_page(
             result = replace(result, events=many)
         assert store.finish_run(won, result)
     finished = list(iter_run_records(store.engine, STUDY_ID, statuses=("success",), batch=2))
-    assert [run.index for run in finished] == [0, 1, 7, 8]
+    assert [run.index for run, _, _ in finished] == [0, 1, 7, 8]
     names = EVENT_COLUMNS.csv_columns
     expected = [
         [record.index, *(getattr(record, name) for name in names), record.extra]
@@ -112,3 +127,48 @@ def test_pages_cross_windows_with_no_rows_and_runs_with_more_rows_than_a_page(
     assert got == expected
     assert [row[0] for row in got] == [0, 1, 7, 7, 7, 7, 7, 8]
     assert list(iter_run_records(store.engine, "no-such-study")) == []
+
+
+@pytest.mark.parametrize(
+    "moment",
+    [
+        datetime(2026, 12, 7, 23, 27, 47, tzinfo=UTC),  # no fraction in isoformat
+        datetime(2026, 12, 7, 23, 27, 47, 120, tzinfo=UTC),
+        datetime(2026, 1, 2, 3, 4, 5, 999999, tzinfo=timezone(timedelta(hours=-5))),
+    ],
+)
+def test_times_are_the_isoformat_of_the_stored_utc_value(
+    store: ResultStore, moment: datetime
+) -> None:
+    """The times are read as text and made ISO without a datetime; they must still be
+    exactly ``isoformat()`` of the UTC value, whatever the fraction and the zone given."""
+    _finish_some(store)
+    with store.engine.begin() as connection:
+        connection.execute(
+            update(RunRow).where(RunRow.plan_index == 2).values(started_at=moment, ended_at=moment)
+        )
+        connection.execute(
+            update(AttemptRow).where(AttemptRow.plan_index == 2).values(started_at=moment)
+        )
+    expected = moment.astimezone(UTC).isoformat()
+    runs = {run.index: (started, ended) for run, started, ended in iter_run_records(
+        store.engine, STUDY_ID
+    )}  # fmt: skip
+    assert runs[2] == (expected, expected)
+    attempts = [row for row in iter_attempt_rows(store.engine, STUDY_ID) if row[-1] == 2]
+    assert [row[3] for row in attempts] == [expected]
+    assert runs[5] == (None, None)  # queued: no times
+
+
+@pytest.mark.parametrize(
+    ("stored", "iso"),
+    [
+        ("2026-12-07 23:27:47.000000", "2026-12-07T23:27:47+00:00"),
+        ("2026-12-07 23:27:47.000120", "2026-12-07T23:27:47.000120+00:00"),
+        ("2026-12-07 23:27:47", "2026-12-07T23:27:47+00:00"),  # hand-written SQL
+        ("2026-12-07T23:27:47.5+01:00", "2026-12-07T22:27:47.500000+00:00"),
+        (None, None),
+    ],
+)
+def test_iso_from_utc_text(stored: str | None, iso: str | None) -> None:
+    assert iso_from_utc_text(stored) == iso
