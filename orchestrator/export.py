@@ -35,36 +35,34 @@ import platform
 import socket
 import subprocess
 import sys
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import partial
 from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import yaml
+from sqlalchemy.pool import StaticPool
 
 from orchestrator.contracts.canonical import canonical_json
 from orchestrator.contracts.conditions import condition_label
 from orchestrator.contracts.errors import StoreError, StudyqError
 from orchestrator.contracts.results import RunStatus
 from orchestrator.executors.embedded import file_writers
+from orchestrator.executors.forked import ForkedCall, can_fork
 from orchestrator.export_records import RunFiles
-from orchestrator.export_tables import JSON_CELLS, SpooledCsv, write_child_table
+from orchestrator.export_tables import ATTEMPT_COLUMNS, JSON_CELLS, SpooledCsv, write_side_tables
 from orchestrator.store.columns import EVALUATION_COLUMNS as STORED_EVALUATIONS
 from orchestrator.store.columns import EVENT_COLUMNS as STORED_EVENTS
 from orchestrator.store.columns import RESULT_COLUMNS
-from orchestrator.store.export_reads import (
-    has_repeated_run_ids,
-    iter_attempt_rows,
-    iter_run_records,
-)
-from orchestrator.store.models import EvaluationRow, EventRow
+from orchestrator.store.export_reads import ExportRun, has_repeated_run_ids, iter_run_records
 
 if TYPE_CHECKING:
     from orchestrator.store import ResultStore
-    from orchestrator.store.records import EvaluationRecord, EventRecord, RunRecord
+    from orchestrator.store.records import EvaluationRecord, EventRecord
 
 __all__ = [
     "ATTEMPT_COLUMNS",
@@ -199,28 +197,6 @@ def _write_csv(path: Path, columns: Sequence[str], rows: Iterable[Mapping[str, A
     return count
 
 
-ATTEMPT_COLUMNS = (
-    "run_id", "attempt", "worker", "started", "ended", "status", "error_kind", "error_type",
-    "error_message", "plan_index",
-)  # fmt: skip
-"""attempts.csv (studyq's own, beside runs.csv): one row per claim of a run, in plan order
-then attempt order. ``status`` is how the attempt ended (``success``, ``failed``,
-``retried``: a transient error, another attempt followed; ``lost``, ``released``,
-``cancelled``, ``running``); ``plan_index`` tells apart runs of a design that repeats a run
-id."""
-
-
-def _write_attempts(store: ResultStore, study_id: str, path: Path) -> int:
-    count = 0
-    with path.open("w", encoding="utf-8", newline="") as handle:
-        write = csv.writer(handle).writerow
-        write(ATTEMPT_COLUMNS)
-        for cells in iter_attempt_rows(store.engine, study_id):
-            write(cells)
-            count += 1
-    return count
-
-
 def _union(required: Sequence[str], extra_keys: Iterable[Iterable[str]]) -> list[str]:
     ordered = list(required)
     seen = set(ordered)
@@ -283,21 +259,31 @@ def export_artifacts(
 
     status_counts: dict[str, int] = {}
     model_ids: set[str] = set()
-    runs, with_files = _write_runs(
-        store,
+    side_tables = partial(
+        write_side_tables,
+        store.engine,
         study_id,
-        target,
-        manifest_path,
-        status_counts,
-        model_ids,
-        run_files=run_files,
-        writers=_writers(store, study_id, jobs) if run_files else 1,
+        files["evaluations.csv"],
+        files["events.csv"],
+        files["attempts.csv"],
     )
-    evaluations = write_child_table(
-        store.engine, EvaluationRow, STORED_EVALUATIONS, study_id, files["evaluations.csv"]
-    )
-    events = write_child_table(store.engine, EventRow, STORED_EVENTS, study_id, files["events.csv"])
-    _write_attempts(store, study_id, files["attempts.csv"])
+    beside = _beside(store, side_tables, jobs)
+    try:
+        runs, with_files = _write_runs(
+            store,
+            study_id,
+            target,
+            manifest_path,
+            status_counts,
+            model_ids,
+            run_files=run_files,
+            writers=_writers(store, study_id, jobs) if run_files else 1,
+        )
+    except BaseException:
+        if beside is not None:
+            beside.cancel()
+        raise
+    evaluations, events = side_tables() if beside is None else beside.result()
     _write_json(files["hypotheses.json"], definition.get("hypotheses", []))
     _write_json(files["analysis_plan.json"], definition.get("analysis_plans", []))
 
@@ -322,6 +308,22 @@ def export_artifacts(
     return ExportReport(
         target, runs, planned, events, evaluations, runs < planned, files, with_files
     )
+
+
+def _beside(
+    store: ResultStore, side_tables: Callable[[], tuple[int, int]], jobs: int
+) -> ForkedCall[tuple[int, int]] | None:
+    """With ``jobs`` above 1 on more than one core, evaluations.csv, events.csv and
+    attempts.csv are written by a forked child while this process writes runs.csv: about
+    two fifths of an export's work (orchestrator.executors.forked says when a fork is
+    safe). The engine's pool is emptied first, so the child opens connections of its own.
+    An in-memory SQLite store cannot be read from another process."""
+    if jobs < 2 or (os.cpu_count() or 1) < 2 or isinstance(store.engine.pool, StaticPool):
+        return None
+    if not can_fork():
+        return None
+    store.engine.dispose()
+    return ForkedCall(side_tables, name="studyq export tables")
 
 
 def _writers(store: ResultStore, study_id: str, jobs: int) -> int:
@@ -474,7 +476,9 @@ def _write_runs(
         for run, cells in _run_rows(study_id, runs, manifest_path, status_counts, model_ids):
             if records is not None:
                 row = dict(zip(RUN_CSV_COLUMNS, cells, strict=True))
-                records.write(run, row, evaluations.take(run.index), events.take(run.index))
+                records.write(
+                    run, row, evaluations.take(run.plan_index), events.take(run.plan_index)
+                )
             placed = assignments(run)
             metrics = list(_metric_cells(run, extra))
             cells.extend([None] * len(extra.order))
@@ -488,21 +492,16 @@ def _write_runs(
     return count, written
 
 
-_TimedRun = tuple["RunRecord", str | None, str | None]
-"""A run with its start and end time as ISO text (``iter_run_records``)."""
-
-
-def _terminal(runs: Iterable[_TimedRun], records: RunFiles | None) -> Iterator[_TimedRun]:
+def _terminal(runs: Iterable[ExportRun], records: RunFiles | None) -> Iterator[ExportRun]:
     """The terminal runs; the others get their evidence record only (with ``records``)."""
-    for timed in runs:
-        run = timed[0]
+    for run in runs:
         if run.status in _TERMINAL:
-            yield timed
+            yield run
         elif records is not None:
-            records.write_unfinished(run, started=timed[1])
+            records.write_unfinished(run)
 
 
-def _assignment_cells(run: RunRecord, extra: _ExtraColumns) -> list[tuple[int, Any]]:
+def _assignment_cells(run: ExportRun, extra: _ExtraColumns) -> list[tuple[int, Any]]:
     """The factor and block cells of one run, by row position."""
     cells = [
         (extra.position("factor", str(key)), value)
@@ -523,7 +522,7 @@ class _AssignmentCells:
         self._extra = extra
         self._known: dict[tuple[int, int], tuple[Any, Any, list[tuple[int, Any]]]] = {}
 
-    def __call__(self, run: RunRecord) -> list[tuple[int, Any]]:
+    def __call__(self, run: ExportRun) -> list[tuple[int, Any]]:
         factors, blocks = run.factor_assignments, run.block_assignments
         key = (id(factors), id(blocks))
         known = self._known.get(key)
@@ -536,7 +535,7 @@ class _AssignmentCells:
         return cells
 
 
-def _metric_cells(run: RunRecord, extra: _ExtraColumns) -> Iterator[tuple[int, Any]]:
+def _metric_cells(run: ExportRun, extra: _ExtraColumns) -> Iterator[tuple[int, Any]]:
     """The metric cells of one run, by row position."""
     for key, value in _flat_metrics(run.metrics or {}):
         if key not in _FIXED_RUN_COLUMNS:  # latency_s, cost_usd, ...: already a column
@@ -545,14 +544,14 @@ def _metric_cells(run: RunRecord, extra: _ExtraColumns) -> Iterator[tuple[int, A
 
 def _run_rows(
     study_id: str,
-    runs: Iterable[_TimedRun],
+    runs: Iterable[ExportRun],
     manifest_path: Path,
     status_counts: dict[str, int],
     model_ids: set[str],
-) -> Iterator[tuple[RunRecord, list[Any]]]:
+) -> Iterator[tuple[ExportRun, list[Any]]]:
     """Each run with the cells of its runs.csv row (:data:`RUN_CSV_COLUMNS`, in order)."""
     manifest = str(manifest_path)
-    for run, started, ended in runs:
+    for run in runs:
         status = _UPSTREAM_STATUS.get(run.status, run.status)
         status_counts[status] = status_counts.get(status, 0) + 1
         provenance = run.provenance or {}
@@ -572,8 +571,8 @@ def _run_rows(
             run.seed,
             run.replicate,
             status,
-            started,
-            ended,
+            run.started_at,
+            run.ended_at,
             *_BLANK_RESULT,
             manifest,
             *_BLANK_TAIL,

@@ -241,14 +241,13 @@ class RunFiles:
         while self._pending and (self._pending[0].done() or len(self._pending) > _WRITERS_AHEAD):
             self._ledger.write(self._pending.popleft().result())
 
-    def write_unfinished(self, run: Any, *, started: str | None) -> None:
+    def write_unfinished(self, run: Any) -> None:
         """The evidence record of a run not finished yet (``pending``, or ``running`` with
-        its start time, ``started`` as ISO text), as upstream keeps one for every planned
-        run; no checkpoint."""
+        its start time), as upstream keeps one for every planned run; no checkpoint."""
         if not _safe_run_id(str(run.run_id)):
             return
         status = "running" if run.status == "running" else "pending"
-        started = started if status == "running" else None
+        started = run.started_at if status == "running" else None  # ISO text (ExportRun)
         row = {
             "status": status,
             "agent_id": "" if run.agent_id is None else run.agent_key,

@@ -23,10 +23,10 @@ from typing import Any
 from sqlalchemy import Engine
 
 from orchestrator.store.columns import EVALUATION_COLUMNS, EVENT_COLUMNS, ChildColumns
-from orchestrator.store.export_reads import iter_child_rows
+from orchestrator.store.export_reads import iter_attempt_rows, iter_child_rows
 from orchestrator.store.models import EvaluationRow, EventRow
 
-__all__ = ["JSON_CELLS", "SpooledCsv", "write_child_table"]
+__all__ = ["ATTEMPT_COLUMNS", "JSON_CELLS", "SpooledCsv", "write_child_table", "write_side_tables"]
 
 JSON_CELLS = frozenset((*EVALUATION_COLUMNS.csv_json, *EVENT_COLUMNS.csv_json))
 """Cells whose mappings are written as ``json.dumps(sort_keys=True)`` (as the upstream
@@ -123,3 +123,40 @@ def write_child_table(
                 cells.extend([None] * (len(header) - len(cells)))
             spool.write(cells)
         return spool.finish(header)
+
+
+ATTEMPT_COLUMNS = (
+    "run_id", "attempt", "worker", "started", "ended", "status", "error_kind", "error_type",
+    "error_message", "plan_index",
+)  # fmt: skip
+"""attempts.csv (studyq's own, beside runs.csv): one row per claim of a run, in plan order
+then attempt order. ``status`` is how the attempt ended (``success``, ``failed``,
+``retried``: a transient error, another attempt followed; ``lost``, ``released``,
+``cancelled``, ``running``); ``plan_index`` tells apart runs of a design that repeats a run
+id."""
+
+
+def write_attempts(store_engine: Engine, study_id: str, path: Path) -> int:
+    """attempts.csv; returns the rows written."""
+    count = 0
+    with path.open("w", encoding="utf-8", newline="") as handle:
+        write = csv.writer(handle).writerow
+        write(ATTEMPT_COLUMNS)
+        for cells in iter_attempt_rows(store_engine, study_id):
+            write(cells)
+            count += 1
+    return count
+
+
+def write_side_tables(
+    store_engine: Engine, study_id: str, evaluations: Path, events: Path, attempts: Path
+) -> tuple[int, int]:
+    """evaluations.csv, events.csv and attempts.csv: the tables the export may write in a
+    second process while it writes runs.csv (none reads another); returns the rows of
+    evaluations and of events."""
+    written = (
+        write_child_table(store_engine, EvaluationRow, EVALUATION_COLUMNS, study_id, evaluations),
+        write_child_table(store_engine, EventRow, EVENT_COLUMNS, study_id, events),
+    )
+    write_attempts(store_engine, study_id, attempts)
+    return written

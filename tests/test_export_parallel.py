@@ -8,22 +8,28 @@ exported with one process and with writers; every file must be byte for byte the
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
+import sys
+import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 
 from orchestrator.api import run_study
 from orchestrator.cli import main
 from orchestrator.contracts.errors import StudyqError
-from orchestrator.export import _writers, export_artifacts
+from orchestrator.executors.forked import ForkedCall, can_fork
+from orchestrator.export import _beside, _writers, export_artifacts
 from orchestrator.export_records import _WRITER_BATCH
 from orchestrator.store import ResultStore
 from orchestrator.store.export_reads import has_repeated_run_ids
 from workers.execution import agent_result
 
+INTEGRATION = pytest.mark.integration
 STUDY_ID = "export-parallel"
 REPLICATES = 60
 RUNS = 2 * 2 * REPLICATES  # temperature x problems x replicates
@@ -75,9 +81,7 @@ def _files(root: Path) -> dict[str, bytes]:
     return found
 
 
-@pytest.fixture
-def swept(tmp_path: Path) -> str:
-    db = f"sqlite:///{tmp_path / 'store.db'}"
+def _sweep(tmp_path: Path, db: str) -> str:
     outcome = run_study(
         _study(tmp_path / "study.json"),
         jobs=1,
@@ -88,6 +92,11 @@ def swept(tmp_path: Path) -> str:
     )
     assert outcome.executed == FINISHED and outcome.failed > 0, outcome
     return db
+
+
+@pytest.fixture
+def swept(tmp_path: Path) -> str:
+    return _sweep(tmp_path, f"sqlite:///{tmp_path / 'store.db'}")
 
 
 @pytest.mark.timeout(180)
@@ -176,3 +185,91 @@ def test_repeated_run_ids_are_written_by_one_process(tmp_path: Path, swept: str)
         name for name in one if name.startswith(os.path.join("artifacts", "checkpoints"))
     ]
     assert len(checkpoints) == 2 * 40 + 1  # one per distinct run id, and the ledger
+
+
+class _Spied(ForkedCall[Any]):
+    """ForkedCall, noting the pid of each child it starts (the export's side tables)."""
+
+    children: ClassVar[list[int]] = []
+
+    def __init__(self, call: Any, *, name: str) -> None:
+        super().__init__(call, name=name)
+        assert self._process.pid is not None
+        _Spied.children.append(self._process.pid)
+
+
+@pytest.mark.parametrize("backend", ["sqlite", pytest.param("postgresql", marks=INTEGRATION)])
+@pytest.mark.timeout(180)
+def test_side_tables_from_a_forked_child_are_the_same_bytes(
+    backend: str, tmp_path: Path, services: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Given the sweep (on each backend),
+    when it is exported without run files with one process, then with jobs=2,
+    then with jobs=2 evaluations.csv, events.csv and attempts.csv come from a forked child
+    and every file is byte for byte the same; and the store the parent holds still works
+    after the child has opened and closed its own connections (it disposed its pool)."""
+    monkeypatch.setattr("orchestrator.export.ForkedCall", _Spied)
+    _Spied.children = []
+    with contextlib.ExitStack() as stack:
+        url = f"sqlite:///{tmp_path / 'store.db'}"
+        if backend == "postgresql":
+            url = stack.enter_context(services.pg_database("export_fork", migrate=True))
+        _sweep(tmp_path, url)
+        store = stack.enter_context(ResultStore.open(url))
+        out = tmp_path / "out"
+        serial = export_artifacts(store, STUDY_ID, out, run_files=False)
+        one = _files(out)
+        assert _Spied.children == []
+        forked = export_artifacts(store, STUDY_ID, out, run_files=False, jobs=2)
+        many = _files(out)
+        assert len(_Spied.children) == (1 if (os.cpu_count() or 1) > 1 else 0)
+        assert store.find_study(STUDY_ID) is not None  # the parent's engine reconnects
+
+    assert (serial.runs, serial.events, serial.evaluations) == (
+        forked.runs,
+        forked.events,
+        forked.evaluations,
+    )
+    assert serial.events > 0 and serial.evaluations > 0
+    assert sorted(one) == sorted(many)
+    assert [name for name in one if one[name] != many[name]] == []
+    assert one["attempts.csv"].count(b"\n") > FINISHED
+
+
+def test_an_error_in_the_forked_child_is_raised_by_the_export(swept: str, tmp_path: Path) -> None:
+    """events.csv cannot be written (a folder is in its place): the child's error is the
+    export's, and runs.csv is still written by the parent before it is raised."""
+    out = tmp_path / "out"
+    (out / "events.csv").mkdir(parents=True)
+    with ResultStore.open(swept) as store, pytest.raises(IsADirectoryError):
+        export_artifacts(store, STUDY_ID, out, run_files=False, jobs=2)
+    assert (out / "runs.csv").read_text(encoding="utf-8").count("\n") == FINISHED + 1
+
+
+def test_a_child_killed_before_its_result_is_a_clear_error() -> None:
+    def die() -> int:
+        os.kill(os.getpid(), signal.SIGKILL)
+        return 0
+
+    call = ForkedCall(die, name="doomed")
+    with pytest.raises(
+        StudyqError, match=r"doomed process ended without a result \(exit code -9\)"
+    ):
+        call.result()
+    assert ForkedCall(lambda: 41 + 1, name="fine").result() == 42
+
+
+def test_no_fork_with_another_thread_or_an_in_memory_store() -> None:
+    """A fork with another thread running could inherit a lock held forever; an in-memory
+    SQLite store lives in this process only: both export in this process."""
+    assert can_fork() == sys.platform.startswith("linux")
+    stop = threading.Event()
+    other = threading.Thread(target=stop.wait)
+    other.start()
+    try:
+        assert not can_fork()
+    finally:
+        stop.set()
+        other.join()
+    with ResultStore.open("sqlite://") as memory:
+        assert _beside(memory, lambda: (0, 0), jobs=2) is None

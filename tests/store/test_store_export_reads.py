@@ -19,6 +19,7 @@ from orchestrator.contracts.results import RunStatus
 from orchestrator.store import ResultStore
 from orchestrator.store.columns import EVALUATION_COLUMNS, EVENT_COLUMNS
 from orchestrator.store.export_reads import (
+    ExportRun,
     iter_attempt_rows,
     iter_child_rows,
     iter_run_records,
@@ -42,23 +43,25 @@ def _iso(value: datetime | None) -> str | None:
     return None if value is None else value.isoformat()
 
 
-def _timed(record: RunRecord) -> tuple[RunRecord, str | None, str | None]:
-    """What iter_run_records gives for a record of ``ResultStore.iter_runs``."""
-    untimed = replace(record, started_at=None, ended_at=None)
-    return untimed, _iso(record.started_at), _iso(record.ended_at)
+def _exported(record: RunRecord) -> ExportRun:
+    """What iter_run_records gives for a record of ``ResultStore.iter_runs``: its values,
+    with the times as ISO text."""
+    values = {name: getattr(record, name) for name in ExportRun._fields if name != "plan_index"}
+    values.update(started_at=_iso(record.started_at), ended_at=_iso(record.ended_at))
+    return ExportRun(plan_index=record.index, **values)
 
 
 def test_run_records_equal_the_stores_records_in_every_page(store: ResultStore) -> None:
     _finish_some(store)
     for statuses in (None, ("success", "failed")):
-        expected = [_timed(r) for r in store.iter_runs(STUDY_ID, statuses=statuses)]
+        expected = [_exported(r) for r in store.iter_runs(STUDY_ID, statuses=statuses)]
         got = list(iter_run_records(store.engine, STUDY_ID, statuses=statuses, batch=2))
         assert got == expected
-        assert [list(r.factor_assignments) for r, _, _ in got] == [
-            list(r.factor_assignments) for r, _, _ in expected
+        assert [list(r.factor_assignments) for r in got] == [
+            list(r.factor_assignments) for r in expected
         ]
     assert len(expected) == 5
-    assert all(started and ended for _, started, ended in got)
+    assert all(r.started_at and r.ended_at for r in got)
 
 
 def test_child_rows_equal_the_stores_records(store: ResultStore) -> None:
@@ -93,10 +96,10 @@ def test_attempt_rows_equal_the_stores_records(store: ResultStore) -> None:
 
 def test_columns_left_out_are_none_and_the_rest_unchanged(store: ResultStore) -> None:
     _finish_some(store)
-    expected = [_timed(r) for r in store.iter_runs(STUDY_ID)]
+    expected = [_exported(r) for r in store.iter_runs(STUDY_ID)]
     got = list(iter_run_records(store.engine, STUDY_ID, without=("outputs",)))
-    assert [r.outputs for r, _, _ in got] == [None] * len(expected)
-    assert [(replace(r, outputs=None), *times) for r, *times in expected] == got
+    assert [r.outputs for r in got] == [None] * len(expected)
+    assert [r._replace(outputs=None) for r in expected] == got
     with pytest.raises(ValueError, match="seed"):
         next(iter_run_records(store.engine, STUDY_ID, without=("seed",)))
 
@@ -117,7 +120,7 @@ def test_pages_cross_windows_with_no_rows_and_runs_with_more_rows_than_a_page(
             result = replace(result, events=many)
         assert store.finish_run(won, result)
     finished = list(iter_run_records(store.engine, STUDY_ID, statuses=("success",), batch=2))
-    assert [run.index for run, _, _ in finished] == [0, 1, 7, 8]
+    assert [run.plan_index for run in finished] == [0, 1, 7, 8]
     names = EVENT_COLUMNS.csv_columns
     expected = [
         [record.index, *(getattr(record, name) for name in names), record.extra]
@@ -151,9 +154,10 @@ def test_times_are_the_isoformat_of_the_stored_utc_value(
             update(AttemptRow).where(AttemptRow.plan_index == 2).values(started_at=moment)
         )
     expected = moment.astimezone(UTC).isoformat()
-    runs = {run.index: (started, ended) for run, started, ended in iter_run_records(
-        store.engine, STUDY_ID
-    )}  # fmt: skip
+    runs = {
+        run.plan_index: (run.started_at, run.ended_at)
+        for run in iter_run_records(store.engine, STUDY_ID)
+    }
     assert runs[2] == (expected, expected)
     attempts = [row for row in iter_attempt_rows(store.engine, STUDY_ID) if row[-1] == 2]
     assert [row[3] for row in attempts] == [expected]
