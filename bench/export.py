@@ -9,6 +9,8 @@ Run from the repository root::
     .venv/bin/python bench/export.py --runs 100000 --profile sqlite   # cProfile of one export
     TMPDIR=/dev/shm .venv/bin/python bench/export.py --runs 20000 --backends sqlite --jobs 2
                                                       # per-run files in 2 writer processes
+    TMPDIR=/dev/shm .venv/bin/python bench/export.py --no-run-files --jobs 2
+                                                      # the side tables from a forked child
 
 What is compared (like for like): upstream's export writes study.yaml, manifest.json, the
 four CSV tables and the two JSON files from run results it holds in memory; it writes no
@@ -239,7 +241,8 @@ def measure_studyq(
 ) -> Sample:
     """One export in a fresh child; ``tree``: a checkout of another studyq version whose
     ``orchestrator`` package the child imports instead (``--before``); ``jobs``: the
-    export's ``jobs`` (its per-run files' writer processes)."""
+    export's ``jobs`` (a forked child for the side tables, and the per-run files' writer
+    processes)."""
     env = _clean_env(keep_pythonpath=True)
     if tree is not None:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(tree), env.get("PYTHONPATH")]))
@@ -314,7 +317,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         type=int,
         nargs="*",
         default=[],
-        help="also the full export with these jobs (per-run files written in processes)",
+        help="also export with these jobs: the side tables from a forked child, and the "
+        "per-run files (unless --no-run-files) written by that many processes",
     )
     args = parser.parse_args(argv)
     if args.runs <= 0 or args.runs % REPLICATE_RUNS:
@@ -358,6 +362,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 configs.append(
                     Config(f"studyq {kind}, --no-run-files", partial(export, run_files=False))
                 )
+                for jobs in args.jobs:
+                    label = f"studyq {kind}, --no-run-files, jobs={jobs}"
+                    configs.append(Config(label, partial(export, run_files=False, jobs=jobs)))
                 if not args.no_run_files:
                     configs.append(
                         Config(f"studyq {kind}, with run files", partial(export, run_files=True))
