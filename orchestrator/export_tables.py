@@ -127,6 +127,7 @@ def write_child_table(
     position = {name: i for i, name in enumerate(required)}
     header = list(required)
     json_at = [position[name] for name in required if name in JSON_CELLS]
+    tail: tuple[str, ...] = ()  # the extra columns, when none is a JSON cell
     with SpooledCsv(path) as spool:
         for values in iter_child_rows(store_engine, table, study_id, required):
             extra: Mapping[str, Any] = values[-1] or {}
@@ -134,6 +135,10 @@ def write_child_table(
             for at in json_at:
                 if isinstance(cells[at], Mapping):
                     cells[at] = json.dumps(cells[at], sort_keys=True)
+            if tail and tuple(extra) == tail:  # most rows: the keys of the rows before
+                cells.extend(extra.values())
+                spool.write(cells)
+                continue
             for key, value in extra.items():
                 known = position.get(key)
                 if known is None:
@@ -151,6 +156,9 @@ def write_child_table(
             if len(cells) < len(header):
                 cells.extend([None] * (len(header) - len(cells)))
             spool.write(cells)
+            tail = tuple(header[len(required) :])
+            if JSON_CELLS.intersection(tail):
+                tail = ()
         return spool.finish(header)
 
 

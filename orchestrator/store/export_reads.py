@@ -227,7 +227,9 @@ def iter_child_rows(
     extra = table.__table__.c.extra
     keys = [table.__table__.c.plan_index, table.__table__.c.seq]
     selected = [*keys, *(_as_read(c) for c in columns), _as_read(extra)]
-    convert = _decoding([*keys, *columns, extra])
+    # the declared JSON cells repeat from row to row (an event's meta, a score of 1.0); the
+    # extras hold each row's run id
+    convert = _decoding([*keys, *columns, extra], frozenset(c.name for c in columns))
 
     def build(low: int, high: int, last: tuple[Any, ...] | None) -> Select[Any]:
         query = select(*selected).where(
