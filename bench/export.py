@@ -30,7 +30,13 @@ runs' result columns, attempts, evaluations and events to every other run (run
 ``i`` gets run ``i % TEMPLATE_RUNS``'s). The rows have the shape the product writes.
 
 Each configuration runs in a fresh child process, timed inside the child around the export
-only; peak RSS is the child's own VmHWM (``/proc/self/status``, read at its end). The
+only; peak RSS is the child's own VmHWM (``/proc/self/status``, read at its end), plus,
+with ``jobs``, the VmHWM of the process the export forks for the side tables (read there
+as it ends: a sum that is an upper bound, the pages the two share since the fork count
+twice). ``ru_maxrss`` of the waited-for children would not do: it keeps the high-water
+mark of every forked copy from before its ``exec`` (``git rev-parse`` of the provenance
+showed the export's own ~100 MB). The per-run files' writers are the forkserver's
+children and are not counted. The
 configurations are measured in rounds (one sample of each, then the next round), and each
 ratio against upstream is taken within a round; the tables show medians with [min-max] over rounds.
 Goals (issue 14): studyq's runs/s without run files >= upstream's (median of the per-round
@@ -73,12 +79,39 @@ def peak_mb():
 """
 
 _STUDYQ_CHILD = """\
-import json, sys, time
+import json, os, sys, time
 
+import orchestrator.export
 from orchestrator.export import export_artifacts
 from orchestrator.store import ResultStore
 
 study_id, url, out, run_files, profile, jobs = sys.argv[1:7]
+side_peaks = []  # the VmHWM of each child forked for the side tables (with jobs)
+
+
+class MeasuredFork(orchestrator.export.ForkedCall):
+    def __init__(self, call, *, name):
+        read, write = os.pipe()
+
+        def measured():
+            try:
+                return call()
+            finally:
+                os.write(write, f"{peak_mb()}\\n".encode())
+
+        super().__init__(measured, name=name)
+        os.close(write)
+        self._peak = read
+
+    def result(self):
+        try:
+            return super().result()
+        finally:
+            side_peaks.append(float(os.read(self._peak, 64) or 0))
+            os.close(self._peak)
+
+
+orchestrator.export.ForkedCall = MeasuredFork
 with ResultStore.open(url) as store:
     call = lambda: export_artifacts(
         store, study_id, out, run_files=run_files == "1", jobs=int(jobs)
@@ -93,7 +126,8 @@ with ResultStore.open(url) as store:
     else:
         report = call()
     elapsed = time.perf_counter() - started
-print(json.dumps({"runs": report.runs, "seconds": elapsed, "hwm_mb": peak_mb()}))
+hwm = peak_mb() + sum(side_peaks)
+print(json.dumps({"runs": report.runs, "seconds": elapsed, "hwm_mb": hwm, "side_mb": side_peaks}))
 """
 
 _UPSTREAM_CHILD = """\

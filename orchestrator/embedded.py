@@ -261,8 +261,9 @@ def run_embedded(
         outcome.counts = store.count_by_status(study.study_id)
         if options.export and not outcome.interrupted:
             # after a process pool's sweep, the per-run files are written in processes too
-            # (its forkserver is warm); after threads or jobs=1, in this process
-            writers = jobs if options.pool == "process" else 1
+            # (its forkserver is warm); after threads or jobs=1, in this process (and the
+            # side tables in a forked one, as by default)
+            writers = jobs if options.pool == "process" else None
             outcome.export = export_artifacts(
                 store, study.study_id, options.output_dir, jobs=writers
             )

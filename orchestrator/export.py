@@ -214,17 +214,20 @@ def export_artifacts(
     out_dir: str | Path | None = None,
     *,
     run_files: bool = True,
-    jobs: int = 1,
+    jobs: int | None = None,
 ) -> ExportReport:
     """Write the canonical artifact set of ``study_id`` from ``store`` and validate it.
 
     ``out_dir`` defaults to the study's ``output_dir`` (``artifacts/<study_id>``).
     ``run_files`` also writes upstream's per-run checkpoint and evidence files under
     ``artifacts/`` (three small files per run; turn it off for a CSV-only export).
-    ``jobs`` above 1 writes those files in up to that many processes, one per core at
-    most; every byte is the same as with one.
+    ``jobs`` is how many processes write, one per core at most; every byte is the same
+    whatever it is. None (the default): evaluations.csv, events.csv and attempts.csv are
+    written by a forked process while this one writes runs.csv, where a fork is safe
+    (:func:`_beside`); 1: this process only; above 1: that forked process too, and the
+    per-run files by up to that many writer processes.
     """
-    if jobs < 1:
+    if jobs is not None and jobs < 1:
         raise StudyqError(f"jobs must be 1 or more, got {jobs}.")
     study = store.find_study(study_id)
     if study is None:
@@ -311,14 +314,15 @@ def export_artifacts(
 
 
 def _beside(
-    store: ResultStore, side_tables: Callable[[], tuple[int, int]], jobs: int
+    store: ResultStore, side_tables: Callable[[], tuple[int, int]], jobs: int | None
 ) -> ForkedCall[tuple[int, int]] | None:
-    """With ``jobs`` above 1 on more than one core, evaluations.csv, events.csv and
+    """Unless ``jobs`` is 1, on more than one core, evaluations.csv, events.csv and
     attempts.csv are written by a forked child while this process writes runs.csv: about
-    two fifths of an export's work (orchestrator.executors.forked says when a fork is
-    safe). The engine's pool is emptied first, so the child opens connections of its own.
-    An in-memory SQLite store cannot be read from another process."""
-    if jobs < 2 or (os.cpu_count() or 1) < 2 or isinstance(store.engine.pool, StaticPool):
+    two fifths of an export's work, and a fork costs about 10 ms
+    (orchestrator.executors.forked says when a fork is safe). The engine's pool is emptied
+    first, so the child opens connections of its own. An in-memory SQLite store cannot be
+    read from another process."""
+    if jobs == 1 or (os.cpu_count() or 1) < 2 or isinstance(store.engine.pool, StaticPool):
         return None
     if not can_fork():
         return None
@@ -326,11 +330,12 @@ def _beside(
     return ForkedCall(side_tables, name="studyq export tables")
 
 
-def _writers(store: ResultStore, study_id: str, jobs: int) -> int:
-    """Processes for the per-run files: ``jobs``, one per core at most, and one (this
-    process) when two runs share a run id and so the paths of their files: the later run's
-    files are the ones kept, as when one process writes them in plan order."""
-    writers = min(jobs, os.cpu_count() or 1)
+def _writers(store: ResultStore, study_id: str, jobs: int | None) -> int:
+    """Processes for the per-run files: ``jobs``, one per core at most (None: one, this
+    process: starting writers takes 0.3 s), and one when two runs share a run id and so the
+    paths of their files: the later run's files are the ones kept, as when one process
+    writes them in plan order."""
+    writers = min(jobs or 1, os.cpu_count() or 1)
     if writers > 1 and has_repeated_run_ids(store.engine, study_id):
         return 1
     return writers

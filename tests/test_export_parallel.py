@@ -110,7 +110,7 @@ def test_writer_processes_write_the_same_bytes(swept: str, tmp_path: Path) -> No
     assert FINISHED > 3 * _WRITER_BATCH  # several batches, so their order matters
     out = tmp_path / "out"  # one folder: runs.csv names its manifest's path
     with ResultStore.open(swept) as store:
-        serial = export_artifacts(store, STUDY_ID, out)
+        serial = export_artifacts(store, STUDY_ID, out, jobs=1)
         one = _files(out)
         parallel = export_artifacts(store, STUDY_ID, out, jobs=3)
         many = _files(out)
@@ -172,7 +172,7 @@ def test_repeated_run_ids_are_written_by_one_process(tmp_path: Path, swept: str)
     with ResultStore.open(db) as store:
         assert has_repeated_run_ids(store.engine, "export-repeated")
         assert _writers(store, "export-repeated", 3) == 1
-        export_artifacts(store, "export-repeated", tmp_path / "out")
+        export_artifacts(store, "export-repeated", tmp_path / "out", jobs=1)
         one = _files(tmp_path / "out")
         export_artifacts(store, "export-repeated", tmp_path / "out", jobs=3)
         many = _files(tmp_path / "out")
@@ -204,10 +204,11 @@ def test_side_tables_from_a_forked_child_are_the_same_bytes(
     backend: str, tmp_path: Path, services: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Given the sweep (on each backend),
-    when it is exported without run files with one process, then with jobs=2,
-    then with jobs=2 evaluations.csv, events.csv and attempts.csv come from a forked child
-    and every file is byte for byte the same; and the store the parent holds still works
-    after the child has opened and closed its own connections (it disposed its pool)."""
+    when it is exported without run files with jobs=1, then with jobs=2, then by default,
+    then with jobs=2 and by default evaluations.csv, events.csv and attempts.csv come from a
+    forked child and every file is byte for byte the same; and the store the parent holds
+    still works after the child has opened and closed its own connections (it disposed its
+    pool)."""
     monkeypatch.setattr("orchestrator.export.ForkedCall", _Spied)
     _Spied.children = []
     with contextlib.ExitStack() as stack:
@@ -217,12 +218,14 @@ def test_side_tables_from_a_forked_child_are_the_same_bytes(
         _sweep(tmp_path, url)
         store = stack.enter_context(ResultStore.open(url))
         out = tmp_path / "out"
-        serial = export_artifacts(store, STUDY_ID, out, run_files=False)
+        serial = export_artifacts(store, STUDY_ID, out, run_files=False, jobs=1)
         one = _files(out)
         assert _Spied.children == []
         forked = export_artifacts(store, STUDY_ID, out, run_files=False, jobs=2)
         many = _files(out)
-        assert len(_Spied.children) == (1 if (os.cpu_count() or 1) > 1 else 0)
+        export_artifacts(store, STUDY_ID, out, run_files=False)  # the default forks too
+        assert _files(out) == many
+        assert len(_Spied.children) == (2 if (os.cpu_count() or 1) > 1 else 0)
         assert store.find_study(STUDY_ID) is not None  # the parent's engine reconnects
 
     assert (serial.runs, serial.events, serial.evaluations) == (
