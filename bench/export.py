@@ -39,6 +39,8 @@ showed the export's own ~100 MB). The per-run files' writers are the forkserver'
 children and are not counted. The
 configurations are measured in rounds (one sample of each, then the next round), and each
 ratio against upstream is taken within a round; the tables show medians with [min-max] over rounds.
+studyq's rows are its default (the side tables written by a forked process beside the one
+writing runs.csv), ``jobs=1`` (one process), and each of ``--jobs``.
 Goals (issue 14): studyq's runs/s without run files >= upstream's (median of the per-round
 ratios >= 1.0), peak RSS < 300 MB at 1,000,000 runs.
 """
@@ -89,33 +91,33 @@ study_id, url, out, run_files, profile, jobs = sys.argv[1:7]
 side_peaks = []  # the VmHWM of each child forked for the side tables (with jobs)
 
 
-class MeasuredFork(orchestrator.export.ForkedCall):
-    def __init__(self, call, *, name):
-        read, write = os.pipe()
+if hasattr(orchestrator.export, "ForkedCall"):  # not in trees before it (--before)
+    class MeasuredFork(orchestrator.export.ForkedCall):
+        def __init__(self, call, *, name):
+            read, write = os.pipe()
 
-        def measured():
+            def measured():
+                try:
+                    return call()
+                finally:
+                    os.write(write, f"{peak_mb()}\\n".encode())
+
+            super().__init__(measured, name=name)
+            os.close(write)
+            self._peak = read
+
+        def result(self):
             try:
-                return call()
+                return super().result()
             finally:
-                os.write(write, f"{peak_mb()}\\n".encode())
-
-        super().__init__(measured, name=name)
-        os.close(write)
-        self._peak = read
-
-    def result(self):
-        try:
-            return super().result()
-        finally:
-            side_peaks.append(float(os.read(self._peak, 64) or 0))
-            os.close(self._peak)
+                side_peaks.append(float(os.read(self._peak, 64) or 0))
+                os.close(self._peak)
 
 
-orchestrator.export.ForkedCall = MeasuredFork
+    orchestrator.export.ForkedCall = MeasuredFork
 with ResultStore.open(url) as store:
-    call = lambda: export_artifacts(
-        store, study_id, out, run_files=run_files == "1", jobs=int(jobs)
-    )
+    chosen = {} if jobs == "default" else {"jobs": int(jobs)}
+    call = lambda: export_artifacts(store, study_id, out, run_files=run_files == "1", **chosen)
     started = time.perf_counter()
     if profile == "1":
         import cProfile, pstats
@@ -271,19 +273,18 @@ def measure_studyq(
     *,
     run_files: bool,
     tree: Path | None = None,
-    jobs: int = 1,
+    jobs: int | None = None,
 ) -> Sample:
     """One export in a fresh child; ``tree``: a checkout of another studyq version whose
     ``orchestrator`` package the child imports instead (``--before``); ``jobs``: the
-    export's ``jobs`` (a forked child for the side tables, and the per-run files' writer
-    processes)."""
+    export's ``jobs`` (None: its default)."""
     env = _clean_env(keep_pythonpath=True)
     if tree is not None:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(tree), env.get("PYTHONPATH")]))
     with tempfile.TemporaryDirectory(prefix="studyq-bench-export-") as folder:
         command = [
             sys.executable, "-c", _PEAK + _STUDYQ_CHILD, study_id, url, folder,
-            "1" if run_files else "0", "0", str(jobs),
+            "1" if run_files else "0", "0", "default" if jobs is None else str(jobs),
         ]  # fmt: skip
         result, _ = _child(command, cwd=Path(folder), env=env)
     if result["runs"] != runs:
@@ -396,6 +397,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 configs.append(
                     Config(f"studyq {kind}, --no-run-files", partial(export, run_files=False))
                 )
+                label = f"studyq {kind}, --no-run-files, jobs=1 (one process)"
+                configs.append(Config(label, partial(export, run_files=False, jobs=1)))
                 for jobs in args.jobs:
                     label = f"studyq {kind}, --no-run-files, jobs={jobs}"
                     configs.append(Config(label, partial(export, run_files=False, jobs=jobs)))
