@@ -62,7 +62,8 @@ class ForkedCall(Generic[T]):
         context = multiprocessing.get_context("fork")
         self._reply, sending = context.Pipe(duplex=False)
         for stream in (sys.stdout, sys.stderr):  # or the child writes their buffers again
-            stream.flush()
+            if stream is not None:
+                stream.flush()
         self._process = context.Process(target=_child, args=(call, sending), name=name)
         self._process.start()
         sending.close()
