@@ -263,7 +263,7 @@ def run_embedded(
             # after a process pool's sweep, the per-run files are written in processes too
             # (its forkserver is warm); after threads or jobs=1, in this process (and the
             # side tables in a forked one, as by default)
-            writers = jobs if options.pool == "process" else None
+            writers = jobs if options.pool == "process" and jobs > 1 else None
             outcome.export = export_artifacts(
                 store, study.study_id, options.output_dir, jobs=writers
             )

@@ -319,15 +319,32 @@ def _beside(
     """Unless ``jobs`` is 1, on more than one core, evaluations.csv, events.csv and
     attempts.csv are written by a forked child while this process writes runs.csv: about
     two fifths of an export's work, and a fork costs about 10 ms
-    (orchestrator.executors.forked says when a fork is safe). The engine's pool is emptied
-    first, so the child opens connections of its own. An in-memory SQLite store cannot be
+    (orchestrator.executors.forked says when a fork is safe). The child reads through
+    connections of its own (:func:`_own_connections`). An in-memory SQLite store cannot be
     read from another process."""
     if jobs == 1 or (os.cpu_count() or 1) < 2 or isinstance(store.engine.pool, StaticPool):
         return None
     if not can_fork():
         return None
-    store.engine.dispose()
-    return ForkedCall(side_tables, name="studyq export tables")
+    return ForkedCall(partial(_own_connections, store, side_tables), name="studyq export tables")
+
+
+_INHERITED: list[Any] = []
+"""In a forked child: the pools it inherited, kept so that they are never collected."""
+
+
+def _own_connections(store: ResultStore, call: Callable[[], tuple[int, int]]) -> tuple[int, int]:
+    """``call()`` in a forked child, on a pool of its own. The inherited pool's connections
+    are the parent's sockets: used here they would mix two processes' statements on one
+    session, and closed or collected here (libpq says goodbye to the server) they would end
+    the parent's. So the old pool stays referenced until the child exits (``os._exit``: no
+    collection), and the engine gets a new one (SQLAlchemy's ``dispose(close=False)``). The
+    parent keeps its pool and whatever it has checked out (the store's autocommit lane): an
+    earlier version emptied the parent's pool instead, which left the lane's connections
+    to be collected unclosed later."""
+    _INHERITED.append(store.engine.pool)
+    store.engine.dispose(close=False)
+    return call()
 
 
 def _writers(store: ResultStore, study_id: str, jobs: int | None) -> int:

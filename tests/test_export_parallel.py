@@ -11,19 +11,17 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import signal
+import subprocess
 import sys
-import threading
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import pytest
 
 from orchestrator.api import run_study
 from orchestrator.cli import main
 from orchestrator.contracts.errors import StudyqError
-from orchestrator.executors.forked import ForkedCall, can_fork
-from orchestrator.export import _beside, _writers, export_artifacts
+from orchestrator.export import _writers, export_artifacts
 from orchestrator.export_records import _WRITER_BATCH
 from orchestrator.store import ResultStore
 from orchestrator.store.export_reads import has_repeated_run_ids
@@ -187,92 +185,96 @@ def test_repeated_run_ids_are_written_by_one_process(tmp_path: Path, swept: str)
     assert len(checkpoints) == 2 * 40 + 1  # one per distinct run id, and the ledger
 
 
-class _Spied(ForkedCall[Any]):
-    """ForkedCall, noting the pid of each child it starts (the export's side tables)."""
+def _scenario(name: str, *args: str) -> dict[str, Any]:
+    """A scenario of tests/export_fork_scenarios.py in a fresh interpreter (no other
+    test's threads, so the export may fork): its findings."""
+    done = subprocess.run(
+        [sys.executable, str(Path(__file__).with_name("export_fork_scenarios.py")), name, *args],
+        capture_output=True,
+        text=True,
+        timeout=150,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    found: dict[str, Any] = json.loads(done.stdout.splitlines()[-1])
+    return found
 
-    children: ClassVar[list[int]] = []
 
-    def __init__(self, call: Any, *, name: str) -> None:
-        super().__init__(call, name=name)
-        assert self._process.pid is not None
-        _Spied.children.append(self._process.pid)
+FORKS = 1 if (os.cpu_count() or 1) > 1 else 0
+"""Children an export forks here: one, on a machine with more than one core."""
 
 
 @pytest.mark.parametrize("backend", ["sqlite", pytest.param("postgresql", marks=INTEGRATION)])
 @pytest.mark.timeout(180)
 def test_side_tables_from_a_forked_child_are_the_same_bytes(
-    backend: str, tmp_path: Path, services: Any, monkeypatch: pytest.MonkeyPatch
+    backend: str, tmp_path: Path, services: Any
 ) -> None:
     """Given the sweep (on each backend),
-    when it is exported without run files with jobs=1, then with jobs=2, then by default,
-    then with jobs=2 and by default evaluations.csv, events.csv and attempts.csv come from a
-    forked child and every file is byte for byte the same; and the store the parent holds
-    still works after the child has opened and closed its own connections (it disposed its
-    pool)."""
-    monkeypatch.setattr("orchestrator.export.ForkedCall", _Spied)
-    _Spied.children = []
+    when it is exported without run files with jobs=1 in this process, then in a fresh
+    process with jobs=2 and by default,
+    then those two fork a child for evaluations.csv, events.csv and attempts.csv, every
+    file is byte for byte the same as with one process (the manifest but for its clocks,
+    and runs.csv but for its manifest path), and the parent's store still reads after the
+    child opened and closed connections of its own."""
     with contextlib.ExitStack() as stack:
         url = f"sqlite:///{tmp_path / 'store.db'}"
         if backend == "postgresql":
             url = stack.enter_context(services.pg_database("export_fork", migrate=True))
         _sweep(tmp_path, url)
-        store = stack.enter_context(ResultStore.open(url))
-        out = tmp_path / "out"
-        serial = export_artifacts(store, STUDY_ID, out, run_files=False, jobs=1)
-        one = _files(out)
-        assert _Spied.children == []
-        forked = export_artifacts(store, STUDY_ID, out, run_files=False, jobs=2)
-        many = _files(out)
-        export_artifacts(store, STUDY_ID, out, run_files=False)  # the default forks too
-        assert _files(out) == many
-        assert len(_Spied.children) == (2 if (os.cpu_count() or 1) > 1 else 0)
-        assert store.find_study(STUDY_ID) is not None  # the parent's engine reconnects
+        with ResultStore.open(url) as store:
+            serial = export_artifacts(store, STUDY_ID, tmp_path / "one", run_files=False, jobs=1)
+        found = _scenario("exports", url, str(tmp_path / "out"), "2", "default")
 
-    assert (serial.runs, serial.events, serial.evaluations) == (
-        forked.runs,
-        forked.events,
-        forked.evaluations,
-    )
+    one = _files(tmp_path / "one")
     assert serial.events > 0 and serial.evaluations > 0
-    assert sorted(one) == sorted(many)
-    assert [name for name in one if one[name] != many[name]] == []
     assert one["attempts.csv"].count(b"\n") > FINISHED
+    for chosen in ("2", "default"):
+        assert found[chosen]["children"] == FORKS
+        assert found[chosen]["counts"] == [serial.runs, serial.events, serial.evaluations]
+        many = _files(tmp_path / f"out-{chosen}")
+        many["runs.csv"] = many["runs.csv"].replace(
+            str(tmp_path / "out").encode(), str(tmp_path / "one").encode()
+        )
+        assert sorted(one) == sorted(many)
+        assert [name for name in one if one[name] != many[name]] == []
+    assert found["parent_reads"]
 
 
+@pytest.mark.integration
+@pytest.mark.timeout(180)
+def test_a_forked_export_leaves_the_parents_connections_alone(
+    tmp_path: Path, services: Any
+) -> None:
+    """Given a PostgreSQL store with a connection checked out (as the store's autocommit
+    lane keeps one for claims and results),
+    when the export forks its side tables,
+    then that connection still works in the parent, and once it is back and the store
+    closed, no connection is left to be collected unclosed (no ResourceWarning)."""
+    with services.pg_database("export_fork_lane", migrate=True) as url:
+        _sweep(tmp_path, url)
+        found = _scenario("lane", url, str(tmp_path / "out"))
+    assert found == {"children": FORKS, "counted": RUNS, "unclosed": []}
+
+
+@pytest.mark.timeout(180)
 def test_an_error_in_the_forked_child_is_raised_by_the_export(swept: str, tmp_path: Path) -> None:
     """events.csv cannot be written (a folder is in its place): the child's error is the
     export's, and runs.csv is still written by the parent before it is raised."""
-    out = tmp_path / "out"
-    (out / "events.csv").mkdir(parents=True)
-    with ResultStore.open(swept) as store, pytest.raises(IsADirectoryError):
-        export_artifacts(store, STUDY_ID, out, run_files=False, jobs=2)
-    assert (out / "runs.csv").read_text(encoding="utf-8").count("\n") == FINISHED + 1
+    found = _scenario("error", swept, str(tmp_path / "out"))
+    assert found == {"children": FORKS, "raised": "IsADirectoryError", "runs_lines": FINISHED + 1}
 
 
 def test_a_child_killed_before_its_result_is_a_clear_error() -> None:
-    def die() -> int:
-        os.kill(os.getpid(), signal.SIGKILL)
-        return 0
-
-    call = ForkedCall(die, name="doomed")
-    with pytest.raises(
-        StudyqError, match=r"doomed process ended without a result \(exit code -9\)"
-    ):
-        call.result()
-    assert ForkedCall(lambda: 41 + 1, name="fine").result() == 42
+    found = _scenario("killed")
+    assert found == {
+        "message": "the doomed process ended without a result (exit code -9).",
+        "value": 42,
+    }
 
 
 def test_no_fork_with_another_thread_or_an_in_memory_store() -> None:
     """A fork with another thread running could inherit a lock held forever; an in-memory
-    SQLite store lives in this process only: both export in this process."""
-    assert can_fork() == sys.platform.startswith("linux")
-    stop = threading.Event()
-    other = threading.Thread(target=stop.wait)
-    other.start()
-    try:
-        assert not can_fork()
-    finally:
-        stop.set()
-        other.join()
-    with ResultStore.open("sqlite://") as memory:
-        assert _beside(memory, lambda: (0, 0), jobs=2) is None
+    SQLite store lives in its process only: both export in the one process."""
+    found = _scenario("gating")
+    assert found == {"alone": sys.platform.startswith("linux"), "with_thread": False,
+                     "in_memory": False}  # fmt: skip
