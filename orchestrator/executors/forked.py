@@ -5,10 +5,10 @@ events, attempts) in a child at the same time, on a second core. A fork is the c
 such child: it starts in about 10 ms with every module the caller imported, where a process
 of the forkserver would import SQLAlchemy and the store's models first (0.5 s measured
 here) and a spawned one the whole package. A fork is safe only without other threads (a
-lock another thread held stays held in the child) and with no database connection open
-(a child closing an inherited PostgreSQL connection ends the parent's session): the
-caller disposes its engine's pool first, :func:`can_fork` checks the rest, and where
-either fails the call runs in the calling process instead.
+lock another thread held stays held in the child): :func:`can_fork` checks that, and where
+it fails the call runs in the calling process instead. The child must not use, close or
+collect the database connections it inherited (they are the parent's sessions): the
+export's call gives its engine a pool of its own first (``export._own_connections``).
 
 The child ends with ``os._exit`` (multiprocessing's fork start method), so nothing it
 inherited is finalized or flushed twice.
