@@ -15,10 +15,10 @@ from __future__ import annotations
 import csv
 import json
 import shutil
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, TextIO
 
 from sqlalchemy import Engine
 
@@ -32,6 +32,7 @@ __all__ = [
     "SpooledCsv",
     "csv_line",
     "write_child_table",
+    "write_row",
     "write_side_tables",
 ]
 
@@ -58,6 +59,18 @@ def csv_line(cells: Sequence[Any]) -> str | None:
     return line + "\r\n"
 
 
+def write_row(
+    handle: TextIO, writerow: Callable[[Sequence[Any]], object], cells: Sequence[Any]
+) -> None:
+    """One row on ``handle``: its :func:`csv_line`, or ``writerow`` (a ``csv.writer`` on
+    ``handle``) when a cell needs quoting."""
+    line = csv_line(cells)
+    if line is None:
+        writerow(cells)
+    else:
+        handle.write(line)
+
+
 class SpooledCsv:
     """One CSV table written through a spool file (see the module docstring)."""
 
@@ -72,11 +85,7 @@ class SpooledCsv:
     def write(self, cells: Sequence[Any]) -> None:
         """One row: a cell for each column known so far, in column order (a row with fewer
         cells is padded at :meth:`finish`, at the cost of reading the spool back)."""
-        line = csv_line(cells)
-        if line is None:
-            self._write(cells)
-        else:
-            self._handle.write(line)
+        write_row(self._handle, self._write, cells)
         width = len(cells)
         if self._narrowest is None or width < self._narrowest:
             self._narrowest = width
@@ -180,11 +189,7 @@ def write_attempts(store_engine: Engine, study_id: str, path: Path) -> int:
         write = csv.writer(handle).writerow
         write(ATTEMPT_COLUMNS)
         for cells in iter_attempt_rows(store_engine, study_id):
-            line = csv_line(cells)
-            if line is None:
-                write(cells)
-            else:
-                handle.write(line)
+            write_row(handle, write, cells)
             count += 1
     return count
 
