@@ -163,21 +163,29 @@ class Bed:
         return find
 
     def kill_pool_child_mid_run(self, worker: Worker) -> int:
-        """SIGKILL the pool child of ``worker`` that executes a run now; returns the run's
-        plan index. A kill that lands just after the run finished does not count (the run
-        must still be ``running`` under that child afterwards): the next one is tried."""
+        """SIGKILL a pool child of ``worker`` that executes a run now; returns the plan index
+        of a run the kill left ``running`` under that child.
+
+        A run the child finished just before the kill does not count, but one it claimed in
+        the moment between does: that is the run the kill interrupted. A run left by an
+        earlier kill stays ``running`` under its dead child until its lease expires, so only
+        runs whose owner is a live child are candidates (otherwise such a run, first in plan
+        order, would hide every live one until the sweep ended)."""
 
         def kill() -> int | None:
-            found = self.running_on(worker)()
-            if found is None or not worker.is_child(found[1]):
+            live = [
+                (index, pid)
+                for index, owner in self.running()
+                if worker.owns(owner) and worker.is_child(pid := int(owner.rsplit(":", 1)[1]))
+            ]
+            if not live:
                 return None
-            index, pid = found
+            index, pid = live[0]
             os.kill(pid, signal.SIGKILL)
             time.sleep(SETTLE_S)
-            run = self.store.find_run(self.study_id, index)
             owner = f"{worker.nodename}:{pid}"
-            mid_run = run is not None and run.status == "running" and run.lease_owner == owner
-            return index if mid_run else None
+            left = [i for i, lease_owner in self.running() if lease_owner == owner]
+            return (index if index in left else left[0]) if left else None
 
         return int(wait_until(kill, 30, f"a pool child of {worker.name} killed mid-run"))
 

@@ -373,12 +373,13 @@ class Worker:
         return _children(self.pid) if self.alive() else []
 
     def is_child(self, pid: int) -> bool:
-        """Whether ``pid`` is one of this worker's pool children now (one /proc read)."""
+        """Whether ``pid`` is one of this worker's pool children and alive now (one /proc
+        read; a killed child the pool has not reaped yet is a zombie, state ``Z``)."""
         try:
             fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
         except (OSError, IndexError):
             return False
-        return int(fields[1]) == self.pid
+        return fields[0] != "Z" and int(fields[1]) == self.pid
 
     def owns(self, lease_owner: str | None) -> bool:
         return bool(lease_owner) and str(lease_owner).rsplit(":", 1)[0] == self.nodename
