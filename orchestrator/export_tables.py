@@ -50,7 +50,7 @@ def csv_line(cells: Sequence[Any]) -> str | None:
     shows that as one of them (or an extra comma).
     The text of a cell is ``str()``, as ``csv.writer`` makes it, and "" for None; a row of
     fewer than two cells goes to ``csv.writer`` (it quotes a lone empty cell)."""
-    texts = ["" if cell is None else cell if type(cell) is str else str(cell) for cell in cells]
+    texts = [cell if type(cell) is str else "" if cell is None else str(cell) for cell in cells]
     line = ",".join(texts)
     if len(texts) < 2 or line.count(",") != len(texts) - 1:
         return None

@@ -41,6 +41,22 @@ page of runs stays a few MB."""
 _MEMO_LIMIT = 8_192
 """Distinct JSON texts kept decoded; the memo is emptied when it grows past this."""
 
+_scan: Callable[[str, int], tuple[Any, int]] = json.JSONDecoder().scan_once  # type: ignore[attr-defined]
+"""The decoder's scanner (set in ``JSONDecoder.__init__``, so typeshed does not know it)."""
+
+
+def _loads(raw: str) -> Any:
+    """``json.loads`` of a stored JSON text, straight through the decoder's C scanner: the
+    wrapper around it (type checks, two whitespace matches) was 1.0 µs of the 2.5 µs a
+    run's metrics took to decode here, and of 1.4 µs for an event's extras. The scanner is
+    what ``json.loads`` calls; a text it does not take whole (surrounding whitespace,
+    trailing data, an error) goes to ``json.loads``, which decodes it or raises as before."""
+    try:
+        value, end = _scan(raw, 0)
+    except StopIteration:
+        return json.loads(raw)
+    return value if end == len(raw) else json.loads(raw)
+
 
 class _Decoder:
     """``json.loads`` of a text, remembered for texts seen before (bounded)."""
@@ -56,7 +72,7 @@ class _Decoder:
         except KeyError:
             if len(self._memo) >= _MEMO_LIMIT:
                 self._memo.clear()
-            value = self._memo[raw] = json.loads(raw)
+            value = self._memo[raw] = _loads(raw)
             return value
 
 
@@ -85,7 +101,7 @@ def _decoding(
     remembered = _Decoder()
     memo = [i for i, c in enumerate(columns) if _is_json(c) and c.name in repeating]
     plain = [i for i, c in enumerate(columns) if _is_json(c) and c.name not in repeating]
-    loads = json.loads
+    loads = _loads
 
     def convert(row: Sequence[Any]) -> list[Any]:
         values = list(row)
@@ -141,9 +157,18 @@ class ExportRun(NamedTuple):
 _TIMES = frozenset(("started_at", "ended_at"))
 _RUN_TABLE_COLUMNS = tuple(RunRow.__table__.c[name] for name in ExportRun._fields)
 _REPEATING = frozenset(
-    ("agent_id", "problem_id", "factor_assignments", "block_assignments", "provenance")
+    (
+        "agent_id",
+        "problem_id",
+        "factor_assignments",
+        "block_assignments",
+        "provenance",
+        "primary_outcome",
+        "trace_refs",
+    )
 )
-"""Run columns whose text repeats between runs (the spec's side, and provenance); outputs and
+"""Run columns whose text repeats between runs: the spec's side, provenance, and the two
+small result cells (an outcome of ``1.0`` or ``0.0``, no trace refs: ``[]``); outputs and
 metrics are each run's own."""
 
 
@@ -205,7 +230,7 @@ def iter_run_records(
         return query.order_by(RunRow.plan_index)
 
     make, iso = ExportRun._make, iso_from_utc_text
-    for page in plan_pages(engine, RunRow.__table__, study_id, build, _first, batch):
+    for page in plan_pages(engine, RunRow.__table__, study_id, build, _first, batch, raw=True):
         for row in page:
             values = convert(row)
             values[started], values[ended] = iso(values[started]), iso(values[ended])
@@ -239,7 +264,7 @@ def iter_child_rows(
             query = query.where(tuple_(*keys) > tuple_(*last))
         return query.order_by(*keys)
 
-    for page in plan_pages(engine, table.__table__, study_id, build, _first_two, batch):
+    for page in plan_pages(engine, table.__table__, study_id, build, _first_two, batch, raw=True):
         for row in page:
             values = convert(row)
             del values[1]  # seq: the order, not a cell
@@ -276,7 +301,7 @@ def iter_attempt_rows(
         return query.order_by(*keys)
 
     iso = iso_from_utc_text
-    for page in plan_pages(engine, table, study_id, build, _first_two, batch):
+    for page in plan_pages(engine, table, study_id, build, _first_two, batch, raw=True):
         for row in page:
             cells = list(row)
             cells[started], cells[ended] = iso(cells[started]), iso(cells[ended])

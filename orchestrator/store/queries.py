@@ -262,11 +262,18 @@ def plan_pages(
     build: Callable[[int, int, tuple[Any, ...] | None], Select[Any]],
     key: Callable[[Any], tuple[Any, ...]],
     batch: int,
+    *,
+    raw: bool = False,
 ) -> Iterator[Sequence[Any]]:
     """Pages of ``build(low, high, last)``: the rows of ``table`` (a table of the study's
     runs or of their child rows) with plan indices in ``[low, high)`` past the key ``last``
     (``key(row)``, its first cell the plan index; None: from the window's start), at most
     ``batch`` each, in key order.
+
+    ``raw``: the driver's tuples instead of SQLAlchemy rows, for the exporter, which reads
+    every row of a study and selects only columns that need no result processing (a test
+    checks that). Making the rows cost 0.35 to 0.7 s per 100,000 runs here, a fifth of the
+    runs' whole read.
 
     The windows of plan indices bound what each page's statement may read, whatever plan
     the database picks. With only ``key > last ORDER BY key LIMIT n``, PostgreSQL working
@@ -286,7 +293,9 @@ def plan_pages(
     while low <= top:
         high = low + batch
         with transaction(engine, readonly=True) as connection:
-            page = connection.execute(build(low, high, last).limit(batch)).fetchall()
+            result = connection.execute(build(low, high, last).limit(batch))
+            page = result.cursor.fetchall() if raw else result.fetchall()
+            result.close()
         if page:
             yield page
         more = key(page[-1]) if len(page) == batch else None

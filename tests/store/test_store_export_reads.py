@@ -7,6 +7,7 @@ once; these tests pin that the values (key order included) are those of ``iter_r
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
@@ -16,17 +17,23 @@ from sqlalchemy import update
 from store_factories import STUDY_ID, claim, make_result, queue_all, register
 
 from orchestrator.contracts.results import RunStatus
-from orchestrator.store import ResultStore
+from orchestrator.store import ResultStore, export_reads
 from orchestrator.store.columns import EVALUATION_COLUMNS, EVENT_COLUMNS
 from orchestrator.store.export_reads import (
     ExportRun,
+    _loads,
     iter_attempt_rows,
     iter_child_rows,
     iter_run_records,
 )
 from orchestrator.store.models import AttemptRow, EvaluationRow, EventRow, RunRow
+from orchestrator.store.queries import plan_pages
 from orchestrator.store.records import RunRecord
 from orchestrator.store.sqltypes import iso_from_utc_text
+
+_FLOAT8 = 701
+"""A result column's driver type code, which PostgreSQL's numeric types need to say whether
+they convert (float8: they do not)."""
 
 
 def _finish_some(store: ResultStore) -> None:
@@ -176,3 +183,67 @@ def test_times_are_the_isoformat_of_the_stored_utc_value(
 )
 def test_iso_from_utc_text(stored: str | None, iso: str | None) -> None:
     assert iso_from_utc_text(stored) == iso
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        '{"score": 0.73, "nested": {"b": [1, 2.5e-07, null]}, "a": true}',
+        '{"z": 1, "a": 2}',  # key order kept
+        "0.7312345",
+        "-12",
+        "12345678901234567890",
+        '"text with \\"quotes\\" and \\u00e9"',
+        "[]",
+        "null",
+        "NaN",  # Python's json.dumps writes it; SQLite keeps that text
+        "-Infinity",
+        ' {"a": 1}',
+        '{"a": 1} ',
+        "\n[1]\n",
+    ],
+)
+def test_stored_json_decodes_as_json_loads_does(raw: str) -> None:
+    value = _loads(raw)
+    expected = json.loads(raw)
+    assert repr(value) == repr(expected)
+    if isinstance(expected, dict):
+        assert list(value) == list(expected)
+
+
+@pytest.mark.parametrize("raw", ['{"a": 1} x', "[1, 2", "", "{'a': 1}", "1 2"])
+def test_a_text_that_is_not_json_raises_as_json_loads_does(raw: str) -> None:
+    with pytest.raises(json.JSONDecodeError) as expected:
+        json.loads(raw)
+    with pytest.raises(json.JSONDecodeError) as got:
+        _loads(raw)
+    assert str(got.value) == str(expected.value)
+
+
+def test_the_exporters_columns_need_no_result_processing(
+    store: ResultStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The readers take the driver's tuples as they come (plan_pages(raw=True)): a selected
+    # column whose type converts what the driver returns (a UTCDateTime, a Boolean on
+    # SQLite) would reach the artifacts unconverted
+    _finish_some(store)
+    selected: list[Any] = []
+
+    def spy(engine: Any, table: Any, study_id: str, build: Any, *rest: Any, **kw: Any) -> Any:
+        assert kw == {"raw": True}
+        selected.extend(build(0, 1, None).selected_columns)
+        return plan_pages(engine, table, study_id, build, *rest, **kw)
+
+    monkeypatch.setattr(export_reads, "plan_pages", spy)
+    list(iter_run_records(store.engine, STUDY_ID))
+    for table, columns in ((EvaluationRow, EVALUATION_COLUMNS), (EventRow, EVENT_COLUMNS)):
+        list(iter_child_rows(store.engine, table, STUDY_ID, columns.csv_columns))
+    list(iter_attempt_rows(store.engine, STUDY_ID))
+    dialect = store.engine.dialect
+    converting = [
+        column.name
+        for column in selected
+        if column.type.dialect_impl(dialect).result_processor(dialect, _FLOAT8) is not None
+    ]
+    assert len(selected) > 50
+    assert converting == []
