@@ -16,7 +16,13 @@ import pytest
 
 from orchestrator.api import run_study
 from orchestrator.cli import main
-from orchestrator.export import RUN_CSV_COLUMNS, export_artifacts
+from orchestrator.export import (
+    RUN_CSV_COLUMNS,
+    _ExtraColumns,
+    _metric_cells,
+    _MetricCells,
+    export_artifacts,
+)
 from orchestrator.store import ResultStore
 from workers.execution import agent_result
 
@@ -223,3 +229,35 @@ def test_export_no_run_files_writes_the_tables_only(
     assert len(rows) == RUNS
     assert not list((folder / "csv" / "artifacts" / "checkpoints").glob("*.json"))
     assert not (folder / "csv" / "artifacts" / "runs").exists()
+
+
+METRIC_SETS: list[dict[str, Any] | None] = [
+    {"quality": 1, "latency_s": 0.2, "steps": 3},
+    {"quality": 2, "latency_s": 0.1, "steps": 4},  # the same names: the cached positions
+    {"steps": 5, "quality": 3},  # the same names in another order
+    {"quality": 4, "extra": True, "latency_s": 0.3},  # a new name, after a fixed one
+    {"tokens": {"prompt": 3}, "quality": 5},  # nested: flattened as before
+    None,
+    {},
+    {"extra": False, "steps": None, "quality": "high"},
+    {"quality": 6, "latency_s": 0.4, "steps": 7},
+]
+
+
+def test_metric_cells_are_those_of_flattening_each_run() -> None:
+    """Runs whose metrics change names, order and shape from run to run get the cells, and
+    runs.csv the columns in the order, that flattening each run's metrics name by name
+    gives (``_MetricCells`` looks positions up once per tuple of names)."""
+
+    class Run:
+        def __init__(self, metrics: dict[str, Any] | None) -> None:
+            self.metrics = metrics
+
+    expected_columns, got_columns = _ExtraColumns(RUN_CSV_COLUMNS), _ExtraColumns(RUN_CSV_COLUMNS)
+    cells = _MetricCells(got_columns)
+    for metrics in METRIC_SETS:
+        run: Any = Run(metrics)
+        assert cells(run) == list(_metric_cells(run, expected_columns)), metrics
+    assert got_columns.order == expected_columns.order
+    assert got_columns.order == ["metric_quality", "metric_steps", "metric_extra",
+                                 "metric_tokens.prompt"]  # fmt: skip
